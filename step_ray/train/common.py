@@ -1,0 +1,207 @@
+"""What every Ray Train stage shares: run settings, optimiser config, device, seeding, checkpoints.
+
+The driver side (`make_trainer`) picks resources and storage; the per-worker side (`worker_device`,
+`save_checkpoint`, `load_checkpoint`, `seed_everything`) is called from inside the training loop.
+Checkpoints hold only tensors and plain data and are loaded with `weights_only=True`: a checkpoint from
+an untrusted bucket cannot run code.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from step_ray import storage
+from step_ray.config import config_to_yaml
+
+CONFIG_FILE = "config.yaml"
+STATE_FILE = "state.json"
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Adam; the official StEP settings by default."""
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.0, 0.99)
+    weight_decay: float = 0.0
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+    def build(self, params) -> torch.optim.Adam:
+        return torch.optim.Adam(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Where a run is stored and on what resources it runs (the driver's concerns)."""
+
+    storage_path: str = "runs"  # local folder or s3://bucket/prefix
+    name: str = ""  # empty: "<stage>-<UTC time>"; with resume=true: the newest run of this stage
+    resume: bool = False
+    num_workers: int = 1
+    use_gpu: Literal["auto", "never", "always"] = "auto"
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2  # a lost worker restarts the group from the last checkpoint this often
+    keep_checkpoints: int = 2  # the best N by `checkpoint_metric`
+    checkpoint_metric: str = "val_triplet_acc"
+    checkpoint_mode: Literal["max", "min"] = "max"
+
+    def __post_init__(self):
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+        if self.keep_checkpoints < 1:
+            raise ValueError("keep_checkpoints must be >= 1")
+
+
+def cluster_gpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else torch.cuda.device_count()
+
+
+def wants_gpu(run: RunSettings) -> bool:
+    """GPU workers when the cluster has GPUs (auto), never, or always (fails fast if there are none)."""
+    if run.use_gpu == "never":
+        return False
+    gpus = cluster_gpus()
+    if run.use_gpu == "always" and gpus < run.num_workers:
+        raise RuntimeError(f"run.use_gpu=always needs {run.num_workers} GPUs; the Ray cluster has {gpus}")
+    return gpus >= run.num_workers if run.use_gpu == "auto" else True
+
+
+def run_name(run: RunSettings, stage: str) -> str:
+    """The run folder's name: given, the newest existing one (resume), or a new timestamped one."""
+    if run.name:
+        return run.name
+    if run.resume:
+        latest = latest_run(run.storage_path, stage)
+        if latest is None:
+            raise FileNotFoundError(f"--resume: no earlier {stage} run under {run.storage_path}")
+        return latest
+    return f"{stage}-{_dt.datetime.now(_dt.timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+
+
+def latest_run(storage_path: str, stage: str) -> str | None:
+    import pyarrow.fs as pafs
+
+    fs, root = storage.resolve(storage_path)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=False, allow_not_found=True))
+    except OSError:
+        return None
+    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith(f"{stage}-"))
+    return names[-1] if names else None
+
+
+def make_trainer(loop, loop_config: dict, run: RunSettings, stage: str):
+    """A TorchTrainer with DDP workers, storage (local or S3), best-N checkpoints and fault tolerance."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    name = run_name(run, stage)
+    if not storage.is_s3(run.storage_path):
+        Path(run.storage_path).mkdir(parents=True, exist_ok=True)
+    else:
+        storage.check_writable(run.storage_path, "run.storage_path")
+    fs, root = storage.resolve(run.storage_path)
+    use_gpu = wants_gpu(run)
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=run.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": run.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=root,
+            storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=run.keep_checkpoints,
+                checkpoint_score_attribute=run.checkpoint_metric,
+                checkpoint_score_order=run.checkpoint_mode,
+            ),
+        ),
+    )
+    return trainer, storage.join(run.storage_path, name)
+
+
+# ----------------------------------------------------------------------------------------------------
+# per-worker helpers
+
+
+def worker_device() -> torch.device:
+    import ray.train.torch
+
+    return ray.train.torch.get_device()
+
+
+def seed_everything(seed: int, *streams: int) -> None:
+    """Seed torch from (seed, *streams): each epoch and rank gets its own reproducible stream, so a
+    resumed run draws exactly the numbers an uninterrupted one would."""
+    import numpy as np
+
+    s = int(np.random.SeedSequence([seed, *streams]).generate_state(1)[0])
+    torch.manual_seed(s)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def save_checkpoint(folder: str | Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+                    state: dict[str, Any], cfg: Any) -> None:
+    """Write one checkpoint folder: `<name>.pt` per module and optimiser, state.json, config.yaml."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, module in modules.items():
+        torch.save(unwrap(module).state_dict(), folder / f"{name}.pt")
+    for name, opt in optimizers.items():
+        torch.save(opt.state_dict(), folder / f"{name}.pt")
+    (folder / STATE_FILE).write_text(json.dumps(state, indent=1))
+    (folder / CONFIG_FILE).write_text(config_to_yaml(cfg))
+
+
+def load_checkpoint(folder: str | Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer] | None = None,
+                    map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load tensors (weights only, never arbitrary pickles) into modules/optimisers; return state.json."""
+    folder = Path(folder)
+    for name, module in modules.items():
+        unwrap(module).load_state_dict(torch.load(folder / f"{name}.pt", map_location=map_location, weights_only=True))
+    for name, opt in (optimizers or {}).items():
+        opt.load_state_dict(torch.load(folder / f"{name}.pt", map_location=map_location, weights_only=True))
+    return json.loads((folder / STATE_FILE).read_text())
+
+
+def local_checkpoint_dir(uri: str) -> tuple[str, tempfile.TemporaryDirectory | None]:
+    """A local folder holding the checkpoint at `uri` (downloaded first when it is on S3)."""
+    if not storage.is_s3(uri):
+        if not Path(uri).is_dir():
+            raise FileNotFoundError(f"checkpoint {uri} does not exist")
+        return uri, None
+    import pyarrow.fs as pafs
+
+    storage.check_readable(uri, "checkpoint")
+    tmp = tempfile.TemporaryDirectory(prefix="step_ray_ckpt_")
+    fs, path = storage.resolve(uri)
+    pafs.copy_files(path, tmp.name, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return tmp.name, tmp
+
+
+def write_json(uri: str, obj: Any) -> None:
+    storage.write_bytes(uri, json.dumps(obj, indent=1, default=float).encode())
+
+
+def env_summary() -> dict[str, Any]:
+    return {"torch": torch.__version__, "cuda": torch.cuda.is_available(), "pid": os.getpid()}

@@ -1,0 +1,208 @@
+"""The whole of stage 1 as one job: style statistics -> triplet mining -> encoder training.
+
+Each step's output goes to a cache folder named by a hash of the inputs and config that determine it, so
+a step whose output already exists for the same inputs is skipped. The run folder (checkpoints,
+metrics.json, embedding.png, neighbours.png) is printed at the end.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from step_ray import storage
+from step_ray.config import config_to_dict, config_to_yaml
+from step_ray.mining import MineTripletsConfig, MiningConfig, load_neighbours, mine_triplets
+from step_ray.style.pipeline import StyleStatsConfig, compute_style_stats, read_descriptors
+from step_ray.train.common import RunSettings, write_json
+from step_ray.train.stage1 import Stage1Config, Stage1Inputs, train_stage1
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """`jobs/pretrain.py`: style stats (with the dataset in `style.data`), mining, stage-1 training."""
+
+    style: StyleStatsConfig = field(default_factory=StyleStatsConfig)
+    mining: MiningConfig = field(default_factory=MiningConfig)
+    train: Stage1Config = field(default_factory=Stage1Config)
+    run: RunSettings = field(default_factory=RunSettings)
+    cache_dir: str = ""  # outputs of the style and mining steps; empty: <run.storage_path>/cache
+    val_split: str = "val"
+    grid_anchors: int = 6
+
+    def resolved_cache_dir(self) -> str:
+        return self.cache_dir or storage.join(self.run.storage_path, "cache")
+
+
+def config_hash(cfg: Any, ignore: tuple[str, ...] = ("output", "force")) -> str:
+    """Hash of what determines a step's result: its config less where it is written."""
+    tree = {k: v for k, v in config_to_dict(cfg).items() if k not in ignore}
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def exact_distance_matrix(style: StyleStatsConfig, paths: list[str], data) -> np.ndarray:
+    """Exact (unreduced) style distances between the given images: the validation ground truth."""
+    import torch
+
+    from step_ray.data.pix2pix import load_pair, to_tensor
+    from step_ray.style.gram import style_descriptor
+    from step_ray.style.vgg import load_vgg
+
+    vgg = load_vgg(style.vgg)
+    images = np.stack([load_pair(p, data.direction, data.image_size, data.min_side)[1] for p in paths])
+    chunks = []
+    with torch.no_grad():
+        for i in range(0, len(images), 16):
+            feats = vgg(to_tensor(images[i : i + 16]))
+            chunks.append(style_descriptor(feats, style.vgg.resolved_layer_weights()).double())
+    v = torch.cat(chunks)
+    sq = (v * v).sum(1)
+    d = (sq[:, None] + sq[None, :] - 2 * v @ v.T).clamp_min(0)
+    d.fill_diagonal_(0)
+    return d.float().numpy()
+
+
+def _cached_matrix(uri: str, compute) -> np.ndarray:
+    if storage.exists(uri):
+        return np.load(io.BytesIO(storage.read_bytes(uri)))
+    value = compute()
+    buf = io.BytesIO()
+    np.save(buf, value)
+    storage.write_bytes(uri, buf.getvalue())
+    return value
+
+
+def prepare_inputs(cfg: PretrainConfig) -> tuple[Stage1Inputs, dict[str, str]]:
+    """Steps 1 and 2 (cached by config hash) and the validation ground truth."""
+    data = cfg.style.data
+    root = data.prepare()
+    data = dataclasses.replace(data, root=root)
+    cache = cfg.resolved_cache_dir()
+    # The dataset location is part of the hash, and so is everything that changes the descriptors.
+    style_cfg = dataclasses.replace(cfg.style, data=data, splits=tuple(sorted({"train", cfg.val_split})))
+    style_out = storage.join(cache, f"style-{config_hash(style_cfg)}")
+    t0 = time.perf_counter()
+    compute_style_stats(dataclasses.replace(style_cfg, output=style_out))
+    print(f"[pretrain] style statistics: {style_out} ({time.perf_counter() - t0:.1f}s)", flush=True)
+
+    mine_cfg = MineTripletsConfig(descriptors=style_out, output=storage.join(cache, "mining"), split="train", mining=cfg.mining)
+    mine_out = storage.join(cache, f"mining-{config_hash(mine_cfg)}")
+    t0 = time.perf_counter()
+    mine_triplets(dataclasses.replace(mine_cfg, output=mine_out))
+    print(f"[pretrain] triplet mining: {mine_out} ({time.perf_counter() - t0:.1f}s)", flush=True)
+
+    ids, _, table = read_descriptors(style_out)
+    table = table.assign(image_id=ids) if "image_id" not in table else table
+    neighbours = load_neighbours(mine_out)
+    train_rows = table[table["split"] == "train"].set_index("image_id").loc[list(neighbours.image_ids)]
+    val_rows = table[table["split"] == cfg.val_split].sort_values("image_id")
+    if len(val_rows) < 3:
+        raise ValueError(f"validation split '{cfg.val_split}' has {len(val_rows)} readable images; need >= 3")
+    val_paths = list(val_rows["path"])
+    exact_uri = storage.join(style_out, f"exact_{cfg.val_split}_distances.npy")
+    t0 = time.perf_counter()
+    val_distances = _cached_matrix(exact_uri, lambda: exact_distance_matrix(cfg.style, val_paths, data))
+    print(f"[pretrain] exact validation distances: {exact_uri} ({time.perf_counter() - t0:.1f}s)", flush=True)
+    meta = json.loads(storage.read_bytes(storage.join(style_out, "metadata.json")))
+    inputs = Stage1Inputs(
+        data=data,
+        train_paths=list(train_rows["path"]),
+        train_style_ids=train_rows["style_id"].to_numpy(np.int64),
+        close_ids=neighbours.close_ids,
+        far_ids=neighbours.far_ids,
+        val_paths=val_paths,
+        val_style_ids=val_rows["style_id"].to_numpy(np.int64),
+        val_distances=val_distances,
+        weight_source=str(meta.get("vgg", {}).get("weight_source", "")),
+    )
+    return inputs, {"style_stats": style_out, "mining": mine_out}
+
+
+def report_outputs(cfg: PretrainConfig, inputs: Stage1Inputs, result, run_uri: str, steps: dict[str, str]) -> dict[str, str]:
+    """metrics.json, embedding.png and neighbours.png beside the checkpoints, from the best checkpoint."""
+    from step_ray.eval.embedding import neighbour_grid, plot_embedding, save_png
+    from step_ray.style.encode import encode, load_encoder
+
+    best = _best_checkpoint(result, cfg.run)
+    encoder = load_encoder(best)
+    val_b = np.stack([_target(p, inputs.data) for p in inputs.val_paths])
+    z = encode(val_b, encoder)
+    labels = inputs.val_style_ids
+    labelled = (labels >= 0).all()
+    if not labelled:  # real data: colour by k-means clusters of the exact style space
+        labels = _style_clusters(inputs.val_distances, k=min(6, len(labels)))
+    weights = inputs.weight_source or "unknown VGG weights"
+    metrics = result.metrics or {}
+    title = (f"stage-1 z of {len(z)} val images, coloured by {'style id' if labelled else 'style cluster'}\n"
+             f"VGG: {weights}; " + ", ".join(f"{k} {metrics[k]:.3f}" for k in ("val_knn_acc", "val_triplet_acc") if k in metrics))
+    out = {
+        "checkpoint": best,
+        "metrics": storage.join(run_uri, "metrics.json"),
+        "embedding": storage.join(run_uri, "embedding.png"),
+        "neighbours": storage.join(run_uri, "neighbours.png"),
+        **steps,
+    }
+    plot_embedding(z, labels, out["embedding"], title, "style id" if labelled else "cluster")
+    anchors = np.linspace(0, len(z) - 1, min(cfg.grid_anchors, len(z))).astype(int)
+    save_png(out["neighbours"], neighbour_grid(val_b, z, inputs.val_distances, anchors, k=5))
+    history = _history(best)
+    write_json(out["metrics"], {
+        "final": metrics, "history": history, "best_checkpoint": best, "vgg_weights": weights,
+        "config": config_to_dict(cfg), "steps": steps,
+    })
+    return out
+
+
+def _target(path: str, data) -> np.ndarray:
+    from step_ray.data.pix2pix import load_pair
+
+    return load_pair(path, data.direction, data.image_size, data.min_side)[1]
+
+
+def _style_clusters(distances: np.ndarray, k: int) -> np.ndarray:
+    """Clusters of the exact style space for colouring real data: k-medoids-like farthest-point seeds."""
+    centres = [int(distances.sum(1).argmin())]
+    while len(centres) < k:
+        centres.append(int(distances[:, centres].min(1).argmax()))
+    return distances[:, centres].argmin(1)
+
+
+def _best_checkpoint(result, run: RunSettings) -> str:
+    ranked = [(m.get(run.checkpoint_metric), c) for c, m in (result.best_checkpoints or []) if m.get(run.checkpoint_metric) is not None]
+    if ranked:
+        ranked.sort(key=lambda t: t[0], reverse=run.checkpoint_mode == "max")
+        ckpt = ranked[0][1]
+    else:
+        ckpt = result.checkpoint
+    path = ckpt.path
+    return f"s3://{path}" if storage.is_s3(run.storage_path) and not path.startswith("s3://") else path
+
+
+def _history(checkpoint_uri: str) -> list[dict]:
+    from step_ray.train.common import STATE_FILE
+
+    return json.loads(storage.read_bytes(storage.join(checkpoint_uri, STATE_FILE))).get("history", [])
+
+
+def run_pretrain(cfg: PretrainConfig) -> dict[str, str]:
+    started = time.perf_counter()
+    inputs, steps = prepare_inputs(cfg)
+    print(f"[pretrain] training the style encoder on {len(inputs.train_paths)} images "
+          f"({cfg.run.num_workers} worker(s), VGG: {inputs.weight_source})", flush=True)
+    result, run_uri = train_stage1(cfg.train, cfg.run, inputs, cfg)
+    if result.error:
+        raise result.error
+    out = report_outputs(cfg, inputs, result, run_uri, steps)
+    print(f"[pretrain] done in {time.perf_counter() - started:.0f}s", flush=True)
+    for key in ("checkpoint", "metrics", "embedding", "neighbours"):
+        print(f"[pretrain] {key:<10} {out[key]}", flush=True)
+    return out
+
+
+__all__ = ["PretrainConfig", "run_pretrain", "config_to_yaml"]
