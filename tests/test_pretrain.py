@@ -77,8 +77,9 @@ def test_resume_equals_uninterrupted_run_on_s3(resumed_run, synthetic_root, s3_b
     assert z.shape == (4, 8) and np.isfinite(z).all()
 
 
-def test_two_ddp_workers(ray_session, synthetic_root, tmp_path):
-    out = run_pretrain(_cfg(synthetic_root, tmp_path, f"run.storage_path={tmp_path / 'runs'}", "train.max_epochs=1",
+def test_two_ddp_workers(resumed_run, synthetic_root, tmp_path):
+    cached = resumed_run[0]  # reuses the cached style statistics and neighbours
+    out = run_pretrain(_cfg(synthetic_root, cached, f"run.storage_path={tmp_path / 'runs'}", "train.max_epochs=1",
                             "run.num_workers=2"))
     final = json.loads(Path(out["metrics"]).read_text())["final"]
     # each of the 2 workers took its half of the anchors: 96 anchors / 8 per batch / 2 workers = 6 steps

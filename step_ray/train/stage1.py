@@ -168,6 +168,8 @@ def stage1_worker_loop(loop_config: dict[str, Any]) -> None:
     from step_ray.mining import TripletSampler
 
     sampler = TripletSampler(inputs.close_ids, inputs.far_ids, seed=cfg.seed, rank=rank, world_size=world)
+    if "sampler" in state:  # checks the checkpoint was made for these neighbours
+        sampler.load_state_dict(state["sampler"])
     store = ImageStore(inputs.train_paths, inputs.data, cfg.image_cache_mb)
     if rank == 0:
         val_images = torch.cat([ImageStore(inputs.val_paths, inputs.data, 0).batch([i]) for i in range(len(inputs.val_paths))])
@@ -186,6 +188,7 @@ def stage1_worker_loop(loop_config: dict[str, Any]) -> None:
     while state["epoch"] < cfg.max_epochs and not state["stopped"]:
         epoch = state["epoch"]
         seed_everything(cfg.seed, epoch, rank)
+        sampler.set_epoch(epoch)
         model.train()
         sums: dict[str, float] = {}
         batches, triplets_seen, started = 0, 0, time.perf_counter()
@@ -236,6 +239,8 @@ def stage1_worker_loop(loop_config: dict[str, Any]) -> None:
                 state["stopped"] = f"no better {loop_config['checkpoint_metric']} for {cfg.patience} epochs"
         state["stopped"] = _broadcast(state["stopped"], world)
         state["epoch"] = epoch + 1
+        sampler.set_epoch(epoch + 1)
+        state["sampler"] = sampler.state_dict()
         if rank == 0:
             state["history"].append(metrics)
             print(_progress_line(metrics, cfg.max_epochs), flush=True)

@@ -1,0 +1,87 @@
+"""Stage-1 training throughput: triplets/s with 1 and 2 Ray Train (DDP) workers, in one run.
+
+    python benchmarks/stage1.py --num-train 800 --image-size 64 --epochs 3 --workers 1 2
+
+Style statistics and mining run once (cached); then the same encoder training runs with each worker
+count. The rate is the last epoch's (the first pays for decoding images into each worker's cache).
+Prints a Markdown table and writes it, with the machine and date, to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-train", type=int, default=800)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=12)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--out", default="benchmarks/results/stage1.json")
+    args = parser.parse_args()
+
+    import ray
+    import torch
+
+    from step_ray.config import load_config
+    from step_ray.train.pretrain import PretrainConfig, prepare_inputs
+    from step_ray.train.stage1 import train_stage1
+
+    ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+    work = tempfile.mkdtemp(prefix="bench_stage1_")
+    base = [
+        f"style.data.synthetic_dir={work}/data",
+        f"style.data.synthetic.num_train={args.num_train}",
+        "style.data.synthetic.num_val=96",
+        f"style.data.synthetic.image_size={args.image_size}",
+        f"style.data.image_size={args.image_size}",
+        f"cache_dir={work}/cache",
+        f"train.max_epochs={args.epochs}",
+        f"train.batch_size={args.batch_size}",
+    ]
+    inputs, _ = prepare_inputs(load_config(PretrainConfig, None, base))
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    rows = []
+    for workers in args.workers:
+        cfg = load_config(PretrainConfig, None, base + [f"run.storage_path={work}/runs", f"run.num_workers={workers}",
+                                                        f"run.name=bench-{workers}w"])
+        started = time.perf_counter()
+        result, _ = train_stage1(cfg.train, cfg.run, inputs, cfg)
+        wall = time.perf_counter() - started
+        if result.error:
+            raise result.error
+        m = result.metrics
+        rows.append({"workers": workers, "triplets_per_s": m["triplets_per_s"], "images_per_s": m["images_per_s"],
+                     "epoch_seconds": m["epoch_seconds"], "wall_seconds": wall, "val_knn_acc": m.get("val_knn_acc"),
+                     "device": "gpu" if gpus else "cpu"})
+        print(json.dumps(rows[-1]), flush=True)
+    base_rate = rows[0]["triplets_per_s"]
+    lines = ["| workers | triplets/s | images/s | ratio to 1 worker | epoch s | val k-NN acc |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['workers']} | {r['triplets_per_s']:.1f} | {r['images_per_s']:.1f} | "
+                     f"{r['triplets_per_s'] / base_rate:.2f} | {r['epoch_seconds']:.1f} | {r['val_knn_acc']:.3f} |")
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, GPUs: {gpus}",
+        "command": "python " + " ".join(sys.argv),
+        "rows": rows,
+        "table": "\n".join(lines),
+    }
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

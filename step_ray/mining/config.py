@@ -1,0 +1,91 @@
+"""Configuration of triplet mining (METHOD §3): set sizes, FAISS index type, sharding, device."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+# FAISS GPU k-selection handles at most 2,048 results per query (GPU_MAX_SELECTION_K); the far set is
+# bounded by it so that one config runs unchanged on CPU and GPU.
+MAX_K = 2048
+
+
+@dataclass(frozen=True)
+class MiningConfig:
+    """How the k_c nearest and k_f furthest images of every anchor are found.
+
+    index: "flat" is exact (brute force inside FAISS); "ivf" and "ivfpq" are approximate and meant for
+    large n. `nlist` 0 picks ~4·sqrt(shard size) lists. The far side probes at least enough lists to hold
+    2·(k_far + 1) vectors on average (`far_nprobe` 0 = that automatic value, never below `nprobe`).
+    ivfpq stores `pq_m` sub-quantizer codes of `pq_bits` bits and re-ranks `refine_factor`·k candidates
+    with the exact vectors (IndexRefineFlat), which is what brings its recall back up.
+    use_gpu: "auto" puts every shard's indexes on a GPU when FAISS sees one; "never" keeps them on CPU.
+    """
+
+    k_close: int = 5
+    k_far: int = 13
+    index: Literal["flat", "ivf", "ivfpq"] = "flat"
+    nlist: int = 0
+    nprobe: int = 16
+    far_nprobe: int = 0
+    pq_m: int = 16
+    pq_bits: int = 8
+    refine_factor: int = 4
+    train_sample: int = 65_536  # vectors used to fit the IVF k-means and the PQ codebooks
+    num_shards: int = 1
+    query_batch: int = 4096
+    use_gpu: Literal["auto", "never"] = "auto"
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("k_close", "k_far"):
+            value = getattr(self, name)
+            if not 1 <= value <= MAX_K:
+                raise ValueError(f"{name} must be in [1, {MAX_K}] (FAISS GPU k limit), got {value}")
+        if self.nlist < 0:
+            raise ValueError(f"nlist must be >= 0 (0 = automatic), got {self.nlist}")
+        if self.nprobe < 1:
+            raise ValueError(f"nprobe must be >= 1, got {self.nprobe}")
+        if self.far_nprobe < 0:
+            raise ValueError(f"far_nprobe must be >= 0 (0 = automatic), got {self.far_nprobe}")
+        if self.pq_m < 1:
+            raise ValueError(f"pq_m must be >= 1, got {self.pq_m}")
+        if not 1 <= self.pq_bits <= 16:
+            raise ValueError(f"pq_bits must be in [1, 16], got {self.pq_bits}")
+        if self.refine_factor < 1:
+            raise ValueError(f"refine_factor must be >= 1, got {self.refine_factor}")
+        if self.train_sample < 1:
+            raise ValueError(f"train_sample must be >= 1, got {self.train_sample}")
+        if self.num_shards < 1:
+            raise ValueError(f"num_shards must be >= 1, got {self.num_shards}")
+        if self.query_batch < 1:
+            raise ValueError(f"query_batch must be >= 1, got {self.query_batch}")
+
+    def check_database_size(self, n: int) -> None:
+        """The close and far sets exclude the anchor itself, so both need n - 1 other images."""
+        if n - 1 < max(self.k_close, self.k_far):
+            raise ValueError(
+                f"mining needs more than max(k_close, k_far) = {max(self.k_close, self.k_far)} images, got {n}"
+            )
+        if self.num_shards > n:
+            raise ValueError(f"num_shards ({self.num_shards}) exceeds the number of images ({n})")
+
+
+@dataclass(frozen=True)
+class MineTripletsConfig:
+    """The mining job: style-statistics output in, close/far neighbour lists (Parquet) out.
+
+    `descriptors` is the output folder of the style-statistics job (local or s3://), read through
+    `step_ray.style.pipeline.read_descriptors`; only rows of `split` are mined. `output` receives
+    `neighbours.parquet` and `metadata.json`; an output written with the same config hash is kept.
+    """
+
+    descriptors: str = ""
+    output: str = ""
+    split: str = "train"
+    mining: MiningConfig = field(default_factory=MiningConfig)
+
+    def __post_init__(self):
+        if not self.descriptors:
+            raise ValueError("descriptors (the style-statistics output folder) must be set")
+        if not self.output:
+            raise ValueError("output must be set")

@@ -1,0 +1,273 @@
+"""Close and far sets of every anchor: the `Neighbours` record, its Parquet form, and sharded FAISS mining.
+
+Sharding: the database rows are split into `num_shards` contiguous blocks, each held by one Ray actor
+with its own near and far indexes (on its own GPU where the cluster has GPUs). Every query batch goes to
+every shard; each shard answers its local top-k (self excluded, global ids) and the driver keeps the
+global top-k of the union. Because the top-k of a union is the top-k of the per-part top-k's, a flat
+(exact) index gives the same answer sharded or not.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from step_ray import storage
+from step_ray.mining.config import MiningConfig
+from step_ray.mining.index import ShardIndex, gpu_wanted
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Neighbours:
+    """Row i holds anchor i's close set (ascending squared style distance) and far set (descending).
+
+    Ids are row indices into the mined table; `image_ids` (when known) names those rows.
+    """
+
+    close_ids: np.ndarray  # int64 [n, k_close]
+    close_dist: np.ndarray  # float32 [n, k_close]
+    far_ids: np.ndarray  # int64 [n, k_far]
+    far_dist: np.ndarray  # float32 [n, k_far]
+    image_ids: list[str] | None = None
+    # Diagnostics of the run that produced these sets (shards, devices, peak memory); not persisted.
+    info: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self):
+        self.close_ids = np.asarray(self.close_ids, np.int64)
+        self.far_ids = np.asarray(self.far_ids, np.int64)
+        self.close_dist = np.asarray(self.close_dist, np.float32)
+        self.far_dist = np.asarray(self.far_dist, np.float32)
+        n = len(self.close_ids)
+        if self.close_dist.shape != self.close_ids.shape or self.far_dist.shape != self.far_ids.shape:
+            raise ValueError("ids and distances must have the same shape")
+        if len(self.far_ids) != n:
+            raise ValueError(f"close ({n}) and far ({len(self.far_ids)}) sets cover different anchors")
+        if self.image_ids is not None and len(self.image_ids) != n:
+            raise ValueError(f"{len(self.image_ids)} image ids for {n} anchors")
+
+    def __len__(self) -> int:
+        return len(self.close_ids)
+
+    @property
+    def k_close(self) -> int:
+        return self.close_ids.shape[1]
+
+    @property
+    def k_far(self) -> int:
+        return self.far_ids.shape[1]
+
+    def to_table(self, image_ids: Sequence[str] | None = None) -> pa.Table:
+        names = list(image_ids) if image_ids is not None else self.image_ids
+        if names is None:
+            names = [str(i) for i in range(len(self))]
+        if len(names) != len(self):
+            raise ValueError(f"{len(names)} image ids for {len(self)} anchors")
+
+        def fixed(values: np.ndarray, kind: pa.DataType) -> pa.Array:
+            return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), kind), values.shape[1])
+
+        return pa.table(
+            {
+                "row": pa.array(np.arange(len(self), dtype=np.int64)),
+                "image_id": pa.array(names, pa.string()),
+                "close_ids": fixed(self.close_ids, pa.int64()),
+                "close_dist": fixed(self.close_dist, pa.float32()),
+                "far_ids": fixed(self.far_ids, pa.int64()),
+                "far_dist": fixed(self.far_dist, pa.float32()),
+            }
+        )
+
+    def save(self, uri: str, image_ids: Sequence[str] | None = None) -> str:
+        """One Parquet file at `uri` (local or s3://), written whole (never a half-written file)."""
+        sink = io.BytesIO()
+        pq.write_table(self.to_table(image_ids), sink, compression="zstd")
+        storage.write_bytes(uri, sink.getvalue())
+        return str(uri)
+
+    @classmethod
+    def from_table(cls, table: pa.Table) -> "Neighbours":
+        table = table.sort_by("row")
+        if not np.array_equal(table.column("row").to_numpy(), np.arange(table.num_rows)):
+            raise ValueError("neighbour table rows are not 0..n-1")
+
+        def matrix(name: str, dtype) -> np.ndarray:
+            col = table.column(name).combine_chunks()
+            width = col.type.list_size
+            return col.flatten().to_numpy(zero_copy_only=False).astype(dtype).reshape(-1, width)
+
+        return cls(
+            close_ids=matrix("close_ids", np.int64),
+            close_dist=matrix("close_dist", np.float32),
+            far_ids=matrix("far_ids", np.int64),
+            far_dist=matrix("far_dist", np.float32),
+            image_ids=table.column("image_id").to_pylist(),
+        )
+
+    @classmethod
+    def load(cls, uri: str) -> "Neighbours":
+        storage.check_readable(uri, "neighbours file")
+        fs, path = storage.resolve(uri)
+        return cls.from_table(pq.read_table(path, filesystem=fs))
+
+
+def _merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int, furthest: bool):
+    """Global top-k of per-shard top-k lists (padding is -1 / ±inf and sorts last)."""
+    ids = np.concatenate([p[0] for p in parts], axis=1)
+    dist = np.concatenate([p[1] for p in parts], axis=1)
+    order = np.argsort(-dist if furthest else dist, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(ids, order, axis=1), np.take_along_axis(dist, order, axis=1)
+
+
+def _query_batches(n: int, batch: int):
+    for start in range(0, n, batch):
+        yield start, min(n, start + batch)
+
+
+def _mine_in_process(x: np.ndarray, cfg: MiningConfig):
+    shard = ShardIndex(x, 0, cfg)
+    n = len(x)
+    out = _empty(n, cfg)
+    for start, stop in _query_batches(n, cfg.query_batch):
+        ids = np.arange(start, stop, dtype=np.int64)
+        out[0][start:stop], out[1][start:stop] = shard.search_close(x[start:stop], ids, cfg.k_close)
+        out[2][start:stop], out[3][start:stop] = shard.search_far(x[start:stop], ids, cfg.k_far)
+    return out
+
+
+def _empty(n: int, cfg: MiningConfig):
+    return (
+        np.empty((n, cfg.k_close), np.int64),
+        np.empty((n, cfg.k_close), np.float32),
+        np.empty((n, cfg.k_far), np.int64),
+        np.empty((n, cfg.k_far), np.float32),
+    )
+
+
+class _ShardWorker:
+    """Body of the Ray actor holding one shard's indexes."""
+
+    def __init__(self, vectors: np.ndarray, first_id: int, cfg: MiningConfig, threads: int):
+        import faiss
+
+        faiss.omp_set_num_threads(max(1, threads))
+        self.index = ShardIndex(vectors, first_id, cfg)
+
+    def ready(self) -> dict:
+        return {"first_id": self.index.first_id, "size": self.index.size, "gpu": self.index.on_gpu}
+
+    def peak_rss_bytes(self) -> int:
+        return _peak_rss_bytes()
+
+    def search(self, queries: np.ndarray, query_ids: np.ndarray, k_close: int, k_far: int):
+        return (
+            self.index.search_close(queries, query_ids, k_close),
+            self.index.search_far(queries, query_ids, k_far),
+        )
+
+
+def _peak_rss_bytes() -> int:
+    """Peak resident memory of this process. Linux: VmHWM, which (unlike ru_maxrss) is not inherited
+    from the parent across fork + exec, so a freshly spawned worker reports its own peak."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def _mine_sharded(x: np.ndarray, cfg: MiningConfig, info: dict):
+    import ray
+
+    if not ray.is_initialized():
+        raise RuntimeError("sharded mining (num_shards > 1) needs Ray: call ray.init() first")
+    resources = ray.cluster_resources()
+    cpus, gpus = float(resources.get("CPU", 1.0)), float(resources.get("GPU", 0.0))
+    shards = cfg.num_shards
+    # Actors ask for a GPU only when the cluster has some (and the config allows it); with fewer
+    # GPUs than shards they share them. CPU requests are fractional so S shards fit on a small node.
+    num_gpus = min(1.0, gpus / shards) if (gpus > 0 and cfg.use_gpu == "auto") else 0.0
+    num_cpus = min(1.0, cpus / shards)
+    threads = max(1, int(cpus // shards))
+    actor_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(_ShardWorker)
+    bounds = np.linspace(0, len(x), shards + 1).astype(np.int64)
+    actors = [
+        actor_cls.remote(x[bounds[s] : bounds[s + 1]], int(bounds[s]), cfg, threads) for s in range(shards)
+    ]
+    try:
+        started = time.perf_counter()
+        shards_info = ray.get([a.ready.remote() for a in actors])
+        info["start_and_build_seconds"] = round(time.perf_counter() - started, 3)
+        started = time.perf_counter()
+        log.info("mining shards: %s", shards_info)
+        n = len(x)
+        out = _empty(n, cfg)
+        pending: deque = deque()
+
+        def collect():
+            start, stop, futures = pending.popleft()
+            answers = ray.get(futures)
+            close = _merge_topk([a[0] for a in answers], cfg.k_close, furthest=False)
+            far = _merge_topk([a[1] for a in answers], cfg.k_far, furthest=True)
+            out[0][start:stop], out[1][start:stop] = close
+            out[2][start:stop], out[3][start:stop] = far
+
+        for start, stop in _query_batches(n, cfg.query_batch):
+            queries = ray.put(x[start:stop])
+            ids = np.arange(start, stop, dtype=np.int64)
+            pending.append((start, stop, [a.search.remote(queries, ids, cfg.k_close, cfg.k_far) for a in actors]))
+            # Two batches in flight keep every shard busy while bounding driver memory (k_far can be 2,048).
+            if len(pending) > 2:
+                collect()
+        while pending:
+            collect()
+        info["search_seconds"] = round(time.perf_counter() - started, 3)
+        for shard, peak in zip(shards_info, ray.get([a.peak_rss_bytes.remote() for a in actors])):
+            shard["peak_rss_bytes"] = peak
+        info["shards"] = shards_info
+        return out
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+def mine_neighbours(descriptors: np.ndarray, cfg: MiningConfig = MiningConfig()) -> Neighbours:
+    """Every row's k_close nearest and k_far furthest other rows under squared L2 (METHOD §3).
+
+    One in-process index pair when `num_shards` is 1; `num_shards` Ray actors otherwise.
+    """
+    x = np.ascontiguousarray(descriptors, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"descriptors must be a [n, d] array, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("descriptors contain NaN or inf")
+    cfg.check_database_size(len(x))
+    log.info(
+        "mining %d x %d: index=%s shards=%d k_close=%d k_far=%d gpu=%s",
+        *x.shape, cfg.index, cfg.num_shards, cfg.k_close, cfg.k_far, gpu_wanted(cfg),
+    )
+    info: dict = {"num_images": len(x), "dim": x.shape[1], "index": cfg.index, "num_shards": cfg.num_shards}
+    if cfg.num_shards == 1:
+        parts = _mine_in_process(x, cfg)
+        info["shards"] = [{"first_id": 0, "size": len(x), "gpu": gpu_wanted(cfg), "peak_rss_bytes": _peak_rss_bytes()}]
+    else:
+        parts = _mine_sharded(x, cfg, info)
+    result = Neighbours(*parts, info=info)
+    if (result.close_ids < 0).any() or (result.far_ids < 0).any():
+        raise RuntimeError("mining left empty neighbour slots; this is a bug")
+    return result
