@@ -27,8 +27,12 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check `value` against the annotation `tp`, converting only where it is lossless."""
+def _coerce(value: Any, tp: Any, where: str, base: Any = None) -> Any:
+    """Check `value` against the annotation `tp`, converting only where it is lossless.
+
+    `base` is the field's default: a partial mapping for a nested config changes only the keys it
+    names, so a parent's own defaults for that section (its default_factory) are kept.
+    """
     origin = get_origin(tp)
     if tp is Any:
         return value
@@ -37,7 +41,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
-        return config_from_dict(tp, value, where=where)
+        return config_from_dict(type(base) if isinstance(base, tp) else tp, value, where=where, base=base)
     if origin in (Union, types.UnionType):
         args = get_args(tp)
         if value is None and type(None) in args:
@@ -95,15 +99,27 @@ def _unknown_key_error(cls: type, key: str, where: str) -> ConfigError:
     return ConfigError(f"{where}: unknown config key '{key}' for {cls.__name__}{hint}")
 
 
-def config_from_dict(cls: type[T], data: Mapping[str, Any], where: str = "config") -> T:
-    """Build `cls` from a (possibly partial) mapping; unknown keys and wrong types are errors."""
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def config_from_dict(cls: type[T], data: Mapping[str, Any], where: str = "config", base: Any = None) -> T:
+    """Build `cls` from a (possibly partial) mapping over `base` (or the defaults); unknown keys and
+    wrong types are errors."""
     hints = _field_types(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
+    if base is not None:
+        kwargs = {name: getattr(base, name) for name, f in fields.items() if f.init}
     for key, value in data.items():
-        if key not in known:
+        if key not in fields:
             raise _unknown_key_error(cls, key, where)
-        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
+        default = kwargs[key] if key in kwargs else _field_default(fields[key])
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key, base=default)
     try:
         return cls(**kwargs)
     except ConfigError:

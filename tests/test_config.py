@@ -75,3 +75,13 @@ def test_job_config_cli(capsys):
         job_config(Example, ["nokey=1"])
     assert info.value.code == 2
     assert "unknown config key 'nokey'" in capsys.readouterr().err
+
+
+@dataclass(frozen=True)
+class WithSectionDefaults:
+    optim: Optim = field(default_factory=lambda: Optim(lr=0.5))
+
+
+def test_partial_section_keeps_the_parents_defaults():
+    cfg = load_config(WithSectionDefaults, None, ["optim.betas=[0.1, 0.2]"])
+    assert cfg.optim.lr == 0.5 and cfg.optim.betas == (0.1, 0.2)

@@ -1,0 +1,257 @@
+"""The paper's evaluation of one generator checkpoint (METHOD §9): numbers, pictures, a table row.
+
+`evaluate(cfg)` takes any stage-2/3 checkpoint (local or s3://) and, on the validation split:
+* reconstruction: B̂ = G(A, E(B)) against B, PSNR and LPIPS; and the same with B' of another style
+  (another style id on the synthetic set, another image otherwise): the style code must matter;
+* diversity: `num_inputs` inputs × `num_styles` styles, mean pairwise LPIPS of each input's outputs,
+  with styles from random references, from mapper samples (when a mapper is given), and — the
+  baseline — one fixed code for all (a deterministic G gives 0 there);
+* mapper coverage (synthetic set): the style id of the val code nearest to each mapper sample, and of
+  E(G(A, M(r))), and how many style ids are reached;
+* pictures: transfer.png (inputs × references), sampling.png, interpolation.png, embedding.png.
+Writes metrics.json (with the VGG and AlexNet weights used) and table_row.md under `output`.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from step_ray import storage
+from step_ray.config import config_from_dict, config_to_dict
+from step_ray.data.pix2pix import DataConfig, load_split, to_tensor
+from step_ray.eval.metrics import LPIPSConfig, diversity, load_lpips, lpips_distance, psnr
+from step_ray.models import GeneratorConfig, UNetGenerator
+
+TABLE_HEADER = ("| method | PSNR ↑ | LPIPS ↓ | PSNR other style | diversity refs ↑ | diversity mapper ↑ | diversity fixed z | "
+                "mapper styles reached | LPIPS trunk |\n|---|---|---|---|---|---|---|---|---|")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    checkpoint: str = ""  # a stage-2 or stage-3 checkpoint folder, local or s3://
+    mapper: str = ""  # a mapper folder (step_ray.train.mapper.save_mapper); empty: <run folder>/mapper if present
+    data: DataConfig = field(default_factory=DataConfig)
+    split: str = "val"
+    num_inputs: int = 100
+    num_styles: int = 16
+    max_recon_images: int = 0  # 0: the whole split
+    use_ema: bool = True  # G_ema's weights (the official choice) when the checkpoint has them
+    lpips: LPIPSConfig = field(default_factory=LPIPSConfig)
+    output: str = ""  # empty: <checkpoint>/eval
+    method: str = "StEP (ours)"
+    grid_inputs: int = 6
+    grid_references: int = 6
+    interpolation_steps: int = 8
+    mapper_samples: int = 2000  # codes drawn for the coverage numbers
+    seed: int = 0
+    batch_size: int = 32
+
+    def __post_init__(self):
+        if self.num_styles < 2 or self.num_inputs < 1:
+            raise ValueError("eval needs num_styles >= 2 and num_inputs >= 1")
+        if self.interpolation_steps < 2:
+            raise ValueError("interpolation_steps must be >= 2")
+
+
+def load_generator(checkpoint: str, use_ema: bool = True, device: str | torch.device = "cpu") -> tuple[UNetGenerator, dict]:
+    """G (EMA weights when asked and present) of a generator checkpoint, and its saved config mapping."""
+    from pathlib import Path
+
+    import yaml
+
+    from step_ray.train.common import CONFIG_FILE, local_checkpoint_dir
+
+    folder, tmp = local_checkpoint_dir(checkpoint)
+    try:
+        tree = yaml.safe_load((Path(folder) / CONFIG_FILE).read_text()) or {}
+        if "generator" not in tree:
+            raise ValueError(f"{checkpoint} is not a generator checkpoint (its config has no 'generator')")
+        g = UNetGenerator(config_from_dict(GeneratorConfig, tree["generator"], where="generator"))
+        name = "generator_ema" if use_ema and (Path(folder) / "generator_ema.pt").is_file() else "generator"
+        g.load_state_dict(torch.load(Path(folder) / f"{name}.pt", map_location="cpu", weights_only=True))
+        tree["_weights"] = name
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return g.to(device).eval().requires_grad_(False), tree
+
+
+def _default_mapper(checkpoint: str) -> str:
+    run_folder = checkpoint.rstrip("/").rsplit("/", 1)[0]
+    uri = storage.join(run_folder, "mapper")
+    return uri if storage.exists(storage.join(uri, "mapper.pt")) else ""
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    from step_ray.eval.embedding import plot_embedding, save_png
+    from step_ray.eval.pictures import generate, interpolation_grid, sampling_grid, to_uint8, transfer_grid
+    from step_ray.style.encode import load_encoder
+    from step_ray.style.vgg import VGGConfig, vgg_weight_source
+
+    if not cfg.checkpoint:
+        raise ValueError("eval: set checkpoint (a stage-2/3 checkpoint folder, local or s3://)")
+    started = time.perf_counter()
+    out_dir = cfg.output or storage.join(cfg.checkpoint, "eval")
+    storage.check_writable(out_dir, "eval.output")
+    g, tree = load_generator(cfg.checkpoint, cfg.use_ema)
+    e = load_encoder(cfg.checkpoint)
+    mapper_uri = cfg.mapper or _default_mapper(cfg.checkpoint)
+    mapper = None
+    if mapper_uri:
+        from step_ray.train.mapper import load_mapper
+
+        mapper = load_mapper(mapper_uri)
+    lp = load_lpips(cfg.lpips)
+    split = load_split(cfg.data, cfg.split)
+    n_all = len(split.ids) if not cfg.max_recon_images else min(cfg.max_recon_images, len(split.ids))
+    a, b = to_tensor(split.a[:n_all]), to_tensor(split.b[:n_all])
+    labels = split.style_ids[:n_all]
+    labelled = bool((labels >= 0).all())
+    gen = torch.Generator().manual_seed(cfg.seed)
+    bs = cfg.batch_size
+
+    with torch.no_grad():
+        z = torch.cat([e(b[i : i + bs]) for i in range(0, n_all, bs)])
+    from step_ray.train.generator import other_style_rows
+
+    other = torch.from_numpy(other_style_rows(labels, cfg.seed))
+    recon = generate(g, a, z, bs)
+    cross = generate(g, a, z[other], bs)
+    m: dict[str, Any] = {
+        "psnr": float(psnr(recon, b).mean()),
+        "lpips": float(lpips_distance(lp, recon, b, cfg.lpips.batch_size).mean()),
+        "psnr_other_style": float(psnr(cross, b).mean()),
+        "lpips_other_style": float(lpips_distance(lp, cross, b, cfg.lpips.batch_size).mean()),
+        "recon_images": n_all,
+    }
+    m["psnr_margin"] = m["psnr"] - m["psnr_other_style"]
+
+    # diversity: num_inputs × num_styles outputs
+    n_in = min(cfg.num_inputs, n_all)
+    refs = torch.stack([torch.randperm(n_all, generator=gen)[: cfg.num_styles] for _ in range(n_in)])  # [n_in, S]
+    if refs.shape[1] < cfg.num_styles:
+        raise ValueError(f"eval.num_styles={cfg.num_styles} needs that many {cfg.split} images; found {n_all}")
+
+    def outputs_for(codes: torch.Tensor) -> torch.Tensor:  # codes [n_in, S, nz] -> images [n_in, S, C, H, W]
+        rep = a[:n_in, None].expand(-1, cfg.num_styles, -1, -1, -1).reshape(-1, *a.shape[1:])
+        return generate(g, rep, codes.reshape(-1, codes.shape[-1]), bs).view(n_in, cfg.num_styles, *a.shape[1:])
+
+    out_refs = outputs_for(z[refs])
+    m["diversity_refs"] = diversity(lp, out_refs)
+    m["diversity_fixed_code"] = diversity(lp, outputs_for(z.mean(0).expand(n_in, cfg.num_styles, -1)))
+    m["diversity_inputs"] = n_in
+    m["diversity_styles"] = cfg.num_styles
+    if mapper is not None:
+        with torch.no_grad():
+            samples = mapper(torch.randn(n_in * cfg.num_styles, mapper.cfg.noise_dim, generator=gen))
+        out_mapper = outputs_for(samples.view(n_in, cfg.num_styles, -1))
+        m["diversity_mapper"] = diversity(lp, out_mapper)
+        if labelled:
+            m.update(_mapper_coverage(mapper, g, e, a, z, labels, cfg, gen))
+
+    tag = lambda name: storage.join(out_dir, name)  # noqa: E731
+    pictures = {}
+    k, r = min(cfg.grid_inputs, n_all), min(cfg.grid_references, n_all)
+    ref_rows = _diverse_rows(labels, r, cfg.seed)
+    grid_out = outputs_for_grid(g, a[:k], z[ref_rows], bs)
+    save_png(tag("transfer.png"), transfer_grid(a[:k], b[ref_rows], grid_out))
+    pictures["transfer"] = tag("transfer.png")
+    t = torch.linspace(0, 1, cfg.interpolation_steps)
+    z0, z1 = z[ref_rows[0]], z[ref_rows[-1]]
+    path = (1 - t)[:, None] * z0 + t[:, None] * z1
+    save_png(tag("interpolation.png"), interpolation_grid(a[:k], outputs_for_grid(g, a[:k], path, bs), b[ref_rows[0]], b[ref_rows[-1]]))
+    pictures["interpolation"] = tag("interpolation.png")
+    if mapper is not None:
+        save_png(tag("sampling.png"), sampling_grid(a[:k], out_mapper[:k, : cfg.grid_references]))
+        pictures["sampling"] = tag("sampling.png")
+    if len(z) >= 3:
+        plot_labels = labels if labelled else np.zeros(len(z), np.int64)
+        plot_embedding(z.numpy(), plot_labels, tag("embedding.png"),
+                       f"E(B) of {len(z)} {cfg.split} images ({'style id' if labelled else 'unlabelled'})")
+        pictures["embedding"] = tag("embedding.png")
+
+    train_tree = {k: v for k, v in tree.items() if k != "_weights"}
+    vgg_cfg = config_from_dict(VGGConfig, train_tree.get("vgg", {}), where="vgg")
+    record = {
+        "method": cfg.method,
+        "checkpoint": cfg.checkpoint,
+        "generator_weights": tree["_weights"],
+        "mapper": mapper_uri or None,
+        "metrics": m,
+        "lpips_weights": lp.weight_source,
+        "lpips_linear_layers": lp.lin_source,
+        "vgg_weights": vgg_weight_source(vgg_cfg) if train_tree.get("lambda_vgg", 0) else "no VGG loss",
+        "pictures": pictures,
+        "seconds": time.perf_counter() - started,
+        "eval_config": config_to_dict(cfg),
+        "train_config": train_tree,
+    }
+    row = table_row(cfg.method, m, lp.weight_source)
+    storage.write_bytes(tag("metrics.json"), json.dumps(record, indent=1, default=float).encode())
+    storage.write_bytes(tag("table_row.md"), f"{TABLE_HEADER}\n{row}\n".encode())
+    record["table_row"] = row
+    record["output"] = out_dir
+    return record
+
+
+def outputs_for_grid(g, a: torch.Tensor, codes: torch.Tensor, bs: int) -> torch.Tensor:
+    """[n inputs] × [m codes] -> [n, m, C, H, W]."""
+    n, mm = len(a), len(codes)
+    rep_a = a[:, None].expand(-1, mm, -1, -1, -1).reshape(-1, *a.shape[1:])
+    rep_z = codes[None].expand(n, -1, -1).reshape(-1, codes.shape[-1])
+    from step_ray.eval.pictures import generate
+
+    return generate(g, rep_a, rep_z, bs).view(n, mm, *a.shape[1:])
+
+
+def _diverse_rows(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """References for the transfer grid: one per style id first (synthetic), then spread over the split."""
+    if (labels >= 0).all():
+        firsts = [int(np.flatnonzero(labels == s)[0]) for s in np.unique(labels)]
+        rest = [i for i in range(len(labels)) if i not in firsts]
+        return np.array((firsts + rest)[:count])
+    return np.linspace(0, len(labels) - 1, count).astype(int)
+
+
+@torch.no_grad()
+def _mapper_coverage(mapper, g, e, a, z, labels, cfg: EvalConfig, gen) -> dict[str, Any]:
+    """Which style clusters the mapper's samples land in: by the nearest val code, in code space and
+    after a round trip through the images (E(G(A, M(r))))."""
+    n_styles = int(labels.max()) + 1
+    samples = mapper(torch.randn(cfg.mapper_samples, mapper.cfg.noise_dim, generator=gen))
+    nearest = torch.cdist(samples, z).argmin(1).numpy()
+    hist = np.bincount(labels[nearest], minlength=n_styles)
+    k = min(len(samples), 256)
+    rows = torch.randint(0, len(a), (k,), generator=gen)
+    from step_ray.eval.pictures import generate
+
+    images = generate(g, a[rows], samples[:k], cfg.batch_size)
+    z_img = torch.cat([e(images[i : i + 64]) for i in range(0, k, 64)])
+    hist_img = np.bincount(labels[torch.cdist(z_img, z).argmin(1).numpy()], minlength=n_styles)
+    # how far samples fall from the data, relative to how far codes are from their own nearest neighbour
+    d_codes = torch.cdist(z, z).fill_diagonal_(float("inf")).min(1).values.mean()
+    return {
+        "mapper_style_histogram": hist.tolist(),
+        "mapper_styles_reached": int((hist > 0).sum()),
+        "mapper_styles_reached_images": int((hist_img > 0).sum()),
+        "mapper_style_histogram_images": hist_img.tolist(),
+        "num_style_ids": n_styles,
+        "mapper_sample_to_data_distance": float(torch.cdist(samples, z).min(1).values.mean()),
+        "data_nn_distance": float(d_codes),
+    }
+
+
+def table_row(method: str, m: dict[str, Any], lpips_source: str) -> str:
+    f = lambda key, fmt="{:.3f}": fmt.format(m[key]) if key in m else "–"  # noqa: E731
+    reached = f"{m['mapper_styles_reached']}/{m['num_style_ids']}" if "mapper_styles_reached" in m else "–"
+    trunk = "random AlexNet" if lpips_source.startswith("RANDOM") else "AlexNet"
+    return (f"| {method} | {f('psnr', '{:.2f}')} | {f('lpips')} | {f('psnr_other_style', '{:.2f}')} | {f('diversity_refs')} | "
+            f"{f('diversity_mapper')} | {f('diversity_fixed_code')} | {reached} | {trunk} |")
+
+
+__all__ = ["EvalConfig", "evaluate", "load_generator", "table_row"]

@@ -1,0 +1,39 @@
+"""Reconstruction losses for the generator (METHOD §5): the VGG perceptual loss and the L1 fallback.
+
+The perceptual loss uses the same `VGGFeatures` module as the style statistics (step_ray.style.vgg):
+official StEP takes the MSE of VGG-16 activations scaled by 0.1 at five layers with weights
+1/32, 1/16, 1/8, 1/4, 1. The target's features carry no gradient.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+OFFICIAL_LAYER_WEIGHTS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0)
+
+
+def feature_matching_loss(fake_feats: Sequence[torch.Tensor], real_feats: Sequence[torch.Tensor],
+                          layer_weights: Sequence[float] = OFFICIAL_LAYER_WEIGHTS, scale: float = 0.1
+                          ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Σ_l w_l · mean((scale·φ_l(B̂) − scale·φ_l(B))²) on precomputed feature lists."""
+    if len(fake_feats) != len(real_feats) or len(fake_feats) != len(layer_weights):
+        raise ValueError(f"{len(fake_feats)} fake / {len(real_feats)} real feature maps for {len(layer_weights)} layer weights")
+    terms = [w * F.mse_loss(scale * f.float(), scale * r.detach().float()) for w, f, r in zip(layer_weights, fake_feats, real_feats)]
+    loss = torch.stack(terms).sum()
+    return loss, {"vgg": float(loss.detach()), **{f"vgg_l{i}": float(t.detach()) for i, t in enumerate(terms)}}
+
+
+def vgg_perceptual_loss(vgg: torch.nn.Module, fake: torch.Tensor, real: torch.Tensor,
+                        layer_weights: Sequence[float] = OFFICIAL_LAYER_WEIGHTS, scale: float = 0.1
+                        ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The perceptual loss of images in [-1, 1] through `vgg` (a VGGFeatures: x -> list of feature maps)."""
+    with torch.no_grad():
+        real_feats = vgg(real)
+    return feature_matching_loss(vgg(fake), real_feats, layer_weights, scale)
+
+
+def l1_loss(fake: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    loss = (fake.float() - real.float()).abs().mean()
+    return loss, {"l1": float(loss.detach())}

@@ -1,0 +1,564 @@
+"""Stages 2 and 3 (METHOD §5): the one generator trainer, a Ray Train DDP loop.
+
+    L_G = λ_gan · LSGAN_G(D(A, B̂)) + λ_vgg · VGG(B, B̂) + λ_l1 · |B − B̂|,   B̂ = G(A, E(B))
+    L_D = LSGAN_D(D(A, B), D(A, B̂))
+
+Stage 2 (`train_encoder=False`): E comes from a stage-1 checkpoint and is frozen (no gradients, eval
+mode, not in any optimiser). Stage 3 (`train_encoder=True`): G, G_ema, D, E and both optimisers come from
+a stage-2 checkpoint and E joins G's optimiser. The loss is assembled from the λ switches, so baselines
+and ablations are configs of this loop, not copies of it.
+
+Driver: `train_generator_stage(cfg, run, inputs, stage)`. Worker: `generator_worker_loop`, which, as
+stage 1 does, keeps everything it needs to continue (nets, EMA, optimisers, epoch, step, best metric,
+history) in the checkpoint it reports every epoch, and validates on rank 0.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from step_ray.data.pix2pix import DataConfig, load_pair, to_tensor
+from step_ray.eval.evaluate import EvalConfig
+from step_ray.losses import l1_loss, lsgan_discriminator_loss, lsgan_generator_loss, vgg_perceptual_loss
+from step_ray.losses.perceptual import OFFICIAL_LAYER_WEIGHTS
+from step_ray.models import (DiscriminatorConfig, EncoderConfig, GeneratorConfig, PatchDiscriminator, StyleEncoder,
+                             UNetGenerator)
+from step_ray.style.vgg import VGGConfig
+from step_ray.train.common import (OptimConfig, RunSettings, load_checkpoint, make_trainer, save_checkpoint, seed_everything,
+                                   unwrap, worker_device)
+from step_ray.train.mapper import IMLEConfig
+
+MODULES = ("generator", "generator_ema", "discriminator", "encoder")
+OPTIMIZERS = ("optimizer_g", "optimizer_d")
+
+
+@dataclass(frozen=True)
+class GeneratorTrainConfig:
+    """One generator stage. Defaults: official StEP (LSGAN 1, λ_rec = 0.02 VGG, Adam 1e-3 β (0, 0.99), EMA 0.999)."""
+
+    encoder_checkpoint: str = ""  # stage-1 checkpoint (local or s3://): where a fresh stage 2 takes E from
+    init_checkpoint: str = ""  # generator checkpoint (local or s3://) a fresh run starts from (stage 3: stage 2's)
+    train_encoder: bool = False  # False: stage 2 (E frozen); True: stage 3 (E in G's optimiser)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)  # filled in from the checkpoint E comes from
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    vgg: VGGConfig = field(default_factory=lambda: VGGConfig(layer_weights=OFFICIAL_LAYER_WEIGHTS))
+    optim_g: OptimConfig = field(default_factory=OptimConfig)
+    optim_d: OptimConfig = field(default_factory=OptimConfig)
+    lambda_gan: float = 1.0
+    lambda_vgg: float = 0.02  # λ_rec on the VGG perceptual loss
+    vgg_scale: float = 0.1  # activations are multiplied by this before the MSE
+    lambda_l1: float = 0.0  # the no-VGG fallback is lambda_vgg=0, lambda_l1=10
+    ema_decay: float = 0.999  # 0: no EMA (G_ema is a copy of G)
+    ema_warmup: bool = True  # decay min(ema_decay, (1+t)/(10+t)): short runs' EMA is not stuck at init
+    batch_size: int = 8  # per worker
+    max_epochs: int = 10
+    max_steps: int = 0  # 0: no step budget
+    decay_epochs: int = 0  # the last N epochs decay the lr linearly to 0
+    flip: bool = True  # the same random horizontal flip on A and B
+    amp: bool = True  # bf16 autocast on GPU workers
+    seed: int = 0
+    val_images: int = 64  # rank-0 validation: PSNR of G_ema(A, E(B)) and G_ema(A, E(B')) against B
+    image_cache_mb: int = 4096
+
+    def __post_init__(self):
+        for name in ("batch_size", "max_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if min(self.lambda_gan, self.lambda_vgg, self.lambda_l1) < 0:
+            raise ValueError("loss weights must be >= 0")
+        if self.generator.nz != self.encoder.nz:
+            raise ValueError(f"generator.nz={self.generator.nz} differs from the encoder's nz={self.encoder.nz}")
+
+
+@dataclass
+class GeneratorInputs:
+    """What every worker gets: the data config (root resolved) and the split paths; val style ids (-1 unknown)."""
+
+    data: DataConfig
+    train_paths: list[str]
+    val_paths: list[str]
+    val_style_ids: np.ndarray
+
+
+class PairStore:
+    """(A, B) pairs by row, decoded on first use and cached while they fit in the budget."""
+
+    def __init__(self, paths: list[str], data: DataConfig, budget_mb: int):
+        self.paths, self.data = paths, data
+        self.capacity = max(1, int(budget_mb * 2**20 // (2 * data.image_size**2 * 3)))
+        self.cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def get(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        pair = self.cache.get(i)
+        if pair is None:
+            pair = load_pair(self.paths[i], self.data.direction, self.data.image_size, self.data.min_side)
+            if len(self.cache) < self.capacity:
+                self.cache[i] = pair
+        return pair
+
+    def batch(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = [self.get(int(i)) for i in rows]
+        return to_tensor(np.stack([p[0] for p in pairs])), to_tensor(np.stack([p[1] for p in pairs]))
+
+
+def other_style_rows(style_ids: np.ndarray, seed: int = 0) -> np.ndarray:
+    """For each row, a row of another style (style ids known), else of another image (a shifted permutation)."""
+    n = len(style_ids)
+    rng = np.random.default_rng(seed)
+    if (style_ids >= 0).all() and len(np.unique(style_ids)) > 1:
+        out = np.empty(n, np.int64)
+        for i in range(n):
+            out[i] = rng.choice(np.flatnonzero(style_ids != style_ids[i]))
+        return out
+    perm, out = rng.permutation(n), np.zeros(n, np.int64)
+    out[perm] = np.roll(perm, 1)  # a random cycle: nobody is its own reference (n > 1)
+    return out
+
+
+def psnr_batch(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of images in [-1, 1] (peak 1 on the [0, 1] scale); identical images: 100 dB."""
+    mse = ((x.float() - y.float()) / 2).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+
+
+# ----------------------------------------------------------------------------------------------------
+# the networks of one run and how a step changes them
+
+
+def build_networks(cfg: GeneratorTrainConfig, device) -> dict[str, torch.nn.Module]:
+    g = UNetGenerator(cfg.generator).to(device)
+    return {
+        "generator": g,
+        "generator_ema": copy.deepcopy(g).requires_grad_(False).eval(),
+        "discriminator": PatchDiscriminator(cfg.discriminator).to(device),
+        "encoder": StyleEncoder(cfg.encoder).to(device),
+    }
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1.0 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def ema_decay_at(cfg: GeneratorTrainConfig, step: int) -> float:
+    if cfg.ema_decay == 0:
+        return 0.0
+    return min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay
+
+
+def lr_factor(cfg: GeneratorTrainConfig, epoch: int) -> float:
+    """Constant, then linear decay to 0 over the last `decay_epochs` epochs."""
+    if not cfg.decay_epochs:
+        return 1.0
+    start = cfg.max_epochs - cfg.decay_epochs
+    return 1.0 if epoch < start else max(0.0, 1.0 - (epoch - start + 1) / (cfg.decay_epochs + 1))
+
+
+def generator_losses(cfg: GeneratorTrainConfig, fake: torch.Tensor, real: torch.Tensor, d_fake, vgg) -> tuple[torch.Tensor, dict]:
+    """L_G from the switched-on terms."""
+    total, logs = fake.new_zeros(()).float(), {}
+    if cfg.lambda_gan:
+        loss, part = lsgan_generator_loss(d_fake)
+        total, logs = total + cfg.lambda_gan * loss, {**logs, **part}
+    if cfg.lambda_vgg:
+        loss, part = vgg_perceptual_loss(vgg, fake, real, cfg.vgg.resolved_layer_weights(), cfg.vgg_scale)
+        total, logs = total + cfg.lambda_vgg * loss, {**logs, "vgg": part["vgg"]}
+    if cfg.lambda_l1:
+        loss, part = l1_loss(fake, real)
+        total, logs = total + cfg.lambda_l1 * loss, {**logs, **part}
+    logs["loss_g"] = float(total.detach())
+    return total, logs
+
+
+def train_step(cfg: GeneratorTrainConfig, nets: dict, opt_g, opt_d, a: torch.Tensor, b: torch.Tensor, vgg,
+               step: int, use_amp: bool = False) -> dict[str, float]:
+    """One D step then one G step (E too in stage 3). `nets` may hold DDP-wrapped G, D, E."""
+    g, d, e = nets["generator"], nets["discriminator"], nets["encoder"]
+    d_plain = unwrap(d)
+    with torch.autocast(a.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        if cfg.train_encoder:
+            z = e(b)
+        else:
+            with torch.no_grad():
+                z = e(b)
+        fake = g(a, z.float())
+    logs: dict[str, float] = {}
+    if cfg.lambda_gan:
+        # D: real and fake in one forward (one DDP reduction); the minibatch statistic stays per half
+        with torch.autocast(a.device.type, dtype=torch.bfloat16, enabled=use_amp):
+            out = d(torch.cat([a, a]), torch.cat([b, fake.detach()]), groups=2)
+        loss_d, logs = lsgan_discriminator_loss([o[: len(a)] for o in out], [o[len(a):] for o in out])
+        opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        opt_d.step()
+    # G (and E): D is used unwrapped and without parameter gradients, so D's DDP never sees this pass
+    d_plain.requires_grad_(False)
+    with torch.autocast(a.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        d_fake = d_plain(a, fake) if cfg.lambda_gan else None
+    loss_g, g_logs = generator_losses(cfg, fake, b, d_fake, vgg)
+    d_plain.requires_grad_(True)
+    opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    opt_g.step()
+    update_ema(nets["generator_ema"], unwrap(g), ema_decay_at(cfg, step))
+    return {**logs, **g_logs}
+
+
+def make_optimizers(cfg: GeneratorTrainConfig, nets: dict, init_folder: str | None, device):
+    """Adam for G (+ E in stage 3) and D. A fresh stage 3 continues stage 2's G and D optimiser states
+    and adds E to G's optimiser as a second parameter group."""
+    opt_g = cfg.optim_g.build(nets["generator"].parameters())
+    opt_d = cfg.optim_d.build(nets["discriminator"].parameters())
+    if init_folder is not None:
+        import os
+
+        for name, opt in (("optimizer_g", opt_g), ("optimizer_d", opt_d)):
+            state = torch.load(os.path.join(init_folder, f"{name}.pt"), map_location=device, weights_only=True)
+            if len(state["param_groups"]) == 1:  # a stage-2 state; a stage-3 one also holds E's group
+                opt.load_state_dict(state)
+                for group in opt.param_groups:  # the new stage's lr and betas, not the old ones
+                    group.update(lr=(cfg.optim_g if opt is opt_g else cfg.optim_d).lr,
+                                 betas=(cfg.optim_g if opt is opt_g else cfg.optim_d).betas)
+    if cfg.train_encoder:
+        opt_g.add_param_group({"params": list(nets["encoder"].parameters())})
+    for opt in (opt_g, opt_d):
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    return opt_g, opt_d
+
+
+def freeze(module: torch.nn.Module) -> torch.nn.Module:
+    """No gradients, eval mode: the stage-2 encoder."""
+    return module.requires_grad_(False).eval()
+
+
+@torch.no_grad()
+def validate(cfg: GeneratorTrainConfig, g_ema, encoder, a: torch.Tensor, b: torch.Tensor, other: np.ndarray, device) -> dict[str, float]:
+    """PSNR of G_ema(A, E(B)) against B, and of G_ema(A, E(B')) with B' of another style."""
+    was_training = encoder.training
+    encoder.eval()
+    own, cross = [], []
+    for i in range(0, len(a), 32):
+        ai, bi = a[i : i + 32].to(device), b[i : i + 32].to(device)
+        z = encoder(bi)
+        z_other = encoder(b[other[i : i + 32]].to(device))
+        own.append(psnr_batch(g_ema(ai, z), bi).cpu())
+        cross.append(psnr_batch(g_ema(ai, z_other), bi).cpu())
+    encoder.train(was_training)
+    p, q = torch.cat(own).mean().item(), torch.cat(cross).mean().item()
+    return {"val_psnr": p, "val_psnr_other_style": q, "val_psnr_margin": p - q}
+
+
+# ----------------------------------------------------------------------------------------------------
+# the worker loop
+
+
+def generator_worker_loop(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from step_ray.style.vgg import load_vgg
+
+    cfg: GeneratorTrainConfig = loop_config["train"]
+    inputs: GeneratorInputs = loop_config["inputs"]
+    stage = loop_config["stage"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = worker_device()
+    use_amp = cfg.amp and device.type == "cuda"
+
+    seed_everything(cfg.seed)
+    nets = build_networks(cfg, device)
+    state: dict[str, Any] = {"stage": stage, "epoch": 0, "step": 0, "best": None, "history": [], "stopped": ""}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # resume (or restart after a failure): everything from our own checkpoint
+        with checkpoint.as_directory() as folder:
+            opt_g, opt_d = make_optimizers(cfg, nets, None, device)
+            state = load_checkpoint(folder, nets, {"optimizer_g": opt_g, "optimizer_d": opt_d}, map_location=device)
+    elif cfg.init_checkpoint:  # a fresh stage 3: G, G_ema, D, E and optimiser states from stage 2
+        from step_ray.train.common import local_checkpoint_dir
+
+        folder, tmp = local_checkpoint_dir(cfg.init_checkpoint)
+        try:
+            load_checkpoint(folder, nets, map_location=device)
+            opt_g, opt_d = make_optimizers(cfg, nets, folder, device)
+        finally:
+            if tmp is not None:
+                tmp.cleanup()
+    else:  # a fresh stage 2: E from the stage-1 checkpoint
+        from step_ray.style.encode import load_encoder
+
+        nets["encoder"].load_state_dict(load_encoder(cfg.encoder_checkpoint, device).state_dict())
+        opt_g, opt_d = make_optimizers(cfg, nets, None, device)
+    state["stopped"] = ""  # a step budget is this run's setting: a resumed run with a larger one continues
+    if not cfg.train_encoder:
+        freeze(nets["encoder"])
+    vgg = load_vgg(cfg.vgg, device) if cfg.lambda_vgg else None
+    for name in ("generator", "discriminator") + (("encoder",) if cfg.train_encoder else ()):
+        nets[name] = ray.train.torch.prepare_model(nets[name])
+
+    store = PairStore(inputs.train_paths, inputs.data, cfg.image_cache_mb)
+    per_rank = len(inputs.train_paths) // world
+    if per_rank < 1:
+        raise ValueError(f"{len(inputs.train_paths)} training images for {world} workers")
+    if rank == 0:
+        val_rows = np.arange(min(cfg.val_images, len(inputs.val_paths)))
+        val_a, val_b = PairStore(inputs.val_paths, inputs.data, 0).batch(val_rows)
+        other = other_style_rows(inputs.val_style_ids[val_rows], cfg.seed)
+
+    while state["epoch"] < cfg.max_epochs and not state["stopped"]:
+        epoch = state["epoch"]
+        seed_everything(cfg.seed, epoch, rank)
+        factor = lr_factor(cfg, epoch)
+        for opt in (opt_g, opt_d):
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * factor
+        nets["generator"].train()
+        nets["discriminator"].train()
+        if cfg.train_encoder:
+            nets["encoder"].train()
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(inputs.train_paths))
+        mine = order[rank * per_rank : (rank + 1) * per_rank]  # equal shares: every rank takes the same steps
+        sums: dict[str, float] = {}
+        batches, seen, started = 0, 0, time.perf_counter()
+        for rows in np.array_split(mine, max(1, math.ceil(per_rank / cfg.batch_size))):
+            if cfg.max_steps and state["step"] >= cfg.max_steps:
+                state["stopped"] = f"step budget {cfg.max_steps} reached"
+                break
+            a, b = store.batch(rows)
+            a, b = a.to(device), b.to(device)
+            if cfg.flip:
+                flip = (torch.rand(len(a), device=device) < 0.5)[:, None, None, None]
+                a, b = torch.where(flip, a.flip(3), a), torch.where(flip, b.flip(3), b)
+            logs = train_step(cfg, nets, opt_g, opt_d, a, b, vgg, state["step"], use_amp)
+            state["step"] += 1
+            batches += 1
+            seen += len(rows)
+            for key, value in logs.items():
+                sums[key] = sums.get(key, 0.0) + value
+        seconds = time.perf_counter() - started
+        metrics: dict[str, Any] = {f"train_{k}": v / max(1, batches) for k, v in sums.items()}
+        metrics.update(stage=stage, epoch=epoch, step=state["step"], epoch_seconds=seconds, lr_factor=factor,
+                       images_per_s=seen * world / max(seconds, 1e-9))
+        if rank == 0:
+            metrics.update(validate(cfg, nets["generator_ema"], unwrap(nets["encoder"]), val_a, val_b, other, device))
+            score = metrics.get(loop_config["checkpoint_metric"])
+            if score is not None and (state["best"] is None or
+                                      (score > state["best"] if loop_config["checkpoint_mode"] == "max" else score < state["best"])):
+                state["best"] = score
+            state["history"].append(metrics)
+            print(_progress_line(metrics, cfg.max_epochs), flush=True)
+        state["epoch"] = epoch + 1
+        with tempfile.TemporaryDirectory() as folder:
+            if rank == 0:
+                save_checkpoint(folder, nets, {"optimizer_g": opt_g, "optimizer_d": opt_d}, state, cfg)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                                 checkpoint_dir_name=f"checkpoint_epoch{epoch:04d}")
+            else:
+                ray.train.report(metrics)
+        if cfg.max_steps and state["step"] >= cfg.max_steps:
+            state["stopped"] = f"step budget {cfg.max_steps} reached"
+
+
+def _progress_line(m: dict[str, Any], max_epochs: int) -> str:
+    parts = [f"[{m['stage']}] epoch {m['epoch'] + 1}/{max_epochs}", f"loss_g {m.get('train_loss_g', float('nan')):.4f}"]
+    if "train_loss_d" in m:
+        parts.append(f"loss_d {m['train_loss_d']:.4f}")
+    parts.append(f"{m['images_per_s']:.1f} img/s")
+    parts += [f"{k} {m[k]:.2f}" for k in ("val_psnr", "val_psnr_other_style") if k in m]
+    return " | ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the driver
+
+
+def read_saved_config(checkpoint: str) -> dict:
+    """The config.yaml of a checkpoint folder (local or s3://) as a plain mapping."""
+    import yaml
+
+    from step_ray import storage
+    from step_ray.train.common import CONFIG_FILE
+
+    return yaml.safe_load(storage.read_bytes(storage.join(checkpoint, CONFIG_FILE))) or {}
+
+
+def encoder_config_of(checkpoint: str) -> EncoderConfig:
+    """The EncoderConfig a checkpoint's encoder was built with (stage 1, 2 or 3 checkpoints)."""
+    from step_ray.config import config_from_dict
+    from step_ray.style.encode import _find_encoder_config
+
+    return config_from_dict(EncoderConfig, _find_encoder_config(read_saved_config(checkpoint)) or {}, where="encoder")
+
+
+def prepare_generator_inputs(data: DataConfig, val_split: str = "val") -> GeneratorInputs:
+    from step_ray.data.pix2pix import image_id, list_split, read_style_ids
+
+    root = data.prepare()
+    data = dataclasses.replace(data, root=root)
+    styles = read_style_ids(root)
+    val_paths = list_split(root, val_split)
+    return GeneratorInputs(data=data, train_paths=list_split(root, "train"), val_paths=val_paths,
+                           val_style_ids=np.array([styles.get(image_id(p), -1) for p in val_paths], np.int64))
+
+
+def train_generator_stage(cfg: GeneratorTrainConfig, run, inputs: GeneratorInputs, stage: str):
+    """Run one stage's TorchTrainer; returns (ray.train.Result, run folder URI, the resolved config).
+
+    The encoder config is taken from the checkpoint E comes from, so the saved config.yaml describes the
+    networks in the checkpoint exactly (and `load_encoder` works on stage-2/3 checkpoints too)."""
+    source = cfg.init_checkpoint or cfg.encoder_checkpoint
+    if not source and not run.resume:
+        raise ValueError(f"{stage}: set encoder_checkpoint (a stage-1 checkpoint) or init_checkpoint")
+    if source:
+        cfg = dataclasses.replace(cfg, encoder=encoder_config_of(source),
+                                  generator=dataclasses.replace(cfg.generator, nz=encoder_config_of(source).nz))
+    cfg.generator.check_image_size(inputs.data.image_size)
+    if inputs.data.image_size < cfg.discriminator.min_side():
+        raise ValueError(f"data.image_size={inputs.data.image_size} is below the discriminator's minimum "
+                         f"{cfg.discriminator.min_side()} (lower discriminator.n_layers or num_scales)")
+    loop_config = {"train": cfg, "inputs": inputs, "stage": stage,
+                   "checkpoint_metric": run.checkpoint_metric, "checkpoint_mode": run.checkpoint_mode}
+    trainer, run_uri = make_trainer(generator_worker_loop, loop_config, run, stage)
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return result, run_uri, cfg
+
+
+def best_checkpoint(result, run) -> str:
+    """URI of the best reported checkpoint by run.checkpoint_metric (the last one when none has it)."""
+    from step_ray import storage
+
+    ranked = [(m.get(run.checkpoint_metric), c) for c, m in (result.best_checkpoints or []) if m.get(run.checkpoint_metric) is not None]
+    ckpt = sorted(ranked, key=lambda t: t[0], reverse=run.checkpoint_mode == "max")[0][1] if ranked else result.checkpoint
+    path = ckpt.path
+    return f"s3://{path}" if storage.is_s3(run.storage_path) and not path.startswith("s3://") else path
+
+
+def last_checkpoint(result, run) -> str:
+    from step_ray import storage
+
+    path = result.checkpoint.path
+    return f"s3://{path}" if storage.is_s3(run.storage_path) and not path.startswith("s3://") else path
+
+
+# ----------------------------------------------------------------------------------------------------
+# the job: stage 2, then stage 3, then (optionally) the IMLE mapper and the evaluation
+
+
+@dataclass(frozen=True)
+class GeneratorRunSettings(RunSettings):
+    """RunSettings whose best checkpoints are ranked by the validation PSNR."""
+
+    checkpoint_metric: str = "val_psnr"
+    checkpoint_mode: Literal["max", "min"] = "max"
+
+
+@dataclass(frozen=True)
+class TrainGeneratorConfig:
+    """`jobs/train_generator.py`: stage 2 (E frozen) then stage 3 (E and G) from a stage-1 checkpoint,
+    then the mapper and the evaluation. `train` holds the settings both stages share."""
+
+    encoder_checkpoint: str = ""  # stage-1 checkpoint folder, local or s3://
+    stage2_checkpoint: str = ""  # set: skip stage 2 and start stage 3 from this stage-2 checkpoint
+    data: DataConfig = field(default_factory=DataConfig)
+    val_split: str = "val"
+    train: GeneratorTrainConfig = field(default_factory=GeneratorTrainConfig)
+    stage2_epochs: int = 10
+    stage3_epochs: int = 10
+    stage3_decay_epochs: int = 0  # stage 3's last N epochs decay the lr linearly to 0
+    run: GeneratorRunSettings = field(default_factory=GeneratorRunSettings)
+    train_mapper: bool = True
+    mapper: IMLEConfig = field(default_factory=IMLEConfig)
+    evaluate: bool = True
+    eval: EvalConfig = field(default_factory=EvalConfig)  # checkpoint, mapper, data and split are filled in
+
+    def __post_init__(self):
+        if self.stage2_epochs < 0 or self.stage3_epochs < 0 or self.stage2_epochs + self.stage3_epochs < 1:
+            raise ValueError("stage2_epochs and stage3_epochs must be >= 0, and not both 0")
+        if self.stage2_checkpoint and not self.stage3_epochs:
+            raise ValueError("stage2_checkpoint skips stage 2, so stage3_epochs must be >= 1")
+
+
+def encode_split(encoder_checkpoint: str, data: DataConfig, split: str = "train", max_images: int = 0) -> np.ndarray:
+    """Style codes of a split's target images (for the mapper)."""
+    from step_ray.data.pix2pix import load_split
+    from step_ray.style.encode import encode, load_encoder
+
+    images = load_split(data, split, limit=max_images or None)
+    return encode(images.b, load_encoder(encoder_checkpoint))
+
+
+def run_train_generator(cfg: TrainGeneratorConfig) -> dict[str, Any]:
+    """Returns {"stage2": checkpoint, "stage3": checkpoint, "mapper": folder, "metrics": uri, ...}."""
+    from step_ray import storage
+    from step_ray.train.common import write_json
+    from step_ray.train.stage2 import train_stage2
+    from step_ray.train.stage3 import train_stage3
+
+    started = time.perf_counter()
+    run = cfg.run
+    inputs = prepare_generator_inputs(cfg.data, cfg.val_split)
+    out: dict[str, Any] = {}
+    start = cfg.stage2_checkpoint or cfg.encoder_checkpoint
+    if not start:
+        raise ValueError("set encoder_checkpoint (a stage-1 checkpoint) or stage2_checkpoint")
+    if cfg.stage2_epochs and not cfg.stage2_checkpoint:
+        run2 = dataclasses.replace(run, name=f"stage2-{run.name}" if run.name else "")
+        train2 = dataclasses.replace(cfg.train, max_epochs=cfg.stage2_epochs, decay_epochs=0, encoder_checkpoint=start)
+        result, run_uri, _ = train_stage2(train2, run2, inputs)
+        out["stage2"] = start = last_checkpoint(result, run2)
+        out["stage2_run"] = run_uri
+        out["stage2_metrics"] = result.metrics
+        print(f"[train_generator] stage 2 done: {start}", flush=True)
+    if cfg.stage3_epochs:
+        if not (cfg.stage2_epochs or cfg.stage2_checkpoint):
+            raise ValueError("stage 3 starts from stage 2: set stage2_epochs >= 1 or stage2_checkpoint")
+        run3 = dataclasses.replace(run, name=f"stage3-{run.name}" if run.name else "")
+        train3 = dataclasses.replace(cfg.train, max_epochs=cfg.stage3_epochs, decay_epochs=cfg.stage3_decay_epochs)
+        result, run_uri, _ = train_stage3(train3, run3, inputs, stage2_checkpoint=start)
+        out["stage3"] = start = last_checkpoint(result, run3)
+        out["stage3_run"] = run_uri
+        out["stage3_metrics"] = result.metrics
+        print(f"[train_generator] stage 3 done: {start}", flush=True)
+    final = start
+    final_run = final.rstrip("/").rsplit("/", 1)[0]
+    if cfg.train_mapper:
+        from step_ray.train.mapper import save_mapper, train_mapper
+
+        codes = encode_split(final, inputs.data, "train", cfg.mapper.max_codes)
+        mapper, info = train_mapper(codes, cfg.mapper)
+        out["mapper"] = save_mapper(storage.join(final_run, "mapper"), mapper, cfg.mapper, {**info, "encoder": final})
+        print(f"[train_generator] mapper: {out['mapper']}", flush=True)
+    if cfg.evaluate:
+        from step_ray.eval.evaluate import evaluate
+
+        ev = dataclasses.replace(cfg.eval, checkpoint=final, mapper=out.get("mapper", ""), data=inputs.data,
+                                 split=cfg.val_split)
+        record = evaluate(ev)
+        out["eval"] = record["output"]
+        out["table_row"] = record["table_row"]
+        out["eval_metrics"] = record["metrics"]
+        print(f"[train_generator] {record['table_row']}", flush=True)
+    out["metrics"] = storage.join(final_run, "train_generator.json")
+    out["seconds"] = time.perf_counter() - started
+    from step_ray.config import config_to_dict
+
+    write_json(out["metrics"], {**out, "config": config_to_dict(cfg)})
+    print(f"[train_generator] done in {out['seconds']:.0f}s; summary {out['metrics']}", flush=True)
+    return out

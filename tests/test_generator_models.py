@@ -1,0 +1,162 @@
+"""Stage-2/3 building blocks without Ray: networks, losses, one training step, the frozen encoder."""
+import dataclasses
+
+import pytest
+import torch
+
+from step_ray.losses import feature_matching_loss, l1_loss, lsgan_discriminator_loss, lsgan_generator_loss, vgg_perceptual_loss
+from step_ray.models import (DiscriminatorConfig, EncoderConfig, GeneratorConfig, MapperConfig, PatchDiscriminator,
+                             StyleMapper, UNetGenerator)
+from step_ray.models.discriminator import MinibatchStdDev
+from step_ray.style.vgg import VGGConfig, load_vgg
+from step_ray.train.generator import (GeneratorTrainConfig, build_networks, ema_decay_at, freeze, lr_factor, make_optimizers,
+                                      other_style_rows, train_step, update_ema)
+
+TINY_G = GeneratorConfig(num_downs=5, base_channels=8)
+TINY_D = DiscriminatorConfig(base_channels=8, n_layers=2, num_scales=2)
+TINY_E = EncoderConfig(base_channels=8, block_channels=(8, 16))
+
+
+@pytest.mark.parametrize("mode", ["input", "all"])
+def test_generator_shapes_and_z_injection(mode):
+    g = UNetGenerator(dataclasses.replace(TINY_G, z_injection=mode))
+    a, z = torch.randn(2, 3, 32, 32), torch.randn(2, 8)
+    out = g(a, z)
+    assert out.shape == (2, 3, 32, 32) and out.abs().max() <= 1
+    z_inputs = [d[-1 if i == 0 else 1].in_channels - (3 if i == 0 else g.downs[i - 1][1 if i > 1 else 0].out_channels)
+                for i, d in enumerate(g.downs)]
+    assert z_inputs == ([8] * 5 if mode == "all" else [8, 0, 0, 0, 0])
+    # the code changes the output
+    assert (g(a, z) - g(a, z + 1)).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="z of shape"):
+        g(a, torch.randn(2, 4))
+    with pytest.raises(ValueError, match="divisible by 32"):
+        TINY_G.check_image_size(48)
+    assert UNetGenerator(GeneratorConfig(nz=0, num_downs=5, base_channels=8))(a).shape == (2, 3, 32, 32)
+
+
+@pytest.mark.parametrize("scales,layers", [(1, 2), (2, 2), (3, 1)])
+def test_discriminator_scales(scales, layers):
+    d = PatchDiscriminator(dataclasses.replace(TINY_D, num_scales=scales, n_layers=layers))
+    out = d(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32))
+    assert len(out) == scales
+    assert all(o.shape[:2] == (4, 1) for o in out)
+    assert [o.shape[-1] for o in out] == sorted([o.shape[-1] for o in out], reverse=True)
+    conv0 = d.scales[0].body[0]
+    assert conv0.in_channels == 6  # conditional: concat(A, B)
+
+
+def test_discriminator_too_small_and_unconditional():
+    with pytest.raises(ValueError, match="at least"):
+        PatchDiscriminator(DiscriminatorConfig(base_channels=8, n_layers=3, num_scales=3))(torch.randn(1, 3, 32, 32), torch.randn(1, 3, 32, 32))
+    d = PatchDiscriminator(dataclasses.replace(TINY_D, a_channels=0))
+    assert d(None, torch.randn(2, 3, 32, 32))[0].shape[1] == 1
+
+
+def test_minibatch_std_is_per_group():
+    x = torch.cat([torch.zeros(3, 2, 4, 4), torch.randn(3, 2, 4, 4) * 5])
+    y = MinibatchStdDev()(x, groups=2)
+    assert y.shape == (6, 3, 4, 4)
+    assert y[:3, 2].max() < 1e-3 and y[3:, 2].min() > 1  # the real half's statistic ignores the fake half
+
+
+def test_mapper_mlp():
+    m = StyleMapper(MapperConfig())
+    linears = [l for l in m.net if isinstance(l, torch.nn.Linear)]
+    assert [l.out_features for l in linears] == [128, 128, 128, 8] and linears[0].in_features == 8
+    assert any(isinstance(l, torch.nn.Tanh) for l in m.net)
+    assert m.sample(5).shape == (5, 8)
+
+
+def test_lsgan_known_values():
+    ones, zeros = [torch.ones(2, 1, 3, 3), torch.ones(2, 1, 2, 2)], [torch.zeros(2, 1, 3, 3), torch.zeros(2, 1, 2, 2)]
+    assert lsgan_generator_loss(ones)[0].item() == 0
+    assert lsgan_generator_loss(zeros)[0].item() == pytest.approx(2.0)  # 1 per scale, summed
+    assert lsgan_discriminator_loss(ones, zeros)[0].item() == 0
+    loss, logs = lsgan_discriminator_loss(zeros, ones)
+    assert loss.item() == pytest.approx(0.5 * (2 + 2))
+    assert logs["d_real"] == 0 and logs["d_fake"] == 1
+    half = [torch.full((1, 1, 2, 2), 0.5)]
+    assert lsgan_generator_loss(half)[0].item() == pytest.approx(0.25)
+
+
+def test_perceptual_loss_known_values():
+    f = [torch.zeros(1, 2, 2, 2), torch.zeros(1, 1, 1, 1)]
+    g = [torch.ones(1, 2, 2, 2), torch.full((1, 1, 1, 1), 2.0)]
+    loss, logs = feature_matching_loss(g, f, layer_weights=(0.5, 1.0), scale=0.1)
+    assert loss.item() == pytest.approx(0.5 * 0.01 + 1.0 * 0.04)
+    assert logs["vgg_l0"] == pytest.approx(0.005)
+    vgg = load_vgg(VGGConfig(layers=("conv1_2", "conv2_2"), layer_weights=(1.0, 1.0)))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert vgg_perceptual_loss(vgg, x, x, (1.0, 1.0))[0].item() == 0
+    y = (x + 0.3).clamp(-1, 1).requires_grad_(True)
+    loss, _ = vgg_perceptual_loss(vgg, y, x, (1.0, 1.0))
+    loss.backward()
+    assert loss.item() > 0 and y.grad.abs().sum() > 0 and not any(p.grad is not None for p in vgg.parameters())
+    assert l1_loss(torch.ones(2, 2), torch.zeros(2, 2))[0].item() == 1.0
+
+
+def _tiny_cfg(**kw):
+    return GeneratorTrainConfig(encoder=TINY_E, generator=TINY_G, discriminator=TINY_D,
+                                vgg=VGGConfig(layers=("conv1_2", "conv2_2"), layer_weights=(0.5, 1.0)), batch_size=4, **kw)
+
+
+def test_frozen_encoder_step_changes_g_and_d_only():
+    torch.manual_seed(0)
+    cfg = _tiny_cfg()
+    nets = build_networks(cfg, "cpu")
+    freeze(nets["encoder"])
+    opt_g, opt_d = make_optimizers(cfg, nets, None, "cpu")
+    before = {k: {n: t.clone() for n, t in m.state_dict().items()} for k, m in nets.items()}
+    vgg = load_vgg(cfg.vgg)
+    a, b = torch.rand(4, 3, 32, 32) * 2 - 1, torch.rand(4, 3, 32, 32) * 2 - 1
+    for step in range(2):
+        logs = train_step(cfg, nets, opt_g, opt_d, a, b, vgg, step)
+    assert {"loss_g", "gan_g", "vgg", "loss_d", "d_real", "d_fake"} <= set(logs)
+    e = nets["encoder"]
+    assert not e.training and not any(p.requires_grad for p in e.parameters())
+    assert all(p.grad is None for p in e.parameters())
+    for name, t in e.state_dict().items():
+        assert torch.equal(t, before["encoder"][name]), name  # byte-identical
+    for net in ("generator", "generator_ema", "discriminator"):
+        assert any(not torch.equal(t, before[net][n]) for n, t in nets[net].state_dict().items()), net
+    assert all(p.requires_grad for p in nets["discriminator"].parameters())  # restored after the G step
+
+
+def test_stage3_step_trains_the_encoder_and_l1_switch():
+    torch.manual_seed(0)
+    cfg = _tiny_cfg(train_encoder=True, lambda_vgg=0.0, lambda_l1=10.0)
+    nets = build_networks(cfg, "cpu")
+    opt_g, opt_d = make_optimizers(cfg, nets, None, "cpu")
+    assert len(opt_g.param_groups) == 2  # E joined G's optimiser
+    before = {n: t.clone() for n, t in nets["encoder"].state_dict().items()}
+    logs = train_step(cfg, nets, opt_g, opt_d, torch.rand(4, 3, 32, 32), torch.rand(4, 3, 32, 32), None, 0)
+    assert "l1" in logs and "vgg" not in logs
+    assert any(not torch.equal(t, before[n]) for n, t in nets["encoder"].state_dict().items())
+
+
+def test_ema_and_schedules():
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    target = b.weight.detach().clone()
+    update_ema(a, b, 0.0)
+    assert torch.equal(a.weight, target)
+    cfg = _tiny_cfg()
+    assert ema_decay_at(cfg, 0) == pytest.approx(0.1) and ema_decay_at(cfg, 10**6) == 0.999
+    assert ema_decay_at(dataclasses.replace(cfg, ema_warmup=False), 0) == 0.999
+    c = dataclasses.replace(cfg, max_epochs=4, decay_epochs=2)
+    assert [lr_factor(c, e) for e in range(4)] == pytest.approx([1, 1, 2 / 3, 1 / 3])
+
+
+def test_other_style_rows():
+    import numpy as np
+
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    other = other_style_rows(labels)
+    assert (labels[other] != labels).all()
+    unl = other_style_rows(np.full(5, -1))
+    assert (unl != np.arange(5)).all()
+
+
+def test_config_rejects_mismatched_nz():
+    with pytest.raises(ValueError, match="nz"):
+        GeneratorTrainConfig(generator=GeneratorConfig(nz=4))
