@@ -26,6 +26,9 @@ class BadImageError(ValueError):
         self.path = path
         self.reason = reason
 
+    def __reduce__(self):  # survives the trip from a Ray worker (two init arguments, not one message)
+        return type(self), (self.path, self.reason)
+
 
 class DatasetError(RuntimeError):
     """The dataset as a whole cannot be read (missing folder, missing split, empty split)."""
@@ -42,7 +45,7 @@ class DataConfig:
 
     root: str = ""
     direction: Literal["AtoB", "BtoA"] = "AtoB"
-    image_size: int = 64
+    image_size: int = 32
     on_bad_image: Literal["skip", "fail"] = "skip"
     min_side: int = 16  # a half smaller than this is "wrong size"
     synthetic_dir: str = "data/synthetic"

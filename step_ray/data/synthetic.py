@@ -30,7 +30,7 @@ class SyntheticConfig:
     num_styles: int = 8
     num_train: int = 800
     num_val: int = 160
-    image_size: int = 64  # side of each half; files are (2·size) × size
+    image_size: int = 32  # side of each half; files are (2·size) × size (small: the 2-core demo runs in minutes)
     seed: int = 0
 
     def __post_init__(self):

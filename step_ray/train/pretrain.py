@@ -29,7 +29,10 @@ class PretrainConfig:
     """`jobs/pretrain.py`: style stats (with the dataset in `style.data`), mining, stage-1 training."""
 
     style: StyleStatsConfig = field(default_factory=StyleStatsConfig)
-    mining: MiningConfig = field(default_factory=MiningConfig)
+    # A large far set (METHOD §3): with 13 furthest of 800 images every negative comes from the one or
+    # two most distant styles, and nearby styles are never pushed apart. 400 (half the default synthetic
+    # set) spans the other styles; MiningConfig itself keeps the official 13. Must stay < the train size.
+    mining: MiningConfig = field(default_factory=lambda: MiningConfig(k_far=400))
     train: Stage1Config = field(default_factory=Stage1Config)
     run: RunSettings = field(default_factory=RunSettings)
     cache_dir: str = ""  # outputs of the style and mining steps; empty: <run.storage_path>/cache

@@ -1,0 +1,35 @@
+"""Style statistics (METHOD §2): VGG features, Gram matrices, the exact style distance, its descriptor
+form, descriptor reduction, and the Ray Data pipeline that computes descriptors for a whole dataset.
+
+Names are imported on first use (PEP 562): Ray task workers import `step_ray.style.stages` through this
+package and must not pay for torch, which the other modules need.
+"""
+from importlib import import_module
+
+_EXPORTS = {
+    "VGGConfig": "vgg",
+    "VGGFeatures": "vgg",
+    "load_vgg": "vgg",
+    "vgg_weight_source": "vgg",
+    "gram_matrices": "gram",
+    "style_distance": "gram",
+    "style_descriptor": "gram",
+    "descriptor_size": "gram",
+    "descriptors_from_images": "gram",
+    "Reduction": "reduce",
+    "ReductionConfig": "reduce",
+    "StyleStatsConfig": "pipeline",
+    "compute_style_stats": "pipeline",
+    "read_descriptors": "pipeline",
+    "read_metadata": "pipeline",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'step_ray.style' has no attribute '{name}'")
+    value = getattr(import_module(f"step_ray.style.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value

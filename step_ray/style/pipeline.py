@@ -1,0 +1,550 @@
+"""Style statistics at scale: a Ray Data pipeline from a pix2pix folder to reduced style descriptors.
+
+    read_binary_files (target halves' files, local or s3://)
+      -> decode + resize        CPU tasks (fused with the read), bad files flagged, not dropped
+      -> VGG -> Gram -> descriptor -> reduction
+                                map_batches with a callable class on an actor pool
+                                (one GPU per actor and autocast when the cluster has GPUs)
+      -> materialize (small: d floats per image)
+      -> <output>/descriptors/*.parquet   good rows: image_id, path, split, style_id, descriptor
+         <output>/errors.csv             bad rows: path, reason
+         <output>/reduction.npz          the reduction, to project new images later
+         <output>/metadata.json          weight source, layers, image side, reduction, summary;
+                                         written last, so its presence means "complete"
+
+Bad files travel through the pipeline as flagged rows instead of being dropped by the decode step, so
+the driver can list them and can check that every listed file came out exactly once.
+PCA needs a fit first: a first pass of the same pipeline, on a seeded sample of images and without
+reduction, brings full descriptors to the driver.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import resource
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+
+from step_ray import storage
+from step_ray.config import config_to_dict
+from step_ray.data.pix2pix import (
+    BadImageError,
+    DataConfig,
+    DatasetError,
+    image_id,
+    list_split,
+    load_pair,
+    read_style_ids,
+    to_tensor,
+)
+from step_ray.style.gram import descriptor_size, descriptors_from_images, style_descriptor
+from step_ray.style.reduce import Reduction, ReductionConfig
+from step_ray.style.stages import bad_rows, decode_target_batch, good_rows
+from step_ray.style.vgg import VGGConfig, layer_channels, load_vgg, vgg_weight_source
+
+log = logging.getLogger(__name__)
+
+OUTPUT_FORMAT = 1  # bump when the meaning of the written descriptors changes
+DESCRIPTORS_DIR = "descriptors"
+METADATA_FILE = "metadata.json"
+ERRORS_FILE = "errors.csv"
+REDUCTION_FILE = "reduction.npz"
+
+
+@dataclass(frozen=True)
+class StyleStatsConfig:
+    """Style descriptors of every target image of a pix2pix dataset, computed with Ray Data.
+
+    Resources: `num_actors` model replicas (capped at the number of GPUs when GPUs are used), each with
+    `cpus_per_actor` logical CPUs (0 = 1 on GPU; on CPU an even share of what the decode tasks, at
+    `decode_cpus` each, leave free) and `torch_threads` intra-op threads (0 = its CPU share, at least 1).
+    `images_per_read_task` sets how many files one read+decode task handles.
+    `force` recomputes even when `output` already holds a result of the same config.
+    """
+
+    data: DataConfig = field(default_factory=DataConfig)
+    vgg: VGGConfig = field(default_factory=VGGConfig)
+    reduction: ReductionConfig = field(default_factory=ReductionConfig)
+    splits: tuple[str, ...] = ("train", "val")
+    output: str = "runs/style_stats"
+    batch_size: int = 32
+    num_actors: int = 2
+    use_gpu: Literal["auto", "always", "never"] = "auto"
+    autocast_dtype: Literal["bfloat16", "float16"] = "bfloat16"
+    cpus_per_actor: float = 0.0
+    torch_threads: int = 0
+    decode_cpus: float = 0.25
+    images_per_read_task: int = 64
+    rows_per_file: int = 100_000
+    force: bool = False
+
+    def __post_init__(self):
+        if not self.splits:
+            raise ValueError("splits must name at least one split")
+        if self.batch_size < 1 or self.num_actors < 1:
+            raise ValueError(f"batch_size and num_actors must be >= 1, got {self.batch_size}, {self.num_actors}")
+        if self.cpus_per_actor < 0 or self.torch_threads < 0:
+            raise ValueError("cpus_per_actor and torch_threads must be >= 0 (0 = automatic)")
+        if self.decode_cpus <= 0:
+            raise ValueError(f"decode_cpus must be > 0, got {self.decode_cpus}")
+        if self.images_per_read_task < 1 or self.rows_per_file < 1:
+            raise ValueError("images_per_read_task and rows_per_file must be >= 1")
+        if not self.output:
+            raise ValueError("output must name a folder (local path or s3://bucket/prefix)")
+
+
+class StyleDescriptors(NamedTuple):
+    """What `read_descriptors` returns; unpacks as (ids, descriptors, table)."""
+
+    ids: list[str]
+    descriptors: np.ndarray  # [n, d] float32, row i belongs to ids[i]
+    table: "pandas.DataFrame"  # image_id, path, split, style_id (-1 unknown), in the same order  # noqa: F821
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pipeline stages (run inside Ray workers)
+
+
+def _fixed_size_list(rows: np.ndarray) -> pa.FixedSizeListArray:
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), rows.shape[1])
+
+
+class StyleDescriptorModel:
+    """Ray Data callable class: a batch of target images -> their (reduced) style descriptors.
+
+    One instance per actor holds the VGG and the projection matrix, so they are built once per worker.
+    Rows flagged bad by the decode step pass through with a NaN descriptor. Each output row also
+    carries the worker's name, its peak memory and its busy time so far, for the run's summary.
+    """
+
+    def __init__(
+        self,
+        vgg_cfg: VGGConfig,
+        reduction_uri: str | None,
+        device: str,
+        torch_threads: int,
+        autocast_dtype: str,
+    ):
+        torch.set_num_threads(torch_threads)
+        self.device = torch.device(device)
+        self.vgg = load_vgg(vgg_cfg, self.device)
+        if self.device.type == "cpu":
+            # oneDNN convolutions run faster on NHWC than on NCHW for VGG's 3×3 layers.
+            self.vgg = self.vgg.to(memory_format=torch.channels_last)
+        self.layer_weights = vgg_cfg.resolved_layer_weights()
+        self.reduction = Reduction.load(reduction_uri) if reduction_uri else None
+        self.output_dim = self.reduction.output_dim if self.reduction else descriptor_size(self.vgg.channels)
+        self.autocast_dtype = getattr(torch, autocast_dtype)
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.busy_seconds = 0.0  # time inside __call__: the summary sets it against wall time
+
+    def descriptors(self, images: np.ndarray) -> np.ndarray:
+        """uint8 NHWC -> [n, d] float32 (the same arithmetic as pix2pix.to_tensor, on the device)."""
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        if self.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        use_autocast = self.device.type == "cuda"
+        with torch.inference_mode(), torch.autocast(self.device.type, self.autocast_dtype, enabled=use_autocast):
+            desc = style_descriptor(self.vgg(x), self.layer_weights)
+            if self.reduction is not None:
+                desc = self.reduction.transform_tensor(desc)
+        return desc.float().cpu().numpy()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        start = time.perf_counter()
+        good = np.array([e == "" for e in batch["error"]], dtype=bool)
+        out = np.full((len(good), self.output_dim), np.nan, np.float32)
+        if good.any():
+            out[good] = self.descriptors(batch["image"][good])
+        self.busy_seconds += time.perf_counter() - start
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        gpu_peak = torch.cuda.max_memory_allocated() if self.device.type == "cuda" else 0
+        count = len(good)
+        return pa.table(
+            {
+                "image_id": pa.array([str(v) for v in batch["image_id"]], pa.string()),
+                "path": pa.array([str(v) for v in batch["path"]], pa.string()),
+                "split": pa.array([str(v) for v in batch["split"]], pa.string()),
+                "style_id": pa.array(np.asarray(batch["style_id"], np.int64)),
+                "error": pa.array([str(v) for v in batch["error"]], pa.string()),
+                "descriptor": _fixed_size_list(out),
+                "worker": pa.array([self.worker] * count, pa.string()),
+                "peak_rss_bytes": pa.array(np.full(count, peak_rss, np.int64)),
+                "gpu_peak_bytes": pa.array(np.full(count, gpu_peak, np.int64)),
+                "busy_seconds": pa.array(np.full(count, self.busy_seconds, np.float64)),
+            }
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Driver side
+
+
+@dataclass(frozen=True)
+class ResourcePlan:
+    use_gpu: bool
+    num_actors: int
+    cpus_per_actor: float
+    torch_threads: int
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.use_gpu else "cpu"
+
+
+def plan_resources(cfg: StyleStatsConfig, cluster: dict[str, float]) -> ResourcePlan:
+    """Actor count, CPUs and threads per actor for this cluster; decode tasks always keep room to run
+    (an actor pool holding every CPU would starve its own input)."""
+    cpus, gpus = float(cluster.get("CPU", 0)), int(cluster.get("GPU", 0))
+    if cfg.use_gpu == "always" and gpus == 0:
+        raise RuntimeError("use_gpu=always but the Ray cluster has no GPU")
+    use_gpu = cfg.use_gpu == "always" or (cfg.use_gpu == "auto" and gpus > 0)
+    actors = cfg.num_actors
+    if use_gpu and actors > gpus:
+        log.warning("num_actors=%d but the cluster has %d GPUs: using %d actors", actors, gpus, gpus)
+        actors = gpus
+    spare = (cpus - cfg.decode_cpus) / actors
+    if spare <= 0:
+        raise RuntimeError(f"the cluster's {cpus:g} CPUs leave nothing for {actors} actors after decode_cpus")
+    wanted = cfg.cpus_per_actor or (1.0 if use_gpu else spare)
+    per_actor = min(wanted, spare)
+    if per_actor < wanted:
+        log.info("cpus_per_actor %.3g -> %.3g so decode tasks can run beside %d actors", wanted, per_actor, actors)
+    threads = cfg.torch_threads or max(1, round(per_actor))
+    return ResourcePlan(use_gpu=use_gpu, num_actors=actors, cpus_per_actor=per_actor, torch_threads=threads)
+
+
+def _descriptor_dataset(
+    cfg: StyleStatsConfig,
+    uris: Sequence[str],
+    style_ids: dict[str, int],
+    plan: ResourcePlan,
+    reduction_uri: str | None,
+):
+    """The lazy Ray Dataset: files -> decoded targets -> descriptors (rows for bad files included)."""
+    import ray.data
+
+    fs, _ = storage.resolve(uris[0])
+    fs_paths = [storage.resolve(u)[1] for u in uris]
+    blocks = max(1, math.ceil(len(uris) / cfg.images_per_read_task))
+    files = ray.data.read_binary_files(
+        fs_paths,
+        include_paths=True,
+        filesystem=fs,
+        num_cpus=cfg.decode_cpus,
+        override_num_blocks=blocks,
+    )
+    decoded = files.map_batches(
+        decode_target_batch,
+        batch_size=None,
+        num_cpus=cfg.decode_cpus,
+        fn_kwargs=dict(
+            direction=cfg.data.direction,
+            image_size=cfg.data.image_size,
+            min_side=cfg.data.min_side,
+            fail_on_bad=cfg.data.on_bad_image == "fail",
+            style_ids=style_ids,
+            uri_prefix="s3://" if storage.is_s3(uris[0]) else "",
+        ),
+    )
+    return decoded.map_batches(
+        StyleDescriptorModel,
+        fn_constructor_kwargs=dict(
+            vgg_cfg=cfg.vgg,
+            reduction_uri=reduction_uri,
+            device=plan.device,
+            torch_threads=plan.torch_threads,
+            autocast_dtype=cfg.autocast_dtype,
+        ),
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=plan.num_actors),
+        num_cpus=plan.cpus_per_actor,
+        num_gpus=1 if plan.use_gpu else 0,
+    )
+
+
+def _unwrap_bad_image(exc: BaseException) -> BadImageError | None:
+    """The BadImageError behind a Ray task failure, if that is what it was (Ray wraps user errors in
+    RayTaskError / UserCodeException and keeps the original as `.cause` or `__cause__`)."""
+    pending, seen = [exc], set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, BadImageError) and hasattr(current, "path"):
+            return current
+        pending.extend([current.__context__, current.__cause__, getattr(current, "cause", None)])
+    return None
+
+
+@contextlib.contextmanager
+def _original_worker_errors():
+    """Ray Data normally replaces a UDF's exception by a UserCodeException holding only its text; with
+    this flag the original exception object (a BadImageError, say) reaches the driver."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    previous = ctx.raise_original_map_exception
+    ctx.raise_original_map_exception = True
+    try:
+        yield
+    finally:
+        ctx.raise_original_map_exception = previous
+
+
+def _run(dataset):
+    """Execute a dataset; a BadImageError in a worker (on_bad_image=fail) comes back as itself."""
+    try:
+        return dataset.materialize()
+    except Exception as exc:
+        bad = _unwrap_bad_image(exc)
+        if bad is not None:
+            raise BadImageError(bad.path, bad.reason) from exc
+        raise
+
+
+def _descriptor_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    dim = column.type.list_size
+    return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
+
+
+def fingerprint(cfg: StyleStatsConfig, weight_source: str, image_ids: Sequence[str]) -> str:
+    """Hash of everything the descriptors depend on: not the resources, not the output location."""
+    data = config_to_dict(cfg.data)
+    data.pop("on_bad_image")  # decides whether a bad file stops the job, not what good files give
+    data.pop("synthetic_dir")
+    if cfg.data.root:
+        data.pop("synthetic")
+    payload = {
+        "format": OUTPUT_FORMAT,
+        "data": data,
+        "vgg": config_to_dict(cfg.vgg),
+        "weight_source": weight_source,
+        "reduction": config_to_dict(cfg.reduction),
+        "splits": list(cfg.splits),
+        "images": hashlib.sha256("\n".join(image_ids).encode()).hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_metadata(output_uri: str) -> dict | None:
+    """The run's metadata.json, or None when there is no complete run there."""
+    uri = storage.join(output_uri, METADATA_FILE)
+    if not storage.exists(uri):
+        return None
+    return json.loads(storage.read_bytes(uri))
+
+
+def _clear_outputs(output_uri: str) -> None:
+    fs, base = storage.resolve(output_uri)
+    for name in (METADATA_FILE, ERRORS_FILE, REDUCTION_FILE):
+        path = f"{base}/{name}"
+        if fs.get_file_info(path).type == pafs.FileType.File:
+            fs.delete_file(path)
+    path = f"{base}/{DESCRIPTORS_DIR}"
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
+def _list_images(cfg: StyleStatsConfig, root: str) -> list[str]:
+    uris = []
+    for split in cfg.splits:
+        uris.extend(list_split(root, split))
+    return uris
+
+
+def _fit_reduction(cfg, uris, style_ids, plan, input_dim: int) -> tuple[Reduction, float]:
+    """PCA: a first pass over a seeded sample brings full descriptors to the driver to fit on."""
+    reduction = Reduction(cfg.reduction, input_dim)
+    if not reduction.needs_fit:
+        return reduction, 0.0
+    start = time.perf_counter()
+    rng = np.random.default_rng(cfg.reduction.seed)
+    count = min(cfg.reduction.fit_sample, len(uris))
+    sample_uris = sorted(uris[i] for i in rng.choice(len(uris), size=count, replace=False))
+    sampled = _run(_descriptor_dataset(cfg, sample_uris, style_ids, plan, reduction_uri=None))
+    parts = [
+        _descriptor_matrix(good_rows(table)["descriptor"])
+        for table in sampled.iter_batches(batch_size=None, batch_format="pyarrow")
+    ]
+    sample = np.concatenate([p for p in parts if len(p)], axis=0) if parts else np.zeros((0, input_dim), np.float32)
+    if len(sample) <= cfg.reduction.dim:
+        raise DatasetError(
+            f"PCA to {cfg.reduction.dim} dims needs more than {cfg.reduction.dim} readable sample images, got "
+            f"{len(sample)}; lower reduction.dim or use reduction.method=random"
+        )
+    reduction.fit(sample)
+    return reduction, time.perf_counter() - start
+
+
+def compute_style_stats(cfg: StyleStatsConfig) -> str:
+    """Descriptors of every target image of `cfg.splits`, written under `cfg.output`; returns it.
+
+    Skips the work when `cfg.output` already holds a complete run with the same fingerprint (config,
+    weight source and image list) unless `cfg.force`. Starts a local Ray only if none is running.
+    """
+    import ray
+
+    root = cfg.data.prepare()
+    output = cfg.output
+    storage.check_writable(output)
+    uris = _list_images(cfg, root)
+    ids = sorted(image_id(u) for u in uris)
+    weight_source = vgg_weight_source(cfg.vgg)
+    key = fingerprint(cfg, weight_source, ids)
+    previous = read_metadata(output)
+    if previous and previous.get("config_hash") == key and not cfg.force:
+        log.info("style stats in %s are up to date (config hash %s): skipped", output, key)
+        return output
+    if len(set(ids)) != len(ids):
+        raise DatasetError("two files of the dataset share an image id (<split>/<stem>)")
+    _clear_outputs(output)
+
+    if not ray.is_initialized():
+        ray.init()  # RAY_ADDRESS, when set, names the cluster
+    with _original_worker_errors():
+        return _compute(cfg, root, uris, key, weight_source)
+
+
+def _compute(cfg: StyleStatsConfig, root: str, uris: list[str], key: str, weight_source: str) -> str:
+    import ray
+
+    output = cfg.output
+    plan = plan_resources(cfg, ray.cluster_resources())
+    style_ids = read_style_ids(root)
+    channels = layer_channels(cfg.vgg.arch, cfg.vgg.layers)
+    input_dim = descriptor_size(channels)
+
+    reduction, fit_seconds = _fit_reduction(cfg, uris, style_ids, plan, input_dim)
+    reduction_uri = storage.join(output, REDUCTION_FILE)
+    reduction.save(reduction_uri)
+
+    start = time.perf_counter()
+    results = _run(_descriptor_dataset(cfg, uris, style_ids, plan, reduction_uri))
+    seconds = time.perf_counter() - start
+
+    out_fs, out_base = storage.resolve(output)
+    good = results.map_batches(good_rows, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+    good.write_parquet(
+        f"{out_base}/{DESCRIPTORS_DIR}", filesystem=out_fs, min_rows_per_file=cfg.rows_per_file
+    )
+    errors = results.map_batches(bad_rows, batch_format="pyarrow", batch_size=None).to_pandas()
+    errors = errors.sort_values("path").reset_index(drop=True) if len(errors) else errors.reindex(columns=["path", "reason"])
+    storage.write_bytes(storage.join(output, ERRORS_FILE), errors.to_csv(index=False).encode())
+
+    workers = results.select_columns(["worker", "peak_rss_bytes", "gpu_peak_bytes", "busy_seconds"]).to_pandas()
+    per_worker = workers.groupby("worker").max().sort_index()
+    written = results.count() - len(errors)
+    if written + len(errors) != len(uris):
+        raise RuntimeError(f"{len(uris)} files listed but {written} rows and {len(errors)} errors came out")
+    summary = {
+        "images": int(written),
+        "skipped": int(len(errors)),
+        "seconds": round(seconds, 3),
+        "images_per_second": round(written / seconds, 2) if seconds > 0 else None,
+        "fit_seconds": round(fit_seconds, 3),
+        "actors": plan.num_actors,
+        "device": plan.device,
+        "cpus_per_actor": plan.cpus_per_actor,
+        "torch_threads": plan.torch_threads,
+        "peak_rss_bytes_per_worker": {w: int(v) for w, v in per_worker["peak_rss_bytes"].items()},
+        "peak_gpu_bytes_per_worker": {w: int(v) for w, v in per_worker["gpu_peak_bytes"].items()},
+        # Seconds each actor spent computing; the rest of `seconds` is start-up, decoding and waiting.
+        "busy_seconds_per_worker": {w: round(float(v), 3) for w, v in per_worker["busy_seconds"].items()},
+    }
+    metadata = {
+        "format": OUTPUT_FORMAT,
+        "config_hash": key,
+        "dataset_root": root,
+        "splits": list(cfg.splits),
+        "direction": cfg.data.direction,
+        "image_size": cfg.data.image_size,
+        "vgg": {
+            "arch": cfg.vgg.arch,
+            "weight_source": weight_source,
+            "layers": list(cfg.vgg.layers),
+            "layer_weights": list(cfg.vgg.resolved_layer_weights()),
+            "channels": list(channels),
+            "descriptor_size": input_dim,
+            "gram": "F F^T / (C*H*W); distance = sum_l w_l * mean (G_a - G_b)^2",
+        },
+        "reduction": reduction.describe(),
+        "descriptor_dim": reduction.output_dim,
+        "summary": summary,
+        "config": config_to_dict(cfg),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    storage.write_bytes(storage.join(output, METADATA_FILE), json.dumps(metadata, indent=1).encode())
+    log.info("style stats: %s", format_summary(summary))
+    return output
+
+
+def format_summary(summary: dict) -> str:
+    rate = summary.get("images_per_second")
+    peaks = summary.get("peak_rss_bytes_per_worker", {})
+    peak = f", peak RSS per worker {max(peaks.values()) / 2**20:.0f} MiB" if peaks else ""
+    return (
+        f"{summary['images']} images in {summary['seconds']:.1f} s ({rate} images/s on {summary['actors']} "
+        f"{summary['device']} actor(s)), {summary['skipped']} skipped{peak}"
+    )
+
+
+def read_descriptors(output_uri: str) -> StyleDescriptors:
+    """All descriptors of a run, sorted by image id: (ids, [n, d] float32, DataFrame of the rest)."""
+    fs, base = storage.resolve(output_uri)
+    folder = f"{base}/{DESCRIPTORS_DIR}"
+    if fs.get_file_info(folder).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"no style descriptors under {output_uri} (run compute_style_stats first)")
+    table = pq.read_table(folder, filesystem=fs).sort_by("image_id")
+    descriptors = _descriptor_matrix(table["descriptor"])
+    frame = table.select(["image_id", "path", "split", "style_id"]).to_pandas()
+    return StyleDescriptors(ids=frame["image_id"].tolist(), descriptors=descriptors, table=frame)
+
+
+def read_errors(output_uri: str) -> "pandas.DataFrame":  # noqa: F821
+    import pandas as pd
+
+    return pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(output_uri, ERRORS_FILE))), keep_default_na=False)
+
+
+def descriptors_in_process(
+    cfg: StyleStatsConfig,
+    uris: Sequence[str],
+    reduction: Reduction | None = None,
+    vgg=None,
+) -> np.ndarray:
+    """The same descriptors without Ray, one image at a time (reference for tests and the naive
+    baseline of the benchmark): PIL decode, resize, VGG forward, Gram, descriptor, reduction."""
+    vgg = vgg if vgg is not None else load_vgg(cfg.vgg)
+    weights = cfg.vgg.resolved_layer_weights()
+    out: np.ndarray | None = None
+    for row, uri in enumerate(uris):
+        _, target = load_pair(uri, cfg.data.direction, cfg.data.image_size, cfg.data.min_side)
+        desc = descriptors_from_images(vgg, to_tensor(target[None]), weights)
+        if reduction is not None:
+            desc = reduction.transform_tensor(desc)
+        if out is None:
+            out = np.empty((len(uris), desc.shape[1]), np.float32)
+        # Copied into one array: keeping thousands of small torch-owned rows alive between the large
+        # per-image temporaries fragments the heap (measured: RSS grew by GBs over 2,000 images).
+        out[row] = desc[0].numpy()
+    return out if out is not None else np.zeros((0, 0), np.float32)

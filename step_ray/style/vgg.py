@@ -1,0 +1,225 @@
+"""VGG feature extractor for style statistics (and, later, the VGG perceptual loss of stage 2).
+
+The network is torchvision's VGG-16 or VGG-19 `features` stack, truncated after the last requested layer.
+Weights come from a configured local file or the torch hub cache (torchvision's standard file names);
+nothing here downloads. Without weights the network is a fixed-seed random VGG: random conv nets still
+give usable texture statistics (METHOD §2), but every output made with one must say so, hence
+`weight_source` on the module and a loud warning.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# torchvision's file names for its ImageNet weights, as `torch.hub` stores them under <hub dir>/checkpoints.
+TORCHVISION_WEIGHT_FILES = {"vgg16": "vgg16-397923af.pth", "vgg19": "vgg19-dcbb9e9d.pth"}
+# The normalisation torchvision's ImageNet VGG weights were trained with (inputs in [0, 1]).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class VGGConfig:
+    """Which VGG, which layers, which weights.
+
+    Defaults are the official StEP code's: VGG-16, pre-ReLU conv1_2 … conv5_2, equal layer weights.
+    `weights` names a torchvision-format state_dict; empty means "look in the torch hub cache".
+    `layer_weights` empty means 1.0 for every layer.
+    """
+
+    arch: Literal["vgg16", "vgg19"] = "vgg16"
+    layers: tuple[str, ...] = ("conv1_2", "conv2_2", "conv3_2", "conv4_2", "conv5_2")
+    layer_weights: tuple[float, ...] = ()
+    weights: str = ""
+    random_seed: int = 0
+
+    def __post_init__(self):
+        if not self.layers:
+            raise ValueError("vgg.layers must name at least one layer")
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"vgg.layers has duplicates: {list(self.layers)}")
+        names = layer_names(self.arch)
+        unknown = [n for n in self.layers if n not in names]
+        if unknown:
+            raise ValueError(f"vgg.layers {unknown} are not layers of {self.arch}; known: {', '.join(names)}")
+        if self.layer_weights and len(self.layer_weights) != len(self.layers):
+            raise ValueError(
+                f"vgg.layer_weights has {len(self.layer_weights)} values for {len(self.layers)} layers"
+            )
+        if any(w < 0 for w in self.layer_weights):
+            raise ValueError(f"vgg.layer_weights must be >= 0, got {list(self.layer_weights)}")
+
+    def resolved_layer_weights(self) -> tuple[float, ...]:
+        return tuple(self.layer_weights) if self.layer_weights else (1.0,) * len(self.layers)
+
+
+def _torchvision_builder(arch: str):
+    import torchvision.models as tvm
+
+    return {"vgg16": tvm.vgg16, "vgg19": tvm.vgg19}[arch]
+
+
+_NAME_CACHE: dict[str, tuple[str, ...]] = {}
+
+
+def layer_names(arch: str) -> tuple[str, ...]:
+    """Names of the `features` modules in order: conv{block}_{i}, relu{block}_{i}, pool{block}."""
+    if arch not in _NAME_CACHE:
+        with torch.device("meta"):
+            features = _torchvision_builder(arch)(weights=None).features
+        _NAME_CACHE[arch] = _name_modules(features)
+    return _NAME_CACHE[arch]
+
+
+def _name_modules(features: nn.Sequential) -> tuple[str, ...]:
+    names, block, conv = [], 1, 0
+    for module in features:
+        if isinstance(module, nn.Conv2d):
+            conv += 1
+            names.append(f"conv{block}_{conv}")
+        elif isinstance(module, nn.ReLU):
+            names.append(f"relu{block}_{conv}")
+        elif isinstance(module, nn.MaxPool2d):
+            names.append(f"pool{block}")
+            block, conv = block + 1, 0
+        else:
+            raise TypeError(f"unexpected module in VGG features: {module}")
+    return tuple(names)
+
+
+def layer_channels(arch: str, layers: tuple[str, ...]) -> tuple[int, ...]:
+    """Channel count of each named layer's output (a pool or ReLU keeps its conv's channels)."""
+    names = layer_names(arch)
+    with torch.device("meta"):
+        features = _torchvision_builder(arch)(weights=None).features
+    out = []
+    for name in layers:
+        convs = [m for m in features[: names.index(name) + 1] if isinstance(m, nn.Conv2d)]
+        out.append(convs[-1].out_channels if convs else 3)
+    return tuple(out)
+
+
+def find_vgg_weights(cfg: VGGConfig) -> str | None:
+    """The weight file to load, or None for a random VGG. A configured file that is missing is an error."""
+    if cfg.weights:
+        path = Path(cfg.weights).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"vgg.weights={cfg.weights!r}: no such file")
+        return str(path.resolve())
+    checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
+    standard = checkpoints / TORCHVISION_WEIGHT_FILES[cfg.arch]
+    if standard.is_file():
+        return str(standard)
+    # Any hash suffix of the same file name (a newer torchvision release); not vgg16_bn etc.
+    others = sorted(checkpoints.glob(f"{cfg.arch}-*.pth")) if checkpoints.is_dir() else []
+    return str(others[0]) if others else None
+
+
+def vgg_weight_source(cfg: VGGConfig) -> str:
+    """What `load_vgg(cfg)` will report as `weight_source`, without building the network."""
+    path = find_vgg_weights(cfg)
+    return f"pretrained:{path}" if path else f"random(seed={cfg.random_seed})"
+
+
+class VGGFeatures(nn.Module):
+    """VGG `features` up to the last requested layer; `forward` returns those layers' outputs.
+
+    Input: images in [-1, 1], NCHW (the project's range); ImageNet normalisation is applied inside.
+    conv* layers are taken before their ReLU (ReLUs are made non-inplace so they cannot overwrite a
+    feature map that is being returned). Frozen and in eval mode.
+    """
+
+    def __init__(self, cfg: VGGConfig = VGGConfig()):
+        super().__init__()
+        self.cfg = cfg
+        names = layer_names(cfg.arch)
+        last = max(names.index(n) for n in cfg.layers)
+        # Built on the meta device: torchvision's constructor would otherwise spend seconds initialising
+        # a 100M-parameter classifier that is thrown away. The kept convs get real storage below.
+        with torch.device("meta"):
+            full = _torchvision_builder(cfg.arch)(weights=None)
+        features = full.features[: last + 1]
+        features.to_empty(device="cpu")
+        for module in features:
+            if isinstance(module, nn.ReLU):
+                module.inplace = False
+        self.features = features
+        self.layer_names = tuple(names[: last + 1])
+        self._wanted = {names.index(n): i for i, n in enumerate(cfg.layers)}
+        self.channels = layer_channels(cfg.arch, cfg.layers)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+        path = find_vgg_weights(cfg)
+        if path:
+            self._load_weights(path)
+            self.weight_source = f"pretrained:{path}"
+        else:
+            self._init_random(cfg.random_seed)
+            self.weight_source = f"random(seed={cfg.random_seed})"
+            message = (
+                f"NO PRETRAINED {cfg.arch.upper()} WEIGHTS: neither vgg.weights is set nor "
+                f"{Path(torch.hub.get_dir()) / 'checkpoints' / TORCHVISION_WEIGHT_FILES[cfg.arch]} exists. "
+                f"Using a RANDOM {cfg.arch} (seed {cfg.random_seed}); style statistics from it are only a "
+                "stand-in for the real ones and every output records weight_source="
+                f"'{self.weight_source}'."
+            )
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            log.warning(message)
+        self.requires_grad_(False)
+        self.eval()
+
+    def _init_random(self, seed: int) -> None:
+        # torchvision's own VGG init (kaiming normal, fan_out, zero bias), from a private generator so
+        # the weights depend on the seed alone and the global RNG is untouched.
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for module in self.features:
+                if isinstance(module, nn.Conv2d):
+                    fan_out = module.out_channels * module.kernel_size[0] * module.kernel_size[1]
+                    std = (2.0 / fan_out) ** 0.5
+                    module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * std)
+                    module.bias.zero_()
+
+    def _load_weights(self, path: str) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        own = self.features.state_dict()
+        picked = {}
+        for key in own:
+            for candidate in (f"features.{key}", key):
+                if candidate in state:
+                    picked[key] = state[candidate]
+                    break
+        missing = [k for k in own if k not in picked]
+        if missing:
+            raise ValueError(f"{path} is not a torchvision {self.cfg.arch} state_dict: missing {missing[:4]}")
+        self.features.load_state_dict(picked)
+
+    def train(self, mode: bool = True):
+        # Frozen feature extractor: always eval (VGG has no dropout/BN in `features`, but keep it explicit).
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        h = ((x + 1.0) * 0.5 - self.mean) / self.std
+        outputs: list[torch.Tensor | None] = [None] * len(self._wanted)
+        for index, module in enumerate(self.features):
+            h = module(h)
+            slot = self._wanted.get(index)
+            if slot is not None:
+                outputs[slot] = h
+        return outputs  # type: ignore[return-value]
+
+
+def load_vgg(cfg: VGGConfig = VGGConfig(), device: str | torch.device = "cpu") -> VGGFeatures:
+    return VGGFeatures(cfg).to(device)
+
