@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from step_ray import storage
+from step_ray.metrics import record_mining_progress
 from step_ray.mining.config import MiningConfig
 from step_ray.mining.index import ShardIndex, gpu_wanted
 
@@ -140,6 +141,7 @@ def _mine_in_process(x: np.ndarray, cfg: MiningConfig):
         ids = np.arange(start, stop, dtype=np.int64)
         out[0][start:stop], out[1][start:stop] = shard.search_close(x[start:stop], ids, cfg.k_close)
         out[2][start:stop], out[3][start:stop] = shard.search_far(x[start:stop], ids, cfg.k_far)
+        record_mining_progress(int(stop), n)
     return out
 
 
@@ -226,6 +228,7 @@ def _mine_sharded(x: np.ndarray, cfg: MiningConfig, info: dict):
             far = _merge_topk([a[1] for a in answers], cfg.k_far, furthest=True)
             out[0][start:stop], out[1][start:stop] = close
             out[2][start:stop], out[3][start:stop] = far
+            record_mining_progress(int(stop), n)
 
         for start, stop in _query_batches(n, cfg.query_batch):
             queries = ray.put(x[start:stop])

@@ -53,6 +53,7 @@ from step_ray.data.pix2pix import (
 from step_ray.style.gram import descriptor_size, descriptors_from_images, style_descriptor
 from step_ray.style.reduce import Reduction, ReductionConfig
 from step_ray.style.stages import bad_rows, decode_target_batch, good_rows
+from step_ray.metrics import record_style_images
 from step_ray.style.vgg import VGGConfig, layer_channels, load_vgg, vgg_weight_source
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,8 @@ class StyleDescriptorModel:
         out = np.full((len(good), self.output_dim), np.nan, np.float32)
         if good.any():
             out[good] = self.descriptors(batch["image"][good])
+            for split, count in zip(*np.unique(np.asarray(batch["split"])[good].astype(str), return_counts=True)):
+                record_style_images(int(count), str(split))
         self.busy_seconds += time.perf_counter() - start
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
         gpu_peak = torch.cuda.max_memory_allocated() if self.device.type == "cuda" else 0

@@ -27,6 +27,7 @@ import torch
 
 from step_ray.data.pix2pix import DataConfig, load_pair, to_tensor
 from step_ray.eval.evaluate import EvalConfig
+from step_ray.metrics import record_epoch
 from step_ray.losses import l1_loss, lsgan_discriminator_loss, lsgan_generator_loss, vgg_perceptual_loss
 from step_ray.losses.perceptual import OFFICIAL_LAYER_WEIGHTS
 from step_ray.models import (DiscriminatorConfig, EncoderConfig, GeneratorConfig, PatchDiscriminator, StyleEncoder,
@@ -363,6 +364,7 @@ def generator_worker_loop(loop_config: dict[str, Any]) -> None:
             state["history"].append(metrics)
             print(_progress_line(metrics, cfg.max_epochs), flush=True)
         state["epoch"] = epoch + 1
+        record_epoch(stage, metrics, rank=rank)  # Ray metrics for the dashboard / Prometheus
         with tempfile.TemporaryDirectory() as folder:
             if rank == 0:
                 save_checkpoint(folder, nets, {"optimizer_g": opt_g, "optimizer_d": opt_d}, state, cfg)

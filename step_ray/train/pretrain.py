@@ -154,7 +154,7 @@ def report_outputs(cfg: PretrainConfig, inputs: Stage1Inputs, result, run_uri: s
     plot_embedding(z, labels, out["embedding"], title, "style id" if labelled else "cluster")
     anchors = np.linspace(0, len(z) - 1, min(cfg.grid_anchors, len(z))).astype(int)
     save_png(out["neighbours"], neighbour_grid(val_b, z, inputs.val_distances, anchors, k=5))
-    history = _history(best)
+    history = _history(_checkpoint_uri(result.checkpoint, cfg.run))  # the latest holds every epoch
     write_json(out["metrics"], {
         "final": metrics, "history": history, "best_checkpoint": best, "vgg_weights": weights,
         "config": config_to_dict(cfg), "steps": steps,
@@ -176,15 +176,17 @@ def _style_clusters(distances: np.ndarray, k: int) -> np.ndarray:
     return distances[:, centres].argmin(1)
 
 
+def _checkpoint_uri(ckpt, run: RunSettings) -> str:
+    path = ckpt.path
+    return f"s3://{path}" if storage.is_s3(run.storage_path) and not path.startswith("s3://") else path
+
+
 def _best_checkpoint(result, run: RunSettings) -> str:
     ranked = [(m.get(run.checkpoint_metric), c) for c, m in (result.best_checkpoints or []) if m.get(run.checkpoint_metric) is not None]
     if ranked:
         ranked.sort(key=lambda t: t[0], reverse=run.checkpoint_mode == "max")
-        ckpt = ranked[0][1]
-    else:
-        ckpt = result.checkpoint
-    path = ckpt.path
-    return f"s3://{path}" if storage.is_s3(run.storage_path) and not path.startswith("s3://") else path
+        return _checkpoint_uri(ranked[0][1], run)
+    return _checkpoint_uri(result.checkpoint, run)
 
 
 def _history(checkpoint_uri: str) -> list[dict]:

@@ -19,6 +19,7 @@ import torch
 
 from step_ray.data.pix2pix import DataConfig, load_pair, to_tensor
 from step_ray.losses import triplet_loss
+from step_ray.metrics import record_epoch
 from step_ray.models import EncoderConfig, StyleEncoder
 from step_ray.train.common import (
     OptimConfig,
@@ -246,6 +247,7 @@ def stage1_worker_loop(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             state["history"].append(metrics)
             print(_progress_line(metrics, cfg.max_epochs), flush=True)
+        record_epoch("stage1", metrics, rank=rank)  # Ray metrics for the dashboard / Prometheus
         with tempfile.TemporaryDirectory() as folder:
             if rank == 0:
                 save_checkpoint(folder, {"encoder": model}, {"optimizer": optimizer}, state,

@@ -1,0 +1,343 @@
+"""Find, rank and download checkpoints of step_ray runs, on a local disk or S3.
+
+    python -m step_ray.checkpoints list s3://bucket/step_ray                 # runs, their checkpoints, metrics
+    python -m step_ray.checkpoints best s3://bucket/step_ray --metric val_triplet_acc --mode max
+    python -m step_ray.checkpoints pull s3://bucket/step_ray/stage1-.../checkpoint_epoch0004 ./ckpt
+    python -m step_ray.checkpoints pull s3://bucket/step_ray ./ckpt --metric val_knn_acc   # the best one
+
+A URI is a storage path (`run.storage_path`: it holds run folders `<stage>-<time>/`), one run folder (it
+holds `checkpoint_*/` folders), or one checkpoint folder (it holds `state.json`). A checkpoint's metrics
+are the last entry of its `state.json` history (the epoch it was saved at). `--json` prints
+machine-readable output.
+
+Credentials come from the standard AWS chain (environment, shared files, instance profile) through
+pyarrow; `AWS_ENDPOINT_URL` names an S3-compatible endpoint. Nothing printed or written here contains
+them: every line leaving this module passes through `redact`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import pyarrow.fs as pafs
+
+from step_ray import storage
+
+STATE_FILE = "state.json"
+CONFIG_FILE = "config.yaml"
+RUN_METRICS_FILE = "metrics.json"
+DEFAULT_METRIC, DEFAULT_MODE = "val_triplet_acc", "max"
+_FALLBACK_METRICS = ("val_triplet_acc", "val_psnr")  # stage 1's and the generator stages' defaults (max)
+_SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ACCESS_KEY_ID")
+
+
+class CheckpointError(RuntimeError):
+    """No such run or checkpoint, or nothing to rank by the requested metric."""
+
+
+@dataclass
+class CheckpointInfo:
+    uri: str
+    run: str
+    name: str
+    epoch: int | None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    checkpoint_metric: str | None = None  # what the run ranked its checkpoints by (config.yaml)
+    checkpoint_mode: str | None = None
+
+
+@dataclass
+class RunInfo:
+    uri: str
+    name: str
+    checkpoints: list[CheckpointInfo]
+    best_checkpoint: str | None = None  # as recorded in the run's metrics.json, when there is one
+
+
+def redact(text: str) -> str:
+    """`text` with any credential value from the environment replaced by `***`."""
+    for var in _SECRET_VARS:
+        value = os.environ.get(var)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    # a secret-looking `key=value` pair that came from somewhere else (an error message, a URL)
+    return re.sub(r"(?i)(secret[_-]?access[_-]?key|session[_-]?token|x-amz-security-token)([=:]\s*)[^\s&,'\"]+",
+                  r"\1\2***", text)
+
+
+def _uri(fs_path: str, like: str) -> str:
+    return f"s3://{fs_path}" if storage.is_s3(like) else fs_path
+
+
+def _children(uri: str) -> list[pafs.FileInfo]:
+    fs, path = storage.resolve(uri)
+    try:
+        return fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    except OSError as exc:
+        raise CheckpointError(f"{uri}: cannot be listed: {storage._short(exc)}") from exc
+
+
+def _read_json(uri: str) -> dict | None:
+    try:
+        return json.loads(storage.read_bytes(uri))
+    except (OSError, FileNotFoundError, ValueError):
+        return None
+
+
+def _epoch_from_name(name: str) -> int | None:
+    m = re.search(r"(\d+)$", name)
+    return int(m.group(1)) if m else None
+
+
+def _ranking_of(checkpoint_uri: str) -> tuple[str | None, str | None]:
+    """The run's own checkpoint_metric / checkpoint_mode, from the checkpoint's config.yaml."""
+    try:
+        import yaml
+
+        cfg = yaml.safe_load(storage.read_bytes(storage.join(checkpoint_uri, CONFIG_FILE))) or {}
+    except Exception:
+        return None, None
+    run = cfg.get("run") if isinstance(cfg, dict) else None
+    if not isinstance(run, dict):
+        return None, None
+    return run.get("checkpoint_metric"), run.get("checkpoint_mode")
+
+
+def read_checkpoint(uri: str, run: str = "") -> CheckpointInfo:
+    """One checkpoint folder's epoch and metrics (the last entry of its state.json history)."""
+    uri = uri.rstrip("/")
+    name = uri.rsplit("/", 1)[-1]
+    state = _read_json(storage.join(uri, STATE_FILE))
+    if state is None:
+        raise CheckpointError(f"{uri} is not a checkpoint: no readable {STATE_FILE}")
+    history = state.get("history") or []
+    metrics = {k: v for k, v in (history[-1] if history else {}).items() if isinstance(v, (int, float, str))}
+    epoch = metrics.get("epoch", _epoch_from_name(name))
+    metric, mode = _ranking_of(uri)
+    return CheckpointInfo(uri=uri, run=run or uri.rsplit("/", 2)[-2], name=name,
+                          epoch=int(epoch) if isinstance(epoch, (int, float)) else None, metrics=metrics,
+                          checkpoint_metric=metric, checkpoint_mode=mode)
+
+
+def _is_checkpoint_dir(info: pafs.FileInfo) -> bool:
+    return info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint")
+
+
+def list_checkpoints(run_uri: str) -> list[CheckpointInfo]:
+    """The checkpoints of one run folder, by epoch."""
+    run_uri = run_uri.rstrip("/")
+    run = run_uri.rsplit("/", 1)[-1]
+    out = []
+    for info in _children(run_uri):
+        if _is_checkpoint_dir(info):
+            try:
+                out.append(read_checkpoint(_uri(info.path, run_uri), run))
+            except CheckpointError:
+                continue  # a checkpoint being written, or an unrelated folder
+    return sorted(out, key=lambda c: (c.epoch if c.epoch is not None else -1, c.name))
+
+
+def list_runs(uri: str) -> list[RunInfo]:
+    """Every run under a storage path (or the one run `uri` names), with its checkpoints."""
+    uri = uri.rstrip("/")
+    if storage.is_s3(uri):
+        storage.check_readable(uri, "runs")
+    elif not Path(uri).expanduser().exists():
+        raise CheckpointError(f"{uri} does not exist")
+    children = _children(uri)
+    if any(_is_checkpoint_dir(i) for i in children):
+        candidates = [uri]
+    else:
+        candidates = [_uri(i.path, uri) for i in children if i.type == pafs.FileType.Directory]
+    runs = []
+    for run_uri in sorted(candidates):
+        checkpoints = list_checkpoints(run_uri)
+        if not checkpoints:
+            continue
+        summary = _read_json(storage.join(run_uri, RUN_METRICS_FILE)) or {}
+        best = summary.get("best_checkpoint")
+        runs.append(RunInfo(uri=run_uri, name=run_uri.rsplit("/", 1)[-1], checkpoints=checkpoints,
+                            best_checkpoint=best if isinstance(best, str) else None))
+    return runs
+
+
+def _score(c: CheckpointInfo, metric: str) -> float | None:
+    v = c.metrics.get(metric)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+def rank(checkpoints: Sequence[CheckpointInfo], metric: str | None = None, mode: str | None = None) -> list[CheckpointInfo]:
+    """Checkpoints that have `metric`, best first. Without `metric`: what the first checkpoint's run
+    ranked by (its config.yaml's run.checkpoint_metric / checkpoint_mode), else val_triplet_acc or
+    val_psnr (whichever is reported), max."""
+    if not checkpoints:
+        return []
+    first = checkpoints[0]
+    if not metric and not first.checkpoint_metric:  # e.g. generator runs: their config has no `run`
+        metric = next((m for m in _FALLBACK_METRICS if any(m in c.metrics for c in checkpoints)), DEFAULT_METRIC)
+    metric = metric or first.checkpoint_metric or DEFAULT_METRIC
+    mode = mode or (first.checkpoint_mode if metric == first.checkpoint_metric else None) or DEFAULT_MODE
+    if mode not in ("max", "min"):
+        raise CheckpointError(f"--mode must be max or min, got {mode!r}")
+    scored = [(s, c) for c in checkpoints if (s := _score(c, metric)) is not None]
+    scored.sort(key=lambda t: (t[0], t[1].epoch or 0), reverse=mode == "max")
+    return [c for _, c in scored]
+
+
+def is_checkpoint(uri: str) -> bool:
+    return storage.exists(storage.join(uri.rstrip("/"), STATE_FILE))
+
+
+def best_checkpoint(uri: str, metric: str | None = None, mode: str | None = None) -> CheckpointInfo:
+    """The best checkpoint under `uri` (a storage path or run) by `metric`; a checkpoint URI is itself."""
+    if is_checkpoint(uri):
+        return read_checkpoint(uri)
+    checkpoints = [c for run in list_runs(uri) for c in run.checkpoints]
+    ranked = rank(checkpoints, metric, mode)
+    if not ranked:
+        what = metric or (checkpoints[0].checkpoint_metric if checkpoints else None) or DEFAULT_METRIC
+        raise CheckpointError(f"no checkpoint under {uri} reports the metric '{what}'"
+                              + ("" if checkpoints else " (no checkpoints found)"))
+    return ranked[0]
+
+
+def pull(uri: str, dest: str | os.PathLike, metric: str | None = None, mode: str | None = None,
+         overwrite: bool = False) -> tuple[CheckpointInfo, str]:
+    """Download one checkpoint folder to `dest` (a local folder, or another storage URI).
+
+    `uri` a checkpoint folder: that one; a run or storage path: the best by `metric`. A local `dest`
+    appears whole (copied beside it, then renamed) and must not already hold files unless `overwrite`.
+    """
+    info = best_checkpoint(uri, metric, mode)
+    src_fs, src_path = storage.resolve(info.uri)
+    dest = str(dest)
+    if storage.is_s3(dest):
+        dst_fs, dst_path = storage.resolve(dest)
+        pafs.copy_files(src_path, dst_path, source_filesystem=src_fs, destination_filesystem=dst_fs)
+        return info, dest.rstrip("/")
+    target = Path(dest).expanduser().resolve()
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise CheckpointError(f"{target} already holds files (use --overwrite)")
+    partial = target.with_name(f".{target.name}.partial{os.getpid()}")
+    import shutil
+
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        pafs.copy_files(src_path, str(partial), source_filesystem=src_fs, destination_filesystem=pafs.LocalFileSystem())
+        if not (partial / STATE_FILE).is_file():
+            raise CheckpointError(f"{info.uri}: the copy holds no {STATE_FILE}")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(partial, target)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return info, str(target)
+
+
+# ----------------------------------------------------------------------------------------------------
+# command line
+
+_SHOWN = ("train_loss", "val_triplet_acc", "val_knn_acc", "val_rank_corr", "val_psnr", "images_per_s")
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _line(c: CheckpointInfo, metric: str | None = None) -> str:
+    keys = [k for k in ((metric,) if metric else ()) + _SHOWN if k and k in c.metrics]
+    keys = list(dict.fromkeys(keys))
+    shown = "  ".join(f"{k}={_fmt(c.metrics[k])}" for k in keys)
+    epoch = "?" if c.epoch is None else c.epoch
+    return f"  {c.name}  epoch={epoch}  {shown}  {c.uri}"
+
+
+def _print(text: str, stream=None) -> None:
+    print(redact(text), file=stream or sys.stdout, flush=True)
+
+
+def _cmd_list(args) -> int:
+    runs = list_runs(args.uri)
+    if args.json:
+        _print(json.dumps([asdict(r) for r in runs], indent=1, default=str))
+        return 0
+    if not runs:
+        _print(f"no runs with checkpoints under {args.uri}")
+        return 0
+    for run in runs:
+        ranked = rank(run.checkpoints, args.metric, args.mode)
+        best = ranked[0].uri if ranked else None
+        _print(f"{run.name}  ({len(run.checkpoints)} checkpoint{'s' if len(run.checkpoints) != 1 else ''})  {run.uri}")
+        for c in run.checkpoints:
+            _print(_line(c, args.metric) + ("  <- best" if c.uri == best else ""))
+    return 0
+
+
+def _cmd_best(args) -> int:
+    c = best_checkpoint(args.uri, args.metric, args.mode)
+    if args.json:
+        _print(json.dumps(asdict(c), indent=1, default=str))
+    else:
+        _print(c.uri)
+        metric = args.metric or c.checkpoint_metric or DEFAULT_METRIC
+        _print(f"# {metric}={_fmt(c.metrics.get(metric))} epoch={c.epoch} run={c.run}", sys.stderr)
+    return 0
+
+
+def _cmd_pull(args) -> int:
+    info, target = pull(args.uri, args.dest, args.metric, args.mode, overwrite=args.overwrite)
+    if args.json:
+        _print(json.dumps({"source": info.uri, "dest": target, "metrics": info.metrics}, indent=1, default=str))
+    else:
+        _print(f"pulled {info.uri} -> {target}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m step_ray.checkpoints", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p):
+        p.add_argument("--metric", help=f"rank by this reported metric (default: the run's own, else {DEFAULT_METRIC})")
+        p.add_argument("--mode", choices=("max", "min"), help="higher (max) or lower (min) is better")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("list", help="runs and their checkpoints, with metrics")
+    p.add_argument("uri", help="storage path (local or s3://) or one run folder")
+    common(p)
+    p.set_defaults(func=_cmd_list)
+    p = sub.add_parser("best", help="print the best checkpoint's URI")
+    p.add_argument("uri", help="storage path, run folder or checkpoint")
+    common(p)
+    p.set_defaults(func=_cmd_best)
+    p = sub.add_parser("pull", help="download a checkpoint (the best one when URI is a run or storage path)")
+    p.add_argument("uri", help="checkpoint folder, or a run / storage path to take the best from")
+    p.add_argument("dest", help="local folder (created) or s3:// URI")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty DEST")
+    common(p)
+    p.set_defaults(func=_cmd_pull)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CheckpointError, storage.StorageError, OSError) as exc:
+        _print(f"error: {exc}", sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
