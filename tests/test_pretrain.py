@@ -14,6 +14,7 @@ from step_ray.train.pretrain import PretrainConfig, run_pretrain
 TINY = [
     "style.data.image_size=32",
     "style.reduction.dim=16",
+    "mining.k_far=40",
     "style.num_actors=1",
     "style.batch_size=32",
     "train.encoder.base_channels=16",
