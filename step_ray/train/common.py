@@ -156,6 +156,13 @@ def seed_everything(seed: int, *streams: int) -> None:
     torch.manual_seed(s)
 
 
+def improves(score: float | None, best: float | None, mode: str) -> bool:
+    """Is `score` a better checkpoint metric than `best` ("max" or "min" is better)?"""
+    if score is None:
+        return False
+    return best is None or (score > best if mode == "max" else score < best)
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 

@@ -33,8 +33,8 @@ from step_ray.losses.perceptual import OFFICIAL_LAYER_WEIGHTS
 from step_ray.models import (DiscriminatorConfig, EncoderConfig, GeneratorConfig, PatchDiscriminator, StyleEncoder,
                              UNetGenerator)
 from step_ray.style.vgg import VGGConfig
-from step_ray.train.common import (OptimConfig, RunSettings, load_checkpoint, make_trainer, save_checkpoint, seed_everything,
-                                   unwrap, worker_device)
+from step_ray.train.common import (OptimConfig, RunSettings, improves, load_checkpoint, make_trainer, save_checkpoint,
+                                   seed_everything, unwrap, worker_device)
 from step_ray.train.mapper import IMLEConfig
 
 MODULES = ("generator", "generator_ema", "discriminator", "encoder")
@@ -358,8 +358,7 @@ def generator_worker_loop(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             metrics.update(validate(cfg, nets["generator_ema"], unwrap(nets["encoder"]), val_a, val_b, other, device))
             score = metrics.get(loop_config["checkpoint_metric"])
-            if score is not None and (state["best"] is None or
-                                      (score > state["best"] if loop_config["checkpoint_mode"] == "max" else score < state["best"])):
+            if improves(score, state["best"], loop_config["checkpoint_mode"]):
                 state["best"] = score
             state["history"].append(metrics)
             print(_progress_line(metrics, cfg.max_epochs), flush=True)

@@ -24,6 +24,7 @@ from step_ray.models import EncoderConfig, StyleEncoder
 from step_ray.train.common import (
     OptimConfig,
     RunSettings,
+    improves,
     load_checkpoint,
     make_trainer,
     save_checkpoint,
@@ -232,9 +233,7 @@ def stage1_worker_loop(loop_config: dict[str, Any]) -> None:
             z_ref = encode_batches(net, store.batch(ref_rows), device) if labelled else None
             metrics.update(validation_metrics(z_val, inputs, triplets, z_ref, ref_labels if labelled else None, cfg.knn_k))
             score = metrics.get(loop_config["checkpoint_metric"])
-            better = score is not None and (state["best"] is None or
-                                            (score > state["best"] if loop_config["checkpoint_mode"] == "max" else score < state["best"]))
-            if better:
+            if improves(score, state["best"], loop_config["checkpoint_mode"]):
                 state["best"], state["bad_epochs"] = score, 0
             else:
                 state["bad_epochs"] += 1
