@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
-
 import torch
+
+from step_ray.weights import find_weight_file
 
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
 
@@ -32,16 +32,7 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def find_alexnet_weights(cfg: LPIPSConfig) -> str | None:
-    if cfg.alexnet_weights:
-        path = Path(cfg.alexnet_weights).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"lpips.alexnet_weights={cfg.alexnet_weights!r}: no such file")
-        return str(path.resolve())
-    checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
-    if (checkpoints / ALEXNET_FILE).is_file():
-        return str(checkpoints / ALEXNET_FILE)
-    others = sorted(checkpoints.glob("alexnet-*.pth")) if checkpoints.is_dir() else []
-    return str(others[0]) if others else None
+    return find_weight_file(cfg.alexnet_weights, "lpips.alexnet_weights", ALEXNET_FILE, "alexnet")
 
 
 def load_lpips(cfg: LPIPSConfig = LPIPSConfig(), device: str | torch.device = "cpu"):

@@ -17,6 +17,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from step_ray.weights import find_weight_file
+
 log = logging.getLogger(__name__)
 
 # torchvision's file names for its ImageNet weights, as `torch.hub` stores them under <hub dir>/checkpoints.
@@ -109,18 +111,7 @@ def layer_channels(arch: str, layers: tuple[str, ...]) -> tuple[int, ...]:
 
 def find_vgg_weights(cfg: VGGConfig) -> str | None:
     """The weight file to load, or None for a random VGG. A configured file that is missing is an error."""
-    if cfg.weights:
-        path = Path(cfg.weights).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"vgg.weights={cfg.weights!r}: no such file")
-        return str(path.resolve())
-    checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
-    standard = checkpoints / TORCHVISION_WEIGHT_FILES[cfg.arch]
-    if standard.is_file():
-        return str(standard)
-    # Any hash suffix of the same file name (a newer torchvision release); not vgg16_bn etc.
-    others = sorted(checkpoints.glob(f"{cfg.arch}-*.pth")) if checkpoints.is_dir() else []
-    return str(others[0]) if others else None
+    return find_weight_file(cfg.weights, "vgg.weights", TORCHVISION_WEIGHT_FILES[cfg.arch], cfg.arch)
 
 
 def vgg_weight_source(cfg: VGGConfig) -> str:
