@@ -11,6 +11,7 @@ import datetime as _dt
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -154,6 +155,34 @@ def seed_everything(seed: int, *streams: int) -> None:
 
     s = int(np.random.SeedSequence([seed, *streams]).generate_state(1)[0])
     torch.manual_seed(s)
+
+
+class EpochMeter:
+    """One epoch of one worker: batch means of the logged losses, and the group's examples per second.
+
+    Every rank takes the same number of steps, so the group's rate is world size × this worker's.
+    """
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.sums: dict[str, float] = {}
+        self.batches = 0
+        self.examples = 0
+
+    def add(self, logs: dict[str, float], examples: int) -> None:
+        self.batches += 1
+        self.examples += examples
+        for key, value in logs.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    def means(self) -> dict[str, float]:
+        return {f"train_{k}": v / max(1, self.batches) for k, v in self.sums.items()}
+
+    def rate(self, seconds: float, world: int) -> float:
+        return self.examples * world / max(seconds, 1e-9)
 
 
 def improves(score: float | None, best: float | None, mode: str) -> bool:

@@ -33,7 +33,7 @@ from step_ray.losses.perceptual import OFFICIAL_LAYER_WEIGHTS
 from step_ray.models import (DiscriminatorConfig, EncoderConfig, GeneratorConfig, PatchDiscriminator, StyleEncoder,
                              UNetGenerator)
 from step_ray.style.vgg import VGGConfig
-from step_ray.train.common import (OptimConfig, RunSettings, improves, load_checkpoint, make_trainer, save_checkpoint,
+from step_ray.train.common import (EpochMeter, OptimConfig, RunSettings, improves, load_checkpoint, make_trainer, save_checkpoint,
                                    seed_everything, unwrap, worker_device)
 from step_ray.train.mapper import IMLEConfig
 
@@ -334,8 +334,7 @@ def generator_worker_loop(loop_config: dict[str, Any]) -> None:
             nets["encoder"].train()
         order = np.random.default_rng([cfg.seed, epoch]).permutation(len(inputs.train_paths))
         mine = order[rank * per_rank : (rank + 1) * per_rank]  # equal shares: every rank takes the same steps
-        sums: dict[str, float] = {}
-        batches, seen, started = 0, 0, time.perf_counter()
+        meter = EpochMeter()
         for rows in np.array_split(mine, max(1, math.ceil(per_rank / cfg.batch_size))):
             if cfg.max_steps and state["step"] >= cfg.max_steps:
                 state["stopped"] = f"step budget {cfg.max_steps} reached"
@@ -347,14 +346,11 @@ def generator_worker_loop(loop_config: dict[str, Any]) -> None:
                 a, b = torch.where(flip, a.flip(3), a), torch.where(flip, b.flip(3), b)
             logs = train_step(cfg, nets, opt_g, opt_d, a, b, vgg, state["step"], use_amp)
             state["step"] += 1
-            batches += 1
-            seen += len(rows)
-            for key, value in logs.items():
-                sums[key] = sums.get(key, 0.0) + value
-        seconds = time.perf_counter() - started
-        metrics: dict[str, Any] = {f"train_{k}": v / max(1, batches) for k, v in sums.items()}
+            meter.add(logs, len(rows))
+        seconds = meter.seconds()
+        metrics: dict[str, Any] = meter.means()
         metrics.update(stage=stage, epoch=epoch, step=state["step"], epoch_seconds=seconds, lr_factor=factor,
-                       images_per_s=seen * world / max(seconds, 1e-9))
+                       images_per_s=meter.rate(seconds, world))
         if rank == 0:
             metrics.update(validate(cfg, nets["generator_ema"], unwrap(nets["encoder"]), val_a, val_b, other, device))
             score = metrics.get(loop_config["checkpoint_metric"])

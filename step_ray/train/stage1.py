@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import tempfile
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +21,7 @@ from step_ray.losses import triplet_loss
 from step_ray.metrics import record_epoch
 from step_ray.models import EncoderConfig, StyleEncoder
 from step_ray.train.common import (
+    EpochMeter,
     OptimConfig,
     RunSettings,
     improves,
@@ -194,8 +194,7 @@ def stage1_worker_loop(loop_config: dict[str, Any]) -> None:
         seed_everything(cfg.seed, epoch, rank)
         sampler.set_epoch(epoch)
         model.train()
-        sums: dict[str, float] = {}
-        batches, triplets_seen, started = 0, 0, time.perf_counter()
+        meter = EpochMeter()
         for batch in np.array_split(sampler.epoch_triplets(epoch), max(1, math.ceil(len(sampler) / cfg.batch_size))):
             if cfg.max_steps and state["step"] >= cfg.max_steps:
                 state["stopped"] = f"step budget {cfg.max_steps} reached"
@@ -212,19 +211,15 @@ def stage1_worker_loop(loop_config: dict[str, Any]) -> None:
             loss.backward()
             optimizer.step()
             state["step"] += 1
-            batches += 1
-            triplets_seen += len(batch)
-            for key, value in logs.items():
-                sums[key] = sums.get(key, 0.0) + value
-        seconds = time.perf_counter() - started
-        metrics: dict[str, Any] = {f"train_{k}": v / max(1, batches) for k, v in sums.items()}
+            meter.add(logs, len(batch))
+        seconds = meter.seconds()
+        metrics: dict[str, Any] = meter.means()
         metrics.update(
             epoch=epoch,
             step=state["step"],
             epoch_seconds=seconds,
-            # every rank sees the same number of triplets, so the global rate is world × the local one
-            images_per_s=3 * triplets_seen * world / max(seconds, 1e-9),
-            triplets_per_s=triplets_seen * world / max(seconds, 1e-9),
+            images_per_s=3 * meter.rate(seconds, world),
+            triplets_per_s=meter.rate(seconds, world),
         )
         if rank == 0:
             net = unwrap(model)
