@@ -1,10 +1,15 @@
-"""Stages 2 and 3 of StEP from a stage-1 checkpoint, then the IMLE mapper and the evaluation.
+"""Stages 2 and 3 of StEP from a stage-1 checkpoint, then the IMLE mapper and the evaluation; or any
+baseline/ablation of METHOD §7 with --variant (bicycle_v0..v3, munitp_v1..v3, ours_v1..v4).
 
     python jobs/train_generator.py encoder_checkpoint=runs/stage1-.../checkpoint_epoch0009
     python jobs/train_generator.py --config configs/facades_generator.yaml run.num_workers=2
     python jobs/train_generator.py encoder_checkpoint=s3://bucket/runs/stage1-.../checkpoint_epoch0009 \
         run.storage_path=s3://bucket/runs stage2_epochs=20 stage3_epochs=20 train.generator.z_injection=input
     python jobs/train_generator.py stage2_checkpoint=runs/stage2-.../checkpoint_epoch0019   # stage 3 (+ mapper, eval) only
+    python jobs/train_generator.py --variant bicycle_v2 stage2_epochs=10 stage3_epochs=10   # a baseline: E from scratch
+    python jobs/train_generator.py --variant list                                            # the variants and their terms
+
+A variant is a preset under the YAML file and the command line (which can change any of its settings).
 """
 import os
 import sys
@@ -13,13 +18,38 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from step_ray.config import job_config  # noqa: E402
 from step_ray.train.generator import TrainGeneratorConfig, run_train_generator  # noqa: E402
+from step_ray.train.variants import VARIANTS, variant_base  # noqa: E402
+
+
+def pop_variant(argv: list[str]) -> tuple[str, list[str]]:
+    """`--variant NAME` / `--variant=NAME` out of argv."""
+    rest, name = [], ""
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--variant" and i + 1 < len(argv):
+            name, i = argv[i + 1], i + 2
+            continue
+        if argv[i].startswith("--variant="):
+            name = argv[i].split("=", 1)[1]
+        else:
+            rest.append(argv[i])
+        i += 1
+    return name, rest
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = ["run.resume=true" if a == "--resume" else a for a in argv]
-    cfg = job_config(TrainGeneratorConfig, argv, description=__doc__)
-    if not (cfg.encoder_checkpoint or cfg.stage2_checkpoint):
+    variant, argv = pop_variant(argv)
+    if variant == "list":
+        for v in VARIANTS.values():
+            print(f"{v.name:<11} {v.family:<10} {v.version}  {v.summary}")
+        return
+    if variant and variant not in VARIANTS:
+        print(f"config error: unknown variant {variant!r}; known: {', '.join(VARIANTS)}", file=sys.stderr)
+        raise SystemExit(2)
+    cfg = job_config(TrainGeneratorConfig, argv, description=__doc__, base=variant_base(variant) if variant else None)
+    if not (cfg.encoder_checkpoint or cfg.stage2_checkpoint or cfg.train.encoder_init == "scratch"):
         print("config error: set encoder_checkpoint=<stage-1 checkpoint folder, local or s3://> "
               "(or stage2_checkpoint=<stage-2 checkpoint> to run stage 3 only)", file=sys.stderr)
         raise SystemExit(2)
@@ -28,7 +58,7 @@ def main(argv=None):
     # A cluster address (RAY_ADDRESS, set by `ray job submit`) is joined; otherwise a local instance starts.
     ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
     out = run_train_generator(cfg)
-    for key in ("stage2", "stage3", "mapper", "eval", "metrics"):
+    for key in ("joint", "stage2", "stage3", "mapper", "eval", "metrics"):
         if key in out:
             print(f"[train_generator] {key:<7} {out[key]}", flush=True)
 

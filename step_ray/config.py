@@ -7,6 +7,7 @@ impossible config fails before any expensive work. The resolved config is saved 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -184,9 +185,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Defaults <- YAML file <- `key=value` overrides; returns the frozen, validated dataclass."""
-    tree: dict[str, Any] = {}
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = (),
+                base: Mapping[str, Any] | None = None) -> T:
+    """Defaults <- `base` (a named preset, e.g. a variant) <- YAML file <- `key=value` overrides; returns
+    the frozen, validated dataclass."""
+    tree: dict[str, Any] = copy.deepcopy(dict(base or {}))  # overrides must not change the preset
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -217,8 +220,9 @@ def config_from_yaml(cls: type[T], text: str) -> T:
     return config_from_dict(cls, yaml.safe_load(text) or {}, where=cls.__name__)
 
 
-def job_config(cls: type[T], argv: Sequence[str] | None = None, description: str = "") -> T:
-    """Command-line entry for jobs: `--config FILE` and any number of `key=value` overrides.
+def job_config(cls: type[T], argv: Sequence[str] | None = None, description: str = "",
+               base: Mapping[str, Any] | None = None) -> T:
+    """Command-line entry for jobs: `--config FILE` and any number of `key=value` overrides, over `base`.
 
     Prints the resolved config at job start. Exits with one clear line on a config error.
     """
@@ -248,7 +252,7 @@ def job_config(cls: type[T], argv: Sequence[str] | None = None, description: str
             continue
         parser.error(f"unrecognised argument {tok}")
     try:
-        cfg = load_config(cls, args.config, list(args.overrides) + extra)
+        cfg = load_config(cls, args.config, list(args.overrides) + extra, base=base)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         raise SystemExit(2)

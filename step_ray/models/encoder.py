@@ -72,13 +72,16 @@ class StyleEncoder(nn.Module):
         self.mean = nn.Linear(cin, cfg.nz)
         self.logvar = nn.Linear(cin, cfg.nz) if cfg.variational else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The deterministic code (the mean for a variational encoder)."""
-        return self.mean(self.features(x))
+    def forward(self, x: torch.Tensor, with_logvar: bool = False):
+        """The deterministic code (the mean for a variational encoder); with_logvar=True: (mean, log-variance)
+        of q(z|x), a variational encoder only. One forward for both, so a DDP-wrapped E works either way."""
+        h = self.features(x)
+        if not with_logvar:
+            return self.mean(h)
+        if self.logvar is None:
+            raise RuntimeError("with_logvar=True needs EncoderConfig(variational=True)")
+        return self.mean(h), self.logvar(h)
 
     def distribution(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, log-variance) of q(z|x); only for a variational encoder."""
-        if self.logvar is None:
-            raise RuntimeError("distribution() needs EncoderConfig(variational=True)")
-        h = self.features(x)
-        return self.mean(h), self.logvar(h)
+        return self(x, with_logvar=True)

@@ -1,12 +1,21 @@
-"""Stages 2 and 3 (METHOD §5): the one generator trainer, a Ray Train DDP loop.
+"""Stages 2 and 3 (METHOD §5) and every baseline of §7: the one generator trainer, a Ray Train loop.
 
-    L_G = λ_gan · LSGAN_G(D(A, B̂)) + λ_vgg · VGG(B, B̂) + λ_l1 · |B − B̂|,   B̂ = G(A, E(B))
-    L_D = LSGAN_D(D(A, B), D(A, B̂))
+    L_G = λ_gan · LSGAN_G(D(A, B̂)) + λ_vgg · VGG(B, B̂) + λ_l1 · |B − B̂|,   B̂ = G(A, z),  z = E(B)
+          + λ_kl · KL(q(z|B) ‖ N(0, I))                  (a variational E: z = μ + σ·ε, BicycleGAN's cVAE)
+          + λ_z_l2 · mean(z²)                              (the v3 variants' L2 penalty instead of KL)
+          + λ_cycle · rec(B, G(A, E(G(A', z)) of the partner))   (MUNIT-p's cross-cycle reconstruction)
+          + λ_gan_random · LSGAN_G(D_r(A, G(A, z_r))) + λ_latent · |E(G(A, z_r)) − z_r|   (cLR-GAN, z_r ~ N(0, I))
+    L_D = LSGAN_D(D(A, B), D(A, B̂)) [+ LSGAN_D(D_r(A, B), D_r(A, G(A, z_r)))]
 
 Stage 2 (`train_encoder=False`): E comes from a stage-1 checkpoint and is frozen (no gradients, eval
 mode, not in any optimiser). Stage 3 (`train_encoder=True`): G, G_ema, D, E and both optimisers come from
-a stage-2 checkpoint and E joins G's optimiser. The loss is assembled from the λ switches, so baselines
-and ablations are configs of this loop, not copies of it.
+a stage-2 checkpoint and E joins G's optimiser. The baselines (`encoder_init=scratch`) train E from a
+random init together with G in one "joint" stage. Every term is switched by its λ, so the variants of
+step_ray.train.variants are configs of this loop, not copies of it.
+
+Gradients are averaged over workers explicitly after each backward (`average_gradients`) instead of
+through DDP's hooks: the cycle and latent terms pass through G and E more than once per step, which DDP's
+one-forward-one-backward reducer does not allow.
 
 Driver: `train_generator_stage(cfg, run, inputs, stage)`. Worker: `generator_worker_loop`, which, as
 stage 1 does, keeps everything it needs to continue (nets, EMA, optimisers, epoch, step, best metric,
@@ -14,8 +23,10 @@ history) in the checkpoint it reports every epoch, and validates on rank 0.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import itertools
 import math
 import tempfile
 import time
@@ -28,26 +39,30 @@ import torch
 from step_ray.data.pix2pix import DataConfig, load_pair, to_tensor
 from step_ray.eval.evaluate import EvalConfig
 from step_ray.metrics import record_epoch
-from step_ray.losses import l1_loss, lsgan_discriminator_loss, lsgan_generator_loss, vgg_perceptual_loss
+from step_ray.losses import (embedding_l2_penalty, kl_to_standard_normal, l1_loss, latent_reconstruction_loss,
+                             lsgan_discriminator_loss, lsgan_generator_loss, vgg_perceptual_loss)
 from step_ray.losses.perceptual import OFFICIAL_LAYER_WEIGHTS
 from step_ray.models import (DiscriminatorConfig, EncoderConfig, GeneratorConfig, PatchDiscriminator, StyleEncoder,
                              UNetGenerator)
 from step_ray.style.vgg import VGGConfig
-from step_ray.train.common import (EpochMeter, OptimConfig, RunSettings, improves, load_checkpoint, make_trainer, save_checkpoint,
-                                   seed_everything, unwrap, worker_device)
+from step_ray.train.common import (EpochMeter, OptimConfig, RunSettings, average_gradients, broadcast_parameters, improves,
+                                   load_checkpoint, make_trainer, save_checkpoint, seed_everything, unwrap, worker_device)
 from step_ray.train.mapper import IMLEConfig
 
-MODULES = ("generator", "generator_ema", "discriminator", "encoder")
-OPTIMIZERS = ("optimizer_g", "optimizer_d")
+# Every loss term the G/E step can compute, by its log name; D's terms. A variant switches a subset on.
+G_TERMS = ("gan_g", "vgg", "l1", "kl", "z_l2", "cycle", "gan_random", "latent")
+D_TERMS = ("loss_d", "loss_d_random")
 
 
 @dataclass(frozen=True)
 class GeneratorTrainConfig:
     """One generator stage. Defaults: official StEP (LSGAN 1, λ_rec = 0.02 VGG, Adam 1e-3 β (0, 0.99), EMA 0.999)."""
 
+    variant: str = ""  # the step_ray.train.variants preset this config was built on (a record; "" for none)
     encoder_checkpoint: str = ""  # stage-1 checkpoint (local or s3://): where a fresh stage 2 takes E from
     init_checkpoint: str = ""  # generator checkpoint (local or s3://) a fresh run starts from (stage 3: stage 2's)
     train_encoder: bool = False  # False: stage 2 (E frozen); True: stage 3 (E in G's optimiser)
+    encoder_init: Literal["checkpoint", "scratch"] = "checkpoint"  # scratch: the baselines' E, trained with G from random init
     encoder: EncoderConfig = field(default_factory=EncoderConfig)  # filled in from the checkpoint E comes from
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
@@ -58,6 +73,12 @@ class GeneratorTrainConfig:
     lambda_vgg: float = 0.02  # λ_rec on the VGG perceptual loss
     vgg_scale: float = 0.1  # activations are multiplied by this before the MSE
     lambda_l1: float = 0.0  # the no-VGG fallback is lambda_vgg=0, lambda_l1=10
+    lambda_kl: float = 0.0  # KL(q(z|B) ‖ N(0, I)); needs encoder.variational (BicycleGAN 0.01)
+    lambda_z_l2: float = 0.0  # mean(z²) of E's codes: the v3 variants' replacement for KL
+    lambda_cycle: float = 0.0  # MUNIT-p's cross-cycle reconstruction, same rec loss as the direct one, times this
+    lambda_gan_random: float = 0.0  # cLR-GAN: LSGAN on G(A, z_r), z_r ~ N(0, I) (BicycleGAN λ_GAN2 = 1)
+    lambda_latent: float = 0.0  # cLR-GAN: |E(G(A, z_r)) − z_r|, its gradient reaching G only (BicycleGAN λ_z = 0.5)
+    random_discriminator: Literal["shared", "separate"] = "shared"  # separate: D_r of its own (BicycleGAN's two Ds)
     ema_decay: float = 0.999  # 0: no EMA (G_ema is a copy of G)
     ema_warmup: bool = True  # decay min(ema_decay, (1+t)/(10+t)): short runs' EMA is not stuck at init
     batch_size: int = 8  # per worker
@@ -76,8 +97,20 @@ class GeneratorTrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if min(self.lambda_gan, self.lambda_vgg, self.lambda_l1) < 0:
+        weights = (self.lambda_gan, self.lambda_vgg, self.lambda_l1, self.lambda_kl, self.lambda_z_l2, self.lambda_cycle,
+                   self.lambda_gan_random, self.lambda_latent)
+        if min(weights) < 0:
             raise ValueError("loss weights must be >= 0")
+        if self.lambda_vgg == 0 and self.lambda_l1 == 0:
+            raise ValueError("no reconstruction term: set lambda_vgg or lambda_l1 > 0")
+        if self.lambda_kl and not self.encoder.variational:
+            raise ValueError("lambda_kl > 0 needs a variational encoder (encoder.variational=true)")
+        if self.encoder_init == "scratch" and not self.train_encoder:
+            raise ValueError("encoder_init=scratch trains E with G: set train_encoder=true (a random frozen E encodes nothing)")
+        if self.variant:
+            from step_ray.train.variants import get_variant
+
+            get_variant(self.variant)  # a typo fails here, with the known names
         if self.generator.nz != self.encoder.nz:
             raise ValueError(f"generator.nz={self.generator.nz} differs from the encoder's nz={self.encoder.nz}")
 
@@ -137,14 +170,40 @@ def psnr_batch(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 # the networks of one run and how a step changes them
 
 
+def uses_random_branch(cfg: GeneratorTrainConfig) -> bool:
+    """cLR-GAN's branch: outputs from random codes z_r ~ N(0, I)."""
+    return cfg.lambda_gan_random > 0 or cfg.lambda_latent > 0
+
+
 def build_networks(cfg: GeneratorTrainConfig, device) -> dict[str, torch.nn.Module]:
     g = UNetGenerator(cfg.generator).to(device)
-    return {
+    nets = {
         "generator": g,
         "generator_ema": copy.deepcopy(g).requires_grad_(False).eval(),
         "discriminator": PatchDiscriminator(cfg.discriminator).to(device),
         "encoder": StyleEncoder(cfg.encoder).to(device),
     }
+    if cfg.lambda_gan_random and cfg.random_discriminator == "separate":
+        nets["discriminator_random"] = PatchDiscriminator(cfg.discriminator).to(device)
+    return nets
+
+
+def discriminators(nets: dict) -> list[torch.nn.Module]:
+    return [nets[k] for k in ("discriminator", "discriminator_random") if k in nets]
+
+
+@contextlib.contextmanager
+def no_parameter_grads(*modules: torch.nn.Module):
+    """Use modules as fixed functions for a while (gradients reach their inputs, not their weights)."""
+    params = [p for m in modules for p in m.parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
 
 
 @torch.no_grad()
@@ -169,51 +228,107 @@ def lr_factor(cfg: GeneratorTrainConfig, epoch: int) -> float:
     return 1.0 if epoch < start else max(0.0, 1.0 - (epoch - start + 1) / (cfg.decay_epochs + 1))
 
 
-def generator_losses(cfg: GeneratorTrainConfig, fake: torch.Tensor, real: torch.Tensor, d_fake, vgg) -> tuple[torch.Tensor, dict]:
-    """L_G from the switched-on terms."""
+def reconstruction_loss(cfg: GeneratorTrainConfig, fake: torch.Tensor, real: torch.Tensor, vgg) -> tuple[torch.Tensor, dict]:
+    """λ_vgg · VGG(B, B̂) + λ_l1 · |B − B̂| (either may be off)."""
     total, logs = fake.new_zeros(()).float(), {}
-    if cfg.lambda_gan:
-        loss, part = lsgan_generator_loss(d_fake)
-        total, logs = total + cfg.lambda_gan * loss, {**logs, **part}
     if cfg.lambda_vgg:
         loss, part = vgg_perceptual_loss(vgg, fake, real, cfg.vgg.resolved_layer_weights(), cfg.vgg_scale)
         total, logs = total + cfg.lambda_vgg * loss, {**logs, "vgg": part["vgg"]}
     if cfg.lambda_l1:
         loss, part = l1_loss(fake, real)
         total, logs = total + cfg.lambda_l1 * loss, {**logs, **part}
+    return total, logs
+
+
+def encode_style(cfg: GeneratorTrainConfig, encoder, b: torch.Tensor):
+    """(z, mean, logvar) of E(B): a variational E gives the reparameterised sample μ + σ·ε (logvar for the
+    KL term), a deterministic one its code (logvar None). E's graph is kept only when E trains."""
+    with torch.set_grad_enabled(cfg.train_encoder and torch.is_grad_enabled()):
+        if cfg.encoder.variational:
+            mean, logvar = encoder(b, with_logvar=True)
+            return mean + torch.randn_like(mean) * (0.5 * logvar).exp(), mean, logvar
+        z = encoder(b)
+        return z, z, None
+
+
+def discriminator_loss(cfg: GeneratorTrainConfig, nets: dict, a, b, fake, fake_random) -> tuple[torch.Tensor, dict]:
+    """LSGAN_D on (A, B) against (A, B̂), and against (A, G(A, z_r)) for the random branch (on D_r)."""
+    total, logs = a.new_zeros(()).float(), {}
+    pairs = []
+    if cfg.lambda_gan:
+        pairs.append((nets["discriminator"], fake, ""))
+    if cfg.lambda_gan_random:
+        pairs.append((nets.get("discriminator_random", nets["discriminator"]), fake_random, "_random"))
+    for d, fakes, suffix in pairs:
+        # real and fake in one forward; the minibatch statistic stays per half
+        out = d(torch.cat([a, a]), torch.cat([b, fakes]), groups=2)
+        loss, part = lsgan_discriminator_loss([o[: len(a)] for o in out], [o[len(a):] for o in out])
+        total = total + loss
+        logs.update({f"{k}{suffix}": v for k, v in part.items()} if suffix else part)
+    return total, logs
+
+
+def generator_loss(cfg: GeneratorTrainConfig, nets: dict, a, b, style, fake, z_random, fake_random, vgg
+                   ) -> tuple[torch.Tensor, dict]:
+    """L_G (and E's loss) from the switched-on terms; `style` = encode_style(...) of B."""
+    g, e = nets["generator"], nets["encoder"]
+    z, mean, logvar = style
+    terms: list[tuple[float, tuple[torch.Tensor, dict]]] = []
+    if cfg.lambda_gan:
+        terms.append((cfg.lambda_gan, lsgan_generator_loss(nets["discriminator"](a, fake))))
+    terms.append((1.0, reconstruction_loss(cfg, fake, b, vgg)))
+    if cfg.lambda_kl:
+        terms.append((cfg.lambda_kl, kl_to_standard_normal(mean, logvar)))
+    if cfg.lambda_z_l2:
+        penalty = embedding_l2_penalty(mean)
+        terms.append((cfg.lambda_z_l2, (penalty, {"z_l2": float(penalty.detach())})))
+    if cfg.lambda_cycle:
+        # pairs (A_i, B_i) and (A_{i-1}, B_{i-1}): u_i = G(A_i, z_{i-1}) carries the partner's style, so
+        # E(u_{i+1}) ≈ z_i must rebuild B_i from A_i (METHOD §7, MUNIT-p)
+        swapped = g(a, torch.roll(z, 1, 0))
+        z_back = e(swapped)
+        loss, _ = reconstruction_loss(cfg, g(a, torch.roll(z_back, -1, 0)), b, vgg)
+        terms.append((cfg.lambda_cycle, (loss, {"cycle": float(loss.detach())})))
+    if cfg.lambda_gan_random:
+        loss, _ = lsgan_generator_loss(nets.get("discriminator_random", nets["discriminator"])(a, fake_random))
+        terms.append((cfg.lambda_gan_random, (loss, {"gan_random": float(loss.detach())})))
+    if cfg.lambda_latent:
+        with no_parameter_grads(e):  # BicycleGAN: this term trains G alone
+            recovered = unwrap(e)(fake_random)
+        terms.append((cfg.lambda_latent, latent_reconstruction_loss(recovered, z_random)))
+    total = sum(w * loss for w, (loss, _) in terms)
+    logs = {k: v for _, (_, part) in terms for k, v in part.items()}
     logs["loss_g"] = float(total.detach())
     return total, logs
 
 
 def train_step(cfg: GeneratorTrainConfig, nets: dict, opt_g, opt_d, a: torch.Tensor, b: torch.Tensor, vgg,
                step: int, use_amp: bool = False) -> dict[str, float]:
-    """One D step then one G step (E too in stage 3). `nets` may hold DDP-wrapped G, D, E."""
-    g, d, e = nets["generator"], nets["discriminator"], nets["encoder"]
-    d_plain = unwrap(d)
-    with torch.autocast(a.device.type, dtype=torch.bfloat16, enabled=use_amp):
-        if cfg.train_encoder:
-            z = e(b)
-        else:
-            with torch.no_grad():
-                z = e(b)
-        fake = g(a, z.float())
+    """One D step then one G step (E too when it trains). Gradients are averaged over workers by hand."""
+    g, e = nets["generator"], nets["encoder"]
+    n = len(a)
+    autocast = lambda: torch.autocast(a.device.type, dtype=torch.bfloat16, enabled=use_amp)  # noqa: E731
+    with autocast():
+        style = encode_style(cfg, e, b)
+        z_random = torch.randn_like(style[0]) if uses_random_branch(cfg) else None
+        # one G pass for the encoded and the random codes
+        codes = style[0] if z_random is None else torch.cat([style[0], z_random])
+        out = g(a if z_random is None else torch.cat([a, a]), codes.float())
+        fake, fake_random = out[:n], (out[n:] if z_random is not None else None)
     logs: dict[str, float] = {}
-    if cfg.lambda_gan:
-        # D: real and fake in one forward (one DDP reduction); the minibatch statistic stays per half
-        with torch.autocast(a.device.type, dtype=torch.bfloat16, enabled=use_amp):
-            out = d(torch.cat([a, a]), torch.cat([b, fake.detach()]), groups=2)
-        loss_d, logs = lsgan_discriminator_loss([o[: len(a)] for o in out], [o[len(a):] for o in out])
+    if cfg.lambda_gan or cfg.lambda_gan_random:
+        with autocast():
+            loss_d, logs = discriminator_loss(cfg, nets, a, b, fake.detach(),
+                                              None if fake_random is None else fake_random.detach())
         opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
+        average_gradients(*discriminators(nets))
         opt_d.step()
-    # G (and E): D is used unwrapped and without parameter gradients, so D's DDP never sees this pass
-    d_plain.requires_grad_(False)
-    with torch.autocast(a.device.type, dtype=torch.bfloat16, enabled=use_amp):
-        d_fake = d_plain(a, fake) if cfg.lambda_gan else None
-    loss_g, g_logs = generator_losses(cfg, fake, b, d_fake, vgg)
-    d_plain.requires_grad_(True)
+    with no_parameter_grads(*discriminators(nets)), autocast():
+        loss_g, g_logs = generator_loss(cfg, nets, a, b, style, fake, z_random, fake_random, vgg)
     opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
+    average_gradients(g, *((e,) if cfg.train_encoder else ()))
     opt_g.step()
     update_ema(nets["generator_ema"], unwrap(g), ema_decay_at(cfg, step))
     return {**logs, **g_logs}
@@ -223,7 +338,7 @@ def make_optimizers(cfg: GeneratorTrainConfig, nets: dict, init_folder: str | No
     """Adam for G (+ E in stage 3) and D. A fresh stage 3 continues stage 2's G and D optimiser states
     and adds E to G's optimiser as a second parameter group."""
     opt_g = cfg.optim_g.build(nets["generator"].parameters())
-    opt_d = cfg.optim_d.build(nets["discriminator"].parameters())
+    opt_d = cfg.optim_d.build(itertools.chain(*(d.parameters() for d in discriminators(nets))))
     if init_folder is not None:
         import os
 
@@ -300,17 +415,17 @@ def generator_worker_loop(loop_config: dict[str, Any]) -> None:
         finally:
             if tmp is not None:
                 tmp.cleanup()
-    else:  # a fresh stage 2: E from the stage-1 checkpoint
-        from step_ray.style.encode import load_encoder
+    else:  # a fresh stage 2: E from the stage-1 checkpoint; a baseline's E keeps its seeded random init
+        if cfg.encoder_init == "checkpoint":
+            from step_ray.style.encode import load_encoder
 
-        nets["encoder"].load_state_dict(load_encoder(cfg.encoder_checkpoint, device).state_dict())
+            nets["encoder"].load_state_dict(load_encoder(cfg.encoder_checkpoint, device).state_dict())
         opt_g, opt_d = make_optimizers(cfg, nets, None, device)
     state["stopped"] = ""  # a step budget is this run's setting: a resumed run with a larger one continues
     if not cfg.train_encoder:
         freeze(nets["encoder"])
     vgg = load_vgg(cfg.vgg, device) if cfg.lambda_vgg else None
-    for name in ("generator", "discriminator") + (("encoder",) if cfg.train_encoder else ()):
-        nets[name] = ray.train.torch.prepare_model(nets[name])
+    broadcast_parameters(*nets.values())  # every rank starts from rank 0's weights (as DDP would)
 
     store = PairStore(inputs.train_paths, inputs.data, cfg.image_cache_mb)
     per_rank = len(inputs.train_paths) // world
@@ -418,8 +533,8 @@ def train_generator_stage(cfg: GeneratorTrainConfig, run, inputs: GeneratorInput
 
     The encoder config is taken from the checkpoint E comes from, so the saved config.yaml describes the
     networks in the checkpoint exactly (and `load_encoder` works on stage-2/3 checkpoints too)."""
-    source = cfg.init_checkpoint or cfg.encoder_checkpoint
-    if not source and not run.resume:
+    source = cfg.init_checkpoint or (cfg.encoder_checkpoint if cfg.encoder_init == "checkpoint" else "")
+    if not source and not run.resume and cfg.encoder_init == "checkpoint":
         raise ValueError(f"{stage}: set encoder_checkpoint (a stage-1 checkpoint) or init_checkpoint")
     if source:
         cfg = dataclasses.replace(cfg, encoder=encoder_config_of(source),
@@ -513,9 +628,19 @@ def run_train_generator(cfg: TrainGeneratorConfig) -> dict[str, Any]:
     inputs = prepare_generator_inputs(cfg.data, cfg.val_split)
     out: dict[str, Any] = {}
     start = cfg.stage2_checkpoint or cfg.encoder_checkpoint
-    if not start:
+    scratch = cfg.train.encoder_init == "scratch"
+    if not start and not scratch:
         raise ValueError("set encoder_checkpoint (a stage-1 checkpoint) or stage2_checkpoint")
-    if cfg.stage2_epochs and not cfg.stage2_checkpoint:
+    if scratch:  # a baseline: E from random init trains with G in one stage of stage2 + stage3 epochs
+        run_j = dataclasses.replace(run, name=f"joint-{run.name}" if run.name else "")
+        train_j = dataclasses.replace(cfg.train, train_encoder=True, max_epochs=cfg.stage2_epochs + cfg.stage3_epochs,
+                                      decay_epochs=cfg.stage3_decay_epochs, encoder_checkpoint="", init_checkpoint="")
+        result, run_uri, _ = train_generator_stage(train_j, run_j, inputs, "joint")
+        out["joint"] = start = last_checkpoint(result, run_j)
+        out["joint_run"] = run_uri
+        out["joint_metrics"] = result.metrics
+        print(f"[train_generator] joint stage done: {start}", flush=True)
+    elif cfg.stage2_epochs and not cfg.stage2_checkpoint:
         run2 = dataclasses.replace(run, name=f"stage2-{run.name}" if run.name else "")
         train2 = dataclasses.replace(cfg.train, max_epochs=cfg.stage2_epochs, decay_epochs=0, encoder_checkpoint=start)
         result, run_uri, _ = train_stage2(train2, run2, inputs)
@@ -523,7 +648,7 @@ def run_train_generator(cfg: TrainGeneratorConfig) -> dict[str, Any]:
         out["stage2_run"] = run_uri
         out["stage2_metrics"] = result.metrics
         print(f"[train_generator] stage 2 done: {start}", flush=True)
-    if cfg.stage3_epochs:
+    if cfg.stage3_epochs and not scratch:
         if not (cfg.stage2_epochs or cfg.stage2_checkpoint):
             raise ValueError("stage 3 starts from stage 2: set stage2_epochs >= 1 or stage2_checkpoint")
         run3 = dataclasses.replace(run, name=f"stage3-{run.name}" if run.name else "")
@@ -533,6 +658,10 @@ def run_train_generator(cfg: TrainGeneratorConfig) -> dict[str, Any]:
         out["stage3_run"] = run_uri
         out["stage3_metrics"] = result.metrics
         print(f"[train_generator] stage 3 done: {start}", flush=True)
+    out["train_seconds"] = time.perf_counter() - started  # the training stages (Ray Train start-up included)
+    last_stage = next((k for k in ("stage3_metrics", "joint_metrics", "stage2_metrics") if k in out), None)
+    if last_stage:
+        out["images_per_s"] = out[last_stage].get("images_per_s")
     final = start
     final_run = final.rstrip("/").rsplit("/", 1)[0]
     if cfg.train_mapper:
