@@ -258,3 +258,19 @@ def job_config(cls: type[T], argv: Sequence[str] | None = None, description: str
         raise SystemExit(2)
     print(f"# {cls.__name__}\n{config_to_yaml(cfg)}", flush=True)
     return cfg
+
+
+def merge_trees(*trees: Mapping[str, Any]) -> dict[str, Any]:
+    """Later mappings win, nested mappings merge key by key; the inputs are not changed."""
+    out: dict[str, Any] = {}
+    for tree in trees:
+        out = _merge(out, copy.deepcopy(dict(tree)))
+    return out
+
+
+def dotted_to_tree(values: Mapping[str, Any]) -> dict[str, Any]:
+    """{"train.lambda_l1": 10} -> {"train": {"lambda_l1": 10}}."""
+    tree: dict[str, Any] = {}
+    for key, value in values.items():
+        _set_dotted(tree, key, value)
+    return tree

@@ -104,8 +104,9 @@ def latest_run(storage_path: str, stage: str) -> str | None:
     return names[-1] if names else None
 
 
-def make_trainer(loop, loop_config: dict, run: RunSettings, stage: str):
-    """A TorchTrainer with DDP workers, storage (local or S3), best-N checkpoints and fault tolerance."""
+def make_trainer(loop, loop_config: dict, run: RunSettings, stage: str, callbacks: tuple = ()):
+    """A TorchTrainer with DDP workers, storage (local or S3), best-N checkpoints and fault tolerance.
+    `callbacks`: Ray Train callbacks, e.g. Tune's report forwarding when the run is a Tune trial."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -134,6 +135,7 @@ def make_trainer(loop, loop_config: dict, run: RunSettings, stage: str):
                 checkpoint_score_attribute=run.checkpoint_metric,
                 checkpoint_score_order=run.checkpoint_mode,
             ),
+            callbacks=list(callbacks) or None,
         ),
     )
     return trainer, storage.join(run.storage_path, name)

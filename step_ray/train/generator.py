@@ -528,7 +528,7 @@ def prepare_generator_inputs(data: DataConfig, val_split: str = "val") -> Genera
                            val_style_ids=np.array([styles.get(image_id(p), -1) for p in val_paths], np.int64))
 
 
-def train_generator_stage(cfg: GeneratorTrainConfig, run, inputs: GeneratorInputs, stage: str):
+def train_generator_stage(cfg: GeneratorTrainConfig, run, inputs: GeneratorInputs, stage: str, callbacks: tuple = ()):
     """Run one stage's TorchTrainer; returns (ray.train.Result, run folder URI, the resolved config).
 
     The encoder config is taken from the checkpoint E comes from, so the saved config.yaml describes the
@@ -545,7 +545,7 @@ def train_generator_stage(cfg: GeneratorTrainConfig, run, inputs: GeneratorInput
                          f"{cfg.discriminator.min_side()} (lower discriminator.n_layers or num_scales)")
     loop_config = {"train": cfg, "inputs": inputs, "stage": stage,
                    "checkpoint_metric": run.checkpoint_metric, "checkpoint_mode": run.checkpoint_mode}
-    trainer, run_uri = make_trainer(generator_worker_loop, loop_config, run, stage)
+    trainer, run_uri = make_trainer(generator_worker_loop, loop_config, run, stage, callbacks)
     result = trainer.fit()
     if result.error:
         raise result.error
@@ -616,8 +616,9 @@ def encode_split(encoder_checkpoint: str, data: DataConfig, split: str = "train"
     return encode(images.b, load_encoder(encoder_checkpoint))
 
 
-def run_train_generator(cfg: TrainGeneratorConfig) -> dict[str, Any]:
-    """Returns {"stage2": checkpoint, "stage3": checkpoint, "mapper": folder, "metrics": uri, ...}."""
+def run_train_generator(cfg: TrainGeneratorConfig, callbacks: tuple = ()) -> dict[str, Any]:
+    """Returns {"stage2": checkpoint, "stage3": checkpoint, "mapper": folder, "metrics": uri, ...}.
+    `callbacks` go to every stage's TorchTrainer (a sweep forwards the epoch reports to Tune)."""
     from step_ray import storage
     from step_ray.train.common import write_json
     from step_ray.train.stage2 import train_stage2
@@ -635,7 +636,7 @@ def run_train_generator(cfg: TrainGeneratorConfig) -> dict[str, Any]:
         run_j = dataclasses.replace(run, name=f"joint-{run.name}" if run.name else "")
         train_j = dataclasses.replace(cfg.train, train_encoder=True, max_epochs=cfg.stage2_epochs + cfg.stage3_epochs,
                                       decay_epochs=cfg.stage3_decay_epochs, encoder_checkpoint="", init_checkpoint="")
-        result, run_uri, _ = train_generator_stage(train_j, run_j, inputs, "joint")
+        result, run_uri, _ = train_generator_stage(train_j, run_j, inputs, "joint", callbacks)
         out["joint"] = start = last_checkpoint(result, run_j)
         out["joint_run"] = run_uri
         out["joint_metrics"] = result.metrics
@@ -643,7 +644,7 @@ def run_train_generator(cfg: TrainGeneratorConfig) -> dict[str, Any]:
     elif cfg.stage2_epochs and not cfg.stage2_checkpoint:
         run2 = dataclasses.replace(run, name=f"stage2-{run.name}" if run.name else "")
         train2 = dataclasses.replace(cfg.train, max_epochs=cfg.stage2_epochs, decay_epochs=0, encoder_checkpoint=start)
-        result, run_uri, _ = train_stage2(train2, run2, inputs)
+        result, run_uri, _ = train_stage2(train2, run2, inputs, callbacks)
         out["stage2"] = start = last_checkpoint(result, run2)
         out["stage2_run"] = run_uri
         out["stage2_metrics"] = result.metrics
@@ -653,7 +654,7 @@ def run_train_generator(cfg: TrainGeneratorConfig) -> dict[str, Any]:
             raise ValueError("stage 3 starts from stage 2: set stage2_epochs >= 1 or stage2_checkpoint")
         run3 = dataclasses.replace(run, name=f"stage3-{run.name}" if run.name else "")
         train3 = dataclasses.replace(cfg.train, max_epochs=cfg.stage3_epochs, decay_epochs=cfg.stage3_decay_epochs)
-        result, run_uri, _ = train_stage3(train3, run3, inputs, stage2_checkpoint=start)
+        result, run_uri, _ = train_stage3(train3, run3, inputs, stage2_checkpoint=start, callbacks=callbacks)
         out["stage3"] = start = last_checkpoint(result, run3)
         out["stage3_run"] = run_uri
         out["stage3_metrics"] = result.metrics

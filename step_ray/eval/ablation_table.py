@@ -1,0 +1,162 @@
+"""The results of a sweep as the paper's ablation table (METHOD §7, §9): Markdown, CSV and a plot.
+
+Input: one row per trial (variant, seed, sampled settings, status, which parts the variant switches on,
+and its numbers). Output, in the experiment folder (local or s3://):
+
+* results.md  — one line per (variant, sampled settings), grouped BicycleGAN / MUNIT-p / Ours in the
+  paper's order, check marks for the parts, mean ± std over seeds; then every trial;
+* results.csv — the same per-variant lines (mean and std columns), and trials.csv, one line per trial;
+* results.png — reconstruction LPIPS (lower is better) against diversity (higher is better), one point
+  per variant: filled from reference styles, hollow from mapper samples.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from typing import Any
+
+import numpy as np
+
+from step_ray import storage
+
+METRICS = (  # (row key, column title)
+    ("psnr", "PSNR ↑"),
+    ("lpips", "LPIPS ↓"),
+    ("diversity_refs", "div. refs ↑"),
+    ("diversity_mapper", "div. mapper ↑"),
+    ("train_seconds", "train s"),
+    ("images_per_s", "img/s"),
+)
+PARTS = (("encoder", "E"), ("vae", "VAE"), ("kl", "KL"), ("l2_z", "L2 z"), ("cycle", "cycle"), ("random_z", "random z"),
+         ("rec", "rec"))
+FAMILY_ORDER = ("BicycleGAN", "MUNIT-p", "Ours")
+
+
+def _mark(value: Any) -> str:
+    if isinstance(value, bool):
+        return "✓" if value else ""
+    return str(value)
+
+
+def _finite(values: list[Any]) -> list[float]:
+    return [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One line per (variant, params): mean and std of each metric over the trials that reported it."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["variant"], row.get("params", "{}")), []).append(row)
+
+    def order(key):
+        first = groups[key][0]
+        family = FAMILY_ORDER.index(first["family"]) if first["family"] in FAMILY_ORDER else len(FAMILY_ORDER)
+        return family, first["version"], key[1]
+
+    out = []
+    for key in sorted(groups, key=order):
+        trials = groups[key]
+        line = {k: trials[0][k] for k in ("variant", "family", "version", "params")}
+        line.update({name: trials[0].get(name) for name, _ in PARTS})
+        line["trials"] = len(trials)
+        line["finished"] = sum(t.get("status") == "TERMINATED" for t in trials)
+        for name, _ in METRICS:
+            values = _finite([t.get(name) for t in trials])
+            line[name] = float(np.mean(values)) if values else float("nan")
+            line[f"{name}_std"] = float(np.std(values)) if len(values) > 1 else 0.0 if values else float("nan")
+            line[f"{name}_n"] = len(values)
+        out.append(line)
+    return out
+
+
+def _fmt(line: dict[str, Any], name: str) -> str:
+    mean, std, n = line[name], line[f"{name}_std"], line[f"{name}_n"]
+    if not n:
+        return "–"
+    digits = 1 if name in ("train_seconds", "images_per_s") else 2 if name == "psnr" else 3
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if n > 1 else "")
+
+
+def markdown(lines: list[dict[str, Any]], rows: list[dict[str, Any]], title: str = "Ablation sweep") -> str:
+    with_params = any(line["params"] not in ("", "{}") for line in lines)
+    head = ["method", "ver."] + (["settings"] if with_params else []) + [t for _, t in PARTS] + [t for _, t in METRICS] + ["trials"]
+    out = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    family = None
+    for line in lines:
+        name = line["family"] if line["family"] != family else ""
+        family = line["family"]
+        cells = [name, line["version"]] + ([line["params"]] if with_params else [])
+        cells += [_mark(line[p]) for p, _ in PARTS] + [_fmt(line, m) for m, _ in METRICS]
+        cells.append(f"{line['finished']}/{line['trials']}")
+        out.append("| " + " | ".join(cells) + " |")
+    out += ["", "Mean ± std over seeds. PSNR and LPIPS: reconstruction G(A, E(B)) against B on the validation split; "
+            "div.: mean pairwise LPIPS of one input's outputs under reference styles / mapper samples; "
+            "train s: wall time of the training stages; img/s: the last epoch's training throughput; "
+            "trials: evaluated / run.", "", "## Trials", "",
+            "| trial | variant | seed | settings | status | epochs | last val PSNR | PSNR | LPIPS |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        def num(key, digits=3):
+            value = row.get(key)
+            return f"{value:.{digits}f}" if isinstance(value, (int, float)) and math.isfinite(value) else "–"
+        out.append(f"| {row.get('trial_id', '')} | {row['variant']} | {row['seed']} | {row.get('params', '')} | {row.get('status', '')} "
+                   f"| {row.get('epochs', '–')} | {num('val_psnr', 2)} | {num('psnr', 2)} | {num('lpips')} |")
+    return "\n".join(out) + "\n"
+
+
+def _csv(records: list[dict[str, Any]]) -> bytes:
+    keys: list[str] = []
+    for record in records:
+        keys += [k for k in record if k not in keys]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(records)
+    return buf.getvalue().encode()
+
+
+def plot(lines: list[dict[str, Any]]) -> bytes:
+    """Reconstruction LPIPS against diversity, one point per variant (PNG bytes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"BicycleGAN": "tab:blue", "MUNIT-p": "tab:orange", "Ours": "tab:green"}
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    for line in lines:
+        if not line["lpips_n"]:
+            continue
+        colour = colours.get(line["family"], "tab:gray")
+        label = line["variant"] + ("" if line["params"] in ("", "{}") else f" {line['params']}")
+        if line["diversity_refs_n"]:
+            ax.errorbar(line["lpips"], line["diversity_refs"], xerr=line["lpips_std"] or None,
+                        yerr=line["diversity_refs_std"] or None, fmt="o", color=colour)
+            ax.annotate(label, (line["lpips"], line["diversity_refs"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if line["diversity_mapper_n"]:
+            ax.plot(line["lpips"], line["diversity_mapper"], "o", mfc="none", color=colour)
+    for family, colour in colours.items():
+        ax.plot([], [], "o", color=colour, label=family)
+    ax.plot([], [], "o", mfc="none", color="k", label="mapper samples")
+    ax.set_xlabel("reconstruction LPIPS ↓")
+    ax.set_ylabel("diversity (mean pairwise LPIPS) ↑")
+    ax.set_title("Reconstruction against diversity, one point per variant")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_results(rows: list[dict[str, Any]], folder: str, title: str = "Ablation sweep") -> dict[str, str]:
+    """results.md, results.csv, trials.csv and results.png under `folder`; returns their URIs."""
+    lines = aggregate(rows)
+    files = {"md": storage.join(folder, "results.md"), "csv": storage.join(folder, "results.csv"),
+             "trials_csv": storage.join(folder, "trials.csv"), "png": storage.join(folder, "results.png")}
+    storage.write_bytes(files["md"], markdown(lines, rows, title).encode())
+    storage.write_bytes(files["csv"], _csv(lines))
+    storage.write_bytes(files["trials_csv"], _csv(rows))
+    storage.write_bytes(files["png"], plot(lines))
+    return files

@@ -1,0 +1,296 @@
+"""Ray Tune sweeps over the ablation grid (variants × seeds) and over loss weights (METHOD §7).
+
+The driver (`run_sweep`) owns what a sweep is: the grid of variants and seeds, the sampled settings from
+a YAML search space, the scheduler (ASHA, optional), the resources and the experiment's storage (local
+or s3://). Each trial (`run_trial`) is one `run_train_generator`: a Ray Train run per stage with its own
+workers, its per-epoch reports forwarded to Tune, its evaluation reported once at the end. An interrupted
+sweep is continued with `resume=true` (Tuner.restore): finished trials are kept, not rerun; an
+unfinished one starts again and its stages continue from their own last checkpoints.
+
+Search space YAML (keys are TrainGeneratorConfig settings, dotted):
+
+    train.lambda_l1: {grid: [5, 10, 20]}            # every value, for every variant and seed
+    train.lambda_z_l2: {loguniform: [0.001, 0.1]}   # num_samples draws per grid point
+    train.lambda_gan: {choice: [0.5, 1.0]}          # also: uniform [lo, hi], randint [lo, hi]
+
+Every trial's config is: defaults <- its variant <- `trial` (this sweep's settings for all trials) <-
+its sampled values <- train.seed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from step_ray import storage
+from step_ray.config import ConfigError, config_from_dict, dotted_to_tree, merge_trees
+from step_ray.train.variants import VARIANTS, get_variant, variant_base
+
+SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+RESULTS_STEM = "results"  # results.md, results.csv, results.png in the experiment folder
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """`jobs/sweep.py`: which trials, how they are scheduled, where the experiment lives."""
+
+    name: str = ""  # experiment folder; empty: sweep-<UTC time> (resume=true needs the name)
+    storage_path: str = "runs/sweeps"  # local folder or s3://bucket/prefix
+    resume: bool = False  # continue the experiment `name` (Tuner.restore): finished trials are not rerun
+    variants: tuple[str, ...] = tuple(VARIANTS)
+    seeds: tuple[int, ...] = (0,)
+    search_space: str = ""  # YAML file of sampled/gridded settings (see the module docstring); empty: none
+    num_samples: int = 1  # draws of the sampled settings per (variant, seed, grid point)
+    trial: dict[str, Any] = field(default_factory=dict)  # TrainGeneratorConfig settings every trial gets
+    asha: bool = False  # ASHA early stopping on the per-epoch `asha_metric`
+    asha_metric: str = "val_psnr"
+    asha_mode: Literal["max", "min"] = "max"
+    asha_grace_period: int = 1  # epochs every trial gets before it can be stopped
+    asha_reduction_factor: int = 2
+    trial_cpus: float = 1.0  # the trial's own process (its stages' driver, the mapper, the evaluation)
+    max_concurrent_trials: int = 0  # 0: as many as the cluster's CPUs (or GPUs) hold at once
+    max_failures: int = 0  # Tune restarts of a failed trial (each stage also retries: trial.run.max_failures)
+    table_only: bool = False  # rebuild the results table of an existing experiment, train nothing
+
+    def __post_init__(self):
+        if not self.variants or not self.seeds:
+            raise ValueError("a sweep needs at least one variant and one seed")
+        for name in self.variants:
+            get_variant(name)
+        if self.num_samples < 1 or self.asha_grace_period < 1 or self.asha_reduction_factor < 2:
+            raise ValueError("num_samples and asha_grace_period must be >= 1, asha_reduction_factor >= 2")
+        if self.resume and not self.name:
+            raise ValueError("resume=true continues a named experiment: set name=<the experiment folder>")
+        if self.table_only and not self.name:
+            raise ValueError("table_only=true reads a named experiment: set name=<the experiment folder>")
+
+
+# ----------------------------------------------------------------------------------------------------
+# the search space
+
+
+def read_search_space(path: str) -> dict[str, dict[str, Any]]:
+    """{dotted key: {kind: values}} from YAML, checked (one kind per key, known kinds, sane ranges)."""
+    import yaml
+
+    if not path:
+        return {}
+    try:
+        tree = yaml.safe_load(storage.read_bytes(path)) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"search_space {path} is not valid YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"search_space {path}: expected a mapping of settings")
+    for key, spec in tree.items():
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SEARCH_KINDS:
+            raise ConfigError(f"search_space {path}: {key}: expected one of {{{', '.join(SEARCH_KINDS)}: ...}}, got {spec!r}")
+        kind, values = next(iter(spec.items()))
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"search_space {path}: {key}.{kind}: expected a non-empty list")
+        if kind in ("uniform", "loguniform", "randint") and (len(values) != 2 or not values[0] < values[1]):
+            raise ConfigError(f"search_space {path}: {key}.{kind}: expected [low, high] with low < high")
+        if kind == "loguniform" and values[0] <= 0:
+            raise ConfigError(f"search_space {path}: {key}.loguniform: the low end must be > 0")
+    return tree
+
+
+def tune_domains(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    from ray import tune
+
+    make = {"grid": tune.grid_search, "choice": tune.choice, "uniform": lambda v: tune.uniform(*v),
+            "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(*v)}
+    return {key: make[kind](values) for key, spec in space.items() for kind, values in spec.items()}
+
+
+def representative_values(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One value per key (the first listed, or the low end) to check the settings exist before launching."""
+    return {key: values[0] for key, spec in space.items() for values in spec.values()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# one trial
+
+
+def trial_config(sweep: SweepConfig, variant: str, seed: int, values: dict[str, Any] | None = None):
+    """The TrainGeneratorConfig of one trial (without its storage, which the trial sets)."""
+    from step_ray.train.generator import TrainGeneratorConfig
+
+    tree = merge_trees(variant_base(variant), sweep.trial, dotted_to_tree(values or {}), {"train": {"seed": seed}})
+    return config_from_dict(TrainGeneratorConfig, tree, where=f"trial[{variant}, seed {seed}]")
+
+
+def experiment_uri(sweep: SweepConfig) -> str:
+    return storage.join(sweep.storage_path, sweep.name)
+
+
+def run_trial(params: dict[str, Any], sweep: SweepConfig, experiment: str) -> None:
+    """One trial: train the variant (stages forward their epoch reports to Tune), evaluate, report once."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from step_ray.train.generator import run_train_generator
+
+    variant, seed, values = params["variant"], int(params["seed"]), dict(params.get("params") or {})
+    trial_id = ray.tune.get_context().get_trial_id()
+    folder = storage.join(experiment, "trials", trial_id)
+    # one marker per start of this trial: a resumed sweep that reran a finished trial would show two
+    storage.write_bytes(storage.join(folder, f"start-{time.time_ns()}-{uuid.uuid4().hex[:6]}.json"),
+                        json.dumps({"variant": variant, "seed": seed, "params": values}).encode())
+    cfg = trial_config(sweep, variant, seed, values)
+    run = dataclasses.replace(cfg.run, storage_path=storage.join(folder, "runs"), name=f"{variant}-seed{seed}")
+    cfg = dataclasses.replace(cfg, run=run, eval=dataclasses.replace(cfg.eval, method=variant))
+    out = run_train_generator(cfg, callbacks=(TuneReportCallback(),))
+    last = next((out[k] for k in ("stage3_metrics", "joint_metrics", "stage2_metrics") if k in out), {})
+    final = {"variant": variant, "seed": seed, "params": json.dumps(values, sort_keys=True), "trial_folder": folder,
+             "train_seconds": out["train_seconds"], "train_images_per_s": out.get("images_per_s"),
+             "val_psnr": last.get("val_psnr"), "summary": out["metrics"], "evaluated": "eval_metrics" in out,
+             "epochs": sum(out[k]["epoch"] + 1 for k in ("joint_metrics", "stage2_metrics", "stage3_metrics") if k in out)}
+    final.update({f"eval_{k}": v for k, v in (out.get("eval_metrics") or {}).items() if isinstance(v, (int, float))})
+    ray.tune.report(final)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the driver
+
+
+def default_concurrency(sweep: SweepConfig) -> int:
+    """Trials that fit at once: each needs trial_cpus plus its workers' CPUs (or its workers' GPUs).
+    Without this cap Tune would start trial processes until no CPU is left for their workers."""
+    import ray
+
+    from step_ray.train.common import wants_gpu
+
+    run = trial_config(sweep, sweep.variants[0], sweep.seeds[0]).run
+    resources = ray.cluster_resources()
+    per_trial_cpus = sweep.trial_cpus + run.num_workers * run.cpus_per_worker
+    fit = int(resources.get("CPU", 1) // per_trial_cpus) if per_trial_cpus else 1 << 30
+    if wants_gpu(run):
+        fit = min(fit, int(resources.get("GPU", 0) // run.num_workers))
+    return max(1, fit)
+
+
+def _tuner(sweep: SweepConfig, experiment: str):
+    from ray import tune
+
+    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep, experiment=experiment),
+                                    {"CPU": sweep.trial_cpus})
+    fs, root = storage.resolve(sweep.storage_path)
+    restore_path = storage.resolve(experiment)[1]
+    if sweep.resume:
+        if not tune.Tuner.can_restore(restore_path, storage_filesystem=fs):
+            raise FileNotFoundError(f"resume=true: no Tune experiment at {experiment}")
+        print(f"[sweep] resuming {experiment}: finished trials are kept, unfinished ones run again", flush=True)
+        return tune.Tuner.restore(restore_path, trainable, resume_unfinished=True, resume_errored=True,
+                                  storage_filesystem=fs)
+    scheduler = None
+    if sweep.asha:
+        configs = [trial_config(sweep, v, sweep.seeds[0]) for v in sweep.variants]
+        total_epochs = max(c.stage2_epochs + c.stage3_epochs for c in configs)
+        scheduler = tune.schedulers.ASHAScheduler(time_attr="training_iteration", max_t=total_epochs + 1,
+                                                  grace_period=sweep.asha_grace_period,
+                                                  reduction_factor=sweep.asha_reduction_factor)
+    space = read_search_space(sweep.search_space)
+    param_space = {"variant": tune.grid_search(list(sweep.variants)), "seed": tune.grid_search(list(sweep.seeds))}
+    if space:
+        param_space["params"] = tune_domains(space)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            num_samples=sweep.num_samples,
+            scheduler=scheduler,
+            metric=sweep.asha_metric if sweep.asha else None,
+            mode=sweep.asha_mode if sweep.asha else None,
+            max_concurrent_trials=sweep.max_concurrent_trials or default_concurrency(sweep),
+        ),
+        run_config=tune.RunConfig(name=sweep.name, storage_path=root, storage_filesystem=fs,
+                                  failure_config=tune.FailureConfig(max_failures=sweep.max_failures)),
+    )
+
+
+def check_sweep(sweep: SweepConfig) -> None:
+    """Every (variant, sampled setting) builds a valid config before anything is launched."""
+    values = representative_values(read_search_space(sweep.search_space))
+    for variant in sweep.variants:
+        cfg = trial_config(sweep, variant, sweep.seeds[0], values)
+        if cfg.train.encoder_init == "checkpoint" and not (cfg.encoder_checkpoint or cfg.stage2_checkpoint):
+            raise ConfigError(f"variant {variant} starts from a pre-trained encoder: set trial.encoder_checkpoint")
+
+
+def trial_status(sweep: SweepConfig, metrics: dict | None, error: Any) -> str:
+    """TERMINATED: trained and evaluated (its final report came); ERROR; STOPPED: ended early by ASHA;
+    UNFINISHED: interrupted before its end (resume=true runs it again)."""
+    if error:
+        return "ERROR"
+    if "evaluated" in (metrics or {}):
+        return "TERMINATED"
+    return "STOPPED" if sweep.asha and (metrics or {}).get("training_iteration") else "UNFINISHED"
+
+
+def trial_rows(sweep: SweepConfig, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The results table's input: per trial {config, metrics (its last report), status, trial_id}."""
+    from step_ray.train.variants import components
+
+    rows = []
+    for t in trials:
+        config, m = t["config"], t["metrics"] or {}
+        variant, seed = config["variant"], int(config["seed"])
+        values = dict(config.get("params") or {})
+        v = get_variant(variant)
+        row = {"trial_id": t["trial_id"], "variant": variant, "family": v.family, "version": v.version, "seed": seed,
+               "params": json.dumps(values, sort_keys=True) if values else "{}", "status": t["status"],
+               "evaluated": bool(m.get("evaluated", False)), "epochs": m.get("epochs", m.get("training_iteration")),
+               "val_psnr": m.get("val_psnr"), "error": t.get("error", "")}
+        row.update(components(trial_config(sweep, variant, seed, values).train))
+        row.update({"psnr": m.get("eval_psnr"), "lpips": m.get("eval_lpips"), "diversity_refs": m.get("eval_diversity_refs"),
+                    "diversity_mapper": m.get("eval_diversity_mapper"), "psnr_other_style": m.get("eval_psnr_other_style"),
+                    "train_seconds": m.get("train_seconds"), "images_per_s": m.get("train_images_per_s")})
+        rows.append(row)
+    return rows
+
+
+def run_sweep(sweep: SweepConfig) -> dict[str, Any]:
+    """Run (or resume) the sweep, then write the results table; returns {"experiment", "rows", "md", ...}.
+    `table_only=true` rebuilds the table of an existing experiment from Tune's saved state."""
+    from ray import tune
+
+    from step_ray.config import config_to_yaml
+    from step_ray.eval.ablation_table import write_results
+
+    if not sweep.name:
+        sweep = dataclasses.replace(sweep, name=f"sweep-{_dt.datetime.now(_dt.timezone.utc).strftime('%Y%m%d-%H%M%S')}")
+    experiment = experiment_uri(sweep)
+    started = time.perf_counter()
+    if sweep.table_only:
+        fs, _ = storage.resolve(sweep.storage_path)
+        analysis = tune.ExperimentAnalysis(storage.resolve(experiment)[1], storage_filesystem=fs)
+        trials = [{"config": t.config, "metrics": t.last_result, "trial_id": t.trial_id,
+                   "status": trial_status(sweep, t.last_result, t.status == "ERROR")} for t in analysis.trials]
+    else:
+        check_sweep(sweep)
+        if storage.is_s3(sweep.storage_path):
+            storage.check_writable(sweep.storage_path, "storage_path")
+        else:
+            import pathlib
+
+            pathlib.Path(sweep.storage_path).mkdir(parents=True, exist_ok=True)
+        grid = _tuner(sweep, experiment).fit()
+        storage.write_bytes(storage.join(experiment, "sweep.yaml"), config_to_yaml(sweep).encode())
+        trials = [{"config": r.config, "metrics": r.metrics, "status": trial_status(sweep, r.metrics, r.error),
+                   "trial_id": (r.metrics or {}).get("trial_id", ""), "error": str(r.error or "")[:300]} for r in grid]
+    rows = trial_rows(sweep, trials)
+    title = f"Ablation sweep {sweep.name}"
+    unfinished = sum(r["status"] == "UNFINISHED" for r in rows)
+    if unfinished:
+        title += f" (partial: {unfinished} of {len(rows)} trials unfinished)"
+        print(f"[sweep] {unfinished} trials unfinished; continue with: python jobs/sweep.py <same settings> "
+              f"name={sweep.name} resume=true", flush=True)
+    files = write_results(rows, experiment, title=title)
+    seconds = time.perf_counter() - started
+    print(f"[sweep] {len(rows)} trials, {sum(r['evaluated'] for r in rows)} evaluated, in {seconds:.0f}s; "
+          f"table {files['md']}", flush=True)
+    return {"experiment": experiment, "rows": rows, "seconds": seconds, **files}

@@ -1,0 +1,121 @@
+"""jobs/sweep.py on CPU: a tiny sweep of two variants is interrupted, resumed without rerunning the
+finished trial, and ends with the results table (Markdown, CSV, plot)."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from step_ray.models import EncoderConfig, StyleEncoder
+from step_ray.train.common import save_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_TRIAL = {
+    "stage2_epochs": 1, "stage3_epochs": 1,
+    "train": {"generator": {"num_downs": 5, "base_channels": 8}, "discriminator": {"base_channels": 8, "n_layers": 2},
+              "encoder": {"base_channels": 8, "block_channels": [8, 16]},
+              "lambda_vgg": 0.0, "lambda_l1": 10.0, "batch_size": 16, "val_images": 16},
+    "run": {"max_failures": 0, "keep_checkpoints": 1},
+    "mapper": {"epochs": 5},
+    "eval": {"num_inputs": 4, "num_styles": 4, "mapper_samples": 100, "grid_inputs": 2, "grid_references": 3,
+             "interpolation_steps": 3},
+}
+
+
+@pytest.fixture(scope="module")
+def stage1_checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sweep_stage1") / "checkpoint_epoch0000"
+    torch.manual_seed(1)
+    enc = StyleEncoder(EncoderConfig(base_channels=8, block_channels=(8, 16)))
+    save_checkpoint(folder, {"encoder": enc}, {}, {"epoch": 1}, {"train": {"encoder": {"base_channels": 8, "block_channels": [8, 16]}}})
+    return str(folder)
+
+
+def _trial_folders(experiment: Path) -> dict[str, dict]:
+    """trial id -> {starts: number of start markers, finished: its summary exists, variant}."""
+    out = {}
+    for folder in sorted((experiment / "trials").glob("*")):
+        starts = sorted(folder.glob("start-*.json"))
+        if starts:
+            out[folder.name] = {"starts": len(starts), "variant": json.loads(starts[0].read_text())["variant"],
+                                "finished": any(folder.glob("runs/**/train_generator.json"))}
+    return out
+
+
+def test_sweep_interrupted_resumed_and_tabled(ray_session, synthetic_root, stage1_checkpoint, tmp_path):
+    from step_ray.config import load_config
+    from step_ray.train.sweep import SweepConfig, run_sweep
+
+    storage_path = tmp_path / "sweeps"
+    settings = {"name": "abl", "storage_path": str(storage_path), "variants": ["bicycle_v2", "ours_v4"], "seeds": [0],
+                "max_concurrent_trials": 1,
+                "trial": {**TINY_TRIAL, "data": {"root": str(synthetic_root), "image_size": 32},
+                          "encoder_checkpoint": stage1_checkpoint}}
+    config_file = tmp_path / "sweep.yaml"
+    config_file.write_text(yaml.safe_dump(settings))
+    experiment = storage_path / "abl"
+
+    # 1. the sweep job, interrupted (SIGINT, as Ctrl-C) once one trial has finished and the other started
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    log = open(tmp_path / "sweep.log", "w")
+    proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "sweep.py"), "--config", str(config_file)],
+                            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 420
+    try:
+        while time.time() < deadline:
+            trials = _trial_folders(experiment)
+            if len(trials) == 2 and sum(t["finished"] for t in trials.values()) == 1:
+                break
+            assert proc.poll() is None, (tmp_path / "sweep.log").read_text()[-3000:]
+            time.sleep(1)
+        else:
+            pytest.fail("the first trial did not finish in time:\n" + (tmp_path / "sweep.log").read_text()[-3000:])
+        time.sleep(3)  # the second trial is under way
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    before = _trial_folders(experiment)
+    finished_first = [tid for tid, t in before.items() if t["finished"]]
+    assert len(finished_first) == 1
+    partial = (experiment / "results.md").read_text()  # the interrupted sweep still tables what it has
+    assert "partial: 1 of 2 trials unfinished" in partial and "UNFINISHED" in partial
+
+    # 2. resume: the finished trial is kept, the other runs again and finishes
+    cfg = load_config(SweepConfig, config_file, ["resume=true"])
+    out = run_sweep(cfg)
+    after = _trial_folders(experiment)
+    assert after[finished_first[0]]["starts"] == 1  # not rerun
+    other = next(tid for tid in after if tid != finished_first[0])
+    assert after[other]["starts"] == before[other]["starts"] + 1 and after[other]["finished"]
+
+    # 3. the results table
+    rows = {r["variant"]: r for r in out["rows"]}
+    assert set(rows) == {"bicycle_v2", "ours_v4"}
+    for name, row in rows.items():
+        assert row["status"] == "TERMINATED" and row["evaluated"], row
+        for key in ("psnr", "lpips", "diversity_refs", "diversity_mapper", "train_seconds", "images_per_s"):
+            assert isinstance(row[key], float) and row[key] == row[key], (name, key, row[key])
+    assert rows["bicycle_v2"]["encoder"] == "scratch" and rows["bicycle_v2"]["random_z"]
+    assert rows["ours_v4"]["encoder"] == "pre-trained" and not rows["ours_v4"]["random_z"]
+    md = Path(out["md"]).read_text()
+    assert "| BicycleGAN | v2 |" in md and "| Ours | v4 |" in md and md.count("1/1") == 2
+    with open(out["csv"]) as f:
+        table = list(csv.DictReader(f))
+    assert [r["variant"] for r in table] == ["bicycle_v2", "ours_v4"]  # the paper's order
+    assert float(table[1]["psnr"]) == pytest.approx(rows["ours_v4"]["psnr"])
+    assert Path(out["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # 4. the table is rebuilt from the saved experiment alone
+    again = run_sweep(load_config(SweepConfig, config_file, ["table_only=true"]))
+    assert [r["psnr"] for r in again["rows"]] == [r["psnr"] for r in out["rows"]] or \
+        sorted(r["psnr"] for r in again["rows"]) == sorted(r["psnr"] for r in out["rows"])
