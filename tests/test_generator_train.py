@@ -96,6 +96,12 @@ def test_stage2_frozen_encoder_from_s3_and_resume(stage2_run, stage1_checkpoint)
         assert torch.equal(original[name], saved[name]), name
     assert len(_tensors(local / "optimizer_g.pt")["param_groups"]) == 1  # E is in no optimiser
     assert "train_encoder: false" in (local / "config.yaml").read_text()
+    # watching it: TensorBoard events and the epoch grids reached the S3 run folder (two processes: two event files)
+    run_folder = ckpt.rsplit("/", 1)[0]
+    events = [f for f in storage.list_files(storage.join(run_folder, "tensorboard")) if "tfevents" in f]
+    assert len(events) == 2, events
+    assert storage.exists(storage.join(run_folder, "samples", "stage2_epoch0000.png"))
+    assert storage.exists(storage.join(run_folder, "samples", "stage2_epoch0001.png"))
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +135,24 @@ def test_job_outputs(job_run):
     for name in ("transfer", "interpolation", "sampling", "embedding"):
         assert Path(record["pictures"][name]).stat().st_size > 500, name
     assert (Path(out["eval"]) / "table_row.md").read_text().count("|") > 10
+
+
+def test_stage3_and_mapper_are_watched_in_tensorboard(job_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, out = job_run
+    run_folder = Path(out["stage3"]).parent
+    acc = EventAccumulator(str(run_folder / "tensorboard"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    scalars, images = set(acc.Tags()["scalars"]), set(acc.Tags()["images"])
+    assert {"stage3/train_loss_g", "stage3/train_loss_d", "stage3/images_per_s", "stage3/val_psnr", "mapper/loss"} <= scalars
+    assert {"stage3/samples", "mapper/samples_mapper"} <= images
+    # 6 steps, 1 epoch: the per-epoch point at step 6 (scalars_every=20 is longer than the run)
+    assert [e.step for e in acc.Scalars("stage3/val_psnr")] == [6]
+    grid = acc.Images("stage3/samples")[0]
+    # 4 inputs + a header row; 1 input column + 4 references + 2 sampled codes; 32 px tiles, 2 px gaps
+    assert (grid.height, grid.width) == (5 * 34 + 2, 7 * 34 + 2)
+    for png in ("stage3_epoch0000.png", "mapper_samples.png"):
+        assert (run_folder / "samples" / png).stat().st_size > 500, png
 
 
 def test_stage3_trained_the_encoder(job_run, stage2_run):

@@ -61,6 +61,23 @@ def test_outputs_beside_the_checkpoint(resumed_run, synthetic_root):
     assert first["style_stats"] == second["style_stats"] and first["mining"] == second["mining"]
 
 
+
+def test_stage1_is_watched_in_tensorboard(resumed_run):
+    """Scalars every `monitor.scalars_every` steps and per epoch, and the neighbour grid per epoch, across the resume."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, _, second = resumed_run
+    run_dir = Path(second["metrics"]).parent
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    history = json.loads(Path(second["metrics"]).read_text())["history"]
+    steps = [e.step for e in acc.Scalars("stage1/train_loss")]
+    # interval points (every 20 steps) and the epoch means (at each epoch's last step), in order
+    assert steps == sorted(steps) and {h["step"] for h in history} <= set(steps)
+    assert [e.step for e in acc.Scalars("stage1/val_knn_acc")] == [h["step"] for h in history]
+    assert len(acc.Images("stage1/neighbours")) == 2
+    assert sorted(p.name for p in (run_dir / "samples").glob("*.png")) == ["stage1_epoch0000.png", "stage1_epoch0001.png"]
+
+
 def test_resume_equals_uninterrupted_run_on_s3(resumed_run, synthetic_root, s3_bucket):
     tmp, _, resumed = resumed_run
     straight = run_pretrain(_cfg(synthetic_root, tmp, f"run.storage_path=s3://{s3_bucket}/runs", "train.max_epochs=2"))

@@ -45,9 +45,11 @@ from step_ray.losses.perceptual import OFFICIAL_LAYER_WEIGHTS
 from step_ray.models import (DiscriminatorConfig, EncoderConfig, GeneratorConfig, PatchDiscriminator, StyleEncoder,
                              UNetGenerator)
 from step_ray.style.vgg import VGGConfig
-from step_ray.train.common import (EpochMeter, OptimConfig, RunSettings, average_gradients, broadcast_parameters, improves,
-                                   load_checkpoint, make_trainer, save_checkpoint, seed_everything, unwrap, worker_device)
+from step_ray.train.common import (EpochMeter, MixedPrecision, OptimConfig, RunSettings, average_gradients, broadcast_parameters,
+                                   checkpoint_activations, improves, load_checkpoint, make_trainer, save_checkpoint,
+                                   seed_everything, unwrap, worker_device)
 from step_ray.train.mapper import IMLEConfig
+from step_ray.train.monitor import IntervalMeter, MonitorConfig, RunMonitor, code_samples, sample_grid
 
 # Every loss term the G/E step can compute, by its log name; D's terms. A variant switches a subset on.
 G_TERMS = ("gan_g", "vgg", "l1", "kl", "z_l2", "cycle", "gan_random", "latent")
@@ -86,7 +88,9 @@ class GeneratorTrainConfig:
     max_steps: int = 0  # 0: no step budget
     decay_epochs: int = 0  # the last N epochs decay the lr linearly to 0
     flip: bool = True  # the same random horizontal flip on A and B
-    amp: bool = True  # bf16 autocast on GPU workers
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast (fp16: with a grad scaler); GPU workers only
+    activation_checkpointing: bool = False  # recompute G's and E's block activations in backward: less memory, more time
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)  # TensorBoard scalars and sample grids while training
     seed: int = 0
     val_images: int = 64  # rank-0 validation: PSNR of G_ema(A, E(B)) and G_ema(A, E(B')) against B
     image_cache_mb: int = 4096
@@ -303,12 +307,12 @@ def generator_loss(cfg: GeneratorTrainConfig, nets: dict, a, b, style, fake, z_r
 
 
 def train_step(cfg: GeneratorTrainConfig, nets: dict, opt_g, opt_d, a: torch.Tensor, b: torch.Tensor, vgg,
-               step: int, use_amp: bool = False) -> dict[str, float]:
+               step: int, amp: MixedPrecision | None = None) -> dict[str, float]:
     """One D step then one G step (E too when it trains). Gradients are averaged over workers by hand."""
+    amp = amp or MixedPrecision("fp32", a.device)
     g, e = nets["generator"], nets["encoder"]
     n = len(a)
-    autocast = lambda: torch.autocast(a.device.type, dtype=torch.bfloat16, enabled=use_amp)  # noqa: E731
-    with autocast():
+    with amp.autocast():
         style = encode_style(cfg, e, b)
         z_random = torch.randn_like(style[0]) if uses_random_branch(cfg) else None
         # one G pass for the encoded and the random codes
@@ -317,21 +321,33 @@ def train_step(cfg: GeneratorTrainConfig, nets: dict, opt_g, opt_d, a: torch.Ten
         fake, fake_random = out[:n], (out[n:] if z_random is not None else None)
     logs: dict[str, float] = {}
     if cfg.lambda_gan or cfg.lambda_gan_random:
-        with autocast():
+        with amp.autocast():
             loss_d, logs = discriminator_loss(cfg, nets, a, b, fake.detach(),
                                               None if fake_random is None else fake_random.detach())
         opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
+        amp.backward(loss_d)
         average_gradients(*discriminators(nets))
-        opt_d.step()
-    with no_parameter_grads(*discriminators(nets)), autocast():
+        amp.step(opt_d)
+    with no_parameter_grads(*discriminators(nets)), amp.autocast():
         loss_g, g_logs = generator_loss(cfg, nets, a, b, style, fake, z_random, fake_random, vgg)
     opt_g.zero_grad(set_to_none=True)
-    loss_g.backward()
+    amp.backward(loss_g)
     average_gradients(g, *((e,) if cfg.train_encoder else ()))
-    opt_g.step()
+    amp.step(opt_g)
+    amp.update()
     update_ema(nets["generator_ema"], unwrap(g), ema_decay_at(cfg, step))
     return {**logs, **g_logs}
+
+
+def apply_activation_checkpointing(cfg: GeneratorTrainConfig, nets: dict) -> None:
+    """G's down/up blocks and (when it trains) E's residual blocks recompute their insides in backward."""
+    from step_ray.models.encoder import ResidualDownBlock
+
+    g = nets["generator"]
+    blocks = {id(m) for m in [*g.downs, *g.ups]}
+    checkpoint_activations(g, lambda m: id(m) in blocks)
+    if cfg.train_encoder:
+        checkpoint_activations(nets["encoder"], lambda m: isinstance(m, ResidualDownBlock))
 
 
 def make_optimizers(cfg: GeneratorTrainConfig, nets: dict, init_folder: str | None, device):
@@ -395,7 +411,7 @@ def generator_worker_loop(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = worker_device()
-    use_amp = cfg.amp and device.type == "cuda"
+    amp = MixedPrecision(cfg.precision, device)
 
     seed_everything(cfg.seed)
     nets = build_networks(cfg, device)
@@ -403,8 +419,11 @@ def generator_worker_loop(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # resume (or restart after a failure): everything from our own checkpoint
         with checkpoint.as_directory() as folder:
+            import os
+
             opt_g, opt_d = make_optimizers(cfg, nets, None, device)
-            state = load_checkpoint(folder, nets, {"optimizer_g": opt_g, "optimizer_d": opt_d}, map_location=device)
+            scaler = {k: v for k, v in amp.stateful().items() if os.path.exists(os.path.join(folder, f"{k}.pt"))}
+            state = load_checkpoint(folder, nets, {"optimizer_g": opt_g, "optimizer_d": opt_d, **scaler}, map_location=device)
     elif cfg.init_checkpoint:  # a fresh stage 3: G, G_ema, D, E and optimiser states from stage 2
         from step_ray.train.common import local_checkpoint_dir
 
@@ -426,6 +445,8 @@ def generator_worker_loop(loop_config: dict[str, Any]) -> None:
         freeze(nets["encoder"])
     vgg = load_vgg(cfg.vgg, device) if cfg.lambda_vgg else None
     broadcast_parameters(*nets.values())  # every rank starts from rank 0's weights (as DDP would)
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(cfg, nets)
 
     store = PairStore(inputs.train_paths, inputs.data, cfg.image_cache_mb)
     per_rank = len(inputs.train_paths) // world
@@ -435,6 +456,8 @@ def generator_worker_loop(loop_config: dict[str, Any]) -> None:
         val_rows = np.arange(min(cfg.val_images, len(inputs.val_paths)))
         val_a, val_b = PairStore(inputs.val_paths, inputs.data, 0).batch(val_rows)
         other = other_style_rows(inputs.val_style_ids[val_rows], cfg.seed)
+    monitor = RunMonitor(loop_config.get("run_folder", ""), stage, enabled=rank == 0 and cfg.monitor.enabled)
+    interval = IntervalMeter()
 
     while state["epoch"] < cfg.max_epochs and not state["stopped"]:
         epoch = state["epoch"]
@@ -459,9 +482,14 @@ def generator_worker_loop(loop_config: dict[str, Any]) -> None:
             if cfg.flip:
                 flip = (torch.rand(len(a), device=device) < 0.5)[:, None, None, None]
                 a, b = torch.where(flip, a.flip(3), a), torch.where(flip, b.flip(3), b)
-            logs = train_step(cfg, nets, opt_g, opt_d, a, b, vgg, state["step"], use_amp)
+            logs = train_step(cfg, nets, opt_g, opt_d, a, b, vgg, state["step"], amp)
             state["step"] += 1
             meter.add(logs, len(rows))
+            interval.add(logs, len(rows))
+            if cfg.monitor.scalars_every and state["step"] % cfg.monitor.scalars_every == 0:
+                scalars = interval.take(world)
+                monitor.scalars(state["step"], scalars)
+                record_epoch(stage, {**scalars, "step": state["step"]}, rank=rank)  # the dashboard, between epochs
         seconds = meter.seconds()
         metrics: dict[str, Any] = meter.means()
         metrics.update(stage=stage, epoch=epoch, step=state["step"], epoch_seconds=seconds, lr_factor=factor,
@@ -473,17 +501,40 @@ def generator_worker_loop(loop_config: dict[str, Any]) -> None:
                 state["best"] = score
             state["history"].append(metrics)
             print(_progress_line(metrics, cfg.max_epochs), flush=True)
+            monitor.scalars(state["step"], {k: v for k, v in metrics.items() if k not in ("stage", "step")})
+            if cfg.monitor.enabled and cfg.monitor.grid_every and (epoch + 1) % cfg.monitor.grid_every == 0:
+                monitor.image("samples", state["step"], training_grid(cfg, nets, val_a, val_b, device),
+                              png_name=f"{stage}_epoch{epoch:04d}.png")
         state["epoch"] = epoch + 1
         record_epoch(stage, metrics, rank=rank)  # Ray metrics for the dashboard / Prometheus
         with tempfile.TemporaryDirectory() as folder:
             if rank == 0:
-                save_checkpoint(folder, nets, {"optimizer_g": opt_g, "optimizer_d": opt_d}, state, cfg)
+                save_checkpoint(folder, nets, {"optimizer_g": opt_g, "optimizer_d": opt_d, **amp.stateful()}, state, cfg)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                                  checkpoint_dir_name=f"checkpoint_epoch{epoch:04d}")
             else:
                 ray.train.report(metrics)
         if cfg.max_steps and state["step"] >= cfg.max_steps:
             state["stopped"] = f"step budget {cfg.max_steps} reached"
+    monitor.close()
+
+
+def training_grid(cfg: GeneratorTrainConfig, nets: dict, val_a: torch.Tensor, val_b: torch.Tensor, device) -> np.ndarray:
+    """The fixed-seed grid of a generator stage: the same val inputs × the same reference styles, plus
+    codes sampled from a Gaussian fitted to E's codes of the validation images (no mapper exists yet)."""
+    m = cfg.monitor
+    rng = np.random.default_rng(m.seed)
+    inputs = rng.choice(len(val_a), min(m.grid_inputs, len(val_a)), replace=False)
+    refs = rng.choice(len(val_b), min(m.grid_references, len(val_b)), replace=False)
+    encoder = unwrap(nets["encoder"])
+    samples = None
+    if m.grid_samples:
+        was = encoder.training
+        with torch.no_grad():
+            codes = encoder.eval()(val_b.to(device)).float().cpu()
+        encoder.train(was)
+        samples = code_samples(codes, m.grid_samples, m.seed)
+    return sample_grid(nets["generator_ema"], encoder, val_a[inputs], val_b[refs], samples, device)
 
 
 def _progress_line(m: dict[str, Any], max_epochs: int) -> str:
@@ -616,6 +667,30 @@ def encode_split(encoder_checkpoint: str, data: DataConfig, split: str = "train"
     return encode(images.b, load_encoder(encoder_checkpoint))
 
 
+def monitor_mapper(run_folder: str, checkpoint: str, mapper, info: dict, data: DataConfig, split: str, m: MonitorConfig) -> None:
+    """The mapper's loss curve, and the fixed-seed grid with mapper samples G(A, M(r)) next to the reference
+    styles, in the final stage's TensorBoard events and as samples/mapper_samples.png."""
+    from step_ray.data.pix2pix import load_split
+    from step_ray.eval.evaluate import load_generator
+    from step_ray.style.encode import load_encoder
+
+    monitor = RunMonitor(run_folder, "mapper")
+    for entry in info["history"]:
+        monitor.scalars(entry["epoch"], entry)
+    val = load_split(data, split, limit=max(m.grid_inputs, m.grid_references) * 4)
+    a, b = to_tensor(val.a), to_tensor(val.b)
+    rng = np.random.default_rng(m.seed)
+    inputs = rng.choice(len(a), min(m.grid_inputs, len(a)), replace=False)
+    refs = rng.choice(len(b), min(m.grid_references, len(b)), replace=False)
+    with torch.no_grad():
+        samples = mapper(torch.randn(max(1, m.grid_samples), mapper.cfg.noise_dim,
+                                     generator=torch.Generator().manual_seed(m.seed)))
+    g, _ = load_generator(checkpoint)
+    monitor.image("samples_mapper", len(info["history"]), sample_grid(g, load_encoder(checkpoint), a[inputs], b[refs], samples),
+                  png_name="mapper_samples.png")
+    monitor.close()
+
+
 def run_train_generator(cfg: TrainGeneratorConfig, callbacks: tuple = ()) -> dict[str, Any]:
     """Returns {"stage2": checkpoint, "stage3": checkpoint, "mapper": folder, "metrics": uri, ...}.
     `callbacks` go to every stage's TorchTrainer (a sweep forwards the epoch reports to Tune)."""
@@ -672,6 +747,8 @@ def run_train_generator(cfg: TrainGeneratorConfig, callbacks: tuple = ()) -> dic
         mapper, info = train_mapper(codes, cfg.mapper)
         out["mapper"] = save_mapper(storage.join(final_run, "mapper"), mapper, cfg.mapper, {**info, "encoder": final})
         print(f"[train_generator] mapper: {out['mapper']}", flush=True)
+        if cfg.train.monitor.enabled:
+            monitor_mapper(final_run, final, mapper, info, inputs.data, cfg.val_split, cfg.train.monitor)
     if cfg.evaluate:
         from step_ray.eval.evaluate import evaluate
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -20,10 +20,13 @@ from step_ray.data.pix2pix import DataConfig, load_pair, to_tensor
 from step_ray.losses import triplet_loss
 from step_ray.metrics import record_epoch
 from step_ray.models import EncoderConfig, StyleEncoder
+from step_ray.train.monitor import IntervalMeter, MonitorConfig, RunMonitor
 from step_ray.train.common import (
     EpochMeter,
+    MixedPrecision,
     OptimConfig,
     RunSettings,
+    checkpoint_activations,
     improves,
     load_checkpoint,
     make_trainer,
@@ -49,7 +52,9 @@ class Stage1Config:
     max_steps: int = 0  # a step budget; 0: none
     patience: int = 0  # stop after this many epochs without a better checkpoint metric; 0: never
     flip: bool = True  # random horizontal flips: they keep the style
-    amp: bool = True  # bf16 autocast on GPU workers (CPU runs in fp32)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast (fp16: with a grad scaler); GPU workers only
+    activation_checkpointing: bool = False  # recompute E's residual blocks' activations in backward
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)  # TensorBoard scalars and neighbour grids
     seed: int = 0
     knn_k: int = 5
     knn_reference: int = 2000  # train images encoded as the k-NN reference set
@@ -157,7 +162,7 @@ def stage1_worker_loop(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = worker_device()
-    use_amp = cfg.amp and device.type == "cuda"
+    amp = MixedPrecision(cfg.precision, device)
 
     seed_everything(cfg.seed)  # same initial weights on every rank (DDP broadcasts them anyway)
     model = StyleEncoder(cfg.encoder).to(device)
@@ -166,7 +171,14 @@ def stage1_worker_loop(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            state = load_checkpoint(folder, {"encoder": model}, {"optimizer": optimizer}, map_location=device)
+            import os
+
+            scaler = {k: v for k, v in amp.stateful().items() if os.path.exists(os.path.join(folder, f"{k}.pt"))}
+            state = load_checkpoint(folder, {"encoder": model}, {"optimizer": optimizer, **scaler}, map_location=device)
+    if cfg.activation_checkpointing:
+        from step_ray.models.encoder import ResidualDownBlock
+
+        checkpoint_activations(model, lambda m: isinstance(m, ResidualDownBlock))
     model = ray.train.torch.prepare_model(model)
 
     from step_ray.mining import TripletSampler
@@ -189,6 +201,8 @@ def stage1_worker_loop(loop_config: dict[str, Any]) -> None:
         state["untrained"] = validation_metrics(encode_batches(net, val_images, device), inputs, triplets, z_ref,
                                                 ref_labels if labelled else None, cfg.knn_k)
 
+    monitor = RunMonitor(loop_config.get("run_folder", ""), "stage1", enabled=rank == 0 and cfg.monitor.enabled)
+    interval = IntervalMeter()
     while state["epoch"] < cfg.max_epochs and not state["stopped"]:
         epoch = state["epoch"]
         seed_everything(cfg.seed, epoch, rank)
@@ -203,15 +217,22 @@ def stage1_worker_loop(loop_config: dict[str, Any]) -> None:
             if cfg.flip:
                 flip = torch.rand(x.shape[0], device=device) < 0.5
                 x = torch.where(flip[:, None, None, None], x.flip(3), x)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            with amp.autocast():
                 z = model(x)
             z = z.float().view(len(batch), 3, -1)
             loss, logs = triplet_loss(z[:, 0], z[:, 1], z[:, 2], cfg.margin, cfg.l2_weight)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            amp.backward(loss)
+            amp.step(optimizer)
+            amp.update()
             state["step"] += 1
             meter.add(logs, len(batch))
+            interval.add(logs, len(batch))
+            if cfg.monitor.scalars_every and state["step"] % cfg.monitor.scalars_every == 0:
+                scalars = interval.take(world)
+                scalars["images_per_s"] *= 3  # a triplet is three images
+                monitor.scalars(state["step"], scalars)
+                record_epoch("stage1", {**scalars, "step": state["step"]}, rank=rank)
         seconds = meter.seconds()
         metrics: dict[str, Any] = meter.means()
         metrics.update(
@@ -227,6 +248,10 @@ def stage1_worker_loop(loop_config: dict[str, Any]) -> None:
             z_val = encode_batches(net, val_images, device)
             z_ref = encode_batches(net, store.batch(ref_rows), device) if labelled else None
             metrics.update(validation_metrics(z_val, inputs, triplets, z_ref, ref_labels if labelled else None, cfg.knn_k))
+            monitor.scalars(state["step"], {k: v for k, v in metrics.items() if k != "step"})
+            if cfg.monitor.enabled and cfg.monitor.grid_every and (epoch + 1) % cfg.monitor.grid_every == 0:
+                monitor.image("neighbours", state["step"], neighbours_grid(cfg.monitor, val_images, z_val, inputs.val_distances),
+                              png_name=f"stage1_epoch{epoch:04d}.png")
             score = metrics.get(loop_config["checkpoint_metric"])
             if improves(score, state["best"], loop_config["checkpoint_mode"]):
                 state["best"], state["bad_epochs"] = score, 0
@@ -244,12 +269,23 @@ def stage1_worker_loop(loop_config: dict[str, Any]) -> None:
         record_epoch("stage1", metrics, rank=rank)  # Ray metrics for the dashboard / Prometheus
         with tempfile.TemporaryDirectory() as folder:
             if rank == 0:
-                save_checkpoint(folder, {"encoder": model}, {"optimizer": optimizer}, state,
+                save_checkpoint(folder, {"encoder": model}, {"optimizer": optimizer, **amp.stateful()}, state,
                                 loop_config["config"])
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                                  checkpoint_dir_name=f"checkpoint_epoch{epoch:04d}")
             else:
                 ray.train.report(metrics)
+    monitor.close()
+
+
+def neighbours_grid(m: MonitorConfig, val_images: torch.Tensor, z_val: np.ndarray, exact: np.ndarray) -> np.ndarray:
+    """Fixed validation anchors; per anchor a row of its nearest images by E's codes and a row by the
+    exact style distance: the two rows converge as E learns."""
+    from step_ray.eval.embedding import neighbour_grid
+    from step_ray.eval.pictures import to_uint8
+
+    anchors = np.random.default_rng(m.seed).choice(len(val_images), min(m.grid_inputs, len(val_images)), replace=False)
+    return neighbour_grid(to_uint8(val_images), np.asarray(z_val), exact, anchors, k=min(m.grid_references, len(val_images) - 1))
 
 
 def _broadcast(value: str, world: int) -> str:

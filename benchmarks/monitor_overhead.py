@@ -1,0 +1,98 @@
+"""What watching a run costs the training thread: generator steps with and without the RunMonitor.
+
+    python benchmarks/monitor_overhead.py --steps 60 --rounds 3 --json runs/bench_monitor.json
+    python benchmarks/monitor_overhead.py --s3        # the same, event files and grids going to a local moto S3
+
+The loop is the stage-2/3 step (train_step) on 64 px images, batch 8, 32 base channels, L1 reconstruction.
+"watched" sends the losses and throughput to the monitor after every step (the default is every 20) and
+builds a sample grid (4 inputs × 4 references + 2 sampled codes: a no-grad forward of 24 images) every 10
+steps (the default is once per epoch), i.e. far more often than a real run. Plain and watched rounds
+alternate so that machine noise hits both; the ratio of their median step times is the overhead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def run_round(watched: bool, steps: int, folder: str) -> tuple[float, int]:
+    import torch
+
+    from step_ray.models import DiscriminatorConfig, EncoderConfig, GeneratorConfig
+    from step_ray.train.generator import GeneratorTrainConfig, build_networks, make_optimizers, train_step, training_grid
+    from step_ray.train.monitor import IntervalMeter, RunMonitor
+
+    cfg = GeneratorTrainConfig(train_encoder=True, encoder=EncoderConfig(base_channels=32, block_channels=(64, 128)),
+                               generator=GeneratorConfig(num_downs=6, base_channels=32),
+                               discriminator=DiscriminatorConfig(base_channels=32), lambda_vgg=0.0, lambda_l1=10.0)
+    torch.manual_seed(0)
+    nets = build_networks(cfg, "cpu")
+    opt_g, opt_d = make_optimizers(cfg, nets, None, "cpu")
+    a, b = torch.rand(8, 3, 64, 64) * 2 - 1, torch.rand(8, 3, 64, 64) * 2 - 1
+    val_a, val_b = torch.rand(16, 3, 64, 64) * 2 - 1, torch.rand(16, 3, 64, 64) * 2 - 1
+    monitor = RunMonitor(folder, "bench", enabled=watched)
+    interval = IntervalMeter()
+    train_step(cfg, nets, opt_g, opt_d, a, b, None, 0)  # warm-up
+    started = time.perf_counter()
+    for step in range(1, steps + 1):
+        logs = train_step(cfg, nets, opt_g, opt_d, a, b, None, step)
+        interval.add(logs, len(a))
+        if watched:
+            monitor.scalars(step, interval.take(1))
+            if step % 10 == 0:
+                monitor.image("samples", step, training_grid(cfg, nets, val_a, val_b, "cpu"), png_name=f"step{step:04d}.png")
+    seconds = time.perf_counter() - started  # the training thread's time; the writer drains in close()
+    monitor.close()
+    return seconds / steps, monitor.written
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--s3", action="store_true", help="write to a moto S3 server on 127.0.0.1")
+    p.add_argument("--json", default="")
+    args = p.parse_args(argv)
+    server = None
+    if args.s3:
+        import boto3
+        from moto.server import ThreadedMotoServer
+
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY="s",
+                          AWS_DEFAULT_REGION="us-east-1")
+        boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_bucket(Bucket="bench")
+    plain, watched, written = [], [], 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            plain.append(run_round(False, args.steps, "")[0])
+            folder = f"s3://bench/run{r}" if args.s3 else f"{tmp}/run{r}"
+            seconds, written = run_round(True, args.steps, folder)
+            watched.append(seconds)
+            print(f"round {r}: plain {plain[-1] * 1e3:.1f} ms/step, watched {watched[-1] * 1e3:.1f} ms/step", flush=True)
+    ratio = statistics.median(watched) / statistics.median(plain)
+    out = {"machine": platform.platform(), "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "s3": args.s3,
+           "steps": args.steps, "plain_ms": [x * 1e3 for x in plain], "watched_ms": [x * 1e3 for x in watched],
+           "items_written_per_round": written, "overhead": ratio - 1}
+    print(f"median step: plain {statistics.median(plain) * 1e3:.1f} ms, watched {statistics.median(watched) * 1e3:.1f} ms: "
+          f"overhead {100 * (ratio - 1):+.1f}% ({written} items per round: a scalar point every step, a grid every 10)")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    if server is not None:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
