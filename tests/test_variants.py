@@ -173,3 +173,23 @@ def test_average_gradients_over_two_processes():
     # d/dW of sum(W x) + sum(W 2x) = 3x per output row; mean over ranks of 3·1 and 3·2
     assert torch.allclose(g0, torch.full((2, 3), 4.5)) and torch.equal(g0, g1)
     assert torch.allclose(u0, torch.full((2,), 0.5)) and torch.equal(u0, u1)  # (0 + 1) / 2
+
+
+def test_train_generator_job_variant_switch(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("job_train_generator", Path(__file__).resolve().parents[1] / "jobs" / "train_generator.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    assert job.pop_variant(["a=1", "--variant", "ours_v2", "b=2"]) == ("ours_v2", ["a=1", "b=2"])
+    assert job.pop_variant(["--variant=bicycle_v0"]) == ("bicycle_v0", [])
+    job.main(["--variant", "list"])
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listed] == list(VARIANTS)
+    with pytest.raises(SystemExit) as exc:
+        job.main(["--variant", "bicycle_v9"])
+    assert exc.value.code == 2 and "unknown variant" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # a pre-trained variant without its stage-1 checkpoint: one clear line
+        job.main(["--variant", "ours_v1"])
+    assert exc.value.code == 2 and "encoder_checkpoint" in capsys.readouterr().err

@@ -737,7 +737,7 @@ def run_train_generator(cfg: TrainGeneratorConfig, callbacks: tuple = ()) -> dic
     out["train_seconds"] = time.perf_counter() - started  # the training stages (Ray Train start-up included)
     last_stage = next((k for k in ("stage3_metrics", "joint_metrics", "stage2_metrics") if k in out), None)
     if last_stage:
-        out["images_per_s"] = out[last_stage].get("images_per_s")
+        out["images_per_s"] = (out[last_stage] or {}).get("images_per_s")
     final = start
     final_run = final.rstrip("/").rsplit("/", 1)[0]
     if cfg.train_mapper:

@@ -144,11 +144,11 @@ def run_trial(params: dict[str, Any], sweep: SweepConfig, experiment: str) -> No
     run = dataclasses.replace(cfg.run, storage_path=storage.join(folder, "runs"), name=f"{variant}-seed{seed}")
     cfg = dataclasses.replace(cfg, run=run, eval=dataclasses.replace(cfg.eval, method=variant))
     out = run_train_generator(cfg, callbacks=(TuneReportCallback(),))
-    last = next((out[k] for k in ("stage3_metrics", "joint_metrics", "stage2_metrics") if k in out), {})
+    last = next(((out[k] or {}) for k in ("stage3_metrics", "joint_metrics", "stage2_metrics") if k in out), {})
     final = {"variant": variant, "seed": seed, "params": json.dumps(values, sort_keys=True), "trial_folder": folder,
              "train_seconds": out["train_seconds"], "train_images_per_s": out.get("images_per_s"),
              "val_psnr": last.get("val_psnr"), "summary": out["metrics"], "evaluated": "eval_metrics" in out,
-             "epochs": sum(out[k]["epoch"] + 1 for k in ("joint_metrics", "stage2_metrics", "stage3_metrics") if k in out)}
+             "epochs": sum((out[k] or {}).get("epoch", -1) + 1 for k in ("joint_metrics", "stage2_metrics", "stage3_metrics") if k in out)}
     final.update({f"eval_{k}": v for k, v in (out.get("eval_metrics") or {}).items() if isinstance(v, (int, float))})
     ray.tune.report(final)
 
