@@ -51,10 +51,10 @@ def one(size: int, mode: str, batch: int, steps: int, device: str, threads: int,
     dev = torch.device(device)
     torch.manual_seed(0)
     nets = build_networks(cfg, dev)
-    if cfg.activation_checkpointing:
-        apply_activation_checkpointing(cfg, nets)
     opt_g, opt_d = make_optimizers(cfg, nets, None, dev)
     vgg = load_vgg(cfg.vgg, dev) if vgg_loss else None
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(cfg, nets, vgg)
     amp = MixedPrecision(precision, dev)
     a = torch.rand(batch, 3, size, size, device=dev) * 2 - 1
     b = torch.rand(batch, 3, size, size, device=dev) * 2 - 1

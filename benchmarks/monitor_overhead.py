@@ -4,9 +4,10 @@
     python benchmarks/monitor_overhead.py --s3        # the same, event files and grids going to a local moto S3
 
 The loop is the stage-2/3 step (train_step) on 64 px images, batch 8, 32 base channels, L1 reconstruction.
-"watched" sends the losses and throughput to the monitor after every step (the default is every 20) and
-builds a sample grid (4 inputs × 4 references + 2 sampled codes: a no-grad forward of 24 images) every 10
-steps (the default is once per epoch), i.e. far more often than a real run. Plain and watched rounds
+"watched" sends the losses and throughput to the monitor every --scalars-every steps (default 1; a run's
+default is 20) and builds a sample grid (4 inputs × 4 references + 2 sampled codes: a no-grad forward of
+24 images, E over 16) every --grid-every steps (default 10; a run's default is once per epoch), i.e. by
+default far more often than a real run. Plain and watched rounds
 alternate so that machine noise hits both; the ratio of their median step times is the overhead.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def run_round(watched: bool, steps: int, folder: str) -> tuple[float, int]:
+def run_round(watched: bool, steps: int, folder: str, scalars_every: int = 1, grid_every: int = 10) -> tuple[float, int]:
     import torch
 
     from step_ray.models import DiscriminatorConfig, EncoderConfig, GeneratorConfig
@@ -46,10 +47,10 @@ def run_round(watched: bool, steps: int, folder: str) -> tuple[float, int]:
     for step in range(1, steps + 1):
         logs = train_step(cfg, nets, opt_g, opt_d, a, b, None, step)
         interval.add(logs, len(a))
-        if watched:
+        if watched and step % scalars_every == 0:
             monitor.scalars(step, interval.take(1))
-            if step % 10 == 0:
-                monitor.image("samples", step, training_grid(cfg, nets, val_a, val_b, "cpu"), png_name=f"step{step:04d}.png")
+        if watched and step % grid_every == 0:
+            monitor.image("samples", step, training_grid(cfg, nets, val_a, val_b, "cpu"), png_name=f"step{step:04d}.png")
     seconds = time.perf_counter() - started  # the training thread's time; the writer drains in close()
     monitor.close()
     return seconds / steps, monitor.written
@@ -60,6 +61,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--s3", action="store_true", help="write to a moto S3 server on 127.0.0.1")
+    p.add_argument("--scalars-every", type=int, default=1, help="steps between scalar points (a run's default: 20)")
+    p.add_argument("--grid-every", type=int, default=10, help="steps between grids (a run's default: once per epoch)")
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
     server = None
@@ -78,15 +81,17 @@ def main(argv=None):
         for r in range(args.rounds):
             plain.append(run_round(False, args.steps, "")[0])
             folder = f"s3://bench/run{r}" if args.s3 else f"{tmp}/run{r}"
-            seconds, written = run_round(True, args.steps, folder)
+            seconds, written = run_round(True, args.steps, folder, args.scalars_every, args.grid_every)
             watched.append(seconds)
             print(f"round {r}: plain {plain[-1] * 1e3:.1f} ms/step, watched {watched[-1] * 1e3:.1f} ms/step", flush=True)
     ratio = statistics.median(watched) / statistics.median(plain)
     out = {"machine": platform.platform(), "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "s3": args.s3,
+           "scalars_every": args.scalars_every, "grid_every": args.grid_every,
            "steps": args.steps, "plain_ms": [x * 1e3 for x in plain], "watched_ms": [x * 1e3 for x in watched],
            "items_written_per_round": written, "overhead": ratio - 1}
     print(f"median step: plain {statistics.median(plain) * 1e3:.1f} ms, watched {statistics.median(watched) * 1e3:.1f} ms: "
-          f"overhead {100 * (ratio - 1):+.1f}% ({written} items per round: a scalar point every step, a grid every 10)")
+          f"overhead {100 * (ratio - 1):+.1f}% ({written} items per round: scalars every {args.scalars_every} steps, "
+          f"a grid every {args.grid_every})")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1))

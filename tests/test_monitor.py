@@ -116,6 +116,33 @@ def test_generator_step_with_checkpointing_equals_plain():
             assert ck[key] == pytest.approx(plain[key], rel=1e-4), key
 
 
+def test_vgg_segment_recompute_matches_and_discriminator_bodies_are_wrapped():
+    from step_ray.losses import vgg_perceptual_loss
+    from step_ray.models import DiscriminatorConfig
+    from step_ray.style.vgg import VGGConfig, load_vgg
+    from step_ray.train.generator import GeneratorTrainConfig, apply_activation_checkpointing, build_networks
+
+    vgg = load_vgg(VGGConfig(layers=("conv1_2", "conv2_2", "conv3_2"), layer_weights=(1.0, 1.0, 1.0)))
+    real = torch.rand(2, 3, 32, 32) * 2 - 1
+    grads = []
+    for recompute in (False, True):
+        vgg.recompute_in_backward = recompute
+        fake = (real * 0.5).requires_grad_(True)
+        loss, _ = vgg_perceptual_loss(vgg, fake, real, (1.0, 1.0, 1.0))
+        loss.backward()
+        grads.append((loss.item(), fake.grad.clone()))
+    assert grads[1][0] == pytest.approx(grads[0][0], rel=1e-6)
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-5, atol=1e-8)
+    cfg = GeneratorTrainConfig(encoder=EncoderConfig(base_channels=8, block_channels=(8, 16)),
+                               generator=GeneratorConfig(num_downs=5, base_channels=8),
+                               discriminator=DiscriminatorConfig(base_channels=8, n_layers=2), train_encoder=True)
+    nets = build_networks(cfg, "cpu")
+    vgg.recompute_in_backward = False
+    apply_activation_checkpointing(cfg, nets, vgg)
+    assert vgg.recompute_in_backward
+    assert sum(type(m).__name__ == "CheckpointWrapper" for m in nets["discriminator"].modules()) == 2  # one per scale
+
+
 def test_precision_is_fp32_on_cpu_and_checked():
     amp = MixedPrecision("bf16", torch.device("cpu"))
     assert not amp.enabled and amp.name == "fp32" and amp.stateful() == {}

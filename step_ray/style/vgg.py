@@ -200,9 +200,23 @@ class VGGFeatures(nn.Module):
         # Frozen feature extractor: always eval (VGG has no dropout/BN in `features`, but keep it explicit).
         return super().train(False)
 
+    # Set from outside (a trainer's activation checkpointing), never by the module: when True and a
+    # gradient is wanted, the layers between two returned feature maps are recomputed in backward
+    # instead of keeping their activations (at 512 px these dominate the perceptual loss's memory).
+    recompute_in_backward: bool = False
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         h = ((x + 1.0) * 0.5 - self.mean) / self.std
         outputs: list[torch.Tensor | None] = [None] * len(self._wanted)
+        if self.recompute_in_backward and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            start = 0
+            for index in sorted(self._wanted):
+                h = checkpoint(self.features[start : index + 1], h, use_reentrant=False)
+                outputs[self._wanted[index]] = h
+                start = index + 1
+            return outputs  # type: ignore[return-value]
         for index, module in enumerate(self.features):
             h = module(h)
             slot = self._wanted.get(index)

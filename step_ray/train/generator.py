@@ -89,7 +89,7 @@ class GeneratorTrainConfig:
     decay_epochs: int = 0  # the last N epochs decay the lr linearly to 0
     flip: bool = True  # the same random horizontal flip on A and B
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast (fp16: with a grad scaler); GPU workers only
-    activation_checkpointing: bool = False  # recompute G's and E's block activations in backward: less memory, more time
+    activation_checkpointing: bool = False  # recompute G's, E's, D's blocks and VGG's segments in backward: less memory, more time
     monitor: MonitorConfig = field(default_factory=MonitorConfig)  # TensorBoard scalars and sample grids while training
     seed: int = 0
     val_images: int = 64  # rank-0 validation: PSNR of G_ema(A, E(B)) and G_ema(A, E(B')) against B
@@ -339,8 +339,9 @@ def train_step(cfg: GeneratorTrainConfig, nets: dict, opt_g, opt_d, a: torch.Ten
     return {**logs, **g_logs}
 
 
-def apply_activation_checkpointing(cfg: GeneratorTrainConfig, nets: dict) -> None:
-    """G's down/up blocks and (when it trains) E's residual blocks recompute their insides in backward."""
+def apply_activation_checkpointing(cfg: GeneratorTrainConfig, nets: dict, vgg=None) -> None:
+    """Recompute in backward instead of storing: G's down/up blocks, E's residual blocks (when E trains),
+    each discriminator scale's conv body, and the VGG segments between the perceptual loss's layers."""
     from step_ray.models.encoder import ResidualDownBlock
 
     g = nets["generator"]
@@ -348,6 +349,11 @@ def apply_activation_checkpointing(cfg: GeneratorTrainConfig, nets: dict) -> Non
     checkpoint_activations(g, lambda m: id(m) in blocks)
     if cfg.train_encoder:
         checkpoint_activations(nets["encoder"], lambda m: isinstance(m, ResidualDownBlock))
+    for d in discriminators(nets):
+        bodies = {id(scale.body) for scale in d.scales}
+        checkpoint_activations(d, lambda m, bodies=bodies: id(m) in bodies)
+    if vgg is not None:
+        vgg.recompute_in_backward = True
 
 
 def make_optimizers(cfg: GeneratorTrainConfig, nets: dict, init_folder: str | None, device):
@@ -446,7 +452,7 @@ def generator_worker_loop(loop_config: dict[str, Any]) -> None:
     vgg = load_vgg(cfg.vgg, device) if cfg.lambda_vgg else None
     broadcast_parameters(*nets.values())  # every rank starts from rank 0's weights (as DDP would)
     if cfg.activation_checkpointing:
-        apply_activation_checkpointing(cfg, nets)
+        apply_activation_checkpointing(cfg, nets, vgg)
 
     store = PairStore(inputs.train_paths, inputs.data, cfg.image_cache_mb)
     per_rank = len(inputs.train_paths) // world
