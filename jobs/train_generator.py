@@ -48,6 +48,10 @@ def main(argv=None):
     if variant and variant not in VARIANTS:
         print(f"config error: unknown variant {variant!r}; known: {', '.join(VARIANTS)}", file=sys.stderr)
         raise SystemExit(2)
+    if variant and VARIANTS[variant].trainer != "generator":
+        print(f"config error: variant {variant} has its own trainer: python jobs/train_{VARIANTS[variant].trainer}.py",
+              file=sys.stderr)
+        raise SystemExit(2)
     cfg = job_config(TrainGeneratorConfig, argv, description=__doc__, base=variant_base(variant) if variant else None)
     if not (cfg.encoder_checkpoint or cfg.stage2_checkpoint or cfg.train.encoder_init == "scratch"):
         print("config error: set encoder_checkpoint=<stage-1 checkpoint folder, local or s3://> "

@@ -119,3 +119,19 @@ def test_sweep_interrupted_resumed_and_tabled(ray_session, synthetic_root, stage
     again = run_sweep(load_config(SweepConfig, config_file, ["table_only=true"]))
     assert [r["psnr"] for r in again["rows"]] == [r["psnr"] for r in out["rows"]] or \
         sorted(r["psnr"] for r in again["rows"]) == sorted(r["psnr"] for r in out["rows"])
+
+
+def test_munit_is_a_sweep_variant_with_its_own_config(tmp_path):
+    from step_ray.config import ConfigError
+    from step_ray.train.munit import TrainMUNITConfig
+    from step_ray.train.sweep import SweepConfig, check_sweep, trial_config
+
+    sweep = SweepConfig(variants=("munit", "bicycle_v2"), trial={"data": {"image_size": 32}, "stage2_epochs": 1},
+                        munit_trial={"train": {"max_epochs": 3, "discriminator": {"n_layers": 1, "num_scales": 2}}})
+    cfg = trial_config(sweep, "munit", 7)
+    assert isinstance(cfg, TrainMUNITConfig) and cfg.data.image_size == 32 and cfg.train.max_epochs == 3
+    assert cfg.train.seed == 7 and cfg.train.weights.x == 10.0  # the official weights
+    check_sweep(sweep)
+    too_deep = SweepConfig(variants=("munit",), trial={"data": {"image_size": 32}})  # the official D needs 192 px
+    with pytest.raises(ConfigError, match="discriminator"):
+        check_sweep(too_deep)

@@ -38,7 +38,9 @@ VAE = {"bicycle_v0", "bicycle_v1", "munitp_v1"}
 
 
 def test_the_variant_list_is_the_papers():
-    assert set(VARIANTS) == set(EXPECTED_G)
+    from step_ray.train.variants import GENERATOR_VARIANTS
+
+    assert set(GENERATOR_VARIANTS) == set(EXPECTED_G) and set(VARIANTS) == set(EXPECTED_G) | {"munit"}
 
 
 def _cfg(name):
@@ -190,6 +192,9 @@ def test_train_generator_job_variant_switch(capsys):
     with pytest.raises(SystemExit) as exc:
         job.main(["--variant", "bicycle_v9"])
     assert exc.value.code == 2 and "unknown variant" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        job.main(["--variant", "munit"])
+    assert exc.value.code == 2 and "train_munit.py" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:  # a pre-trained variant without its stage-1 checkpoint: one clear line
         job.main(["--variant", "ours_v1"])
     assert exc.value.code == 2 and "encoder_checkpoint" in capsys.readouterr().err

@@ -24,13 +24,13 @@ METRICS = (  # (row key, column title)
     ("psnr", "PSNR ↑"),
     ("lpips", "LPIPS ↓"),
     ("diversity_refs", "div. refs ↑"),
-    ("diversity_mapper", "div. mapper ↑"),
+    ("diversity_mapper", "div. samples ↑"),
     ("train_seconds", "train s"),
     ("images_per_s", "img/s"),
 )
 PARTS = (("encoder", "E"), ("vae", "VAE"), ("kl", "KL"), ("l2_z", "L2 z"), ("cycle", "cycle"), ("random_z", "random z"),
          ("rec", "rec"))
-FAMILY_ORDER = ("BicycleGAN", "MUNIT-p", "Ours")
+FAMILY_ORDER = ("BicycleGAN", "MUNIT", "MUNIT-p", "Ours")
 
 
 def _mark(value: Any) -> str:
@@ -91,7 +91,8 @@ def markdown(lines: list[dict[str, Any]], rows: list[dict[str, Any]], title: str
         cells.append(f"{line['finished']}/{line['trials']}")
         out.append("| " + " | ".join(cells) + " |")
     out += ["", "Mean ± std over seeds. PSNR and LPIPS: reconstruction G(A, E(B)) against B on the validation split; "
-            "div.: mean pairwise LPIPS of one input's outputs under reference styles / mapper samples; "
+            "div.: mean pairwise LPIPS of one input's outputs under reference styles / sampled styles (the IMLE mapper's "
+            "samples; MUNIT: N(0, I) style codes, its own sampling); MUNIT's PSNR/LPIPS use the true B's style code; "
             "train s: wall time of the training stages; img/s: the last epoch's training throughput; "
             "trials: evaluated / run.", "", "## Trials", "",
             "| trial | variant | seed | settings | status | epochs | last val PSNR | PSNR | LPIPS |", "|---|---|---|---|---|---|---|---|---|"]
@@ -122,7 +123,7 @@ def plot(lines: list[dict[str, Any]]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"BicycleGAN": "tab:blue", "MUNIT-p": "tab:orange", "Ours": "tab:green"}
+    colours = {"BicycleGAN": "tab:blue", "MUNIT": "tab:red", "MUNIT-p": "tab:orange", "Ours": "tab:green"}
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
     for line in lines:
         if not line["lpips_n"]:
@@ -137,7 +138,7 @@ def plot(lines: list[dict[str, Any]]) -> bytes:
             ax.plot(line["lpips"], line["diversity_mapper"], "o", mfc="none", color=colour)
     for family, colour in colours.items():
         ax.plot([], [], "o", color=colour, label=family)
-    ax.plot([], [], "o", mfc="none", color="k", label="mapper samples")
+    ax.plot([], [], "o", mfc="none", color="k", label="sampled styles")
     ax.set_xlabel("reconstruction LPIPS ↓")
     ax.set_ylabel("diversity (mean pairwise LPIPS) ↑")
     ax.set_title("Reconstruction against diversity, one point per variant")

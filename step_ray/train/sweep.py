@@ -46,6 +46,8 @@ class SweepConfig:
     search_space: str = ""  # YAML file of sampled/gridded settings (see the module docstring); empty: none
     num_samples: int = 1  # draws of the sampled settings per (variant, seed, grid point)
     trial: dict[str, Any] = field(default_factory=dict)  # TrainGeneratorConfig settings every trial gets
+    munit_trial: dict[str, Any] = field(default_factory=dict)  # TrainMUNITConfig settings of the `munit` variant
+                                                               # (its data and val_split default to trial's)
     asha: bool = False  # ASHA early stopping on the per-epoch `asha_metric`
     asha_metric: str = "val_psnr"
     asha_mode: Literal["max", "min"] = "max"
@@ -116,7 +118,14 @@ def representative_values(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def trial_config(sweep: SweepConfig, variant: str, seed: int, values: dict[str, Any] | None = None):
-    """The TrainGeneratorConfig of one trial (without its storage, which the trial sets)."""
+    """The TrainGeneratorConfig (MUNIT: TrainMUNITConfig) of one trial, without its storage (the trial's)."""
+    if get_variant(variant).trainer == "munit":
+        from step_ray.train.munit import TrainMUNITConfig
+
+        shared = {k: sweep.trial[k] for k in ("data", "val_split") if k in sweep.trial}
+        tree = merge_trees(variant_base(variant), shared, sweep.munit_trial, dotted_to_tree(values or {}),
+                           {"train": {"seed": seed}})
+        return config_from_dict(TrainMUNITConfig, tree, where=f"munit_trial[seed {seed}]")
     from step_ray.train.generator import TrainGeneratorConfig
 
     tree = merge_trees(variant_base(variant), sweep.trial, dotted_to_tree(values or {}), {"train": {"seed": seed}})
@@ -142,13 +151,22 @@ def run_trial(params: dict[str, Any], sweep: SweepConfig, experiment: str) -> No
                         json.dumps({"variant": variant, "seed": seed, "params": values}).encode())
     cfg = trial_config(sweep, variant, seed, values)
     run = dataclasses.replace(cfg.run, storage_path=storage.join(folder, "runs"), name=f"{variant}-seed{seed}")
-    cfg = dataclasses.replace(cfg, run=run, eval=dataclasses.replace(cfg.eval, method=variant))
-    out = run_train_generator(cfg, callbacks=(TuneReportCallback(),))
-    last = next(((out[k] or {}) for k in ("stage3_metrics", "joint_metrics", "stage2_metrics") if k in out), {})
+    if get_variant(variant).trainer == "munit":
+        from step_ray.train.munit import run_train_munit
+
+        out = run_train_munit(dataclasses.replace(cfg, run=run), callbacks=(TuneReportCallback(),))
+        metrics = dict(out.get("eval_metrics") or {})
+        metrics.setdefault("diversity_mapper", metrics.get("diversity_random"))  # its own sampling: N(0, I) styles
+        out["eval_metrics"] = metrics
+    else:
+        cfg = dataclasses.replace(cfg, run=run, eval=dataclasses.replace(cfg.eval, method=variant))
+        out = run_train_generator(cfg, callbacks=(TuneReportCallback(),))
+    last = next(((out[k] or {}) for k in ("stage3_metrics", "joint_metrics", "stage2_metrics", "munit_metrics") if k in out), {})
     final = {"variant": variant, "seed": seed, "params": json.dumps(values, sort_keys=True), "trial_folder": folder,
              "train_seconds": out["train_seconds"], "train_images_per_s": out.get("images_per_s"),
              "val_psnr": last.get("val_psnr"), "summary": out["metrics"], "evaluated": "eval_metrics" in out,
-             "epochs": sum((out[k] or {}).get("epoch", -1) + 1 for k in ("joint_metrics", "stage2_metrics", "stage3_metrics") if k in out)}
+             "epochs": sum((out[k] or {}).get("epoch", -1) + 1
+                           for k in ("joint_metrics", "stage2_metrics", "stage3_metrics", "munit_metrics") if k in out)}
     final.update({f"eval_{k}": v for k, v in (out.get("eval_metrics") or {}).items() if isinstance(v, (int, float))})
     ray.tune.report(final)
 
@@ -189,7 +207,8 @@ def _tuner(sweep: SweepConfig, experiment: str):
     scheduler = None
     if sweep.asha:
         configs = [trial_config(sweep, v, sweep.seeds[0]) for v in sweep.variants]
-        total_epochs = max(c.stage2_epochs + c.stage3_epochs for c in configs)
+        total_epochs = max(c.train.max_epochs if hasattr(c.train, "weights") else c.stage2_epochs + c.stage3_epochs
+                           for c in configs)
         scheduler = tune.schedulers.ASHAScheduler(time_attr="training_iteration", max_t=total_epochs + 1,
                                                   grace_period=sweep.asha_grace_period,
                                                   reduction_factor=sweep.asha_reduction_factor)
@@ -217,6 +236,11 @@ def check_sweep(sweep: SweepConfig) -> None:
     values = representative_values(read_search_space(sweep.search_space))
     for variant in sweep.variants:
         cfg = trial_config(sweep, variant, sweep.seeds[0], values)
+        if get_variant(variant).trainer == "munit":
+            if cfg.data.image_size < cfg.train.discriminator.min_side():
+                raise ConfigError(f"munit: data.image_size={cfg.data.image_size} is below its discriminator's minimum "
+                                  f"{cfg.train.discriminator.min_side()}: set munit_trial.train.discriminator.n_layers/num_scales")
+            continue
         if cfg.train.encoder_init == "checkpoint" and not (cfg.encoder_checkpoint or cfg.stage2_checkpoint):
             raise ConfigError(f"variant {variant} starts from a pre-trained encoder: set trial.encoder_checkpoint")
 

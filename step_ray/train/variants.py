@@ -19,6 +19,7 @@ Loss terms per variant (log names of step_ray.train.generator.G_TERMS; "rec" is 
     ours_v2     gan_g rec z_l2 gan_random latent              v1 without the cyclic reconstruction
     ours_v3     gan_g rec z_l2                                v2 without random-z sampling
     ours_v4     gan_g rec                                     v3 without the L2 penalty: StEP
+    munit       MUNIT, unpaired (its own loop: step_ray.train.munit; jobs/train_munit.py, or in a sweep)
 
 Reading of the paper where it is silent (stated in the README too): every variant keeps the direct
 reconstruction G(A, E(B)) ≈ B (Ours v2 "without cyclic reconstruction" still reconstructs); the random-z
@@ -28,7 +29,7 @@ the value of λ_kl it replaces; baselines train E from scratch with G in one sta
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 # the random-z branch and BicycleGAN's weights for it (METHOD §7: λ_GAN2 = 1, λ_z = 0.5), λ_kl = 0.01
 _RANDOM_Z = {"lambda_gan_random": 1.0, "lambda_latent": 0.5}
@@ -44,7 +45,8 @@ class Variant:
     family: str  # the row group of the ablation table
     version: str
     summary: str
-    train: Mapping[str, Any] = field(default_factory=dict)  # a partial GeneratorTrainConfig
+    train: Mapping[str, Any] = field(default_factory=dict)  # a partial GeneratorTrainConfig (MUNIT: MUNITTrainConfig)
+    trainer: Literal["generator", "munit"] = "generator"  # which loop trains it: MUNIT's unpaired loop is its own
 
 
 def _merged(*parts: Mapping[str, Any]) -> dict[str, Any]:
@@ -72,7 +74,9 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("ours_v2", "Ours", "v2", "v1 without the cyclic reconstruction", _merged(_RANDOM_Z, _L2_ON_Z)),
     Variant("ours_v3", "Ours", "v3", "v2 without random-z sampling", _merged(_L2_ON_Z)),
     Variant("ours_v4", "Ours", "v4", "v3 without the L2 penalty: StEP (LSGAN + λ_rec · rec)", {}),
+    Variant("munit", "MUNIT", "", "unpaired MUNIT (official weights; step_ray.train.munit)", {}, trainer="munit"),
 )}
+GENERATOR_VARIANTS = tuple(name for name, v in VARIANTS.items() if v.trainer == "generator")
 
 
 def get_variant(name: str) -> Variant:
@@ -82,12 +86,19 @@ def get_variant(name: str) -> Variant:
 
 
 def variant_base(name: str) -> dict[str, Any]:
-    """The variant as a base layer for `load_config(TrainGeneratorConfig, ..., base=...)`."""
-    return {"train": {**get_variant(name).train, "variant": name}}
+    """The variant as a base layer for `load_config(TrainGeneratorConfig, ..., base=...)` (for MUNIT:
+    `TrainMUNITConfig`, which has no variant record)."""
+    variant = get_variant(name)
+    if variant.trainer == "munit":
+        return {"train": dict(variant.train)}
+    return {"train": {**variant.train, "variant": name}}
 
 
 def components(train) -> dict[str, Any]:
-    """What a resolved GeneratorTrainConfig switches on: the ablation table's check-mark columns."""
+    """What a resolved GeneratorTrainConfig (or MUNITTrainConfig) switches on: the ablation table's columns."""
+    if hasattr(train, "weights"):  # MUNIT: content/style encoders from scratch, random styles, cycle optional
+        return {"encoder": "scratch", "vae": False, "kl": False, "l2_z": False, "cycle": train.weights.cyc > 0,
+                "random_z": True, "rec": "L1"}
     return {
         "encoder": "scratch" if train.encoder_init == "scratch" else "pre-trained",
         "vae": train.encoder.variational,
