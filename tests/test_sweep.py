@@ -135,3 +135,18 @@ def test_munit_is_a_sweep_variant_with_its_own_config(tmp_path):
     too_deep = SweepConfig(variants=("munit",), trial={"data": {"image_size": 32}})  # the official D needs 192 px
     with pytest.raises(ConfigError, match="discriminator"):
         check_sweep(too_deep)
+
+
+def test_multidomain_variants_in_a_sweep():
+    from step_ray.train.multidomain import TrainMultiDomainConfig
+    from step_ray.train.sweep import SweepConfig, check_sweep, trial_config
+    from step_ray.train.variants import components
+
+    sweep = SweepConfig(variants=("multidomain", "multidomain_plain"), trial={"data": {"image_size": 32}},
+                        multidomain_trial={"train": {"max_epochs": 2}})
+    full, plain = trial_config(sweep, "multidomain", 3), trial_config(sweep, "multidomain_plain", 3)
+    assert isinstance(full, TrainMultiDomainConfig) and full.data.image_size == 32 and full.train.seed == 3
+    assert (full.train.weights.uni, full.train.weights.smooth) == (1.0, 1.0)
+    assert (plain.train.weights.uni, plain.train.weights.smooth) == (0.0, 0.0) and plain.train.max_epochs == 2
+    assert components(full.train)["random_z"] and components(full.train)["encoder"] == "scratch"
+    check_sweep(sweep)

@@ -40,7 +40,7 @@ VAE = {"bicycle_v0", "bicycle_v1", "munitp_v1"}
 def test_the_variant_list_is_the_papers():
     from step_ray.train.variants import GENERATOR_VARIANTS
 
-    assert set(GENERATOR_VARIANTS) == set(EXPECTED_G) and set(VARIANTS) == set(EXPECTED_G) | {"munit"}
+    assert set(GENERATOR_VARIANTS) == set(EXPECTED_G) and set(VARIANTS) == set(EXPECTED_G) | {"munit", "multidomain", "multidomain_plain"}
 
 
 def _cfg(name):

@@ -30,7 +30,7 @@ METRICS = (  # (row key, column title)
 )
 PARTS = (("encoder", "E"), ("vae", "VAE"), ("kl", "KL"), ("l2_z", "L2 z"), ("cycle", "cycle"), ("random_z", "random z"),
          ("rec", "rec"))
-FAMILY_ORDER = ("BicycleGAN", "MUNIT", "MUNIT-p", "Ours")
+FAMILY_ORDER = ("BicycleGAN", "MUNIT", "MUNIT-p", "Ours", "Multi-domain")
 
 
 def _mark(value: Any) -> str:
@@ -123,7 +123,8 @@ def plot(lines: list[dict[str, Any]]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"BicycleGAN": "tab:blue", "MUNIT": "tab:red", "MUNIT-p": "tab:orange", "Ours": "tab:green"}
+    colours = {"BicycleGAN": "tab:blue", "MUNIT": "tab:red", "MUNIT-p": "tab:orange", "Ours": "tab:green",
+               "Multi-domain": "tab:purple"}
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
     for line in lines:
         if not line["lpips_n"]:

@@ -48,6 +48,8 @@ class SweepConfig:
     trial: dict[str, Any] = field(default_factory=dict)  # TrainGeneratorConfig settings every trial gets
     munit_trial: dict[str, Any] = field(default_factory=dict)  # TrainMUNITConfig settings of the `munit` variant
                                                                # (its data and val_split default to trial's)
+    multidomain_trial: dict[str, Any] = field(default_factory=dict)  # TrainMultiDomainConfig settings of the
+                                                                     # multidomain variants (image_size from trial's)
     asha: bool = False  # ASHA early stopping on the per-epoch `asha_metric`
     asha_metric: str = "val_psnr"
     asha_mode: Literal["max", "min"] = "max"
@@ -118,7 +120,15 @@ def representative_values(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def trial_config(sweep: SweepConfig, variant: str, seed: int, values: dict[str, Any] | None = None):
-    """The TrainGeneratorConfig (MUNIT: TrainMUNITConfig) of one trial, without its storage (the trial's)."""
+    """The TrainGeneratorConfig (MUNIT: TrainMUNITConfig; the multi-domain model: TrainMultiDomainConfig) of one
+    trial, without its storage (the trial sets that)."""
+    if get_variant(variant).trainer == "multidomain":
+        from step_ray.train.multidomain import TrainMultiDomainConfig
+
+        shared = {"data": {"image_size": sweep.trial["data"]["image_size"]}} if "image_size" in sweep.trial.get("data", {}) else {}
+        tree = merge_trees(variant_base(variant), shared, sweep.multidomain_trial, dotted_to_tree(values or {}),
+                           {"train": {"seed": seed}})
+        return config_from_dict(TrainMultiDomainConfig, tree, where=f"multidomain_trial[{variant}, seed {seed}]")
     if get_variant(variant).trainer == "munit":
         from step_ray.train.munit import TrainMUNITConfig
 
@@ -158,15 +168,22 @@ def run_trial(params: dict[str, Any], sweep: SweepConfig, experiment: str) -> No
         metrics = dict(out.get("eval_metrics") or {})
         metrics.setdefault("diversity_mapper", metrics.get("diversity_random"))  # its own sampling: N(0, I) styles
         out["eval_metrics"] = metrics
+    elif get_variant(variant).trainer == "multidomain":
+        from step_ray.train.multidomain import run_train_multidomain
+
+        out = run_train_multidomain(dataclasses.replace(cfg, run=run), callbacks=(TuneReportCallback(),))
+        metrics = {k: v for k, v in (out.get("eval_metrics") or {}).items() if isinstance(v, (int, float))}
+        metrics["diversity_mapper"] = metrics.get("diversity_latent")  # its sampling: the flow's latent styles
+        out["eval_metrics"] = metrics
     else:
         cfg = dataclasses.replace(cfg, run=run, eval=dataclasses.replace(cfg.eval, method=variant))
         out = run_train_generator(cfg, callbacks=(TuneReportCallback(),))
-    last = next(((out[k] or {}) for k in ("stage3_metrics", "joint_metrics", "stage2_metrics", "munit_metrics") if k in out), {})
+    stages = ("stage3_metrics", "joint_metrics", "stage2_metrics", "munit_metrics", "multidomain_metrics")
+    last = next(((out[k] or {}) for k in stages if k in out), {})
     final = {"variant": variant, "seed": seed, "params": json.dumps(values, sort_keys=True), "trial_folder": folder,
              "train_seconds": out["train_seconds"], "train_images_per_s": out.get("images_per_s"),
              "val_psnr": last.get("val_psnr"), "summary": out["metrics"], "evaluated": "eval_metrics" in out,
-             "epochs": sum((out[k] or {}).get("epoch", -1) + 1
-                           for k in ("joint_metrics", "stage2_metrics", "stage3_metrics", "munit_metrics") if k in out)}
+             "epochs": sum((out[k] or {}).get("epoch", -1) + 1 for k in stages if k in out)}
     final.update({f"eval_{k}": v for k, v in (out.get("eval_metrics") or {}).items() if isinstance(v, (int, float))})
     ray.tune.report(final)
 
@@ -207,7 +224,7 @@ def _tuner(sweep: SweepConfig, experiment: str):
     scheduler = None
     if sweep.asha:
         configs = [trial_config(sweep, v, sweep.seeds[0]) for v in sweep.variants]
-        total_epochs = max(c.train.max_epochs if hasattr(c.train, "weights") else c.stage2_epochs + c.stage3_epochs
+        total_epochs = max(c.train.max_epochs if not hasattr(c, "stage2_epochs") else c.stage2_epochs + c.stage3_epochs
                            for c in configs)
         scheduler = tune.schedulers.ASHAScheduler(time_attr="training_iteration", max_t=total_epochs + 1,
                                                   grace_period=sweep.asha_grace_period,
@@ -236,6 +253,8 @@ def check_sweep(sweep: SweepConfig) -> None:
     values = representative_values(read_search_space(sweep.search_space))
     for variant in sweep.variants:
         cfg = trial_config(sweep, variant, sweep.seeds[0], values)
+        if get_variant(variant).trainer == "multidomain":
+            continue  # its config checks the image size itself
         if get_variant(variant).trainer == "munit":
             if cfg.data.image_size < cfg.train.discriminator.min_side():
                 raise ConfigError(f"munit: data.image_size={cfg.data.image_size} is below its discriminator's minimum "

@@ -46,7 +46,8 @@ class Variant:
     version: str
     summary: str
     train: Mapping[str, Any] = field(default_factory=dict)  # a partial GeneratorTrainConfig (MUNIT: MUNITTrainConfig)
-    trainer: Literal["generator", "munit"] = "generator"  # which loop trains it: MUNIT's unpaired loop is its own
+    trainer: Literal["generator", "munit", "multidomain"] = "generator"  # which loop trains it (MUNIT's and the
+                                                                         # multi-domain model's loops are their own)
 
 
 def _merged(*parts: Mapping[str, Any]) -> dict[str, Any]:
@@ -75,6 +76,10 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("ours_v3", "Ours", "v3", "v2 without random-z sampling", _merged(_L2_ON_Z)),
     Variant("ours_v4", "Ours", "v4", "v3 without the L2 penalty: StEP (LSGAN + λ_rec · rec)", {}),
     Variant("munit", "MUNIT", "", "unpaired MUNIT (official weights; step_ray.train.munit)", {}, trainer="munit"),
+    Variant("multidomain", "Multi-domain", "full", "flow latent styles + L_uni + L_smooth (step_ray.train.multidomain)", {},
+            trainer="multidomain"),
+    Variant("multidomain_plain", "Multi-domain", "no uni/smooth", "the same without L_uni and L_smooth",
+            {"weights": {"uni": 0.0, "smooth": 0.0}}, trainer="multidomain"),
 )}
 GENERATOR_VARIANTS = tuple(name for name, v in VARIANTS.items() if v.trainer == "generator")
 
@@ -89,13 +94,16 @@ def variant_base(name: str) -> dict[str, Any]:
     """The variant as a base layer for `load_config(TrainGeneratorConfig, ..., base=...)` (for MUNIT:
     `TrainMUNITConfig`, which has no variant record)."""
     variant = get_variant(name)
-    if variant.trainer == "munit":
+    if variant.trainer != "generator":
         return {"train": dict(variant.train)}
     return {"train": {**variant.train, "variant": name}}
 
 
 def components(train) -> dict[str, Any]:
     """What a resolved GeneratorTrainConfig (or MUNITTrainConfig) switches on: the ablation table's columns."""
+    if hasattr(train, "flow_lr"):  # the multi-domain model: flow latent styles, cycle, E from scratch
+        return {"encoder": "scratch", "vae": False, "kl": False, "l2_z": False, "cycle": train.weights.cyc > 0,
+                "random_z": True, "rec": "–"}
     if hasattr(train, "weights"):  # MUNIT: content/style encoders from scratch, random styles, cycle optional
         return {"encoder": "scratch", "vae": False, "kl": False, "l2_z": False, "cycle": train.weights.cyc > 0,
                 "random_z": True, "rec": "L1"}
