@@ -150,3 +150,41 @@ def test_multidomain_variants_in_a_sweep():
     assert (plain.train.weights.uni, plain.train.weights.smooth) == (0.0, 0.0) and plain.train.max_epochs == 2
     assert components(full.train)["random_z"] and components(full.train)["encoder"] == "scratch"
     check_sweep(sweep)
+
+
+def test_search_space_is_read_checked_and_mapped(tmp_path):
+    from ray import tune
+
+    from step_ray.config import ConfigError
+    from step_ray.train.sweep import read_search_space, representative_values, tune_domains
+
+    space = read_search_space(str(REPO / "configs" / "sweeps" / "loss_weights.yaml"))
+    assert set(space) == {"train.lambda_l1", "train.lambda_gan", "train.lambda_z_l2"}
+    domains = tune_domains(space)
+    assert domains["train.lambda_l1"] == {"grid_search": [5.0, 10.0, 20.0]}
+    assert isinstance(domains["train.lambda_gan"], tune.search.sample.Float)
+    assert representative_values(space)["train.lambda_gan"] == 0.3
+    for bad in ("train.lambda_l1: {normal: [0, 1]}", "train.lambda_l1: {uniform: [2, 1]}",
+                "train.lambda_l1: {loguniform: [0, 1]}", "train.lambda_l1: 3"):
+        (tmp_path / "s.yaml").write_text(bad)
+        with pytest.raises(ConfigError):
+            read_search_space(str(tmp_path / "s.yaml"))
+
+
+def test_asha_and_concurrency_settings(ray_session, tmp_path):
+    from ray.tune.schedulers import ASHAScheduler
+
+    from step_ray.config import ConfigError
+    from step_ray.train.sweep import SweepConfig, _tuner, check_sweep, default_concurrency
+
+    sweep = SweepConfig(name="a", storage_path=str(tmp_path), variants=("bicycle_v2",), seeds=(0, 1), asha=True,
+                        search_space=str(REPO / "configs" / "sweeps" / "loss_weights.yaml"),
+                        trial={"stage2_epochs": 2, "stage3_epochs": 3})
+    tuner = _tuner(sweep, str(tmp_path / "a"))
+    tc = tuner._local_tuner._tune_config
+    assert isinstance(tc.scheduler, ASHAScheduler) and tc.metric == "val_psnr" and tc.mode == "max"
+    assert tc.max_concurrent_trials == default_concurrency(sweep) == 1  # 2 CPUs: a trial process + its worker
+    with pytest.raises(ConfigError, match="trial.encoder_checkpoint"):  # a pre-trained variant needs its stage-1 E
+        check_sweep(SweepConfig(variants=("ours_v4",)))
+    with pytest.raises(ValueError, match="resume"):
+        SweepConfig(resume=True)
