@@ -95,14 +95,22 @@ def markdown(lines: list[dict[str, Any]], rows: list[dict[str, Any]], title: str
             "samples; MUNIT: N(0, I) style codes, its own sampling); MUNIT's PSNR/LPIPS use the true B's style code; "
             "train s: wall time of the training stages; img/s: the last epoch's training throughput; "
             "trials: evaluated / run.", "", "## Trials", "",
-            "| trial | variant | seed | settings | status | epochs | last val PSNR | PSNR | LPIPS |", "|---|---|---|---|---|---|---|---|---|"]
+            "| trial | variant | seed | settings | status | epochs | last val PSNR | PSNR | LPIPS | error |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         def num(key, digits=3):
             value = row.get(key)
             return f"{value:.{digits}f}" if isinstance(value, (int, float)) and math.isfinite(value) else "–"
         out.append(f"| {row.get('trial_id', '')} | {row['variant']} | {row['seed']} | {row.get('params', '')} | {row.get('status', '')} "
-                   f"| {row.get('epochs', '–')} | {num('val_psnr', 2)} | {num('psnr', 2)} | {num('lpips')} |")
+                   f"| {row.get('epochs', '–')} | {num('val_psnr', 2)} | {num('psnr', 2)} | {num('lpips')} "
+                   f"| {_short_error(row.get('error', ''))} |")
     return "\n".join(out) + "\n"
+
+
+def _short_error(text: str) -> str:
+    """The last line of an error (its type and message), cut to fit a table cell."""
+    lines = [ln.strip() for ln in str(text or "").splitlines() if ln.strip()]
+    return (lines[-1][:120] if lines else "").replace("|", "/")
 
 
 def _csv(records: list[dict[str, Any]]) -> bytes:

@@ -117,6 +117,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
     with torch.no_grad():
         z = torch.cat([e(b[i : i + bs]) for i in range(0, n_all, bs)])
+    if not torch.isfinite(z).all():
+        raise FloatingPointError(f"{cfg.checkpoint}: the encoder gives non-finite style codes (training diverged); "
+                                 "nothing to evaluate")
     from step_ray.train.generator import other_style_rows
 
     other = torch.from_numpy(other_style_rows(labels, cfg.seed))
