@@ -324,7 +324,7 @@ def run_sweep(sweep: SweepConfig) -> dict[str, Any]:
         grid = _tuner(sweep, experiment).fit()
         storage.write_bytes(storage.join(experiment, "sweep.yaml"), config_to_yaml(sweep).encode())
         trials = [{"config": r.config, "metrics": r.metrics, "status": trial_status(sweep, r.metrics, r.error),
-                   "trial_id": (r.metrics or {}).get("trial_id", ""), "error": str(r.error or "")[:300]} for r in grid]
+                   "trial_id": (r.metrics or {}).get("trial_id", ""), "error": str(r.error or "")[-300:]} for r in grid]
     rows = trial_rows(sweep, trials)
     title = f"Ablation sweep {sweep.name}"
     unfinished = sum(r["status"] == "UNFINISHED" for r in rows)
