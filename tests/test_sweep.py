@@ -188,3 +188,19 @@ def test_asha_and_concurrency_settings(ray_session, tmp_path):
         check_sweep(SweepConfig(variants=("ours_v4",)))
     with pytest.raises(ValueError, match="resume"):
         SweepConfig(resume=True)
+
+
+def test_relative_paths_become_absolute_for_the_trials(tmp_path, monkeypatch):
+    """Tune runs a trial in its own working directory: a relative path given to the sweep must not reach it."""
+    from step_ray.train.sweep import SweepConfig, absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    sweep = absolute_paths(SweepConfig(storage_path="runs/sweeps", trial={"encoder_checkpoint": "runs/s1/ckpt",
+                                                                         "data": {"root": "s3://b/facades"}},
+                                       munit_trial={"data": {"root": "data/x"}}))
+    assert sweep.storage_path == str(tmp_path / "runs" / "sweeps")
+    assert sweep.trial["encoder_checkpoint"] == str(tmp_path / "runs" / "s1" / "ckpt")
+    assert sweep.trial["data"]["root"] == "s3://b/facades"  # URIs untouched
+    assert sweep.trial["data"]["synthetic_dir"] == str(tmp_path / "data" / "synthetic")
+    assert sweep.munit_trial["data"]["root"] == str(tmp_path / "data" / "x")
+    assert sweep.multidomain_trial["data"]["synthetic_dir"] == str(tmp_path / "data" / "synthetic")

@@ -296,6 +296,36 @@ def trial_rows(sweep: SweepConfig, trials: list[dict[str, Any]]) -> list[dict[st
     return rows
 
 
+PATH_KEYS = ("encoder_checkpoint", "stage2_checkpoint", "data.root", "data.synthetic_dir")
+
+
+def absolute_paths(sweep: SweepConfig) -> SweepConfig:
+    """Local paths made absolute in the driver: Tune runs each trial in its own working directory, where a
+    relative checkpoint or data path would not exist (and the default synthetic set would be generated
+    again). s3:// URIs are left alone."""
+    import os
+
+    def fix(value: str) -> str:
+        return value if not value or storage.is_s3(value) else os.path.abspath(value)
+
+    def fixed_tree(tree: dict, default_synthetic: bool) -> dict:
+        out = merge_trees(tree)
+        for dotted in PATH_KEYS:
+            node, *rest = dotted.split(".")
+            if rest and isinstance(out.get(node), dict) and rest[0] in out[node]:
+                out[node][rest[0]] = fix(out[node][rest[0]])
+            elif not rest and node in out:
+                out[node] = fix(out[node])
+        if default_synthetic:
+            data = out.setdefault("data", {})
+            data.setdefault("synthetic_dir", os.path.abspath("data/synthetic"))
+        return out
+
+    return dataclasses.replace(sweep, storage_path=fix(sweep.storage_path), search_space=fix(sweep.search_space),
+                               trial=fixed_tree(sweep.trial, True), munit_trial=fixed_tree(sweep.munit_trial, True),
+                               multidomain_trial=fixed_tree(sweep.multidomain_trial, True))
+
+
 def run_sweep(sweep: SweepConfig) -> dict[str, Any]:
     """Run (or resume) the sweep, then write the results table; returns {"experiment", "rows", "md", ...}.
     `table_only=true` rebuilds the table of an existing experiment from Tune's saved state."""
@@ -306,6 +336,7 @@ def run_sweep(sweep: SweepConfig) -> dict[str, Any]:
 
     if not sweep.name:
         sweep = dataclasses.replace(sweep, name=f"sweep-{_dt.datetime.now(_dt.timezone.utc).strftime('%Y%m%d-%H%M%S')}")
+    sweep = absolute_paths(sweep)
     experiment = experiment_uri(sweep)
     started = time.perf_counter()
     if sweep.table_only:
