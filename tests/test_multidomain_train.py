@@ -76,7 +76,8 @@ def test_unification_accuracy_reads_chance_and_separation():
 def test_multidomain_job_trains_resumes_and_evaluates(ray_session, synthetic_root, tmp_path):
     from step_ray.train.multidomain import TrainMultiDomainConfig, load_multidomain, run_train_multidomain
 
-    overrides = [f"data.synthetic_dir={synthetic_root}", "data.image_size=32", f"run.storage_path={tmp_path / 'runs'}",
+    # data.root: the shared fixture is read as it is, never regenerated with other settings
+    overrides = [f"data.root={synthetic_root}", "data.image_size=32", f"run.storage_path={tmp_path / 'runs'}",
                  "run.name=md", "run.max_failures=0", "train.model.num_domains=4", "train.model.style_dim=8",
                  "train.model.dim=8", "train.model.max_dim=32", "train.model.n_bottleneck=1", "train.model.encoder_down=3",
                  "train.model.flow_hidden=[16, 16]", "train.model.style_disc_hidden=[16]", "train.batch_size=8",
@@ -97,4 +98,5 @@ def test_multidomain_job_trains_resumes_and_evaluates(ray_session, synthetic_roo
         assert Path(out["eval"], f"{name}.png").stat().st_size > 300
     nets = load_multidomain(out["multidomain"])
     assert nets["flow"](torch.zeros(2, 8), torch.tensor([0, 3])).shape == (2, 8)
-    assert (Path(out["multidomain"]).parent / "samples" / "multidomain_epoch0001.png").is_file()
+    samples = Path(out["multidomain"]).parent / "samples"
+    assert (samples / "multidomain_epoch0001.png").is_file(), (out["multidomain"], sorted(p.name for p in Path(out["multidomain"]).parent.rglob("*")))

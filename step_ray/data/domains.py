@@ -24,7 +24,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 @dataclass(frozen=True)
 class DomainDataConfig:
-    root: str = ""  # "": the synthetic set, domains = style families; else <root>/<split>/<domain>/ folders
+    root: str = ""  # "": the synthetic set (generated); a synthetic set's folder; else <root>/<split>/<domain>/ folders
     synthetic_dir: str = "data/synthetic"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     image_size: int = 32
@@ -51,7 +51,9 @@ class DomainImages:
 def _synthetic(cfg: DomainDataConfig, split: str) -> DomainImages:
     from step_ray.data.synthetic import TEXTURES
 
-    root = DataConfig(root="", synthetic_dir=cfg.synthetic_dir, synthetic=cfg.synthetic, image_size=cfg.image_size).prepare()
+    # an existing synthetic set given as root is read as it is (never regenerated with other settings)
+    root = cfg.root or DataConfig(root="", synthetic_dir=cfg.synthetic_dir, synthetic=cfg.synthetic,
+                                  image_size=cfg.image_size).prepare()
     fs, path = storage.resolve(storage.join(root, MANIFEST))
     table = pq.read_table(path, filesystem=fs, columns=["image_id", "family"]).to_pydict()
     family = dict(zip(table["image_id"], table["family"]))
@@ -79,7 +81,8 @@ def _folders(cfg: DomainDataConfig, split: str) -> DomainImages:
 
 
 def list_domain_split(cfg: DomainDataConfig, split: str) -> DomainImages:
-    images = _synthetic(cfg, split) if not cfg.root else _folders(cfg, split)
+    synthetic = not cfg.root or storage.exists(storage.join(cfg.root, MANIFEST))
+    images = _synthetic(cfg, split) if synthetic else _folders(cfg, split)
     if len(images.names) < 2 or not len(images.paths):
         raise DatasetError(f"{split}: a multi-domain set needs images in at least 2 domains; got {images.names}")
     return images
