@@ -1,5 +1,4 @@
 """The baselines and ablations of METHOD §7: which loss terms each variant computes, and what it trains."""
-import os
 import socket
 
 import pytest

@@ -309,6 +309,39 @@ def load_checkpoint(folder: str | Path, modules: dict[str, torch.nn.Module], opt
     return json.loads((folder / STATE_FILE).read_text())
 
 
+def report_epoch(metrics: dict[str, Any], epoch: int, rank: int, modules: dict[str, torch.nn.Module],
+                 optimizers: dict[str, Any], state: dict[str, Any], cfg: Any) -> None:
+    """The end of an epoch on every rank: rank 0 saves everything needed to continue and reports it as
+    checkpoint_epochNNNN; the other ranks report their metrics (Ray Train needs a report from each)."""
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        save_checkpoint(folder, modules, optimizers, state, cfg)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                         checkpoint_dir_name=f"checkpoint_epoch{epoch:04d}")
+
+
+def load_saved_modules(checkpoint: str, config_cls: type, build, where: str) -> dict[str, torch.nn.Module]:
+    """Modules of a checkpoint (local or s3://) rebuilt from its own config.yaml: `build(cfg)` makes them,
+    then their weights are loaded (weights only). Returned on the CPU in eval mode."""
+    import yaml
+
+    from step_ray.config import config_from_dict
+
+    folder, tmp = local_checkpoint_dir(checkpoint)
+    try:
+        cfg = config_from_dict(config_cls, yaml.safe_load((Path(folder) / CONFIG_FILE).read_text()) or {}, where=where)
+        modules = build(cfg)
+        load_checkpoint(folder, modules, map_location="cpu")
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return {k: v.eval() for k, v in modules.items()}
+
+
 def local_checkpoint_dir(uri: str) -> tuple[str, tempfile.TemporaryDirectory | None]:
     """A local folder holding the checkpoint at `uri` (downloaded first when it is on S3)."""
     if not storage.is_s3(uri):

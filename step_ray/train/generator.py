@@ -28,7 +28,6 @@ import copy
 import dataclasses
 import itertools
 import math
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -46,7 +45,7 @@ from step_ray.models import (DiscriminatorConfig, EncoderConfig, GeneratorConfig
                              UNetGenerator)
 from step_ray.style.vgg import VGGConfig
 from step_ray.train.common import (EpochMeter, MixedPrecision, OptimConfig, RunSettings, average_gradients, broadcast_parameters,
-                                   checkpoint_activations, improves, load_checkpoint, make_trainer, save_checkpoint,
+                                   checkpoint_activations, improves, load_checkpoint, make_trainer, report_epoch,
                                    seed_everything, unwrap, worker_device)
 from step_ray.train.mapper import IMLEConfig
 from step_ray.train.monitor import IntervalMeter, MonitorConfig, RunMonitor, code_samples, sample_grid
@@ -513,13 +512,7 @@ def generator_worker_loop(loop_config: dict[str, Any]) -> None:
                               png_name=f"{stage}_epoch{epoch:04d}.png")
         state["epoch"] = epoch + 1
         record_epoch(stage, metrics, rank=rank)  # Ray metrics for the dashboard / Prometheus
-        with tempfile.TemporaryDirectory() as folder:
-            if rank == 0:
-                save_checkpoint(folder, nets, {"optimizer_g": opt_g, "optimizer_d": opt_d, **amp.stateful()}, state, cfg)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                                 checkpoint_dir_name=f"checkpoint_epoch{epoch:04d}")
-            else:
-                ray.train.report(metrics)
+        report_epoch(metrics, epoch, rank, nets, {"optimizer_g": opt_g, "optimizer_d": opt_d, **amp.stateful()}, state, cfg)
         if cfg.max_steps and state["step"] >= cfg.max_steps:
             state["stopped"] = f"step budget {cfg.max_steps} reached"
     monitor.close()

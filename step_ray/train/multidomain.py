@@ -17,7 +17,6 @@ restarted the decay). No EMA copies (StarGAN v2 evaluates EMA weights; a short C
 from __future__ import annotations
 
 import itertools
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -34,7 +33,7 @@ from step_ray.losses.multidomain import (MultiDomainLossWeights, adversarial_d_l
 from step_ray.metrics import record_epoch
 from step_ray.models.multidomain import MultiDomainConfig, build_multidomain
 from step_ray.train.common import (EpochMeter, OptimConfig, RunSettings, average_gradients, broadcast_parameters, improves,
-                                   load_checkpoint, make_trainer, save_checkpoint, seed_everything, worker_device)
+                                   load_checkpoint, make_trainer, report_epoch, seed_everything, worker_device)
 from step_ray.train.generator import no_parameter_grads
 from step_ray.train.monitor import IntervalMeter, MonitorConfig, RunMonitor
 
@@ -295,13 +294,7 @@ def multidomain_worker_loop(loop_config: dict[str, Any]) -> None:
                               png_name=f"{STAGE}_epoch{epoch:04d}.png")
         state["epoch"] = epoch + 1
         record_epoch(STAGE, metrics, rank=rank)
-        with tempfile.TemporaryDirectory() as folder:
-            if rank == 0:
-                save_checkpoint(folder, nets, opts, state, loop_config["config"])
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                                 checkpoint_dir_name=f"checkpoint_epoch{epoch:04d}")
-            else:
-                ray.train.report(metrics)
+        report_epoch(metrics, epoch, rank, nets, opts, state, loop_config["config"])
         if cfg.max_steps and state["step"] >= cfg.max_steps:
             state["stopped"] = f"step budget {cfg.max_steps} reached"
     monitor.close()
@@ -368,20 +361,8 @@ def run_train_multidomain(cfg: TrainMultiDomainConfig, callbacks: tuple = ()) ->
 
 
 def load_multidomain(checkpoint: str, device: str | torch.device = "cpu") -> dict[str, torch.nn.Module]:
-    from pathlib import Path
+    """Every network of a multi-domain checkpoint (local or s3://), in eval mode."""
+    from step_ray.train.common import load_saved_modules
 
-    import yaml
-
-    from step_ray.config import config_from_dict
-    from step_ray.train.common import CONFIG_FILE, local_checkpoint_dir
-
-    folder, tmp = local_checkpoint_dir(checkpoint)
-    try:
-        cfg = config_from_dict(MultiDomainTrainConfig, yaml.safe_load((Path(folder) / CONFIG_FILE).read_text()) or {}, where=STAGE)
-        nets = build_multidomain(cfg.model)
-        load_checkpoint(folder, nets, map_location="cpu")
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
-    return {k: v.to(device).eval() for k, v in nets.items()}
-
+    nets = load_saved_modules(checkpoint, MultiDomainTrainConfig, lambda cfg: build_multidomain(cfg.model), where=STAGE)
+    return {k: v.to(device) for k, v in nets.items()}

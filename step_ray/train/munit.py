@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -35,9 +34,9 @@ from step_ray.metrics import record_epoch
 from step_ray.models.discriminator import DiscriminatorConfig, PatchDiscriminator
 from step_ray.models.munit import MUNITConfig, MUNITGenerator, init_weights_, munit_discriminator_config
 from step_ray.style.vgg import VGGConfig
-from step_ray.train.common import (EpochMeter, MixedPrecision, OptimConfig, RunSettings, average_gradients, broadcast_parameters,
-                                   improves, load_checkpoint, make_trainer, save_checkpoint, seed_everything, worker_device)
-from step_ray.train.generator import GeneratorInputs, PairStore, no_parameter_grads, psnr_batch
+from step_ray.train.common import (EpochMeter, MixedPrecision, OptimConfig, average_gradients, broadcast_parameters,
+                                   improves, load_checkpoint, make_trainer, report_epoch, seed_everything, worker_device)
+from step_ray.train.generator import GeneratorInputs, GeneratorRunSettings, PairStore, no_parameter_grads, psnr_batch
 from step_ray.train.monitor import IntervalMeter, MonitorConfig, RunMonitor
 
 STAGE = "munit"
@@ -260,13 +259,7 @@ def munit_worker_loop(loop_config: dict[str, Any]) -> None:
                               png_name=f"{STAGE}_epoch{epoch:04d}.png")
         state["epoch"] = epoch + 1
         record_epoch(STAGE, metrics, rank=rank)
-        with tempfile.TemporaryDirectory() as folder:
-            if rank == 0:
-                save_checkpoint(folder, nets, optimizers, state, loop_config["config"])
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                                 checkpoint_dir_name=f"checkpoint_epoch{epoch:04d}")
-            else:
-                ray.train.report(metrics)
+        report_epoch(metrics, epoch, rank, nets, optimizers, state, loop_config["config"])
         if cfg.max_steps and state["step"] >= cfg.max_steps:
             state["stopped"] = f"step budget {cfg.max_steps} reached"
     monitor.close()
@@ -299,19 +292,13 @@ def munit_grid(cfg: MUNITTrainConfig, nets: dict, val_a: torch.Tensor, val_b: to
 
 
 @dataclass(frozen=True)
-class MUNITRunSettings(RunSettings):
-    checkpoint_metric: str = "val_psnr"
-    checkpoint_mode: Literal["max", "min"] = "max"
-
-
-@dataclass(frozen=True)
 class TrainMUNITConfig:
     """`jobs/train_munit.py`: MUNIT on a pix2pix-layout set used unpaired, then its evaluation."""
 
     data: DataConfig = field(default_factory=DataConfig)
     val_split: str = "val"
     train: MUNITTrainConfig = field(default_factory=MUNITTrainConfig)
-    run: MUNITRunSettings = field(default_factory=MUNITRunSettings)
+    run: GeneratorRunSettings = field(default_factory=GeneratorRunSettings)  # best checkpoints by val_psnr
     evaluate: bool = True
     eval_inputs: int = 100
     eval_styles: int = 16
@@ -357,20 +344,7 @@ def run_train_munit(cfg: TrainMUNITConfig, callbacks: tuple = ()) -> dict[str, A
 
 def load_munit(checkpoint: str, device: str | torch.device = "cpu") -> dict[str, torch.nn.Module]:
     """gen_a, gen_b, dis_a, dis_b of a MUNIT checkpoint (local or s3://), in eval mode."""
-    from pathlib import Path
+    from step_ray.train.common import load_saved_modules
 
-    import yaml
-
-    from step_ray.config import config_from_dict
-    from step_ray.train.common import CONFIG_FILE, local_checkpoint_dir
-
-    folder, tmp = local_checkpoint_dir(checkpoint)
-    try:
-        cfg = config_from_dict(MUNITTrainConfig, yaml.safe_load((Path(folder) / CONFIG_FILE).read_text()) or {}, where="munit")
-        nets = build_munit(cfg, "cpu")
-        load_checkpoint(folder, nets, map_location="cpu")
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
-    return {k: v.to(device).eval() for k, v in nets.items()}
-
+    nets = load_saved_modules(checkpoint, MUNITTrainConfig, lambda cfg: build_munit(cfg, "cpu"), where="munit")
+    return {k: v.to(device) for k, v in nets.items()}

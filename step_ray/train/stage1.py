@@ -9,7 +9,6 @@ or restarted run continues exactly where it stopped.
 from __future__ import annotations
 
 import math
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -30,7 +29,7 @@ from step_ray.train.common import (
     improves,
     load_checkpoint,
     make_trainer,
-    save_checkpoint,
+    report_epoch,
     seed_everything,
     unwrap,
     worker_device,
@@ -267,14 +266,8 @@ def stage1_worker_loop(loop_config: dict[str, Any]) -> None:
             state["history"].append(metrics)
             print(_progress_line(metrics, cfg.max_epochs), flush=True)
         record_epoch("stage1", metrics, rank=rank)  # Ray metrics for the dashboard / Prometheus
-        with tempfile.TemporaryDirectory() as folder:
-            if rank == 0:
-                save_checkpoint(folder, {"encoder": model}, {"optimizer": optimizer, **amp.stateful()}, state,
-                                loop_config["config"])
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                                 checkpoint_dir_name=f"checkpoint_epoch{epoch:04d}")
-            else:
-                ray.train.report(metrics)
+        report_epoch(metrics, epoch, rank, {"encoder": model}, {"optimizer": optimizer, **amp.stateful()}, state,
+                     loop_config["config"])
     monitor.close()
 
 
