@@ -9,6 +9,7 @@ local one; sharded mining (mining.num_shards > 1) places one index actor per sha
 from __future__ import annotations
 
 import logging
+import os
 
 from step_ray.config import job_config
 from step_ray.mining import MineTripletsConfig, mine_triplets
@@ -18,9 +19,11 @@ def main(argv=None) -> str:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = job_config(MineTripletsConfig, argv, description=__doc__)
     if cfg.mining.num_shards > 1:
-        import ray
+        from step_ray.cluster import init_ray
 
-        ray.init(address="auto" if _cluster_running() else None)
+        if _cluster_running():
+            os.environ.setdefault("RAY_ADDRESS", "auto")
+        init_ray()
     output = mine_triplets(cfg)
     print(output)
     return output

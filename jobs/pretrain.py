@@ -10,18 +10,22 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from step_ray.cluster import init_ray  # noqa: E402
 from step_ray.config import job_config  # noqa: E402
+from step_ray.preflight import check_data_root, check_resources, check_storage, fail_fast  # noqa: E402
 from step_ray.train.pretrain import PretrainConfig, run_pretrain  # noqa: E402
 
 
+@fail_fast
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = ["run.resume=true" if a == "--resume" else a for a in argv]
     cfg = job_config(PretrainConfig, argv, description=__doc__)
-    import ray
-
+    check_storage(cfg.run, "stage1")
+    check_data_root(cfg.style.data.root, "style.data.root")
     # A cluster address (RAY_ADDRESS, set by `ray job submit`) is joined; otherwise a local instance starts.
-    ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    init_ray()
+    check_resources(cfg.run)
     run_pretrain(cfg)
 
 

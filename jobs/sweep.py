@@ -16,6 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from step_ray.cluster import init_ray  # noqa: E402
 from step_ray.config import ConfigError, job_config  # noqa: E402
 from step_ray.train.sweep import SweepConfig, run_sweep  # noqa: E402
 
@@ -24,10 +25,8 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = ["resume=true" if a == "--resume" else a for a in argv]
     cfg = job_config(SweepConfig, argv, description=__doc__)
-    import ray
-
     # A cluster address (RAY_ADDRESS, set by `ray job submit`) is joined; otherwise a local instance starts.
-    ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    init_ray()
     try:
         out = run_sweep(cfg)
     except ConfigError as exc:

@@ -16,7 +16,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from step_ray.cluster import init_ray  # noqa: E402
 from step_ray.config import job_config  # noqa: E402
+from step_ray.preflight import check_checkpoint, check_data_root, check_resources, check_storage, fail_fast  # noqa: E402
 from step_ray.train.generator import TrainGeneratorConfig, run_train_generator  # noqa: E402
 from step_ray.train.variants import VARIANTS, variant_base  # noqa: E402
 
@@ -37,6 +39,7 @@ def pop_variant(argv: list[str]) -> tuple[str, list[str]]:
     return name, rest
 
 
+@fail_fast
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = ["run.resume=true" if a == "--resume" else a for a in argv]
@@ -57,10 +60,13 @@ def main(argv=None):
         print("config error: set encoder_checkpoint=<stage-1 checkpoint folder, local or s3://> "
               "(or stage2_checkpoint=<stage-2 checkpoint> to run stage 3 only)", file=sys.stderr)
         raise SystemExit(2)
-    import ray
-
+    check_storage(cfg.run)
+    check_data_root(cfg.data.root)
+    check_checkpoint(cfg.encoder_checkpoint, "encoder_checkpoint")
+    check_checkpoint(cfg.stage2_checkpoint, "stage2_checkpoint")
     # A cluster address (RAY_ADDRESS, set by `ray job submit`) is joined; otherwise a local instance starts.
-    ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    init_ray()
+    check_resources(cfg.run)
     out = run_train_generator(cfg)
     for key in ("joint", "stage2", "stage3", "mapper", "eval", "metrics"):
         if key in out:

@@ -12,17 +12,21 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from step_ray.cluster import init_ray  # noqa: E402
 from step_ray.config import job_config  # noqa: E402
+from step_ray.preflight import check_data_root, check_resources, check_storage, fail_fast  # noqa: E402
 from step_ray.train.multidomain import TrainMultiDomainConfig, run_train_multidomain  # noqa: E402
 
 
+@fail_fast
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = ["run.resume=true" if a == "--resume" else a for a in argv]
     cfg = job_config(TrainMultiDomainConfig, argv, description=__doc__)
-    import ray
-
-    ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    check_storage(cfg.run, "multidomain")
+    check_data_root(cfg.data.root)
+    init_ray()
+    check_resources(cfg.run)
     out = run_train_multidomain(cfg)
     for key in ("multidomain", "eval", "metrics"):
         if key in out:

@@ -12,17 +12,21 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from step_ray.cluster import init_ray  # noqa: E402
 from step_ray.config import job_config  # noqa: E402
+from step_ray.preflight import check_data_root, check_resources, check_storage, fail_fast  # noqa: E402
 from step_ray.train.munit import TrainMUNITConfig, run_train_munit  # noqa: E402
 
 
+@fail_fast
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = ["run.resume=true" if a == "--resume" else a for a in argv]
     cfg = job_config(TrainMUNITConfig, argv, description=__doc__)
-    import ray
-
-    ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    check_storage(cfg.run, "munit")
+    check_data_root(cfg.data.root)
+    init_ray()
+    check_resources(cfg.run)
     out = run_train_munit(cfg)
     for key in ("munit", "eval", "metrics"):
         if key in out:

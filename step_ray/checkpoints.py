@@ -32,6 +32,7 @@ from step_ray import storage
 
 STATE_FILE = "state.json"
 CONFIG_FILE = "config.yaml"
+MANIFEST_FILE = "manifest.json"
 RUN_METRICS_FILE = "metrics.json"
 DEFAULT_METRIC, DEFAULT_MODE = "val_triplet_acc", "max"
 _FALLBACK_METRICS = ("val_triplet_acc", "val_psnr")  # stage 1's and the generator stages' defaults (max)
@@ -110,10 +111,25 @@ def _ranking_of(checkpoint_uri: str) -> tuple[str | None, str | None]:
     return run.get("checkpoint_metric"), run.get("checkpoint_mode")
 
 
+def check_complete(uri: str) -> None:
+    """Raise CheckpointError unless the folder holds manifest.json and every file it lists, at its size.
+    Ray uploads a checkpoint file by file, so a folder seen during (or after a failed) upload may lack some;
+    such a folder is never listed, ranked or pulled. (`load_checkpoint` also checks the sha256s.)"""
+    manifest = _read_json(storage.join(uri, MANIFEST_FILE))
+    if manifest is None or not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"{uri} is incomplete: no readable {MANIFEST_FILE}")
+    sizes = {i.base_name: i.size for i in _children(uri) if i.type == pafs.FileType.File}
+    for name, entry in manifest["files"].items():
+        if sizes.get(name) != entry.get("bytes"):
+            found = "missing" if name not in sizes else f"{sizes[name]} bytes, expected {entry.get('bytes')}"
+            raise CheckpointError(f"{uri} is incomplete: {name} {found}")
+
+
 def read_checkpoint(uri: str, run: str = "") -> CheckpointInfo:
-    """One checkpoint folder's epoch and metrics (the last entry of its state.json history)."""
+    """One complete checkpoint folder's epoch and metrics (the last entry of its state.json history)."""
     uri = uri.rstrip("/")
     name = uri.rsplit("/", 1)[-1]
+    check_complete(uri)
     state = _read_json(storage.join(uri, STATE_FILE))
     if state is None:
         raise CheckpointError(f"{uri} is not a checkpoint: no readable {STATE_FILE}")
@@ -234,8 +250,12 @@ def pull(uri: str, dest: str | os.PathLike, metric: str | None = None, mode: str
     partial.mkdir(parents=True)
     try:
         pafs.copy_files(src_path, str(partial), source_filesystem=src_fs, destination_filesystem=pafs.LocalFileSystem())
-        if not (partial / STATE_FILE).is_file():
-            raise CheckpointError(f"{info.uri}: the copy holds no {STATE_FILE}")
+        from step_ray.train.common import IncompleteCheckpointError, verify_checkpoint
+
+        try:
+            verify_checkpoint(partial)
+        except IncompleteCheckpointError as exc:
+            raise CheckpointError(f"{info.uri}: the copy does not match its manifest: {exc}") from None
         if target.exists():
             shutil.rmtree(target)
         os.replace(partial, target)

@@ -22,6 +22,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_S3: dict = {}  # the session's moto server, for server-side fault injection (tests/faults.py)
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3-compatible HTTP server on 127.0.0.1; yields its endpoint URL."""
@@ -30,6 +33,7 @@ def s3_server():
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
+    _S3["server"] = server
     url = f"http://127.0.0.1:{port}"
     os.environ.update(
         AWS_ENDPOINT_URL=url,
@@ -39,7 +43,7 @@ def s3_server():
     )
     os.environ.pop("AWS_PROFILE", None)
     yield url
-    server.stop()
+    _S3["server"].stop()
 
 
 @pytest.fixture

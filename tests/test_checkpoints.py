@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from step_ray import checkpoints, storage
+from step_ray.train.common import write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,6 +22,7 @@ def _checkpoint(folder: Path, epoch: int, metrics: dict, run_metric="val_triplet
     (folder / "state.json").write_text(json.dumps({"epoch": epoch + 1, "history": history}))
     (folder / "config.yaml").write_text(yaml.safe_dump({"run": {"checkpoint_metric": run_metric, "checkpoint_mode": mode}}))
     (folder / "encoder.pt").write_bytes(os.urandom(2048))
+    write_manifest(folder)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +74,7 @@ def test_best_by_metric_and_mode(runs):
 
 def test_pull_local(runs, tmp_path):
     info, dest = checkpoints.pull(str(runs), tmp_path / "best")
-    assert info.epoch == 1 and sorted(p.name for p in Path(dest).iterdir()) == ["config.yaml", "encoder.pt", "state.json"]
+    assert info.epoch == 1 and sorted(p.name for p in Path(dest).iterdir()) == ["config.yaml", "encoder.pt", "manifest.json", "state.json"]
     with pytest.raises(checkpoints.CheckpointError, match="already holds files"):
         checkpoints.pull(str(runs), tmp_path / "best")
     # a checkpoint URI is pulled as it is, whatever the metric
@@ -121,3 +123,35 @@ def test_redact_hides_environment_credentials(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
     assert checkpoints.redact("failed with key s3cr3t-value") == "failed with key ***"
     assert "abc" not in checkpoints.redact("X-Amz-Security-Token=abc&x=1")
+
+
+def test_incomplete_checkpoints_are_never_listed_ranked_or_pulled(tmp_path):
+    """What an interrupted upload leaves (some files, no manifest; or a manifest and a short file) is not a
+    checkpoint: the best complete one is still found, and loading a damaged one fails by name."""
+    import torch
+
+    from step_ray.train.common import IncompleteCheckpointError, load_checkpoint, save_checkpoint
+
+    run = tmp_path / "stage1-20260101-000000"
+    _checkpoint(run / "checkpoint_epoch0000", 0, {"val_triplet_acc": 0.5})
+    partial = run / "checkpoint_epoch0001"  # the upload stopped before encoder.pt and the manifest
+    _checkpoint(partial, 1, {"val_triplet_acc": 0.9})
+    (partial / "manifest.json").unlink()
+    (partial / "encoder.pt").unlink()
+    short = run / "checkpoint_epoch0002"  # every file there, one of them cut short
+    _checkpoint(short, 2, {"val_triplet_acc": 0.95})
+    (short / "encoder.pt").write_bytes(os.urandom(100))
+    assert [c.name for c in checkpoints.list_checkpoints(str(run))] == ["checkpoint_epoch0000"]
+    assert checkpoints.best_checkpoint(str(tmp_path)).name == "checkpoint_epoch0000"
+    with pytest.raises(checkpoints.CheckpointError, match="incomplete"):
+        checkpoints.pull(str(partial), tmp_path / "out")
+
+    real = tmp_path / "real"
+    net = torch.nn.Linear(3, 2)
+    save_checkpoint(real, {"encoder": net}, {}, {"epoch": 1}, {"a": 1})
+    assert load_checkpoint(real, {"encoder": torch.nn.Linear(3, 2)})["epoch"] == 1
+    data = bytearray((real / "encoder.pt").read_bytes())
+    data[-5] ^= 0xFF  # same size, one byte flipped
+    (real / "encoder.pt").write_bytes(bytes(data))
+    with pytest.raises(IncompleteCheckpointError, match="sha256"):
+        load_checkpoint(real, {"encoder": torch.nn.Linear(3, 2)})

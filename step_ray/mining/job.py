@@ -77,10 +77,9 @@ def mine_triplets(cfg: MineTripletsConfig) -> str:
     read_s = time.perf_counter() - start
 
     if cfg.mining.num_shards > 1:
-        import ray
+        from step_ray.cluster import init_ray
 
-        if not ray.is_initialized():
-            ray.init()
+        init_ray()  # RAY_ADDRESS, when set, names the cluster; else a local instance on 127.0.0.1
     start = time.perf_counter()
     neighbours = mine_neighbours(descriptors, cfg.mining)
     mine_s = time.perf_counter() - start

@@ -405,8 +405,6 @@ def compute_style_stats(cfg: StyleStatsConfig) -> str:
     Skips the work when `cfg.output` already holds a complete run with the same fingerprint (config,
     weight source and image list) unless `cfg.force`. Starts a local Ray only if none is running.
     """
-    import ray
-
     root = cfg.data.prepare()
     output = cfg.output
     storage.check_writable(output)
@@ -422,8 +420,9 @@ def compute_style_stats(cfg: StyleStatsConfig) -> str:
         raise DatasetError("two files of the dataset share an image id (<split>/<stem>)")
     _clear_outputs(output)
 
-    if not ray.is_initialized():
-        ray.init()  # RAY_ADDRESS, when set, names the cluster
+    from step_ray.cluster import init_ray
+
+    init_ray()  # RAY_ADDRESS, when set, names the cluster; else a local instance on 127.0.0.1
     with _original_worker_errors():
         return _compute(cfg, root, uris, key, weight_source)
 

@@ -24,6 +24,7 @@ from step_ray.config import config_to_yaml
 
 CONFIG_FILE = "config.yaml"
 STATE_FILE = "state.json"
+MANIFEST_FILE = "manifest.json"
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class RunSettings:
     keep_checkpoints: int = 2  # the best N by `checkpoint_metric`
     checkpoint_metric: str = "val_triplet_acc"
     checkpoint_mode: Literal["max", "min"] = "max"
+    autoscaling: bool = False  # the cluster grows on demand: do not check resources against what it has now
 
     def __post_init__(self):
         if self.num_workers < 1:
@@ -188,6 +190,26 @@ class EpochMeter:
         return self.examples * world / max(seconds, 1e-9)
 
 
+def epoch_batches(n: int, batch_size: int, seed, rank: int, world: int) -> list:
+    """This rank's batches of row indices for one epoch: a permutation of all `n` rows, seeded by `seed`
+    (e.g. [run seed, epoch]), cut into `world` shares differing by at most one row, each cut into the same
+    number of batches, so every rank takes the same number of steps (the gradient all-reduce needs that)
+    and every row is used exactly once per epoch. Only when that would leave a rank an empty batch
+    (batch_size 1 with uneven shares) are the shares made equal by leaving out the last n % world rows."""
+    import math
+
+    import numpy as np
+
+    if n < world:
+        raise ValueError(f"{n} training images for {world} workers")
+    order = np.random.default_rng(seed).permutation(n)
+    steps = max(1, math.ceil(math.ceil(n / world) / batch_size))
+    if n // world < steps:
+        order = order[: n - n % world]
+        steps = max(1, math.ceil(n // world / batch_size))
+    return np.array_split(np.array_split(order, world)[rank], steps)
+
+
 def improves(score: float | None, best: float | None, mode: str) -> bool:
     """Is `score` a better checkpoint metric than `best` ("max" or "min" is better)?"""
     if score is None:
@@ -296,17 +318,72 @@ def save_checkpoint(folder: str | Path, modules: dict[str, torch.nn.Module], opt
         torch.save(opt.state_dict(), folder / f"{name}.pt")
     (folder / STATE_FILE).write_text(json.dumps(state, indent=1))
     (folder / CONFIG_FILE).write_text(config_to_yaml(cfg))
+    write_manifest(folder)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder: str | Path) -> None:
+    """manifest.json: every file of the checkpoint with its size and sha256. A checkpoint counts as
+    complete only when its manifest is there and every file matches it, because an upload (Ray copies
+    the folder file by file, in any order) can stop half-way."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
+    manifest = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (folder / MANIFEST_FILE).write_text(json.dumps({"files": manifest}, indent=1))
+
+
+class IncompleteCheckpointError(RuntimeError):
+    """A checkpoint folder whose files do not match its manifest (an interrupted upload, a damaged copy)."""
+
+
+def verify_checkpoint(folder: str | Path, hashes: bool = True) -> bool:
+    """Raise IncompleteCheckpointError unless every file in manifest.json is present with its size (and
+    sha256). False when there is no manifest (a checkpoint written before manifests existed)."""
+    folder = Path(folder)
+    path = folder / MANIFEST_FILE
+    if not path.is_file():
+        return False
+    try:
+        files = json.loads(path.read_text())["files"]
+    except (ValueError, KeyError) as exc:
+        raise IncompleteCheckpointError(f"{folder}: unreadable {MANIFEST_FILE} ({exc})") from None
+    for name, entry in files.items():
+        p = folder / name
+        if not p.is_file():
+            raise IncompleteCheckpointError(f"{folder}: {name} is missing (incomplete checkpoint)")
+        if p.stat().st_size != entry["bytes"]:
+            raise IncompleteCheckpointError(f"{folder}: {name} has {p.stat().st_size} bytes, the manifest says {entry['bytes']}")
+        if hashes and _sha256(p) != entry["sha256"]:
+            raise IncompleteCheckpointError(f"{folder}: {name} does not match its sha256 (corrupt checkpoint)")
+    return True
 
 
 def load_checkpoint(folder: str | Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer] | None = None,
                     map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load tensors (weights only, never arbitrary pickles) into modules/optimisers; return state.json."""
+    """Load tensors (weights only, never arbitrary pickles) into modules/optimisers; return state.json.
+    The files are checked against the checkpoint's manifest first."""
     folder = Path(folder)
+    verify_checkpoint(folder)
     for name, module in modules.items():
         unwrap(module).load_state_dict(torch.load(folder / f"{name}.pt", map_location=map_location, weights_only=True))
     for name, opt in (optimizers or {}).items():
         opt.load_state_dict(torch.load(folder / f"{name}.pt", map_location=map_location, weights_only=True))
     return json.loads((folder / STATE_FILE).read_text())
+
+
+def note_restart(state: dict[str, Any]) -> None:
+    """Record, in the state the checkpoints carry, that the loop restarted here (a lost worker, a resumed
+    job): where it picked up, so a run's history shows every restart."""
+    state.setdefault("restarts", []).append({"epoch": state.get("epoch", 0), "step": state.get("step", 0)})
 
 
 def report_epoch(metrics: dict[str, Any], epoch: int, rank: int, modules: dict[str, torch.nn.Module],
@@ -315,9 +392,12 @@ def report_epoch(metrics: dict[str, Any], epoch: int, rank: int, modules: dict[s
     checkpoint_epochNNNN; the other ranks report their metrics (Ray Train needs a report from each)."""
     import ray.train
 
+    from step_ray.train.guard import assert_finite_weights
+
     if rank != 0:
         ray.train.report(metrics)
         return
+    assert_finite_weights(modules, f"epoch {epoch}")
     with tempfile.TemporaryDirectory() as folder:
         save_checkpoint(folder, modules, optimizers, state, cfg)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),

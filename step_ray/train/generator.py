@@ -27,7 +27,6 @@ import contextlib
 import copy
 import dataclasses
 import itertools
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -45,8 +44,9 @@ from step_ray.models import (DiscriminatorConfig, EncoderConfig, GeneratorConfig
                              UNetGenerator)
 from step_ray.style.vgg import VGGConfig
 from step_ray.train.common import (EpochMeter, MixedPrecision, OptimConfig, RunSettings, average_gradients, broadcast_parameters,
-                                   checkpoint_activations, improves, load_checkpoint, make_trainer, report_epoch,
+                                   checkpoint_activations, epoch_batches, improves, load_checkpoint, make_trainer, note_restart, report_epoch,
                                    seed_everything, unwrap, worker_device)
+from step_ray.train.guard import NonFiniteConfig, NonFiniteGuard, seed_streams
 from step_ray.train.mapper import IMLEConfig
 from step_ray.train.monitor import IntervalMeter, MonitorConfig, RunMonitor, code_samples, sample_grid
 
@@ -90,6 +90,7 @@ class GeneratorTrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast (fp16: with a grad scaler); GPU workers only
     activation_checkpointing: bool = False  # recompute G's, E's, D's blocks and VGG's segments in backward: less memory, more time
     monitor: MonitorConfig = field(default_factory=MonitorConfig)  # TensorBoard scalars and sample grids while training
+    nonfinite: NonFiniteConfig = field(default_factory=NonFiniteConfig)  # what a NaN/Inf loss does
     seed: int = 0
     val_images: int = 64  # rank-0 validation: PSNR of G_ema(A, E(B)) and G_ema(A, E(B')) against B
     image_cache_mb: int = 4096
@@ -126,6 +127,7 @@ class GeneratorInputs:
     train_paths: list[str]
     val_paths: list[str]
     val_style_ids: np.ndarray
+    bad_files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), left out of both splits
 
 
 class PairStore:
@@ -306,11 +308,18 @@ def generator_loss(cfg: GeneratorTrainConfig, nets: dict, a, b, style, fake, z_r
 
 
 def train_step(cfg: GeneratorTrainConfig, nets: dict, opt_g, opt_d, a: torch.Tensor, b: torch.Tensor, vgg,
-               step: int, amp: MixedPrecision | None = None) -> dict[str, float]:
-    """One D step then one G step (E too when it trains). Gradients are averaged over workers by hand."""
+               step: int, amp: MixedPrecision | None = None, guard: NonFiniteGuard | None = None,
+               state: dict | None = None) -> dict[str, float] | None:
+    """One D step then one G step (E too when it trains). Gradients are averaged over workers by hand.
+    With a `guard`, an update whose loss is NaN/Inf (on any rank) is dropped; the logs are then None."""
     amp = amp or MixedPrecision("fp32", a.device)
+
+    def finite(name: str, loss: torch.Tensor) -> bool:
+        return guard is None or guard.finite(state, name, loss)
+
     g, e = nets["generator"], nets["encoder"]
     n = len(a)
+    ok = True
     with amp.autocast():
         style = encode_style(cfg, e, b)
         z_random = torch.randn_like(style[0]) if uses_random_branch(cfg) else None
@@ -324,18 +333,30 @@ def train_step(cfg: GeneratorTrainConfig, nets: dict, opt_g, opt_d, a: torch.Ten
             loss_d, logs = discriminator_loss(cfg, nets, a, b, fake.detach(),
                                               None if fake_random is None else fake_random.detach())
         opt_d.zero_grad(set_to_none=True)
-        amp.backward(loss_d)
-        average_gradients(*discriminators(nets))
-        amp.step(opt_d)
+        if finite("loss_d", loss_d):
+            amp.backward(loss_d)
+            average_gradients(*discriminators(nets))
+            amp.step(opt_d)
+        elif guard.rollback_pending:
+            return None
+        else:
+            ok = False
     with no_parameter_grads(*discriminators(nets)), amp.autocast():
         loss_g, g_logs = generator_loss(cfg, nets, a, b, style, fake, z_random, fake_random, vgg)
+    if guard is not None:
+        loss_g = guard.inject(loss_g, state)
     opt_g.zero_grad(set_to_none=True)
-    amp.backward(loss_g)
-    average_gradients(g, *((e,) if cfg.train_encoder else ()))
-    amp.step(opt_g)
+    if finite("loss_g", loss_g):
+        amp.backward(loss_g)
+        average_gradients(g, *((e,) if cfg.train_encoder else ()))
+        amp.step(opt_g)
+        update_ema(nets["generator_ema"], unwrap(g), ema_decay_at(cfg, step))
+    else:
+        ok = False
     amp.update()
-    update_ema(nets["generator_ema"], unwrap(g), ema_decay_at(cfg, step))
-    return {**logs, **g_logs}
+    if guard is not None:
+        guard.step_done(ok)
+    return {**logs, **g_logs} if ok else None
 
 
 def apply_activation_checkpointing(cfg: GeneratorTrainConfig, nets: dict, vgg=None) -> None:
@@ -429,6 +450,7 @@ def generator_worker_loop(loop_config: dict[str, Any]) -> None:
             opt_g, opt_d = make_optimizers(cfg, nets, None, device)
             scaler = {k: v for k, v in amp.stateful().items() if os.path.exists(os.path.join(folder, f"{k}.pt"))}
             state = load_checkpoint(folder, nets, {"optimizer_g": opt_g, "optimizer_d": opt_d, **scaler}, map_location=device)
+        note_restart(state)
     elif cfg.init_checkpoint:  # a fresh stage 3: G, G_ema, D, E and optimiser states from stage 2
         from step_ray.train.common import local_checkpoint_dir
 
@@ -454,19 +476,19 @@ def generator_worker_loop(loop_config: dict[str, Any]) -> None:
         apply_activation_checkpointing(cfg, nets, vgg)
 
     store = PairStore(inputs.train_paths, inputs.data, cfg.image_cache_mb)
-    per_rank = len(inputs.train_paths) // world
-    if per_rank < 1:
-        raise ValueError(f"{len(inputs.train_paths)} training images for {world} workers")
     if rank == 0:
         val_rows = np.arange(min(cfg.val_images, len(inputs.val_paths)))
         val_a, val_b = PairStore(inputs.val_paths, inputs.data, 0).batch(val_rows)
         other = other_style_rows(inputs.val_style_ids[val_rows], cfg.seed)
     monitor = RunMonitor(loop_config.get("run_folder", ""), stage, enabled=rank == 0 and cfg.monitor.enabled)
     interval = IntervalMeter()
+    guard = NonFiniteGuard(cfg.nonfinite, stage, rank)
+    optimizers = {"optimizer_g": opt_g, "optimizer_d": opt_d, **amp.stateful()}
+    guard.remember(nets, optimizers, state)
 
     while state["epoch"] < cfg.max_epochs and not state["stopped"]:
         epoch = state["epoch"]
-        seed_everything(cfg.seed, epoch, rank)
+        seed_everything(cfg.seed, *seed_streams(epoch, rank, state))
         factor = lr_factor(cfg, epoch)
         for opt in (opt_g, opt_d):
             for group in opt.param_groups:
@@ -475,10 +497,8 @@ def generator_worker_loop(loop_config: dict[str, Any]) -> None:
         nets["discriminator"].train()
         if cfg.train_encoder:
             nets["encoder"].train()
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(inputs.train_paths))
-        mine = order[rank * per_rank : (rank + 1) * per_rank]  # equal shares: every rank takes the same steps
         meter = EpochMeter()
-        for rows in np.array_split(mine, max(1, math.ceil(per_rank / cfg.batch_size))):
+        for rows in epoch_batches(len(inputs.train_paths), cfg.batch_size, [cfg.seed, epoch], rank, world):
             if cfg.max_steps and state["step"] >= cfg.max_steps:
                 state["stopped"] = f"step budget {cfg.max_steps} reached"
                 break
@@ -487,17 +507,25 @@ def generator_worker_loop(loop_config: dict[str, Any]) -> None:
             if cfg.flip:
                 flip = (torch.rand(len(a), device=device) < 0.5)[:, None, None, None]
                 a, b = torch.where(flip, a.flip(3), a), torch.where(flip, b.flip(3), b)
-            logs = train_step(cfg, nets, opt_g, opt_d, a, b, vgg, state["step"], amp)
+            logs = train_step(cfg, nets, opt_g, opt_d, a, b, vgg, state["step"], amp, guard, state)
+            if guard.rollback_pending:
+                break
             state["step"] += 1
+            if logs is None:  # a non-finite loss: that update was dropped
+                continue
             meter.add(logs, len(rows))
             interval.add(logs, len(rows))
             if cfg.monitor.scalars_every and state["step"] % cfg.monitor.scalars_every == 0:
                 scalars = interval.take(world)
                 monitor.scalars(state["step"], scalars)
                 record_epoch(stage, {**scalars, "step": state["step"]}, rank=rank)  # the dashboard, between epochs
+        if guard.rollback_pending:  # back to the last checkpoint's weights, optimisers and state; replay
+            state = guard.restore(nets, optimizers, state)
+            continue
         seconds = meter.seconds()
         metrics: dict[str, Any] = meter.means()
         metrics.update(stage=stage, epoch=epoch, step=state["step"], epoch_seconds=seconds, lr_factor=factor,
+                       nonfinite_steps=guard.take_epoch_count(),
                        images_per_s=meter.rate(seconds, world))
         if rank == 0:
             metrics.update(validate(cfg, nets["generator_ema"], unwrap(nets["encoder"]), val_a, val_b, other, device))
@@ -512,7 +540,8 @@ def generator_worker_loop(loop_config: dict[str, Any]) -> None:
                               png_name=f"{stage}_epoch{epoch:04d}.png")
         state["epoch"] = epoch + 1
         record_epoch(stage, metrics, rank=rank)  # Ray metrics for the dashboard / Prometheus
-        report_epoch(metrics, epoch, rank, nets, {"optimizer_g": opt_g, "optimizer_d": opt_d, **amp.stateful()}, state, cfg)
+        report_epoch(metrics, epoch, rank, nets, optimizers, state, cfg)
+        guard.remember(nets, optimizers, state)
         if cfg.max_steps and state["step"] >= cfg.max_steps:
             state["stopped"] = f"step budget {cfg.max_steps} reached"
     monitor.close()
@@ -568,14 +597,18 @@ def encoder_config_of(checkpoint: str) -> EncoderConfig:
 
 
 def prepare_generator_inputs(data: DataConfig, val_split: str = "val") -> GeneratorInputs:
+    """The splits' usable files: every file is decoded once here, bad ones are reported and left out."""
     from step_ray.data.pix2pix import image_id, list_split, read_style_ids
+    from step_ray.data.scan import scan_split
 
     root = data.prepare()
     data = dataclasses.replace(data, root=root)
     styles = read_style_ids(root)
-    val_paths = list_split(root, val_split)
-    return GeneratorInputs(data=data, train_paths=list_split(root, "train"), val_paths=val_paths,
-                           val_style_ids=np.array([styles.get(image_id(p), -1) for p in val_paths], np.int64))
+    train = scan_split(list_split(root, "train"), data, f"{root} train")
+    val = scan_split(list_split(root, val_split), data, f"{root} {val_split}")
+    return GeneratorInputs(data=data, train_paths=train.good, val_paths=val.good,
+                           val_style_ids=np.array([styles.get(image_id(p), -1) for p in val.good], np.int64),
+                           bad_files=train.errors + val.errors)
 
 
 def train_generator_stage(cfg: GeneratorTrainConfig, run, inputs: GeneratorInputs, stage: str, callbacks: tuple = ()):
@@ -733,6 +766,7 @@ def run_train_generator(cfg: TrainGeneratorConfig, callbacks: tuple = ()) -> dic
         out["stage3_run"] = run_uri
         out["stage3_metrics"] = result.metrics
         print(f"[train_generator] stage 3 done: {start}", flush=True)
+    out["bad_files"] = [{"path": p, "reason": r} for p, r in inputs.bad_files]
     out["train_seconds"] = time.perf_counter() - started  # the training stages (Ray Train start-up included)
     last_stage = next((k for k in ("stage3_metrics", "joint_metrics", "stage2_metrics") if k in out), None)
     if last_stage:

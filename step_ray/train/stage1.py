@@ -19,6 +19,7 @@ from step_ray.data.pix2pix import DataConfig, load_pair, to_tensor
 from step_ray.losses import triplet_loss
 from step_ray.metrics import record_epoch
 from step_ray.models import EncoderConfig, StyleEncoder
+from step_ray.train.guard import NonFiniteConfig, NonFiniteGuard, seed_streams
 from step_ray.train.monitor import IntervalMeter, MonitorConfig, RunMonitor
 from step_ray.train.common import (
     EpochMeter,
@@ -29,6 +30,7 @@ from step_ray.train.common import (
     improves,
     load_checkpoint,
     make_trainer,
+    note_restart,
     report_epoch,
     seed_everything,
     unwrap,
@@ -54,6 +56,7 @@ class Stage1Config:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast (fp16: with a grad scaler); GPU workers only
     activation_checkpointing: bool = False  # recompute E's residual blocks' activations in backward
     monitor: MonitorConfig = field(default_factory=MonitorConfig)  # TensorBoard scalars and neighbour grids
+    nonfinite: NonFiniteConfig = field(default_factory=NonFiniteConfig)  # what a NaN/Inf loss does
     seed: int = 0
     knn_k: int = 5
     knn_reference: int = 2000  # train images encoded as the k-NN reference set
@@ -174,6 +177,7 @@ def stage1_worker_loop(loop_config: dict[str, Any]) -> None:
 
             scaler = {k: v for k, v in amp.stateful().items() if os.path.exists(os.path.join(folder, f"{k}.pt"))}
             state = load_checkpoint(folder, {"encoder": model}, {"optimizer": optimizer, **scaler}, map_location=device)
+        note_restart(state)
     if cfg.activation_checkpointing:
         from step_ray.models.encoder import ResidualDownBlock
 
@@ -202,9 +206,12 @@ def stage1_worker_loop(loop_config: dict[str, Any]) -> None:
 
     monitor = RunMonitor(loop_config.get("run_folder", ""), "stage1", enabled=rank == 0 and cfg.monitor.enabled)
     interval = IntervalMeter()
+    guard = NonFiniteGuard(cfg.nonfinite, "stage1", rank)
+    modules, optimizers = {"encoder": model}, {"optimizer": optimizer, **amp.stateful()}
+    guard.remember(modules, optimizers, state)
     while state["epoch"] < cfg.max_epochs and not state["stopped"]:
         epoch = state["epoch"]
-        seed_everything(cfg.seed, epoch, rank)
+        seed_everything(cfg.seed, *seed_streams(epoch, rank, state))
         sampler.set_epoch(epoch)
         model.train()
         meter = EpochMeter()
@@ -220,11 +227,19 @@ def stage1_worker_loop(loop_config: dict[str, Any]) -> None:
                 z = model(x)
             z = z.float().view(len(batch), 3, -1)
             loss, logs = triplet_loss(z[:, 0], z[:, 1], z[:, 2], cfg.margin, cfg.l2_weight)
+            loss = guard.inject(loss, state)
             optimizer.zero_grad(set_to_none=True)
-            amp.backward(loss)
-            amp.step(optimizer)
-            amp.update()
+            finite = guard.finite(state, "triplet loss", loss)
+            guard.step_done(finite)
+            if guard.rollback_pending:
+                break
+            if finite:
+                amp.backward(loss)
+                amp.step(optimizer)
+                amp.update()
             state["step"] += 1
+            if not finite:
+                continue
             meter.add(logs, len(batch))
             interval.add(logs, len(batch))
             if cfg.monitor.scalars_every and state["step"] % cfg.monitor.scalars_every == 0:
@@ -232,11 +247,16 @@ def stage1_worker_loop(loop_config: dict[str, Any]) -> None:
                 scalars["images_per_s"] *= 3  # a triplet is three images
                 monitor.scalars(state["step"], scalars)
                 record_epoch("stage1", {**scalars, "step": state["step"]}, rank=rank)
+        if guard.rollback_pending:  # back to the last checkpoint's weights, optimiser and state; replay
+            state = guard.restore(modules, optimizers, state)
+            sampler.set_epoch(state["epoch"])
+            continue
         seconds = meter.seconds()
         metrics: dict[str, Any] = meter.means()
         metrics.update(
             epoch=epoch,
             step=state["step"],
+            nonfinite_steps=guard.take_epoch_count(),
             epoch_seconds=seconds,
             images_per_s=3 * meter.rate(seconds, world),
             triplets_per_s=meter.rate(seconds, world),
@@ -266,8 +286,8 @@ def stage1_worker_loop(loop_config: dict[str, Any]) -> None:
             state["history"].append(metrics)
             print(_progress_line(metrics, cfg.max_epochs), flush=True)
         record_epoch("stage1", metrics, rank=rank)  # Ray metrics for the dashboard / Prometheus
-        report_epoch(metrics, epoch, rank, {"encoder": model}, {"optimizer": optimizer, **amp.stateful()}, state,
-                     loop_config["config"])
+        report_epoch(metrics, epoch, rank, modules, optimizers, state, loop_config["config"])
+        guard.remember(modules, optimizers, state)
     monitor.close()
 
 

@@ -1,0 +1,65 @@
+"""Check every file of a split once, before training: which images are usable, and why the others are not.
+
+Stage 1 gets this from its style-statistics pipeline (Ray Data, `errors.csv`). The generator stages and
+MUNIT read their images inside the training loop, where a bad file would stop a worker hours in; so their
+drivers scan the split first, decoding every file in a thread pool (not in Ray tasks: inside a Tune trial
+every CPU may be held by trials, and a task waiting for one would never start). Bad files are reported by path and reason and
+left out (`on_bad_image=skip`), or the first one stops the job (`fail`). A greyscale file is not bad: it is
+converted to RGB like any other mode.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from step_ray.data.pix2pix import BadImageError, DataConfig, DatasetError, load_pair
+
+CHUNK = 64  # files per thread task
+THREADS = 8
+
+
+@dataclass
+class ScanResult:
+    good: list[str]
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+    def report(self, what: str, shown: int = 20) -> None:
+        """Every bad file by path and reason on stdout (the first `shown`; the rest counted)."""
+        if not self.errors:
+            return
+        print(f"[data] {what}: {len(self.errors)} bad file(s) left out, {len(self.good)} used", flush=True)
+        for path, reason in self.errors[:shown]:
+            print(f"[data]   {path}: {reason}", flush=True)
+        if len(self.errors) > shown:
+            print(f"[data]   ... and {len(self.errors) - shown} more", flush=True)
+
+
+def check_files(uris: list[str], direction: str, min_side: int) -> list[str | None]:
+    """Per file: None when it decodes to a usable pair, else the reason it cannot be used."""
+    out: list[str | None] = []
+    for uri in uris:
+        try:
+            load_pair(uri, direction, None, min_side)
+            out.append(None)
+        except BadImageError as exc:
+            out.append(exc.reason)
+    return out
+
+
+def scan_split(uris: list[str], data: DataConfig, what: str = "split") -> ScanResult:
+    """The usable files of `uris` (order kept) and the reasons for the rest; honours `data.on_bad_image`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    chunks = [uris[i : i + CHUNK] for i in range(0, len(uris), CHUNK)]
+    reasons: list[str | None] = []
+    with ThreadPoolExecutor(max_workers=THREADS) as pool:  # reading and PIL's decoding release the GIL
+        for part in pool.map(lambda c: check_files(c, data.direction, data.min_side), chunks):
+            reasons += part
+    result = ScanResult([u for u, r in zip(uris, reasons) if r is None],
+                        [(u, r) for u, r in zip(uris, reasons) if r is not None])
+    if result.errors and data.on_bad_image == "fail":
+        path, reason = result.errors[0]
+        raise BadImageError(path, f"{reason} (data.on_bad_image=fail; {len(result.errors)} bad file(s) in {what})")
+    if not result.good:
+        raise DatasetError(f"{what}: none of the {len(uris)} files is a usable image")
+    result.report(what)
+    return result

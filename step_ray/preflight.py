@@ -1,0 +1,137 @@
+"""Checks every job makes before any expensive work, and the one-line failure every job gives.
+
+A typo in a key, a checkpoint path that does not exist, a bucket the credentials cannot reach, or more
+GPUs than the cluster has would otherwise surface minutes (style statistics, mining) or hours (the
+second stage) into a run, or never (Ray waits forever for resources it does not have). The jobs call:
+
+    check_storage(cfg.run, stage)          # storage reachable with these credentials; resume target exists
+    check_data_root(root)                  # the dataset is there
+    check_checkpoint(uri, "encoder_checkpoint")
+    ray.init(...)
+    check_resources(cfg.run)               # the cluster can ever place the workers
+
+and `fail_fast(main)` turns the errors these raise (and config errors) into one `error: ...` line on
+stderr and exit status 2, with credentials redacted.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable
+
+from step_ray import storage
+
+
+class PreflightError(RuntimeError):
+    """A job cannot run as configured; raised before any expensive work."""
+
+
+_REFUSED = ("access_denied", "accessdenied", "forbidden", "invalidaccesskeyid", "signaturedoesnotmatch", "403")
+
+
+def _explained(text: str) -> str:
+    """Say in words when S3 refused the credentials (its own error names only the operation)."""
+    if any(k in text.lower() for k in _REFUSED):
+        return f"S3 refused the credentials (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE): {text}"
+    return text
+
+
+def _fs_error(what: str, uri: str, exc: BaseException) -> PreflightError:
+    return PreflightError(_explained(f"{what} {uri}: {storage._short(exc)}"))
+
+
+def check_storage(run, stage: str = "") -> None:
+    """run.storage_path can be written with the credentials at hand; with resume=true and a `stage` there
+    is a run to resume (the named one, or the newest of `stage`)."""
+    from step_ray.train.common import latest_run
+
+    try:
+        storage.check_writable(run.storage_path, "run.storage_path")
+        if storage.is_s3(run.storage_path):  # a bucket can be visible and still refuse writes
+            probe = storage.join(run.storage_path, ".step_ray_write_check")
+            storage.write_bytes(probe, b"ok")
+            fs, path = storage.resolve(probe)
+            fs.delete_file(path)
+    except storage.StorageError as exc:
+        raise PreflightError(_explained(str(exc))) from None
+    except OSError as exc:
+        raise _fs_error("run.storage_path", run.storage_path, exc) from None
+    if run.resume and stage:
+        name = run.name or latest_run(run.storage_path, stage)
+        if not name or not storage.exists(storage.join(run.storage_path, name)):
+            raise PreflightError(f"run.resume=true: no earlier {stage} run "
+                                 f"{'named ' + repr(run.name) + ' ' if run.name else ''}under {run.storage_path}")
+
+
+def check_data_root(root: str, what: str = "data.root") -> None:
+    """A dataset root given (empty means the generated synthetic set) must be readable."""
+    if not root:
+        return
+    try:
+        storage.check_readable(root, what)
+    except storage.StorageError as exc:
+        raise PreflightError(_explained(str(exc))) from None
+    except OSError as exc:
+        raise _fs_error(what, root, exc) from None
+
+
+def check_checkpoint(uri: str, what: str) -> None:
+    """`uri` is a complete checkpoint folder (its manifest matches; older checkpoints: a state.json)."""
+    if not uri:
+        return
+    from step_ray import checkpoints
+
+    try:
+        if not storage.exists(uri):
+            raise PreflightError(f"{what} {uri} does not exist")
+        if storage.exists(storage.join(uri, checkpoints.MANIFEST_FILE)):
+            checkpoints.check_complete(uri)
+        elif not storage.exists(storage.join(uri, checkpoints.STATE_FILE)):
+            raise PreflightError(f"{what} {uri} is not a checkpoint folder (no {checkpoints.STATE_FILE})")
+    except checkpoints.CheckpointError as exc:
+        raise PreflightError(f"{what}: {exc}") from None
+    except OSError as exc:
+        raise _fs_error(what, uri, exc) from None
+
+
+def check_resources(run) -> None:
+    """After ray.init: the cluster has the CPUs and GPUs the workers ask for (unless it autoscales), so
+    the job fails now instead of waiting forever for resources that will never appear."""
+    import ray
+
+    from step_ray.train.common import wants_gpu
+
+    if getattr(run, "autoscaling", False):
+        return
+    total = ray.cluster_resources()
+    cpus, gpus = float(total.get("CPU", 0)), int(total.get("GPU", 0))
+    try:
+        use_gpu = wants_gpu(run)
+    except RuntimeError as exc:
+        raise PreflightError(str(exc)) from None
+    need_cpus = run.num_workers * run.cpus_per_worker
+    if need_cpus > cpus:
+        raise PreflightError(f"run.num_workers={run.num_workers} x run.cpus_per_worker={run.cpus_per_worker} needs "
+                             f"{need_cpus:g} CPUs; the Ray cluster has {cpus:g} (set run.autoscaling=true if it grows)")
+    if use_gpu and run.num_workers > gpus:
+        raise PreflightError(f"run.num_workers={run.num_workers} GPU workers; the Ray cluster has {gpus} GPUs")
+
+
+def fail_fast(main: Callable) -> Callable:
+    """Run a job's main; a configuration, path, credential or resource problem ends it with one line."""
+    from step_ray.checkpoints import CheckpointError, redact
+    from step_ray.config import ConfigError
+    from step_ray.data.pix2pix import BadImageError, DatasetError
+
+    expected = (PreflightError, ConfigError, CheckpointError, storage.StorageError, DatasetError, BadImageError,
+                FileNotFoundError)
+
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except expected as exc:
+            print(redact(f"error: {exc}").splitlines()[0], file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+
+    return wrapped
