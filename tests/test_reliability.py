@@ -74,11 +74,11 @@ def stage1(ray_session, synthetic_root, tmp_path_factory):
     return cfg, inputs, tmp
 
 
-def _train1(stage1, storage_path, name, epochs, max_failures=0, **train):
+def _train1(stage1, storage_path, name, epochs, max_failures=0, run_settings=None, **train):
     from step_ray.train.stage1 import train_stage1
 
     cfg, inputs, _ = stage1
-    run = replace(cfg.run, storage_path=str(storage_path), name=name, max_failures=max_failures)
+    run = replace(cfg.run, storage_path=str(storage_path), name=name, max_failures=max_failures, **(run_settings or {}))
     return train_stage1(replace(cfg.train, max_epochs=epochs, **train), run, inputs, cfg)
 
 
@@ -125,8 +125,9 @@ def test_stage1_nan_loss_skip_rollback_fail(stage1, tmp_path):
 
 
 def test_stage1_s3_outage_during_checkpoint_upload(stage1, s3_bucket):
-    """The S3 server stops while epoch 1's checkpoint is uploading and comes back 4 s later: the run
-    restarts from epoch 0's checkpoint and finishes; no incomplete checkpoint is ever listed."""
+    """The S3 server stops while epoch 1's checkpoint is uploading and comes back 4 s later. Ray Train's
+    controller cannot write its run state and ends the run; step_ray resumes it (run.storage_retries) from
+    the last complete checkpoint and it finishes. No incomplete checkpoint is ever listed."""
     from conftest import _S3
 
     outage = S3Outage(_S3["server"], trigger="checkpoint_epoch0001/", down_seconds=4)
@@ -142,7 +143,8 @@ def test_stage1_s3_outage_during_checkpoint_upload(stage1, s3_bucket):
             time.sleep(0.2)
 
     watcher = WhenReady(lambda: outage.stopped_at is not None, watch)
-    result, _ = _train1(stage1, f"s3://{s3_bucket}/runs", "outage", epochs=3, max_failures=3)
+    result, _ = _train1(stage1, f"s3://{s3_bucket}/runs", "outage", epochs=3, max_failures=3,
+                        run_settings={"storage_retries": 3, "storage_retry_wait_s": 6.0})
     assert outage.stopped_at is not None and outage.restarted_at is not None, "the outage never happened"
     assert result.error is None, result.error
     state = _state(f"s3://{result.checkpoint.path}")
@@ -151,17 +153,18 @@ def test_stage1_s3_outage_during_checkpoint_upload(stage1, s3_bucket):
     watcher.join(timeout=30)
     final = checkpoints.list_checkpoints(run_uri)
     assert [c.epoch for c in final] == [0, 1, 2] and all(_complete(c.uri) for c in final)
+    assert seen and all(set(names) <= {"checkpoint_epoch0000", "checkpoint_epoch0001", "checkpoint_epoch0002"} for names in seen)
 
 
 def test_stage1_full_disk_during_checkpoint_write(stage1, tmp_path):
-    """Epoch 1's checkpoint write hits ENOSPC (its files lead to /dev/full): the run stops with that
-    error after its retry, and epoch 0's checkpoint stays the latest complete one."""
+    """Epoch 1's checkpoint write hits ENOSPC (its files lead to /dev/full), again after a resume: the run
+    stops with that error, and epoch 0's checkpoint stays the latest complete one."""
     folder = tmp_path / "full" / "checkpoint_epoch0001"
     folder.mkdir(parents=True)
     for name in ("encoder.pt", "optimizer.pt"):  # (a symlinked manifest would read as endless zeros)
         (folder / name).symlink_to("/dev/full")
     with pytest.raises(Exception, match="No space left on device"):
-        _train1(stage1, tmp_path, "full", epochs=3, max_failures=1)
+        _train1(stage1, tmp_path, "full", epochs=3, max_failures=1, run_settings={"storage_retries": 1, "storage_retry_wait_s": 0.0})
     assert [c.epoch for c in checkpoints.list_checkpoints(str(tmp_path / "full"))] == [0]
     assert not _registered(tmp_path / "full", "checkpoint_epoch0001")
 
@@ -189,8 +192,8 @@ def test_stage1_job_killed_then_resumed(stage1, ray_session, tmp_path):
     proc.wait(timeout=600)
     assert killer.result == proc.pid and proc.returncode == -9, (tmp_path / "job.log").read_text()[-3000:]
     time.sleep(2)  # Ray notices the dead driver and ends its workers
-    out = run_pretrain(load_config(type(cfg), None, [*args, "run.resume=true"]))
-    state = _state(out["checkpoint"])
+    run_pretrain(load_config(type(cfg), None, [*args, "run.resume=true"]))
+    state = _state(checkpoints.list_checkpoints(str(tmp_path / "job"))[-1].uri)
     _assert_whole_history(state, 5)
     assert len(state["restarts"]) == 1 and state["restarts"][0]["epoch"] >= 2, state["restarts"]
 

@@ -7,6 +7,7 @@ an untrusted bucket cannot run code.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import itertools
 import json
@@ -58,12 +59,16 @@ class RunSettings:
     checkpoint_metric: str = "val_triplet_acc"
     checkpoint_mode: Literal["max", "min"] = "max"
     autoscaling: bool = False  # the cluster grows on demand: do not check resources against what it has now
+    storage_retries: int = 3  # a run stopped by a storage failure (S3 outage, full disk) resumes this often
+    storage_retry_wait_s: float = 30.0
 
     def __post_init__(self):
         if self.num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
         if self.keep_checkpoints < 1:
             raise ValueError("keep_checkpoints must be >= 1")
+        if self.storage_retries < 0 or self.storage_retry_wait_s < 0:
+            raise ValueError("storage_retries and storage_retry_wait_s must be >= 0")
 
 
 def cluster_gpus() -> int:
@@ -141,6 +146,86 @@ def make_trainer(loop, loop_config: dict, run: RunSettings, stage: str, callback
         ),
     )
     return trainer, storage.join(run.storage_path, name)
+
+
+_STORAGE_FAILURES = ("AWS Error", "curlCode", "Could not connect", "Connection refused", "No space left on device",
+                     "Disk quota exceeded", "Read-only file system")
+
+
+def is_storage_failure(exc: BaseException) -> bool:
+    """Did the run stop because storage failed (S3 unreachable, a full disk) rather than the training?
+    Ray Train retries lost workers itself, but a failed write of its own run state ends the whole run."""
+    text = f"{type(exc).__name__}: {exc}"
+    return any(marker in text for marker in _STORAGE_FAILURES)
+
+
+def fit(loop, loop_config: dict, run: RunSettings, stage: str, callbacks: tuple = ()):
+    """make_trainer + fit, resuming the same run (from its last registered, hence complete, checkpoint)
+    after a storage failure, up to run.storage_retries times. Returns (result, run folder URI)."""
+    import dataclasses
+
+    def trainer_for(run: RunSettings):
+        name = run_name(run, stage)
+        run = dataclasses.replace(run, name=name)
+        latest = latest_complete_checkpoint(storage.join(run.storage_path, name)) if run.resume else ""
+        return make_trainer(loop, {**loop_config, "resume_from": latest}, run, stage, callbacks)
+
+    trainer, run_uri = trainer_for(run)
+    name = run_uri.rstrip("/").rsplit("/", 1)[-1]
+    for attempt in range(run.storage_retries + 1):
+        try:
+            return trainer.fit(), run_uri
+        except Exception as exc:
+            if attempt == run.storage_retries or not is_storage_failure(exc):
+                raise
+            first = next((line for line in str(exc).splitlines() if any(m in line for m in _STORAGE_FAILURES)), str(exc))
+            print(f"[{stage}] storage failure: {first.strip()[:300]}; resuming {name} from its last complete checkpoint "
+                  f"in {run.storage_retry_wait_s:g}s (retry {attempt + 1}/{run.storage_retries})", flush=True)
+            time.sleep(run.storage_retry_wait_s)
+            trainer, _ = trainer_for(dataclasses.replace(run, name=name, resume=True))
+    raise AssertionError("unreachable")
+
+
+def latest_complete_checkpoint(run_uri: str) -> str:
+    """The newest checkpoint folder of a run whose files match its manifest ("" when none or unreadable)."""
+    from step_ray.checkpoints import CheckpointError, list_checkpoints
+
+    try:
+        found = list_checkpoints(run_uri)
+    except (CheckpointError, OSError):
+        return ""
+    return found[-1].uri if found else ""
+
+
+def _epoch_in_name(uri: str) -> int:
+    import re
+
+    m = re.search(r"checkpoint_epoch(\d+)$", str(uri).rstrip("/"))
+    return int(m.group(1)) if m else -1
+
+
+@contextlib.contextmanager
+def resume_folder(loop_config: dict):
+    """The checkpoint folder a worker loop continues from, or None for a fresh start: Ray Train's latest
+    registered checkpoint, unless the driver found a newer complete one in the run folder (`resume_from`).
+    That happens when storage failed before Ray recorded a checkpoint it had uploaded, or when a job was
+    killed between the upload and Ray's bookkeeping: the work is kept either way."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    fallback = loop_config.get("resume_from") or ""
+    if fallback and _epoch_in_name(fallback) > (_epoch_in_name(checkpoint.path) if checkpoint is not None else -1):
+        folder, tmp = local_checkpoint_dir(fallback)
+        try:
+            yield folder
+        finally:
+            if tmp is not None:
+                tmp.cleanup()
+    elif checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            yield folder
+    else:
+        yield None
 
 
 # ----------------------------------------------------------------------------------------------------

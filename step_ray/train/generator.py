@@ -44,8 +44,8 @@ from step_ray.models import (DiscriminatorConfig, EncoderConfig, GeneratorConfig
                              UNetGenerator)
 from step_ray.style.vgg import VGGConfig
 from step_ray.train.common import (EpochMeter, MixedPrecision, OptimConfig, RunSettings, average_gradients, broadcast_parameters,
-                                   checkpoint_activations, epoch_batches, improves, load_checkpoint, make_trainer, note_restart, report_epoch,
-                                   seed_everything, unwrap, worker_device)
+                                   checkpoint_activations, epoch_batches, fit, improves, load_checkpoint, note_restart,
+                                   report_epoch, resume_folder, seed_everything, unwrap, worker_device)
 from step_ray.train.guard import NonFiniteConfig, NonFiniteGuard, seed_streams
 from step_ray.train.mapper import IMLEConfig
 from step_ray.train.monitor import IntervalMeter, MonitorConfig, RunMonitor, code_samples, sample_grid
@@ -442,16 +442,16 @@ def generator_worker_loop(loop_config: dict[str, Any]) -> None:
     seed_everything(cfg.seed)
     nets = build_networks(cfg, device)
     state: dict[str, Any] = {"stage": stage, "epoch": 0, "step": 0, "best": None, "history": [], "stopped": ""}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:  # resume (or restart after a failure): everything from our own checkpoint
-        with checkpoint.as_directory() as folder:
+    with resume_folder(loop_config) as folder:
+        if folder is not None:  # resume (or restart after a failure): everything from our own checkpoint
             import os
 
             opt_g, opt_d = make_optimizers(cfg, nets, None, device)
             scaler = {k: v for k, v in amp.stateful().items() if os.path.exists(os.path.join(folder, f"{k}.pt"))}
             state = load_checkpoint(folder, nets, {"optimizer_g": opt_g, "optimizer_d": opt_d, **scaler}, map_location=device)
-        note_restart(state)
-    elif cfg.init_checkpoint:  # a fresh stage 3: G, G_ema, D, E and optimiser states from stage 2
+            note_restart(state)
+        resumed = folder is not None
+    if not resumed and cfg.init_checkpoint:  # a fresh stage 3: G, G_ema, D, E and optimiser states from stage 2
         from step_ray.train.common import local_checkpoint_dir
 
         folder, tmp = local_checkpoint_dir(cfg.init_checkpoint)
@@ -461,7 +461,7 @@ def generator_worker_loop(loop_config: dict[str, Any]) -> None:
         finally:
             if tmp is not None:
                 tmp.cleanup()
-    else:  # a fresh stage 2: E from the stage-1 checkpoint; a baseline's E keeps its seeded random init
+    elif not resumed:  # a fresh stage 2: E from the stage-1 checkpoint; a baseline's E keeps its seeded random init
         if cfg.encoder_init == "checkpoint":
             from step_ray.style.encode import load_encoder
 
@@ -628,8 +628,7 @@ def train_generator_stage(cfg: GeneratorTrainConfig, run, inputs: GeneratorInput
                          f"{cfg.discriminator.min_side()} (lower discriminator.n_layers or num_scales)")
     loop_config = {"train": cfg, "inputs": inputs, "stage": stage,
                    "checkpoint_metric": run.checkpoint_metric, "checkpoint_mode": run.checkpoint_mode}
-    trainer, run_uri = make_trainer(generator_worker_loop, loop_config, run, stage, callbacks)
-    result = trainer.fit()
+    result, run_uri = fit(generator_worker_loop, loop_config, run, stage, callbacks)
     if result.error:
         raise result.error
     return result, run_uri, cfg

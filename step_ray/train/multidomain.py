@@ -33,7 +33,7 @@ from step_ray.losses.multidomain import (MultiDomainLossWeights, adversarial_d_l
 from step_ray.metrics import record_epoch
 from step_ray.models.multidomain import MultiDomainConfig, build_multidomain
 from step_ray.train.common import (EpochMeter, OptimConfig, RunSettings, average_gradients, broadcast_parameters, improves,
-                                   load_checkpoint, make_trainer, report_epoch, seed_everything, worker_device)
+                                   load_checkpoint, fit, report_epoch, seed_everything, worker_device)
 from step_ray.train.generator import no_parameter_grads
 from step_ray.train.monitor import IntervalMeter, MonitorConfig, RunMonitor
 
@@ -341,8 +341,7 @@ def run_train_multidomain(cfg: TrainMultiDomainConfig, callbacks: tuple = ()) ->
                          f"set train.model.num_domains={len(train_images.names)}")
     loop_config = {"train": cfg.train, "data": cfg.data, "train_images": train_images, "val_images": val_images,
                    "config": cfg.train, "checkpoint_metric": cfg.run.checkpoint_metric, "checkpoint_mode": cfg.run.checkpoint_mode}
-    trainer, run_uri = make_trainer(multidomain_worker_loop, loop_config, cfg.run, STAGE, callbacks)
-    result = trainer.fit()
+    result, run_uri = fit(multidomain_worker_loop, loop_config, cfg.run, STAGE, callbacks)
     if result.error:
         raise result.error
     out: dict[str, Any] = {"multidomain": last_checkpoint(result, cfg.run), "multidomain_run": run_uri,

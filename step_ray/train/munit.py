@@ -35,7 +35,7 @@ from step_ray.models.discriminator import DiscriminatorConfig, PatchDiscriminato
 from step_ray.models.munit import MUNITConfig, MUNITGenerator, init_weights_, munit_discriminator_config
 from step_ray.style.vgg import VGGConfig
 from step_ray.train.common import (EpochMeter, MixedPrecision, OptimConfig, average_gradients, broadcast_parameters,
-                                   improves, load_checkpoint, make_trainer, report_epoch, seed_everything, worker_device)
+                                   improves, load_checkpoint, fit, report_epoch, seed_everything, worker_device)
 from step_ray.train.generator import GeneratorInputs, GeneratorRunSettings, PairStore, no_parameter_grads, psnr_batch
 from step_ray.train.monitor import IntervalMeter, MonitorConfig, RunMonitor
 
@@ -321,8 +321,7 @@ def run_train_munit(cfg: TrainMUNITConfig, callbacks: tuple = ()) -> dict[str, A
                          f"{cfg.train.discriminator.min_side()} (lower train.discriminator.n_layers or num_scales)")
     loop_config = {"train": cfg.train, "inputs": inputs, "config": cfg.train,
                    "checkpoint_metric": cfg.run.checkpoint_metric, "checkpoint_mode": cfg.run.checkpoint_mode}
-    trainer, run_uri = make_trainer(munit_worker_loop, loop_config, cfg.run, STAGE, callbacks)
-    result = trainer.fit()
+    result, run_uri = fit(munit_worker_loop, loop_config, cfg.run, STAGE, callbacks)
     if result.error:
         raise result.error
     out: dict[str, Any] = {"munit": last_checkpoint(result, cfg.run), "munit_run": run_uri,

@@ -29,9 +29,10 @@ from step_ray.train.common import (
     checkpoint_activations,
     improves,
     load_checkpoint,
-    make_trainer,
+    fit,
     note_restart,
     report_epoch,
+    resume_folder,
     seed_everything,
     unwrap,
     worker_device,
@@ -170,14 +171,13 @@ def stage1_worker_loop(loop_config: dict[str, Any]) -> None:
     model = StyleEncoder(cfg.encoder).to(device)
     optimizer = cfg.optim.build(model.parameters())
     state: dict[str, Any] = {"epoch": 0, "step": 0, "best": None, "bad_epochs": 0, "history": [], "stopped": ""}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
+    with resume_folder(loop_config) as folder:
+        if folder is not None:
             import os
 
             scaler = {k: v for k, v in amp.stateful().items() if os.path.exists(os.path.join(folder, f"{k}.pt"))}
             state = load_checkpoint(folder, {"encoder": model}, {"optimizer": optimizer, **scaler}, map_location=device)
-        note_restart(state)
+            note_restart(state)
     if cfg.activation_checkpointing:
         from step_ray.models.encoder import ResidualDownBlock
 
@@ -330,5 +330,4 @@ def train_stage1(cfg: Stage1Config, run: RunSettings, inputs: Stage1Inputs, full
         "checkpoint_metric": run.checkpoint_metric,
         "checkpoint_mode": run.checkpoint_mode,
     }
-    trainer, run_uri = make_trainer(stage1_worker_loop, loop_config, run, "stage1")
-    return trainer.fit(), run_uri
+    return fit(stage1_worker_loop, loop_config, run, "stage1")

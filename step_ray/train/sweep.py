@@ -219,8 +219,14 @@ def _tuner(sweep: SweepConfig, experiment: str):
         if not tune.Tuner.can_restore(restore_path, storage_filesystem=fs):
             raise FileNotFoundError(f"resume=true: no Tune experiment at {experiment}")
         print(f"[sweep] resuming {experiment}: finished trials are kept, unfinished ones run again", flush=True)
-        return tune.Tuner.restore(restore_path, trainable, resume_unfinished=True, resume_errored=True,
-                                  storage_filesystem=fs)
+        tuner = tune.Tuner.restore(restore_path, trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=fs)
+        # Tune 2.60 does not keep max_concurrent_trials across a restore: a restored sweep started every
+        # trial at once, and their trial processes held every CPU their own workers waited for.
+        local = getattr(tuner, "_local_tuner", None)
+        if local is not None and hasattr(local, "_tune_config"):
+            local._tune_config.max_concurrent_trials = sweep.max_concurrent_trials or default_concurrency(sweep)
+        return tuner
     scheduler = None
     if sweep.asha:
         configs = [trial_config(sweep, v, sweep.seeds[0]) for v in sweep.variants]
