@@ -89,7 +89,9 @@ def _registered(run_folder: Path, name: str) -> bool:
 
 
 def test_stage1_worker_killed_restarts_from_last_checkpoint(stage1, tmp_path):
-    killer = WhenReady(lambda: _registered(tmp_path / "killed", "checkpoint_epoch0001"), kill_one_train_worker)
+    """Killed as soon as epoch 1's checkpoint is complete in the run folder, which is usually before Ray
+    Train has registered it: the restart still continues from it (resume_folder), not from epoch 0."""
+    killer = WhenReady(lambda: _complete(tmp_path / "killed" / "checkpoint_epoch0001"), kill_one_train_worker)
     result, _ = _train1(stage1, tmp_path, "killed", epochs=5, max_failures=2)
     assert killer.result is not None, "no worker was killed"
     assert result.error is None
@@ -188,7 +190,7 @@ def test_stage1_job_killed_then_resumed(stage1, ray_session, tmp_path):
     log = open(tmp_path / "job.log", "w")
     proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "pretrain.py"), *args], env=_ray_env(ray_session),
                             stdout=log, stderr=subprocess.STDOUT)
-    killer = _kill_job_when(proc, lambda: _registered(tmp_path / "job", "checkpoint_epoch0001"))
+    killer = _kill_job_when(proc, lambda: _complete(tmp_path / "job" / "checkpoint_epoch0001"))
     proc.wait(timeout=600)
     assert killer.result == proc.pid and proc.returncode == -9, (tmp_path / "job.log").read_text()[-3000:]
     time.sleep(2)  # Ray notices the dead driver and ends its workers

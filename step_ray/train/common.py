@@ -164,13 +164,7 @@ def fit(loop, loop_config: dict, run: RunSettings, stage: str, callbacks: tuple 
     after a storage failure, up to run.storage_retries times. Returns (result, run folder URI)."""
     import dataclasses
 
-    def trainer_for(run: RunSettings):
-        name = run_name(run, stage)
-        run = dataclasses.replace(run, name=name)
-        latest = latest_complete_checkpoint(storage.join(run.storage_path, name)) if run.resume else ""
-        return make_trainer(loop, {**loop_config, "resume_from": latest}, run, stage, callbacks)
-
-    trainer, run_uri = trainer_for(run)
+    trainer, run_uri = make_trainer(loop, loop_config, run, stage, callbacks)
     name = run_uri.rstrip("/").rsplit("/", 1)[-1]
     for attempt in range(run.storage_retries + 1):
         try:
@@ -182,7 +176,7 @@ def fit(loop, loop_config: dict, run: RunSettings, stage: str, callbacks: tuple 
             print(f"[{stage}] storage failure: {first.strip()[:300]}; resuming {name} from its last complete checkpoint "
                   f"in {run.storage_retry_wait_s:g}s (retry {attempt + 1}/{run.storage_retries})", flush=True)
             time.sleep(run.storage_retry_wait_s)
-            trainer, _ = trainer_for(dataclasses.replace(run, name=name, resume=True))
+            trainer, _ = make_trainer(loop, loop_config, dataclasses.replace(run, name=name, resume=True), stage, callbacks)
     raise AssertionError("unreachable")
 
 
@@ -207,13 +201,13 @@ def _epoch_in_name(uri: str) -> int:
 @contextlib.contextmanager
 def resume_folder(loop_config: dict):
     """The checkpoint folder a worker loop continues from, or None for a fresh start: Ray Train's latest
-    registered checkpoint, unless the driver found a newer complete one in the run folder (`resume_from`).
-    That happens when storage failed before Ray recorded a checkpoint it had uploaded, or when a job was
-    killed between the upload and Ray's bookkeeping: the work is kept either way."""
+    registered checkpoint, or the run folder's newest complete one (manifest checked) when that is newer.
+    It is newer when a worker, the job or storage failed after a checkpoint was uploaded but before Ray
+    recorded it (Ray registers reports asynchronously): that checkpoint's work is kept, not recomputed."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
-    fallback = loop_config.get("resume_from") or ""
+    fallback = latest_complete_checkpoint(loop_config["run_folder"]) if loop_config.get("run_folder") else ""
     if fallback and _epoch_in_name(fallback) > (_epoch_in_name(checkpoint.path) if checkpoint is not None else -1):
         folder, tmp = local_checkpoint_dir(fallback)
         try:
