@@ -92,7 +92,7 @@ def _read_json(uri: str) -> dict | None:
         return None
 
 
-def _epoch_from_name(name: str) -> int | None:
+def epoch_from_name(name: str) -> int | None:
     m = re.search(r"(\d+)$", name)
     return int(m.group(1)) if m else None
 
@@ -135,7 +135,7 @@ def read_checkpoint(uri: str, run: str = "") -> CheckpointInfo:
         raise CheckpointError(f"{uri} is not a checkpoint: no readable {STATE_FILE}")
     history = state.get("history") or []
     metrics = {k: v for k, v in (history[-1] if history else {}).items() if isinstance(v, (int, float, str))}
-    epoch = metrics.get("epoch", _epoch_from_name(name))
+    epoch = metrics.get("epoch", epoch_from_name(name))
     metric, mode = _ranking_of(uri)
     return CheckpointInfo(uri=uri, run=run or uri.rsplit("/", 2)[-2], name=name,
                           epoch=int(epoch) if isinstance(epoch, (int, float)) else None, metrics=metrics,

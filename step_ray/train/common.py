@@ -21,11 +21,11 @@ from typing import Any, Literal
 import torch
 
 from step_ray import storage
+from step_ray.checkpoints import MANIFEST_FILE
 from step_ray.config import config_to_yaml
 
 CONFIG_FILE = "config.yaml"
 STATE_FILE = "state.json"
-MANIFEST_FILE = "manifest.json"
 
 
 @dataclass(frozen=True)
@@ -160,8 +160,9 @@ def is_storage_failure(exc: BaseException) -> bool:
 
 
 def fit(loop, loop_config: dict, run: RunSettings, stage: str, callbacks: tuple = ()):
-    """make_trainer + fit, resuming the same run (from its last registered, hence complete, checkpoint)
-    after a storage failure, up to run.storage_retries times. Returns (result, run folder URI)."""
+    """make_trainer + fit, resuming the same run after a storage failure, up to run.storage_retries times
+    (the workers continue from the newest complete checkpoint: `resume_folder`). Returns (result, run
+    folder URI)."""
     import dataclasses
 
     trainer, run_uri = make_trainer(loop, loop_config, run, stage, callbacks)
@@ -191,13 +192,6 @@ def latest_complete_checkpoint(run_uri: str) -> str:
     return found[-1].uri if found else ""
 
 
-def _epoch_in_name(uri: str) -> int:
-    import re
-
-    m = re.search(r"checkpoint_epoch(\d+)$", str(uri).rstrip("/"))
-    return int(m.group(1)) if m else -1
-
-
 @contextlib.contextmanager
 def resume_folder(loop_config: dict):
     """The checkpoint folder a worker loop continues from, or None for a fresh start: Ray Train's latest
@@ -206,9 +200,15 @@ def resume_folder(loop_config: dict):
     recorded it (Ray registers reports asynchronously): that checkpoint's work is kept, not recomputed."""
     import ray.train
 
+    from step_ray.checkpoints import epoch_from_name
+
+    def epoch_of(uri: str) -> int:
+        epoch = epoch_from_name(str(uri).rstrip("/"))
+        return -1 if epoch is None else epoch
+
     checkpoint = ray.train.get_checkpoint()
     fallback = latest_complete_checkpoint(loop_config["run_folder"]) if loop_config.get("run_folder") else ""
-    if fallback and _epoch_in_name(fallback) > (_epoch_in_name(checkpoint.path) if checkpoint is not None else -1):
+    if fallback and epoch_of(fallback) > (epoch_of(checkpoint.path) if checkpoint is not None else -1):
         folder, tmp = local_checkpoint_dir(fallback)
         try:
             yield folder
