@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import uuid
 from pathlib import Path
 
@@ -56,15 +57,64 @@ def s3_bucket(s3_server):
     return name
 
 
+# Ray Train's controller looks at its workers every 2 s by default: a tiny test run would spend seconds
+# of each start, report and end waiting for that poll. No preemption can happen on one machine.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
+def _start_ray():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+
+
 @pytest.fixture(scope="session")
 def ray_session(s3_server):
     """One local Ray instance (2 CPUs) for the whole session."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        _start_ray()
     yield ray
     ray.shutdown()
+
+
+def _held_by(ray) -> str:
+    """What still holds the session's resources: live actors and placement groups, by name."""
+    try:
+        from ray._private import state
+
+        actors = [f"{a.get('ActorClassName') or a.get('Name')} ({a.get('State')})" for a in state.actors().values()
+                  if a.get("State") not in ("DEAD",)]
+        groups = [f"{g.get('name') or pid[:8]} ({g.get('state')})" for pid, g in ray.util.placement_group_table().items()
+                  if g.get("state") not in ("REMOVED",)]
+        return f"actors {actors}, placement groups {groups}"
+    except Exception as e:  # describing the leak must not hide it
+        return f"(could not list them: {e!r})"
+
+
+@pytest.fixture(autouse=True)
+def _ray_resources_released(request):
+    """Every test that used the shared Ray instance gives all its CPUs back. One that does not (a failed
+    sweep's trial actors, a killed job's controller) would leave every later Ray test waiting for CPUs
+    forever: report it on that test and restart Ray, so the rest of the session runs."""
+    yield
+    if "ray_session" not in request.fixturenames:
+        return
+    import ray
+
+    if not ray.is_initialized():
+        return
+    total = ray.cluster_resources().get("CPU", 0)
+    deadline = time.time() + 60  # actors and placement groups are released asynchronously
+    while ray.available_resources().get("CPU", 0) < total:
+        if time.time() > deadline:
+            held = _held_by(ray)
+            ray.shutdown()
+            _start_ray()
+            pytest.fail(f"Ray resources still held 60 s after the test: {held}. Ray was restarted.")
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="session")
@@ -75,6 +125,13 @@ def synthetic_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
     generate_synthetic(root, SyntheticConfig(num_styles=8, num_train=96, num_val=32, image_size=32))
     return root
+
+
+@pytest.fixture(scope="session")
+def stage1_cache(tmp_path_factory):
+    """One cache_dir for every tiny stage-1 run of the session: the style statistics and mined triplets
+    of the synthetic set are computed by the first run and reused (they are keyed by their config)."""
+    return tmp_path_factory.mktemp("stage1_cache")
 
 
 @pytest.fixture

@@ -27,8 +27,8 @@ TINY = [
 ]
 
 
-def _cfg(root, tmp, *extra):
-    return load_config(PretrainConfig, None, [f"style.data.root={root}", f"cache_dir={tmp / 'cache'}", *TINY, *extra])
+def _cfg(root, cache, *extra):
+    return load_config(PretrainConfig, None, [f"style.data.root={root}", f"cache_dir={cache}", *TINY, *extra])
 
 
 def _weights(checkpoint: str) -> dict:
@@ -36,12 +36,13 @@ def _weights(checkpoint: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def resumed_run(ray_session, synthetic_root, tmp_path_factory):
+def resumed_run(ray_session, synthetic_root, stage1_cache, tmp_path_factory):
     """One epoch, then --resume to two: the run folder and the outputs of both calls."""
     tmp = tmp_path_factory.mktemp("pretrain")
-    first = run_pretrain(_cfg(synthetic_root, tmp, f"run.storage_path={tmp / 'runs'}", "train.max_epochs=1"))
-    second = run_pretrain(_cfg(synthetic_root, tmp, f"run.storage_path={tmp / 'runs'}", "train.max_epochs=2", "run.resume=true"))
-    return tmp, first, second
+    first = run_pretrain(_cfg(synthetic_root, stage1_cache, f"run.storage_path={tmp / 'runs'}", "train.max_epochs=1"))
+    second = run_pretrain(_cfg(synthetic_root, stage1_cache, f"run.storage_path={tmp / 'runs'}", "train.max_epochs=2",
+                               "run.resume=true"))
+    return stage1_cache, first, second
 
 
 def test_outputs_beside_the_checkpoint(resumed_run, synthetic_root):
@@ -79,8 +80,8 @@ def test_stage1_is_watched_in_tensorboard(resumed_run):
 
 
 def test_resume_equals_uninterrupted_run_on_s3(resumed_run, synthetic_root, s3_bucket):
-    tmp, _, resumed = resumed_run
-    straight = run_pretrain(_cfg(synthetic_root, tmp, f"run.storage_path=s3://{s3_bucket}/runs", "train.max_epochs=2"))
+    cache, _, resumed = resumed_run
+    straight = run_pretrain(_cfg(synthetic_root, cache, f"run.storage_path=s3://{s3_bucket}/runs", "train.max_epochs=2"))
     assert straight["checkpoint"].startswith(f"s3://{s3_bucket}/runs/stage1-")
     assert storage.exists(storage.join(straight["checkpoint"], "encoder.pt"))
     assert storage.exists(straight["embedding"]) and storage.exists(straight["metrics"])
