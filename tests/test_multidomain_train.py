@@ -63,6 +63,23 @@ def test_a_few_steps_lower_the_reconstruction_terms():
     assert last["sty_latent"] < first["sty_latent"]
 
 
+def test_a_nan_loss_skips_the_update_or_flags_a_rollback():
+    from step_ray.train.guard import NonFiniteConfig, NonFiniteGuard
+
+    for action in ("skip", "rollback"):
+        torch.manual_seed(0)
+        nets = build_multidomain(TINY.model)
+        opts = make_optimizers(TINY, nets)
+        before = {k: [p.detach().clone() for p in nets[k].parameters()] for k in ("flow", "style_encoder")}
+        guard = NonFiniteGuard(NonFiniteConfig(action=action, inject_at_steps=(0,)), "multidomain")
+        state = {"step": 0, "epoch": 0}
+        assert multidomain_step(TINY, nets, opts, *_batch(), step=0, guard=guard, state=state) is None
+        for k, params in before.items():  # the latent G/F/E update was dropped (F and E take no other update)
+            assert all(torch.equal(p, q) for p, q in zip(nets[k].parameters(), params)), k
+        assert state["nonfinite"]["events"] == [{"step": 0, "epoch": 0, "loss": "loss_g (latent)", "action": action}]
+        assert guard.rollback_pending == (action == "rollback")
+
+
 def test_unification_accuracy_reads_chance_and_separation():
     from step_ray.eval.multidomain_eval import unification_accuracy
 
@@ -83,13 +100,17 @@ def test_multidomain_job_trains_resumes_and_evaluates(ray_session, synthetic_roo
                  "train.model.flow_hidden=[16, 16]", "train.model.style_disc_hidden=[16]", "train.batch_size=8",
                  "train.val_images=16", "eval_inputs=4", "eval_styles=3"]
     first = run_train_multidomain(load_config(TrainMultiDomainConfig, None, [*overrides, "train.max_epochs=1",
-                                                                             "train.max_steps=2", "evaluate=false"]))
+                                                                             "train.max_steps=2", "evaluate=false",
+                                                                             "train.nonfinite.inject_at_steps=[0]"]))
     out = run_train_multidomain(load_config(TrainMultiDomainConfig, None, [*overrides, "train.max_epochs=2",
                                                                            "train.max_steps=4", "run.resume=true"]))
     assert out["domains"] == ["stripes", "checks", "dots", "blotches"]
     assert Path(first["multidomain"]).parent == Path(out["multidomain"]).parent
     state = json.loads((Path(out["multidomain"]) / "state.json").read_text())
     assert [h["epoch"] for h in state["history"]] == [0, 1] and state["step"] == 4
+    assert state["restarts"] == [{"epoch": 1, "step": 2}]  # the resume, recorded
+    assert [e["step"] for e in state["nonfinite"]["events"]] == [0] and state["nonfinite"]["skipped"] == 1
+    assert [h["nonfinite_steps"] for h in state["history"]] == [1, 0]
     m = out["eval_metrics"]
     assert set(m["diversity_per_domain"]) == set(out["domains"]) and 0 <= m["unification_accuracy"] <= 1
     for key in ("diversity_latent", "interp_lpips_mean", "interp_lpips_var"):

@@ -53,6 +53,25 @@ def test_training_lowers_reconstruction():
     assert last["recon_x_a"] < 0.8 * first["recon_x_a"] and last["recon_x_b"] < 0.8 * first["recon_x_b"]
 
 
+def test_a_nan_loss_skips_the_update_or_flags_a_rollback():
+    from step_ray.train.guard import NonFiniteConfig, NonFiniteGuard
+
+    x_a, x_b = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    for action in ("skip", "rollback"):
+        torch.manual_seed(0)
+        nets = build_munit(TINY, "cpu")
+        opt_gen, opt_dis = make_munit_optimizers(TINY, nets)
+        before = [p.detach().clone() for p in nets["gen_a"].parameters()]
+        guard = NonFiniteGuard(NonFiniteConfig(action=action, inject_at_steps=(0,)), "munit")
+        state = {"step": 0, "epoch": 0}
+        assert munit_step(TINY, nets, opt_gen, opt_dis, x_a, x_b, guard=guard, state=state) is None
+        assert all(torch.equal(p, q) for p, q in zip(nets["gen_a"].parameters(), before))  # G's update dropped
+        assert state["nonfinite"]["events"] == [{"step": 0, "epoch": 0, "loss": "loss_g", "action": action}]
+        assert guard.rollback_pending == (action == "rollback")
+    # injected once: the same step again trains
+    assert munit_step(TINY, nets, opt_gen, opt_dis, x_a, x_b, guard=NonFiniteGuard(guard.cfg, "munit"), state=state)
+
+
 def test_munit_job_trains_resumes_and_evaluates(ray_session, synthetic_root, tmp_path):
     from step_ray.train.munit import TrainMUNITConfig, load_munit, run_train_munit
 
@@ -62,12 +81,16 @@ def test_munit_job_trains_resumes_and_evaluates(ray_session, synthetic_root, tmp
                  "train.discriminator.num_scales=2", "train.batch_size=8", "train.val_images=8", "eval_inputs=4",
                  "eval_styles=3"]
     first = run_train_munit(load_config(TrainMUNITConfig, None, [*overrides, "train.max_epochs=1", "train.max_steps=3",
-                                                                 "evaluate=false"]))
+                                                                 "train.nonfinite.inject_at_steps=[1]", "evaluate=false"]))
     out = run_train_munit(load_config(TrainMUNITConfig, None, [*overrides, "train.max_epochs=2", "train.max_steps=6",
                                                                "run.resume=true"]))
     assert Path(first["munit"]).parent == Path(out["munit"]).parent  # the same run, continued
     state = json.loads((Path(out["munit"]) / "state.json").read_text())
     assert [h["epoch"] for h in state["history"]] == [0, 1] and state["step"] == 6
+    assert state["restarts"] == [{"epoch": 1, "step": 3}]  # the resume, recorded
+    # the NaN injected at step 1 was skipped, counted, and remembered across the resume
+    assert state["nonfinite"]["events"] == [{"step": 1, "epoch": 0, "loss": "loss_g", "action": "skip"}]
+    assert [h["nonfinite_steps"] for h in state["history"]] == [1, 0]
     for key in ("train_loss_g", "train_recon_x_a", "val_psnr", "val_psnr_random_style", "val_recon_psnr_b"):
         assert state["history"][-1][key] == state["history"][-1][key], key
     m = out["eval_metrics"]

@@ -107,15 +107,9 @@ def test_stage1_worker_killed_restarts_from_last_checkpoint(stage1, tmp_path):
     assert np.isfinite(state["history"][0]["train_loss"])
 
 
-def test_stage1_nan_loss_rollback_or_fail(stage1, tmp_path):
-    """An injected NaN loss rolls the run back, or stops it; never a NaN checkpoint. (Skipping is shown
-    by the worker-kill run above.)"""
-    result, _ = _train1(stage1, tmp_path, "rollback", epochs=2,
-                        nonfinite=NonFiniteConfig(action="rollback", inject_at_steps=(STEPS_PER_EPOCH + 3,)))
-    state = _state(result.checkpoint.path)
-    _assert_whole_history(state, 2)  # epoch 1 replayed from the epoch-0 checkpoint, reported once
-    assert state["nonfinite"]["rollbacks"] == 1 and state["nonfinite"]["events"][0]["action"] == "rollback"
-
+def test_stage1_nan_loss_fail_stops_with_finite_checkpoints(stage1, tmp_path):
+    """An injected NaN loss with nonfinite.action=fail stops the run with one clear line; never a NaN
+    checkpoint. (Skipping rides on the worker-kill run above, rolling back on the job-kill run below.)"""
     with pytest.raises(Exception, match="non-finite triplet loss at step 15 .epoch 1.: stopping"):
         _train1(stage1, tmp_path, "fail", epochs=2, nonfinite=NonFiniteConfig(action="fail", inject_at_steps=(STEPS_PER_EPOCH + 3,)))
     listed = checkpoints.list_checkpoints(str(tmp_path / "fail"))
@@ -126,10 +120,11 @@ def test_stage1_nan_loss_rollback_or_fail(stage1, tmp_path):
 
 
 def test_stage1_s3_outage_during_checkpoint_upload(stage1, s3_bucket, capfd):
-    """The S3 server stops while epoch 1's checkpoint is uploading and comes back 4 s later. Ray Train's
-    controller cannot write its run state and ends the run; step_ray resumes it (run.storage_retries) from
-    the last complete checkpoint and it finishes. No incomplete checkpoint is ever listed. And no
-    credential reaches anything the run wrote or printed (security)."""
+    """The S3 server stops while epoch 1's checkpoint is uploading and comes back 4 s later. Either the
+    upload's retries outlast the outage, or the run fails (Ray Train's controller cannot write its run
+    state) and step_ray resumes it (run.storage_retries) from the last complete checkpoint; either way it
+    finishes. No incomplete checkpoint is ever listed. And no credential reaches anything the run wrote
+    or printed (security)."""
     from conftest import _S3
 
     outage = S3Outage(_S3["server"], trigger="checkpoint_epoch0001/", down_seconds=4)
@@ -152,7 +147,10 @@ def test_stage1_s3_outage_during_checkpoint_upload(stage1, s3_bucket, capfd):
     assert result.error is None, result.error
     state = _state(f"s3://{result.checkpoint.path}")
     _assert_whole_history(state, 3)
-    assert len(state["restarts"]) >= 1
+    # Where the outage falls decides the path: the S3 client's own retries can ride it out (the upload
+    # goes through once the server is back), or the run fails and step_ray resumes it from the newest
+    # complete checkpoint (both seen on this machine). Neither may lose a finished epoch.
+    assert all(r["epoch"] >= 1 for r in state.get("restarts", [])), state.get("restarts")
     watcher.join(timeout=30)
     final = checkpoints.list_checkpoints(run_uri)
     assert [c.epoch for c in final] == [0, 1, 2] and all(_complete(c.uri) for c in final)
@@ -161,7 +159,7 @@ def test_stage1_s3_outage_during_checkpoint_upload(stage1, s3_bucket, capfd):
     _assert_no_credentials(s3_bucket, printed.out + printed.err)
 
 
-def test_stage1_full_disk_during_checkpoint_write(stage1, tmp_path):
+def test_stage1_full_disk_during_checkpoint_write(stage1, tmp_path, capfd):
     """Epoch 1's checkpoint write hits ENOSPC (its files lead to /dev/full), again after a resume: the run
     stops with that error, and epoch 0's checkpoint stays the latest complete one."""
     folder = tmp_path / "full" / "checkpoint_epoch0001"
@@ -170,6 +168,7 @@ def test_stage1_full_disk_during_checkpoint_write(stage1, tmp_path):
         (folder / name).symlink_to("/dev/full")
     with pytest.raises(Exception, match="No space left on device"):
         _train1(stage1, tmp_path, "full", epochs=3, run_settings={"storage_retries": 1, "storage_retry_wait_s": 0.0})
+    assert "storage failure: " in capfd.readouterr().out  # resumed once (retry 1/1), then the error
     assert [c.epoch for c in checkpoints.list_checkpoints(str(tmp_path / "full"))] == [0]
     assert not _registered(tmp_path / "full", "checkpoint_epoch0001")
 
@@ -184,12 +183,15 @@ def _kill_job_when(proc: subprocess.Popen, ready) -> WhenReady:
 
 
 def test_stage1_job_killed_then_resumed(stage1, ray_session, tmp_path):
-    """`jobs/pretrain.py` loses its driver mid-run; `--resume` continues from the last checkpoint."""
+    """`jobs/pretrain.py` loses its driver mid-run; `--resume` continues from the last checkpoint. The
+    resumed run then meets a NaN loss and rolls back (nonfinite.action=rollback)."""
     from step_ray.train.pretrain import run_pretrain
 
     cfg, _, tmp = stage1
+    rollback_at = 4 * STEPS_PER_EPOCH + 3  # a NaN in epoch 4, after the resume: rolled back to epoch 3's end
     args = [f"style.data.root={cfg.style.data.root}", f"cache_dir={tmp}", *TINY1,
-            f"run.storage_path={tmp_path}", "run.name=job", "train.max_epochs=5"]
+            f"run.storage_path={tmp_path}", "run.name=job", "train.max_epochs=5",
+            "train.nonfinite.action=rollback", f"train.nonfinite.inject_at_steps=[{rollback_at}]"]
     log = open(tmp_path / "job.log", "w")
     proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "pretrain.py"), *args], env=_ray_env(ray_session),
                             stdout=log, stderr=subprocess.STDOUT)
@@ -199,8 +201,10 @@ def test_stage1_job_killed_then_resumed(stage1, ray_session, tmp_path):
     time.sleep(2)  # Ray notices the dead driver and ends its workers
     run_pretrain(load_config(type(cfg), None, [*args, "run.resume=true"]))
     state = _state(checkpoints.list_checkpoints(str(tmp_path / "job"))[-1].uri)
-    _assert_whole_history(state, 5)
+    _assert_whole_history(state, 5)  # epoch 4 replayed from the epoch-3 state, reported once
     assert len(state["restarts"]) == 1 and state["restarts"][0]["epoch"] >= 2, state["restarts"]
+    assert state["nonfinite"]["rollbacks"] == 1 and state["nonfinite"]["events"] == [
+        {"step": rollback_at, "epoch": 4, "loss": "triplet loss", "action": "rollback"}]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from step_ray.style.vgg import VGGConfig
 from step_ray.train.common import (EpochMeter, MixedPrecision, OptimConfig, RunSettings, average_gradients, broadcast_parameters,
                                    checkpoint_activations, epoch_batches, fit, improves, load_checkpoint, note_restart,
                                    report_epoch, resume_folder, seed_everything, unwrap, worker_device)
-from step_ray.train.guard import NonFiniteConfig, NonFiniteGuard, seed_streams
+from step_ray.train.guard import NonFiniteConfig, NonFiniteGuard, guarded, seed_streams
 from step_ray.train.mapper import IMLEConfig
 from step_ray.train.monitor import IntervalMeter, MonitorConfig, RunMonitor, code_samples, sample_grid
 
@@ -313,10 +313,6 @@ def train_step(cfg: GeneratorTrainConfig, nets: dict, opt_g, opt_d, a: torch.Ten
     """One D step then one G step (E too when it trains). Gradients are averaged over workers by hand.
     With a `guard`, an update whose loss is NaN/Inf (on any rank) is dropped; the logs are then None."""
     amp = amp or MixedPrecision("fp32", a.device)
-
-    def finite(name: str, loss: torch.Tensor) -> bool:
-        return guard is None or guard.finite(state, name, loss)
-
     g, e = nets["generator"], nets["encoder"]
     n = len(a)
     ok = True
@@ -333,7 +329,7 @@ def train_step(cfg: GeneratorTrainConfig, nets: dict, opt_g, opt_d, a: torch.Ten
             loss_d, logs = discriminator_loss(cfg, nets, a, b, fake.detach(),
                                               None if fake_random is None else fake_random.detach())
         opt_d.zero_grad(set_to_none=True)
-        if finite("loss_d", loss_d):
+        if guarded(guard, state, "loss_d", loss_d):
             amp.backward(loss_d)
             average_gradients(*discriminators(nets))
             amp.step(opt_d)
@@ -346,7 +342,7 @@ def train_step(cfg: GeneratorTrainConfig, nets: dict, opt_g, opt_d, a: torch.Ten
     if guard is not None:
         loss_g = guard.inject(loss_g, state)
     opt_g.zero_grad(set_to_none=True)
-    if finite("loss_g", loss_g):
+    if guarded(guard, state, "loss_g", loss_g):
         amp.backward(loss_g)
         average_gradients(g, *((e,) if cfg.train_encoder else ()))
         amp.step(opt_g)

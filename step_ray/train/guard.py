@@ -137,6 +137,12 @@ class NonFiniteGuard:
         return new_state
 
 
+def guarded(guard: NonFiniteGuard | None, state: dict[str, Any] | None, what: str, loss: torch.Tensor) -> bool:
+    """May the update from `loss` be applied? Yes without a guard; with one, when the loss is finite on
+    every rank (otherwise the guard has recorded it and acted: skip, flag a rollback, or stop)."""
+    return guard is None or guard.finite(state, what, loss)
+
+
 def seed_streams(epoch: int, rank: int, state: dict[str, Any]) -> tuple[int, ...]:
     """The random streams of an epoch: a replay after a rollback draws new numbers (the same ones would
     likely diverge again); without rollbacks the streams are those of an uninterrupted run."""

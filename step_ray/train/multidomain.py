@@ -32,9 +32,11 @@ from step_ray.losses.multidomain import (MultiDomainLossWeights, adversarial_d_l
                                          unification_g_loss)
 from step_ray.metrics import record_epoch
 from step_ray.models.multidomain import MultiDomainConfig, build_multidomain
-from step_ray.train.common import (EpochMeter, OptimConfig, RunSettings, average_gradients, broadcast_parameters, improves,
-                                   load_checkpoint, fit, report_epoch, seed_everything, worker_device)
+from step_ray.train.common import (EpochMeter, OptimConfig, RunSettings, average_gradients, broadcast_parameters,
+                                   epoch_batches, improves, load_checkpoint, fit, note_restart, report_epoch,
+                                   resume_folder, seed_everything, worker_device)
 from step_ray.train.generator import no_parameter_grads
+from step_ray.train.guard import NonFiniteConfig, NonFiniteGuard, guarded, seed_streams
 from step_ray.train.monitor import IntervalMeter, MonitorConfig, RunMonitor
 
 STAGE = "multidomain"
@@ -57,6 +59,7 @@ class MultiDomainTrainConfig:
     val_images: int = 64
     image_cache_mb: int = 4096
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    nonfinite: NonFiniteConfig = field(default_factory=NonFiniteConfig)  # what a NaN/Inf loss does
 
     def __post_init__(self):
         if min(self.batch_size, self.max_epochs) < 1 or self.batch_size < 2:
@@ -142,8 +145,10 @@ def _g_terms(cfg, nets, step, x_real, y_org, y_trg, s_trg, s_trg2, latent: bool,
 
 
 def multidomain_step(cfg: MultiDomainTrainConfig, nets: dict, opts: dict, x_real: torch.Tensor, y_org: torch.Tensor,
-                     x_ref: torch.Tensor, x_ref2: torch.Tensor, y_trg: torch.Tensor, step: int) -> dict[str, float]:
-    """One training iteration: D (latent, reference) [+ D_s], G + flow + E (latent), G (reference)."""
+                     x_ref: torch.Tensor, x_ref2: torch.Tensor, y_trg: torch.Tensor, step: int,
+                     guard: NonFiniteGuard | None = None, state: dict | None = None) -> dict[str, float] | None:
+    """One training iteration: D (latent, reference) [+ D_s], G + flow + E (latent), G (reference).
+    With a `guard`, an update whose loss is NaN/Inf (on any rank) is dropped; the logs are then None."""
     w = cfg.weights
     f, e = nets["flow"], nets["style_encoder"]
     n, style_dim = len(x_real), cfg.model.style_dim
@@ -162,31 +167,47 @@ def multidomain_step(cfg: MultiDomainTrainConfig, nets: dict, opts: dict, x_real
         uni_d, part = unification_d_loss(nets["style_discriminator"](s_ref, y_trg), nets["style_discriminator"](s_lat, y_trg))
         loss_d, logs = loss_d + uni_d, {**logs, **part}
     opts["optimizer_d"].zero_grad(set_to_none=True)
-    loss_d.backward()
-    average_gradients(*ds_)
-    opts["optimizer_d"].step()
+    ok = guarded(guard, state, "loss_d", loss_d)
+    if ok:
+        loss_d.backward()
+        average_gradients(*ds_)
+        opts["optimizer_d"].step()
+    elif guard.rollback_pending:
+        return None
     logs["loss_d"] = float(loss_d.detach())
 
     # G, the flow and E with latent styles
     with no_parameter_grads(*ds_):
         loss_g, g_logs = _g_terms(cfg, nets, step, x_real, y_org, y_trg, f(z1, y_trg), f(z2, y_trg), latent=True, x_ref=x_ref)
+    if guard is not None:
+        loss_g = guard.inject(loss_g, state)
     for name in ("optimizer_g", "optimizer_f", "optimizer_e"):
         opts[name].zero_grad(set_to_none=True)
-    loss_g.backward()
-    average_gradients(nets["generator"], f, e)
-    for name in ("optimizer_g", "optimizer_f", "optimizer_e"):
-        opts[name].step()
+    if guarded(guard, state, "loss_g (latent)", loss_g):
+        loss_g.backward()
+        average_gradients(nets["generator"], f, e)
+        for name in ("optimizer_g", "optimizer_f", "optimizer_e"):
+            opts[name].step()
+    elif guard.rollback_pending:
+        return None
+    else:
+        ok = False
     logs.update({f"{k}_latent" if k != "lambda_ds" else k: v for k, v in g_logs.items()})
 
     # G alone with reference styles
     with no_parameter_grads(*ds_, f, e):
         loss_r, r_logs = _g_terms(cfg, nets, step, x_real, y_org, y_trg, e(x_ref, y_trg), e(x_ref2, y_trg), latent=False)
     opts["optimizer_g"].zero_grad(set_to_none=True)
-    loss_r.backward()
-    average_gradients(nets["generator"])
-    opts["optimizer_g"].step()
+    if guarded(guard, state, "loss_g (reference)", loss_r):
+        loss_r.backward()
+        average_gradients(nets["generator"])
+        opts["optimizer_g"].step()
+    else:
+        ok = False
     logs.update({f"{k}_ref": v for k, v in r_logs.items() if k != "lambda_ds"})
-    return logs
+    if guard is not None:
+        guard.step_done(ok)
+    return logs if ok else None
 
 
 @torch.no_grad()
@@ -231,16 +252,19 @@ def multidomain_worker_loop(loop_config: dict[str, Any]) -> None:
     nets = {k: v.to(device) for k, v in build_multidomain(cfg.model).items()}
     opts = make_optimizers(cfg, nets)
     state: dict[str, Any] = {"stage": STAGE, "epoch": 0, "step": 0, "best": None, "history": [], "stopped": ""}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
+    with resume_folder(loop_config) as folder:
+        if folder is not None:  # resume, or restart after a lost worker: the newest complete checkpoint
             state = load_checkpoint(folder, nets, opts, map_location=device)
+            note_restart(state)
     state["stopped"] = ""
     broadcast_parameters(*nets.values())
     store = DomainStore(train_images, data, cfg.image_cache_mb)
-    per_rank = len(train_images.paths) // world
-    if per_rank < cfg.batch_size:
-        raise ValueError(f"{len(train_images.paths)} training images for {world} workers of batch {cfg.batch_size}")
+    n = len(train_images.paths)
+    # every image once per epoch; L_smooth needs two images in every batch (the sizes do not depend on the seed)
+    smallest = min(len(rows) for r in range(world) for rows in epoch_batches(n, cfg.batch_size, 0, r, world))
+    if smallest < 2:
+        raise ValueError(f"{n} training images for {world} workers of batch {cfg.batch_size} leave a batch of "
+                         f"{smallest} (L_smooth needs 2)")
     if rank == 0:
         val_store = DomainStore(val_images, data, 0)
         val_rows = np.random.default_rng(cfg.seed).permutation(len(val_images.paths))[: cfg.val_images]
@@ -248,15 +272,16 @@ def multidomain_worker_loop(loop_config: dict[str, Any]) -> None:
     monitor = RunMonitor(loop_config.get("run_folder", ""), STAGE, enabled=rank == 0 and cfg.monitor.enabled)
     interval = IntervalMeter()
     num_domains = len(train_images.names)
+    guard = NonFiniteGuard(cfg.nonfinite, STAGE, rank)
+    guard.remember(nets, opts, state)
 
     while state["epoch"] < cfg.max_epochs and not state["stopped"]:
         epoch = state["epoch"]
-        seed_everything(cfg.seed, epoch, rank)
-        rng = np.random.default_rng([cfg.seed, epoch, rank])
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train_images.paths))
-        mine = order[rank * per_rank : (rank + 1) * per_rank]
+        streams = seed_streams(epoch, rank, state)
+        seed_everything(cfg.seed, *streams)
+        rng = np.random.default_rng([cfg.seed, *streams])
         meter = EpochMeter()
-        for rows in np.array_split(mine, max(1, per_rank // cfg.batch_size)):
+        for rows in epoch_batches(n, cfg.batch_size, [cfg.seed, epoch], rank, world):
             if cfg.max_steps and state["step"] >= cfg.max_steps:
                 state["stopped"] = f"step budget {cfg.max_steps} reached"
                 break
@@ -266,17 +291,25 @@ def multidomain_worker_loop(loop_config: dict[str, Any]) -> None:
             x_ref2 = store.batch(store.references(y_trg, rng)).to(device)
             y_org = torch.as_tensor(train_images.domains[rows], device=device)
             logs = multidomain_step(cfg, nets, opts, x_real, y_org, x_ref, x_ref2, torch.as_tensor(y_trg, device=device),
-                                    state["step"])
+                                    state["step"], guard, state)
+            if guard.rollback_pending:
+                break
             state["step"] += 1
+            if logs is None:  # a non-finite loss: that update was dropped
+                continue
             meter.add(logs, len(rows))
             interval.add(logs, len(rows))
             if cfg.monitor.scalars_every and state["step"] % cfg.monitor.scalars_every == 0:
                 scalars = interval.take(world)
                 monitor.scalars(state["step"], scalars)
                 record_epoch(STAGE, {**scalars, "step": state["step"]}, rank=rank)
+        if guard.rollback_pending:  # back to the last checkpoint's weights, optimisers and state; replay
+            state = guard.restore(nets, opts, state)
+            continue
         seconds = meter.seconds()
         metrics: dict[str, Any] = meter.means()
-        metrics.update(stage=STAGE, epoch=epoch, step=state["step"], epoch_seconds=seconds, images_per_s=meter.rate(seconds, world))
+        metrics.update(stage=STAGE, epoch=epoch, step=state["step"], epoch_seconds=seconds,
+                       nonfinite_steps=guard.take_epoch_count(), images_per_s=meter.rate(seconds, world))
         if rank == 0:
             metrics.update(validate_multidomain(cfg, nets, val_x, val_y, cfg.seed, device))
             if improves(metrics.get(loop_config["checkpoint_metric"]), state["best"], loop_config["checkpoint_mode"]):
@@ -295,6 +328,7 @@ def multidomain_worker_loop(loop_config: dict[str, Any]) -> None:
         state["epoch"] = epoch + 1
         record_epoch(STAGE, metrics, rank=rank)
         report_epoch(metrics, epoch, rank, nets, opts, state, loop_config["config"])
+        guard.remember(nets, opts, state)
         if cfg.max_steps and state["step"] >= cfg.max_steps:
             state["stopped"] = f"step budget {cfg.max_steps} reached"
     monitor.close()

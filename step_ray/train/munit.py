@@ -17,7 +17,6 @@ averaged across workers explicitly (MUNIT passes through each encoder several ti
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -35,8 +34,10 @@ from step_ray.models.discriminator import DiscriminatorConfig, PatchDiscriminato
 from step_ray.models.munit import MUNITConfig, MUNITGenerator, init_weights_, munit_discriminator_config
 from step_ray.style.vgg import VGGConfig
 from step_ray.train.common import (EpochMeter, MixedPrecision, OptimConfig, average_gradients, broadcast_parameters,
-                                   improves, load_checkpoint, fit, report_epoch, seed_everything, worker_device)
+                                   epoch_batches, improves, load_checkpoint, fit, note_restart, report_epoch,
+                                   resume_folder, seed_everything, worker_device)
 from step_ray.train.generator import GeneratorInputs, GeneratorRunSettings, PairStore, no_parameter_grads, psnr_batch
+from step_ray.train.guard import NonFiniteConfig, NonFiniteGuard, guarded, seed_streams
 from step_ray.train.monitor import IntervalMeter, MonitorConfig, RunMonitor
 
 STAGE = "munit"
@@ -62,6 +63,7 @@ class MUNITTrainConfig:
     image_cache_mb: int = 4096
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    nonfinite: NonFiniteConfig = field(default_factory=NonFiniteConfig)  # what a NaN/Inf loss does
 
     def __post_init__(self):
         if min(self.batch_size, self.max_epochs, self.lr_halve_every) < 1:
@@ -93,9 +95,11 @@ def _both(first, second):
 
 
 def munit_step(cfg: MUNITTrainConfig, nets: dict, opt_gen, opt_dis, x_a: torch.Tensor, x_b: torch.Tensor, vgg=None,
-               amp: MixedPrecision | None = None) -> dict[str, float]:
+               amp: MixedPrecision | None = None, guard: NonFiniteGuard | None = None,
+               state: dict | None = None) -> dict[str, float] | None:
     """One D update then one G update (MUNIT's dis_update / gen_update). Only the terms with a weight > 0
-    are computed."""
+    are computed. With a `guard`, an update whose loss is NaN/Inf (on any rank) is dropped; the logs are
+    then None."""
     amp = amp or MixedPrecision("fp32", x_a.device)
     gen_a, gen_b, dis_a, dis_b = nets["gen_a"], nets["gen_b"], nets["dis_a"], nets["dis_b"]
     w = cfg.weights
@@ -111,9 +115,13 @@ def munit_step(cfg: MUNITTrainConfig, nets: dict, opt_gen, opt_dis, x_a: torch.T
         loss_da, logs_da = lsgan_discriminator_loss(dis_a(None, x_a), dis_a(None, x_ba))
         loss_db, logs_db = lsgan_discriminator_loss(dis_b(None, x_b), dis_b(None, x_ab))
     opt_dis.zero_grad(set_to_none=True)
-    amp.backward(loss_da + loss_db)
-    average_gradients(dis_a, dis_b)
-    amp.step(opt_dis)
+    ok = guarded(guard, state, "loss_d", loss_da + loss_db)
+    if ok:
+        amp.backward(loss_da + loss_db)
+        average_gradients(dis_a, dis_b)
+        amp.step(opt_dis)
+    elif guard.rollback_pending:
+        return None
     logs = {"loss_d": logs_da["loss_d"] + logs_db["loss_d"]}
 
     # G: both auto-encoders
@@ -141,12 +149,19 @@ def munit_step(cfg: MUNITTrainConfig, nets: dict, opt_gen, opt_dis, x_a: torch.T
             terms["vgg"] = _both(instance_normalised_perceptual_loss(vgg, x_ba, x_b),
                                  instance_normalised_perceptual_loss(vgg, x_ab, x_a))
         loss_g, g_logs = munit_generator_loss(w, terms)
+    if guard is not None:
+        loss_g = guard.inject(loss_g, state)
     opt_gen.zero_grad(set_to_none=True)
-    amp.backward(loss_g)
-    average_gradients(gen_a, gen_b)
-    amp.step(opt_gen)
+    if guarded(guard, state, "loss_g", loss_g):
+        amp.backward(loss_g)
+        average_gradients(gen_a, gen_b)
+        amp.step(opt_gen)
+    else:
+        ok = False
     amp.update()
-    return {**logs, **g_logs}
+    if guard is not None:
+        guard.step_done(ok)
+    return {**logs, **g_logs} if ok else None
 
 
 @torch.no_grad()
@@ -189,10 +204,10 @@ def munit_worker_loop(loop_config: dict[str, Any]) -> None:
     opt_gen, opt_dis = make_munit_optimizers(cfg, nets)
     optimizers = {"optimizer_gen": opt_gen, "optimizer_dis": opt_dis, **amp.stateful()}
     state: dict[str, Any] = {"stage": STAGE, "epoch": 0, "step": 0, "best": None, "history": [], "stopped": ""}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
+    with resume_folder(loop_config) as folder:
+        if folder is not None:  # resume, or restart after a lost worker: the newest complete checkpoint
             state = load_checkpoint(folder, nets, optimizers, map_location=device)
+            note_restart(state)
     state["stopped"] = ""
     broadcast_parameters(*nets.values())
     vgg = load_vgg(cfg.vgg, device) if cfg.weights.vgg else None
@@ -201,26 +216,24 @@ def munit_worker_loop(loop_config: dict[str, Any]) -> None:
             group.setdefault("initial_lr", group["lr"])
 
     store = PairStore(inputs.train_paths, inputs.data, cfg.image_cache_mb)
-    per_rank = len(inputs.train_paths) // world
-    if per_rank < 1:
-        raise ValueError(f"{len(inputs.train_paths)} training images for {world} workers")
     if rank == 0:
         val_rows = np.arange(min(cfg.val_images, len(inputs.val_paths)))
         val_a, val_b = PairStore(inputs.val_paths, inputs.data, 0).batch(val_rows)
     monitor = RunMonitor(loop_config.get("run_folder", ""), STAGE, enabled=rank == 0 and cfg.monitor.enabled)
     interval = IntervalMeter()
+    guard = NonFiniteGuard(cfg.nonfinite, STAGE, rank)
+    guard.remember(nets, optimizers, state)
+    n = len(inputs.train_paths)
 
     while state["epoch"] < cfg.max_epochs and not state["stopped"]:
         epoch = state["epoch"]
-        seed_everything(cfg.seed, epoch, rank)
-        # unpaired: the A side and the B side of a step come from two independent permutations
-        rng = np.random.default_rng([cfg.seed, epoch])
-        order_a, order_b = rng.permutation(len(inputs.train_paths)), rng.permutation(len(inputs.train_paths))
-        mine_a = order_a[rank * per_rank : (rank + 1) * per_rank]
-        mine_b = order_b[rank * per_rank : (rank + 1) * per_rank]
+        seed_everything(cfg.seed, *seed_streams(epoch, rank, state))
+        # unpaired: the A side and the B side of a step come from two independent permutations, each
+        # image used once per epoch on each side (the two lists have the same shapes on every rank)
+        batches_a = epoch_batches(n, cfg.batch_size, [cfg.seed, epoch, 0], rank, world)
+        batches_b = epoch_batches(n, cfg.batch_size, [cfg.seed, epoch, 1], rank, world)
         meter = EpochMeter()
-        splits = max(1, math.ceil(per_rank / cfg.batch_size))
-        for rows_a, rows_b in zip(np.array_split(mine_a, splits), np.array_split(mine_b, splits)):
+        for rows_a, rows_b in zip(batches_a, batches_b):
             if cfg.max_steps and state["step"] >= cfg.max_steps:
                 state["stopped"] = f"step budget {cfg.max_steps} reached"
                 break
@@ -233,18 +246,25 @@ def munit_worker_loop(loop_config: dict[str, Any]) -> None:
             if cfg.flip:
                 x_a = torch.where((torch.rand(len(x_a), device=device) < 0.5)[:, None, None, None], x_a.flip(3), x_a)
                 x_b = torch.where((torch.rand(len(x_b), device=device) < 0.5)[:, None, None, None], x_b.flip(3), x_b)
-            logs = munit_step(cfg, nets, opt_gen, opt_dis, x_a, x_b, vgg, amp)
+            logs = munit_step(cfg, nets, opt_gen, opt_dis, x_a, x_b, vgg, amp, guard, state)
+            if guard.rollback_pending:
+                break
             state["step"] += 1
+            if logs is None:  # a non-finite loss: that update was dropped
+                continue
             meter.add(logs, len(rows_a))
             interval.add(logs, len(rows_a))
             if cfg.monitor.scalars_every and state["step"] % cfg.monitor.scalars_every == 0:
                 scalars = interval.take(world)
                 monitor.scalars(state["step"], scalars)
                 record_epoch(STAGE, {**scalars, "step": state["step"]}, rank=rank)
+        if guard.rollback_pending:  # back to the last checkpoint's weights, optimisers and state; replay
+            state = guard.restore(nets, optimizers, state)
+            continue
         seconds = meter.seconds()
         metrics: dict[str, Any] = meter.means()
         metrics.update(stage=STAGE, epoch=epoch, step=state["step"], epoch_seconds=seconds,
-                       images_per_s=meter.rate(seconds, world))
+                       nonfinite_steps=guard.take_epoch_count(), images_per_s=meter.rate(seconds, world))
         if rank == 0:
             metrics.update(validate_munit(nets, val_a, val_b, cfg.model.style_dim, cfg.seed, device))
             if improves(metrics.get(loop_config["checkpoint_metric"]), state["best"], loop_config["checkpoint_mode"]):
@@ -260,6 +280,7 @@ def munit_worker_loop(loop_config: dict[str, Any]) -> None:
         state["epoch"] = epoch + 1
         record_epoch(STAGE, metrics, rank=rank)
         report_epoch(metrics, epoch, rank, nets, optimizers, state, loop_config["config"])
+        guard.remember(nets, optimizers, state)
         if cfg.max_steps and state["step"] >= cfg.max_steps:
             state["stopped"] = f"step budget {cfg.max_steps} reached"
     monitor.close()
