@@ -111,6 +111,17 @@ def _ranking_of(checkpoint_uri: str) -> tuple[str | None, str | None]:
     return run.get("checkpoint_metric"), run.get("checkpoint_mode")
 
 
+def manifest_mismatch(files: dict[str, dict], sizes: dict[str, int]) -> str | None:
+    """The first file listed in a manifest (`files`: name -> {bytes, sha256}) that `sizes` (name -> bytes
+    found in the folder) lacks or has at another size, described; None when all of them match."""
+    for name, entry in files.items():
+        if name not in sizes:
+            return f"{name} is missing"
+        if sizes[name] != entry.get("bytes"):
+            return f"{name} has {sizes[name]} bytes, the manifest says {entry.get('bytes')}"
+    return None
+
+
 def check_complete(uri: str) -> None:
     """Raise CheckpointError unless the folder holds manifest.json and every file it lists, at its size.
     Ray uploads a checkpoint file by file, so a folder seen during (or after a failed) upload may lack some;
@@ -119,10 +130,9 @@ def check_complete(uri: str) -> None:
     if manifest is None or not isinstance(manifest.get("files"), dict):
         raise CheckpointError(f"{uri} is incomplete: no readable {MANIFEST_FILE}")
     sizes = {i.base_name: i.size for i in _children(uri) if i.type == pafs.FileType.File}
-    for name, entry in manifest["files"].items():
-        if sizes.get(name) != entry.get("bytes"):
-            found = "missing" if name not in sizes else f"{sizes[name]} bytes, expected {entry.get('bytes')}"
-            raise CheckpointError(f"{uri} is incomplete: {name} {found}")
+    problem = manifest_mismatch(manifest["files"], sizes)
+    if problem:
+        raise CheckpointError(f"{uri} is incomplete: {problem}")
 
 
 def read_checkpoint(uri: str, run: str = "") -> CheckpointInfo:

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 
 from step_ray import storage
-from step_ray.checkpoints import MANIFEST_FILE
+from step_ray.checkpoints import MANIFEST_FILE, manifest_mismatch
 from step_ray.config import config_to_yaml
 
 CONFIG_FILE = "config.yaml"
@@ -435,13 +435,11 @@ def verify_checkpoint(folder: str | Path, hashes: bool = True) -> bool:
         files = json.loads(path.read_text())["files"]
     except (ValueError, KeyError) as exc:
         raise IncompleteCheckpointError(f"{folder}: unreadable {MANIFEST_FILE} ({exc})") from None
+    problem = manifest_mismatch(files, {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()})
+    if problem:
+        raise IncompleteCheckpointError(f"{folder} is incomplete: {problem}")
     for name, entry in files.items():
-        p = folder / name
-        if not p.is_file():
-            raise IncompleteCheckpointError(f"{folder}: {name} is missing (incomplete checkpoint)")
-        if p.stat().st_size != entry["bytes"]:
-            raise IncompleteCheckpointError(f"{folder}: {name} has {p.stat().st_size} bytes, the manifest says {entry['bytes']}")
-        if hashes and _sha256(p) != entry["sha256"]:
+        if hashes and _sha256(folder / name) != entry["sha256"]:
             raise IncompleteCheckpointError(f"{folder}: {name} does not match its sha256 (corrupt checkpoint)")
     return True
 
