@@ -64,9 +64,14 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def _start_ray():
+    """With its dashboard (on 127.0.0.1): Ray Train's PlacementGroupCleaner asks the dashboard's state API
+    whether a run's controller is alive, and without it never removes the placement group of a
+    controller that died mid-start (an interrupted sweep trial). That group kept a CPU reserved and the
+    next Ray Train run waited for it forever: the CI hang of 2026-11-26."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
+             configure_logging=False)
 
 
 @pytest.fixture(scope="session")

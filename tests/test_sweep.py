@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from faults import train_worker_pids
 from step_ray.models import EncoderConfig, StyleEncoder
 from step_ray.train.common import save_checkpoint
 
@@ -77,7 +78,11 @@ def test_sweep_interrupted_resumed_and_tabled(ray_session, synthetic_root, stage
             time.sleep(1)
         else:
             pytest.fail("the first trial did not finish in time:\n" + (tmp_path / "sweep.log").read_text()[-3000:])
-        time.sleep(3)  # the second trial is under way
+        # Ctrl-C once the second trial's Ray Train workers run: its placement groups are then reserved,
+        # and none may outlive the interrupted sweep (the resumed trial would wait for CPUs forever)
+        while not train_worker_pids():
+            assert time.time() < deadline and proc.poll() is None, (tmp_path / "sweep.log").read_text()[-3000:]
+            time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
         try:  # Tune stops the running trial, saves the experiment state and tables what it has
             proc.wait(timeout=300)
