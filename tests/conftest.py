@@ -101,9 +101,10 @@ def _held_by(ray) -> str:
 
 @pytest.fixture(autouse=True)
 def _ray_resources_released(request):
-    """Every test that used the shared Ray instance gives all its CPUs back. One that does not (a failed
-    sweep's trial actors, a killed job's controller) would leave every later Ray test waiting for CPUs
-    forever: report it on that test and restart Ray, so the rest of the session runs."""
+    """Every test that used the shared Ray instance gives all its CPUs back. One that does not (as an
+    interrupted sweep trial's placement group did, in CI) would leave every later Ray test waiting for
+    CPUs forever: report it on that test, with what holds them, and restart Ray so the rest of the
+    session runs."""
     yield
     if "ray_session" not in request.fixturenames:
         return

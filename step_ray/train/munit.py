@@ -114,10 +114,11 @@ def munit_step(cfg: MUNITTrainConfig, nets: dict, opt_gen, opt_dis, x_a: torch.T
     with amp.autocast():
         loss_da, logs_da = lsgan_discriminator_loss(dis_a(None, x_a), dis_a(None, x_ba))
         loss_db, logs_db = lsgan_discriminator_loss(dis_b(None, x_b), dis_b(None, x_ab))
+    loss_d = loss_da + loss_db
     opt_dis.zero_grad(set_to_none=True)
-    ok = guarded(guard, state, "loss_d", loss_da + loss_db)
+    ok = guarded(guard, state, "loss_d", loss_d)
     if ok:
-        amp.backward(loss_da + loss_db)
+        amp.backward(loss_d)
         average_gradients(dis_a, dis_b)
         amp.step(opt_dis)
     elif guard.rollback_pending:
