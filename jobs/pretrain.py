@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from step_ray.cluster import init_ray  # noqa: E402
 from step_ray.config import job_config  # noqa: E402
-from step_ray.preflight import check_data_root, check_resources, check_storage, fail_fast  # noqa: E402
+from step_ray.preflight import check_data_root, check_resources, check_storage, check_weights, fail_fast  # noqa: E402
 from step_ray.train.pretrain import PretrainConfig, run_pretrain  # noqa: E402
 
 
@@ -23,6 +23,7 @@ def main(argv=None):
     cfg = job_config(PretrainConfig, argv, description=__doc__)
     check_storage(cfg.run, "stage1")
     check_data_root(cfg.style.data.root, "style.data.root")
+    check_weights(vgg=cfg.style.vgg)
     # A cluster address (RAY_ADDRESS, set by `ray job submit`) is joined; otherwise a local instance starts.
     init_ray()
     check_resources(cfg.run)

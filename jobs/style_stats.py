@@ -13,12 +13,16 @@ from __future__ import annotations
 import logging
 
 from step_ray.config import job_config
+from step_ray.preflight import check_data_root, check_weights, fail_fast
 from step_ray.style.pipeline import StyleStatsConfig, compute_style_stats, format_summary, read_metadata
 
 
+@fail_fast
 def main(argv=None) -> str:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = job_config(StyleStatsConfig, argv, description=__doc__)
+    check_data_root(cfg.data.root)
+    check_weights(vgg=cfg.vgg)
     # No ray.init here: compute_style_stats calls ray.init() (which follows RAY_ADDRESS) only when there
     # is work to do, so a re-run on a finished output costs seconds, not a cluster start.
     before = read_metadata(cfg.output)

@@ -18,7 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from step_ray.cluster import init_ray  # noqa: E402
 from step_ray.config import job_config  # noqa: E402
-from step_ray.preflight import check_checkpoint, check_data_root, check_resources, check_storage, fail_fast  # noqa: E402
+from step_ray.preflight import (check_checkpoint, check_data_root, check_resources, check_storage, check_weights,  # noqa: E402
+                                fail_fast)
 from step_ray.train.generator import TrainGeneratorConfig, run_train_generator  # noqa: E402
 from step_ray.train.variants import VARIANTS, variant_base  # noqa: E402
 
@@ -64,6 +65,7 @@ def main(argv=None):
     check_data_root(cfg.data.root)
     check_checkpoint(cfg.encoder_checkpoint, "encoder_checkpoint")
     check_checkpoint(cfg.stage2_checkpoint, "stage2_checkpoint")
+    check_weights(vgg=cfg.train.vgg if cfg.train.lambda_vgg else None, lpips=cfg.eval.lpips if cfg.evaluate else None)
     # A cluster address (RAY_ADDRESS, set by `ray job submit`) is joined; otherwise a local instance starts.
     init_ray()
     check_resources(cfg.run)

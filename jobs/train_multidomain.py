@@ -14,7 +14,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from step_ray.cluster import init_ray  # noqa: E402
 from step_ray.config import job_config  # noqa: E402
-from step_ray.preflight import check_data_root, check_resources, check_storage, fail_fast  # noqa: E402
+from step_ray.eval.metrics import LPIPSConfig  # noqa: E402
+from step_ray.preflight import check_data_root, check_resources, check_storage, check_weights, fail_fast  # noqa: E402
 from step_ray.train.multidomain import TrainMultiDomainConfig, run_train_multidomain  # noqa: E402
 
 
@@ -25,6 +26,7 @@ def main(argv=None):
     cfg = job_config(TrainMultiDomainConfig, argv, description=__doc__)
     check_storage(cfg.run, "multidomain")
     check_data_root(cfg.data.root)
+    check_weights(lpips=LPIPSConfig())
     init_ray()
     check_resources(cfg.run)
     out = run_train_multidomain(cfg)

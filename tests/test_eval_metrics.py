@@ -64,6 +64,8 @@ def test_diversity_known_values(lp):
 def test_lpips_loads_a_local_alexnet_file(tmp_path):
     import torchvision
 
+    from step_ray.weights import WeightFileError
+
     state = torchvision.models.alexnet(weights=None).state_dict()
     path = tmp_path / "alexnet.pth"
     torch.save(state, path)
@@ -71,7 +73,7 @@ def test_lpips_loads_a_local_alexnet_file(tmp_path):
     assert model.weight_source == f"alexnet pretrained:{path}"
     torch.testing.assert_close(model.net.slice1[0].weight, state["features.0.weight"])
     torch.testing.assert_close(model.net.slice5._modules["10"].weight, state["features.10.weight"])
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(WeightFileError, match="no such file"):
         load_lpips(LPIPSConfig(alexnet_weights=str(tmp_path / "missing.pth")))
 
 

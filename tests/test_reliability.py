@@ -35,7 +35,7 @@ TINY1 = [
 ]
 TINY2 = [
     "data.image_size=32", "train.generator.num_downs=5", "train.generator.base_channels=8",
-    "train.discriminator.base_channels=8", "train.discriminator.n_layers=2", "train.lambda_vgg=0", "train.lambda_l1=10",
+    "train.discriminator.base_channels=8", "train.discriminator.n_layers=1", "train.lambda_vgg=0", "train.lambda_l1=10",
     "train.batch_size=8", "train.val_images=16", "train.monitor.enabled=false", "run.keep_checkpoints=10",
 ]
 

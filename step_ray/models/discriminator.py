@@ -21,17 +21,32 @@ class DiscriminatorConfig:
     b_channels: int = 3
     base_channels: int = 64
     max_channels: int = 512
-    n_layers: int = 3
+    n_layers: int = 3  # 0: resolved by fitted(image side): 3, or fewer where the image is too small for 3
     num_scales: int = 2
     norm: Literal["instance", "batch", "none"] = "instance"
     minibatch_stddev: bool = True
 
     def __post_init__(self):
-        if self.n_layers < 1 or self.num_scales < 1:
-            raise ValueError("discriminator n_layers and num_scales must be >= 1")
+        if self.n_layers < 0 or self.num_scales < 1:
+            raise ValueError("discriminator n_layers must be >= 1 (or 0: for the image size) and num_scales >= 1")
+
+    def fitted(self, side: int, most: int = 3) -> "DiscriminatorConfig":
+        """n_layers=0 resolved for `side`: the most layers (at most `most`) the coarsest scale still fits."""
+        if self.n_layers:
+            return self
+        import dataclasses
+
+        for layers in range(most, 0, -1):
+            candidate = dataclasses.replace(self, n_layers=layers)
+            if candidate.min_side() <= side:
+                return candidate
+        raise ValueError(f"a {self.num_scales}-scale discriminator needs images of at least "
+                         f"{dataclasses.replace(self, n_layers=1).min_side()} px; got {side} (lower num_scales)")
 
     def min_side(self) -> int:
         """The smallest input side for which the coarsest scale still yields a patch map."""
+        if not self.n_layers:
+            raise ValueError("discriminator.n_layers=0 must be resolved for the image size (DiscriminatorConfig.fitted)")
         side = 1  # output size of the last conv (k4 s1 p1: out = in - 1)
         side += 1  # the penultimate stride-1 conv
         side += 1
@@ -80,6 +95,8 @@ class PatchDiscriminator(nn.Module):
 
     def __init__(self, cfg: DiscriminatorConfig = DiscriminatorConfig()):
         super().__init__()
+        if not cfg.n_layers:
+            raise ValueError("discriminator.n_layers=0 must be resolved for the image size (DiscriminatorConfig.fitted)")
         self.cfg = cfg
         self.scales = nn.ModuleList(PatchGAN(cfg) for _ in range(cfg.num_scales))
         self.down = nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False)

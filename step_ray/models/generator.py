@@ -15,14 +15,15 @@ from torch import nn
 
 @dataclass(frozen=True)
 class GeneratorConfig:
-    """U-Net depth `num_downs`: the image side must be a multiple of 2**num_downs (8 for 256 px, 5 for 32 px)."""
+    """U-Net depth `num_downs`: the image side must be a multiple of 2**num_downs (8 for 256 px, 5 for 32 px).
+    0 means "for the image size": `fitted(side)` resolves it to the deepest of at most 6 the side allows."""
 
     nz: int = 8  # 0: no style input (a plain pix2pix U-Net)
     in_channels: int = 3
     out_channels: int = 3
     base_channels: int = 64
     max_channels: int = 512
-    num_downs: int = 6
+    num_downs: int = 6  # 0: resolved by fitted(image side)
     z_injection: Literal["input", "all"] = "all"
     norm: Literal["instance", "batch", "none"] = "instance"
     dropout: float = 0.0  # in the innermost decoder blocks (pix2pix uses 0.5; StEP none)
@@ -30,14 +31,27 @@ class GeneratorConfig:
     def __post_init__(self):
         if self.nz < 0:
             raise ValueError(f"nz must be >= 0, got {self.nz}")
-        if self.num_downs < 2:
-            raise ValueError(f"num_downs must be >= 2, got {self.num_downs}")
+        if self.num_downs != 0 and self.num_downs < 2:
+            raise ValueError(f"num_downs must be >= 2 (or 0: for the image size), got {self.num_downs}")
         if self.z_injection not in ("input", "all"):
             raise ValueError(f"z_injection must be 'input' or 'all', got {self.z_injection!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
+    def fitted(self, side: int, deepest: int = 6) -> "GeneratorConfig":
+        """num_downs=0 resolved for `side`: the deepest U-Net (at most `deepest`) whose side divides."""
+        if self.num_downs:
+            return self
+        import dataclasses
+
+        downs = max(d for d in range(2, deepest + 1) if side % 2**d == 0) if side % 4 == 0 else 0
+        if not downs:
+            raise ValueError(f"image side {side} is not divisible by 4: no U-Net depth fits it")
+        return dataclasses.replace(self, num_downs=downs)
+
     def check_image_size(self, side: int) -> None:
+        if not self.num_downs:
+            raise ValueError("generator.num_downs=0 must be resolved for the image size (GeneratorConfig.fitted)")
         if side % (2**self.num_downs):
             raise ValueError(f"generator.num_downs={self.num_downs} needs an image side divisible by "
                              f"{2**self.num_downs}; got {side}")
@@ -61,6 +75,8 @@ class UNetGenerator(nn.Module):
 
     def __init__(self, cfg: GeneratorConfig = GeneratorConfig()):
         super().__init__()
+        if not cfg.num_downs:
+            raise ValueError("generator.num_downs=0 must be resolved for the image size (GeneratorConfig.fitted)")
         self.cfg = cfg
         n = cfg.num_downs
         chans = [min(cfg.base_channels * 2**i, cfg.max_channels) for i in range(n)]

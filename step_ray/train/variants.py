@@ -63,7 +63,9 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             _merged(_SCRATCH, _VAE, _RANDOM_Z, {
                 "lambda_vgg": 0.0, "lambda_l1": 10.0, "random_discriminator": "separate", "ema_decay": 0.0,
                 "optim_g": {"lr": 2e-4, "betas": [0.5, 0.999]}, "optim_d": {"lr": 2e-4, "betas": [0.5, 0.999]},
-                "generator": {"z_injection": "all"}, "discriminator": {"minibatch_stddev": False},
+                "generator": {"z_injection": "all"},
+                # BicycleGAN's D: 64 filters, 2 scales, no minibatch statistic (StEP's is 32 filters, 3 scales)
+                "discriminator": {"base_channels": 64, "num_scales": 2, "minibatch_stddev": False},
                 "encoder": {"norm": "instance"}, "batch_size": 2})),
     Variant("bicycle_v1", "BicycleGAN", "v1", "BicycleGAN with StEP's networks and losses", _merged(_SCRATCH, _VAE, _RANDOM_Z)),
     Variant("bicycle_v2", "BicycleGAN", "v2", "v1 without the VAE (deterministic E, no KL)", _merged(_SCRATCH, _RANDOM_Z)),
