@@ -22,6 +22,7 @@ import torch
 
 from step_ray import storage
 from step_ray.checkpoints import MANIFEST_FILE, manifest_mismatch
+from step_ray.weights import sha256_of
 from step_ray.config import config_to_yaml
 
 CONFIG_FILE = "config.yaml"
@@ -401,13 +402,7 @@ def save_checkpoint(folder: str | Path, modules: dict[str, torch.nn.Module], opt
 
 
 def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_of(str(path))
 
 
 def write_manifest(folder: str | Path) -> None:
