@@ -14,13 +14,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from step_ray.config import job_config  # noqa: E402
 from step_ray.eval.evaluate import EvalConfig, evaluate  # noqa: E402
-from step_ray.preflight import check_checkpoint, check_weights, fail_fast  # noqa: E402
+from step_ray.preflight import PreflightError, check_checkpoint, check_data_root, check_weights, fail_fast  # noqa: E402
 
 
 @fail_fast
 def main(argv=None):
     cfg = job_config(EvalConfig, argv, description=__doc__)
+    if not cfg.checkpoint:
+        raise PreflightError("set checkpoint=<a stage-2/3 checkpoint folder, local or s3://>")
     check_checkpoint(cfg.checkpoint, "checkpoint")
+    check_data_root(cfg.data.root)
     check_weights(lpips=cfg.lpips)
     record = evaluate(cfg)
     print(record["table_row"], flush=True)

@@ -17,21 +17,19 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from step_ray.cluster import init_ray  # noqa: E402
-from step_ray.config import ConfigError, job_config  # noqa: E402
+from step_ray.config import job_config  # noqa: E402
+from step_ray.preflight import fail_fast  # noqa: E402
 from step_ray.train.sweep import SweepConfig, run_sweep  # noqa: E402
 
 
+@fail_fast
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = ["resume=true" if a == "--resume" else a for a in argv]
     cfg = job_config(SweepConfig, argv, description=__doc__)
     # A cluster address (RAY_ADDRESS, set by `ray job submit`) is joined; otherwise a local instance starts.
     init_ray()
-    try:
-        out = run_sweep(cfg)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        raise SystemExit(2)
+    out = run_sweep(cfg)
     for key in ("experiment", "md", "csv", "png"):
         print(f"[sweep] {key:<10} {out[key]}", flush=True)
 

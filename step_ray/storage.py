@@ -47,11 +47,14 @@ def s3_filesystem() -> pafs.S3FileSystem:
 
 
 def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or an `s3://bucket/key` URI."""
+    """(filesystem, path inside it) for a local path or an `s3://bucket/key` URI.
+
+    A local path is made absolute without following symbolic links: a file is known by the path it was
+    listed under (its image id and split come from that path, never from a link's target)."""
     text = str(uri)
     if is_s3(text):
         return s3_filesystem(), text[len("s3://"):].rstrip("/")
-    return pafs.LocalFileSystem(), str(Path(text).expanduser().resolve())
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(text))
 
 
 def join(base: str | os.PathLike, *parts: str) -> str:
@@ -122,6 +125,32 @@ def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
         return
     with fs.open_output_stream(path) as f:
         f.write(data)
+
+
+def list_entries(uri: str | os.PathLike) -> list[tuple[str, str]]:
+    """Everything directly under a folder, sorted, as (URI, kind): kind is "file", "dir", "broken_link"
+    (a local link whose target does not exist) or "other" (a socket, a device). Links are listed under
+    their own names; a link to a file is a "file", a link to a folder a "dir"."""
+    fs, path = resolve(uri)
+    out = []
+    if isinstance(fs, pafs.LocalFileSystem):
+        with os.scandir(path) as entries:
+            for entry in entries:
+                full = os.path.join(path, entry.name)
+                if entry.is_symlink() and not os.path.exists(full):
+                    kind = "broken_link"
+                elif entry.is_dir():
+                    kind = "dir"
+                elif entry.is_file():
+                    kind = "file"
+                else:
+                    kind = "other"
+                out.append((full, kind))
+        return sorted(out)
+    for info in fs.get_file_info(pafs.FileSelector(path, recursive=False)):
+        kind = {pafs.FileType.File: "file", pafs.FileType.Directory: "dir"}.get(info.type, "other")
+        out.append((f"s3://{info.path}", kind))
+    return sorted(out)
 
 
 def list_files(uri: str | os.PathLike, suffixes: tuple[str, ...] | None = None) -> list[str]:

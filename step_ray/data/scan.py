@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from step_ray.data.pix2pix import BadImageError, DataConfig, DatasetError, load_pair
+from step_ray.data.pix2pix import BadImageError, DataConfig, DatasetError, load_pair, scan_folder
 
 CHUNK = 64  # files per thread task
 THREADS = 8
@@ -20,17 +20,23 @@ THREADS = 8
 @dataclass
 class ScanResult:
     good: list[str]
-    errors: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): image files that cannot be used
+    not_read: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): other entries of the folder
+
+    @property
+    def left_out(self) -> list[tuple[str, str]]:
+        return sorted(self.errors + self.not_read)
 
     def report(self, what: str, shown: int = 20) -> None:
-        """Every bad file by path and reason on stdout (the first `shown`; the rest counted)."""
-        if not self.errors:
+        """Every file left out by path and reason on stdout (the first `shown`; the rest counted)."""
+        if not self.left_out:
             return
-        print(f"[data] {what}: {len(self.errors)} bad file(s) left out, {len(self.good)} used", flush=True)
-        for path, reason in self.errors[:shown]:
+        print(f"[data] {what}: {len(self.errors)} bad file(s) left out, {len(self.not_read)} entries not read, "
+              f"{len(self.good)} used", flush=True)
+        for path, reason in self.left_out[:shown]:
             print(f"[data]   {path}: {reason}", flush=True)
-        if len(self.errors) > shown:
-            print(f"[data]   ... and {len(self.errors) - shown} more", flush=True)
+        if len(self.left_out) > shown:
+            print(f"[data]   ... and {len(self.left_out) - shown} more", flush=True)
 
 
 def check_files(uris: list[str], direction: str, min_side: int) -> list[str | None]:
@@ -45,8 +51,16 @@ def check_files(uris: list[str], direction: str, min_side: int) -> list[str | No
     return out
 
 
-def scan_split(uris: list[str], data: DataConfig, what: str = "split") -> ScanResult:
-    """The usable files of `uris` (order kept) and the reasons for the rest; honours `data.on_bad_image`."""
+def scan_dataset_split(root: str, split: str, data: DataConfig) -> ScanResult:
+    """Every entry of one split folder: the usable images, the bad ones and the entries not read."""
+    listing = scan_folder(root, split)
+    return scan_split(listing.files, data, f"{root} {split}", not_read=listing.skipped)
+
+
+def scan_split(uris: list[str], data: DataConfig, what: str = "split",
+               not_read: list[tuple[str, str]] = ()) -> ScanResult:
+    """The usable files of `uris` (order kept) and the reasons for the rest; honours `data.on_bad_image`.
+    `not_read`: the folder's other entries (scan_folder), reported with them."""
     from concurrent.futures import ThreadPoolExecutor
 
     chunks = [uris[i : i + CHUNK] for i in range(0, len(uris), CHUNK)]
@@ -55,7 +69,7 @@ def scan_split(uris: list[str], data: DataConfig, what: str = "split") -> ScanRe
         for part in pool.map(lambda c: check_files(c, data.direction, data.min_side), chunks):
             reasons += part
     result = ScanResult([u for u, r in zip(uris, reasons) if r is None],
-                        [(u, r) for u, r in zip(uris, reasons) if r is not None])
+                        [(u, r) for u, r in zip(uris, reasons) if r is not None], list(not_read))
     if result.errors and data.on_bad_image == "fail":
         path, reason = result.errors[0]
         raise BadImageError(path, f"{reason} (data.on_bad_image=fail; {len(result.errors)} bad file(s) in {what})")

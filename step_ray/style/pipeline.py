@@ -45,8 +45,8 @@ from step_ray.data.pix2pix import (
     DataConfig,
     DatasetError,
     image_id,
-    list_split,
     load_pair,
+    scan_folder,
     read_style_ids,
     to_tensor,
 )
@@ -372,11 +372,14 @@ def _clear_outputs(output_uri: str) -> None:
         fs.delete_dir(path)
 
 
-def _list_images(cfg: StyleStatsConfig, root: str) -> list[str]:
-    uris = []
+def _list_images(cfg: StyleStatsConfig, root: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """The image files of the splits, and the entries not read (path, reason) for errors.csv."""
+    uris, skipped = [], []
     for split in cfg.splits:
-        uris.extend(list_split(root, split))
-    return uris
+        listing = scan_folder(root, split)
+        uris.extend(listing.files)
+        skipped.extend(listing.skipped)
+    return uris, skipped
 
 
 def _fit_reduction(cfg, uris, style_ids, plan, input_dim: int) -> tuple[Reduction, float]:
@@ -412,7 +415,7 @@ def compute_style_stats(cfg: StyleStatsConfig) -> str:
     root = cfg.data.prepare()
     output = cfg.output
     storage.check_writable(output)
-    uris = _list_images(cfg, root)
+    uris, not_read = _list_images(cfg, root)
     ids = sorted(image_id(u) for u in uris)
     weight_source = vgg_weight_source(cfg.vgg)
     key = fingerprint(cfg, weight_source, ids)
@@ -428,10 +431,11 @@ def compute_style_stats(cfg: StyleStatsConfig) -> str:
 
     init_ray()  # RAY_ADDRESS, when set, names the cluster; else a local instance on 127.0.0.1
     with _original_worker_errors():
-        return _compute(cfg, root, uris, key, weight_source)
+        return _compute(cfg, root, uris, key, weight_source, not_read)
 
 
-def _compute(cfg: StyleStatsConfig, root: str, uris: list[str], key: str, weight_source: str) -> str:
+def _compute(cfg: StyleStatsConfig, root: str, uris: list[str], key: str, weight_source: str,
+             not_read: list[tuple[str, str]] = ()) -> str:
     import ray
 
     output = cfg.output
@@ -454,17 +458,24 @@ def _compute(cfg: StyleStatsConfig, root: str, uris: list[str], key: str, weight
         f"{out_base}/{DESCRIPTORS_DIR}", filesystem=out_fs, min_rows_per_file=cfg.rows_per_file
     )
     errors = results.map_batches(bad_rows, batch_format="pyarrow", batch_size=None).to_pandas()
-    errors = errors.sort_values("path").reset_index(drop=True) if len(errors) else errors.reindex(columns=["path", "reason"])
+    errors = errors.reindex(columns=["path", "reason"])
+    decode_errors = len(errors)
+    if not_read:  # entries of the split folders that are not image files of the flat layout
+        import pandas as pd
+
+        errors = pd.concat([errors, pd.DataFrame(list(not_read), columns=["path", "reason"])], ignore_index=True)
+    errors = errors.sort_values("path").reset_index(drop=True)
     storage.write_bytes(storage.join(output, ERRORS_FILE), errors.to_csv(index=False).encode())
 
     workers = results.select_columns(["worker", "peak_rss_bytes", "gpu_peak_bytes", "busy_seconds"]).to_pandas()
     per_worker = workers.groupby("worker").max().sort_index()
-    written = results.count() - len(errors)
-    if written + len(errors) != len(uris):
-        raise RuntimeError(f"{len(uris)} files listed but {written} rows and {len(errors)} errors came out")
+    written = results.count() - decode_errors
+    if written + decode_errors != len(uris):
+        raise RuntimeError(f"{len(uris)} files listed but {written} rows and {decode_errors} errors came out")
     summary = {
         "images": int(written),
-        "skipped": int(len(errors)),
+        "skipped": int(len(errors)),  # every entry not used: bad images and entries not read (errors.csv)
+        "not_read": int(len(not_read)),
         "seconds": round(seconds, 3),
         "images_per_second": round(written / seconds, 2) if seconds > 0 else None,
         "fit_seconds": round(fit_seconds, 3),
@@ -508,9 +519,14 @@ def format_summary(summary: dict) -> str:
     rate = summary.get("images_per_second")
     peaks = summary.get("peak_rss_bytes_per_worker", {})
     peak = f", peak RSS per worker {max(peaks.values()) / 2**20:.0f} MiB" if peaks else ""
+    skipped = f"{summary['skipped']} skipped"
+    if summary.get("not_read"):
+        skipped += f" ({summary['not_read']} entries not read: other extensions, sub-folders, broken links)"
+    if summary["skipped"]:
+        skipped += f", reasons in {ERRORS_FILE}"
     return (
         f"{summary['images']} images in {summary['seconds']:.1f} s ({rate} images/s on {summary['actors']} "
-        f"{summary['device']} actor(s)), {summary['skipped']} skipped{peak}"
+        f"{summary['device']} actor(s)), {skipped}{peak}"
     )
 
 

@@ -125,7 +125,10 @@ class GeneratorTrainConfig:
         if self.variant:
             from step_ray.train.variants import get_variant
 
-            get_variant(self.variant)  # a typo fails here, with the known names
+            try:
+                get_variant(self.variant)  # a typo fails here, with the known names
+            except KeyError as exc:
+                raise ValueError(exc.args[0]) from None
         if self.generator.nz != self.encoder.nz:
             raise ValueError(f"generator.nz={self.generator.nz} differs from the encoder's nz={self.encoder.nz}")
         if self.load_size < 0 or self.fallback_lambda_l1 < 0:
@@ -192,7 +195,7 @@ class PairStore:
     def get(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         pair = self.cache.get(i)
         if pair is None:
-            pair = load_pair(self.paths[i], self.data.direction, self.load_size, self.data.min_side)
+            pair = load_pair(self.paths[i], self.data.direction, self.load_size, self.data.min_side, self.data.a_resample)
             if len(self.cache) < self.capacity:
                 self.cache[i] = pair
         return pair
@@ -656,17 +659,17 @@ def encoder_config_of(checkpoint: str) -> EncoderConfig:
 
 def prepare_generator_inputs(data: DataConfig, val_split: str = "val") -> GeneratorInputs:
     """The splits' usable files: every file is decoded once here, bad ones are reported and left out."""
-    from step_ray.data.pix2pix import image_id, list_split, read_style_ids
-    from step_ray.data.scan import scan_split
+    from step_ray.data.pix2pix import image_id, read_style_ids
+    from step_ray.data.scan import scan_dataset_split
 
     root = data.prepare()
     data = dataclasses.replace(data, root=root)
     styles = read_style_ids(root)
-    train = scan_split(list_split(root, "train"), data, f"{root} train")
-    val = scan_split(list_split(root, val_split), data, f"{root} {val_split}")
+    train = scan_dataset_split(root, "train", data)
+    val = scan_dataset_split(root, val_split, data)
     return GeneratorInputs(data=data, train_paths=train.good, val_paths=val.good,
                            val_style_ids=np.array([styles.get(image_id(p), -1) for p in val.good], np.int64),
-                           bad_files=train.errors + val.errors)
+                           bad_files=train.left_out + val.left_out)
 
 
 def train_generator_stage(cfg: GeneratorTrainConfig, run, inputs: GeneratorInputs, stage: str, callbacks: tuple = ()):

@@ -64,7 +64,10 @@ class SweepConfig:
         if not self.variants or not self.seeds:
             raise ValueError("a sweep needs at least one variant and one seed")
         for name in self.variants:
-            get_variant(name)
+            try:
+                get_variant(name)
+            except KeyError as exc:  # a config error: one line through the loader, not a traceback
+                raise ValueError(exc.args[0]) from None
         if self.num_samples < 1 or self.asha_grace_period < 1 or self.asha_reduction_factor < 2:
             raise ValueError("num_samples and asha_grace_period must be >= 1, asha_reduction_factor >= 2")
         if self.resume and not self.name:
