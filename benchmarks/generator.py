@@ -42,7 +42,7 @@ def main(argv=None):
     from step_ray.config import load_config
     from step_ray.data.synthetic import SyntheticConfig, generate_synthetic
     from step_ray.models import EncoderConfig, StyleEncoder
-    from step_ray.train.common import save_checkpoint
+    from step_ray.checkpoints import save_checkpoint
     from step_ray.train.generator import TrainGeneratorConfig, prepare_generator_inputs
     from step_ray.train.stage2 import train_stage2
 

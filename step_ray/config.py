@@ -207,11 +207,6 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     return config_from_dict(cls, tree, where=cls.__name__)
 
 
-def replace(cfg: T, **changes: Any) -> T:
-    """A changed copy (configs are frozen; nothing mutates one during training)."""
-    return dataclasses.replace(cfg, **changes)
-
-
 def config_to_yaml(cfg: Any) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from step_ray import checkpoints, storage
-from step_ray.train.common import write_manifest
+from step_ray.checkpoints import write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,7 +130,7 @@ def test_incomplete_checkpoints_are_never_listed_ranked_or_pulled(tmp_path):
     checkpoint: the best complete one is still found, and loading a damaged one fails by name."""
     import torch
 
-    from step_ray.train.common import IncompleteCheckpointError, load_checkpoint, save_checkpoint
+    from step_ray.checkpoints import IncompleteCheckpointError, load_checkpoint, save_checkpoint
 
     run = tmp_path / "stage1-20260101-000000"
     _checkpoint(run / "checkpoint_epoch0000", 0, {"val_triplet_acc": 0.5})

@@ -10,7 +10,8 @@ from step_ray.models import (DiscriminatorConfig, EncoderConfig, GeneratorConfig
 from step_ray.models.discriminator import MinibatchStdDev
 from step_ray.style.vgg import VGGConfig, load_vgg
 from step_ray.train.generator import (GeneratorTrainConfig, build_networks, ema_decay_at, freeze, lr_factor, make_optimizers,
-                                      other_style_rows, train_step, update_ema)
+                                      train_step, update_ema)
+from step_ray.eval.metrics import other_style_rows
 
 TINY_G = GeneratorConfig(num_downs=5, base_channels=8)
 TINY_D = DiscriminatorConfig(base_channels=8, n_layers=2, num_scales=2)

@@ -11,7 +11,7 @@ import torch
 from step_ray import storage
 from step_ray.config import load_config
 from step_ray.models import EncoderConfig, StyleEncoder
-from step_ray.train.common import save_checkpoint
+from step_ray.checkpoints import save_checkpoint
 
 TINY = [
     "data.image_size=32",

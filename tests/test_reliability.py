@@ -214,7 +214,7 @@ def test_stage1_job_killed_then_resumed(stage1, ray_session, tmp_path):
 @pytest.fixture(scope="module")
 def stage2(ray_session, synthetic_root, tmp_path_factory):
     from step_ray.models import EncoderConfig, StyleEncoder
-    from step_ray.train.common import save_checkpoint
+    from step_ray.checkpoints import save_checkpoint
     from step_ray.train.generator import TrainGeneratorConfig, prepare_generator_inputs
 
     tmp = tmp_path_factory.mktemp("reliability2")
@@ -443,7 +443,7 @@ def test_checkpoints_load_weights_only(tmp_path):
     import pickle
 
     from step_ray.style.encode import load_encoder
-    from step_ray.train.common import load_checkpoint
+    from step_ray.checkpoints import load_checkpoint
 
     marker = tmp_path / "pwned"
 

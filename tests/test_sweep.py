@@ -15,7 +15,7 @@ import yaml
 
 from faults import train_worker_pids
 from step_ray.models import EncoderConfig, StyleEncoder
-from step_ray.train.common import save_checkpoint
+from step_ray.checkpoints import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_TRIAL = {

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from step_ray import storage
-from step_ray.data.pix2pix import BadImageError, DataConfig, DatasetError, image_id, list_split, load_pair, resize
+from step_ray.data.pix2pix import (BadImageError, DataConfig, DatasetError, image_id, list_split, load_pair, resize,
+                                   to_tensor)
+
+if TYPE_CHECKING:
+    import torch
 from step_ray.data.synthetic import MANIFEST, SyntheticConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -106,3 +110,28 @@ def load_domain_image(path: str, kind: str, size: int, min_side: int = 16) -> np
     if min(rgb.shape[:2]) < min_side:
         raise BadImageError(path, f"too small ({rgb.shape[1]}x{rgb.shape[0]} < {min_side})")
     return resize(rgb, size)
+
+
+class DomainStore:
+    """Images of one split by row (cached while they fit), and rows of a given domain for references."""
+
+    def __init__(self, images: DomainImages, cfg: DomainDataConfig, budget_mb: int):
+        self.images, self.cfg = images, cfg
+        self.capacity = max(1, int(budget_mb * 2**20 // (cfg.image_size**2 * 3)))
+        self.cache: dict[int, np.ndarray] = {}
+        self.by_domain = [images.rows_of(d) for d in range(len(images.names))]
+
+    def get(self, i: int) -> np.ndarray:
+        img = self.cache.get(i)
+        if img is None:
+            img = load_domain_image(self.images.paths[i], self.images.kind, self.cfg.image_size, self.cfg.min_side)
+            if len(self.cache) < self.capacity:
+                self.cache[i] = img
+        return img
+
+    def batch(self, rows) -> torch.Tensor:
+        return to_tensor(np.stack([self.get(int(i)) for i in rows]))
+
+    def references(self, domains: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """For each wanted domain, a random row of that domain."""
+        return np.array([rng.choice(self.by_domain[d]) for d in domains], np.int64)

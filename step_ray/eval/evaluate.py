@@ -16,16 +16,19 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from step_ray import storage
+from step_ray.checkpoints import CONFIG_FILE, load_checkpoint, local_checkpoint_dir
 from step_ray.config import config_from_dict, config_to_dict
 from step_ray.data.pix2pix import DataConfig, load_split, to_tensor
-from step_ray.eval.metrics import LPIPSConfig, diversity, load_lpips, lpips_distance, psnr
-from step_ray.models import GeneratorConfig, UNetGenerator
+from step_ray.eval.metrics import LPIPSConfig, diversity, load_lpips, lpips_distance, other_style_rows, psnr
+from step_ray.models import GeneratorConfig, MapperConfig, StyleMapper, UNetGenerator
 
 TABLE_HEADER = ("| method | PSNR ↑ | LPIPS ↓ | PSNR other style | diversity refs ↑ | diversity mapper ↑ | diversity fixed z | "
                 "mapper styles reached | LPIPS trunk |\n|---|---|---|---|---|---|---|---|---|")
@@ -58,14 +61,21 @@ class EvalConfig:
             raise ValueError("interpolation_steps must be >= 2")
 
 
+def load_mapper(uri: str) -> StyleMapper:
+    """The IMLE mapper saved by step_ray.train.mapper.save_mapper (local or s3://), in eval mode."""
+    folder, tmp = local_checkpoint_dir(uri)
+    try:
+        tree = yaml.safe_load((Path(folder) / CONFIG_FILE).read_text()) or {}
+        mapper = StyleMapper(config_from_dict(MapperConfig, tree.get("mapper", {}), where="mapper"))
+        load_checkpoint(folder, {"mapper": mapper})
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return mapper.eval()
+
+
 def load_generator(checkpoint: str, use_ema: bool = True, device: str | torch.device = "cpu") -> tuple[UNetGenerator, dict]:
     """G (EMA weights when asked and present) of a generator checkpoint, and its saved config mapping."""
-    from pathlib import Path
-
-    import yaml
-
-    from step_ray.train.common import CONFIG_FILE, local_checkpoint_dir
-
     folder, tmp = local_checkpoint_dir(checkpoint)
     try:
         tree = yaml.safe_load((Path(folder) / CONFIG_FILE).read_text()) or {}
@@ -103,8 +113,6 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     mapper_uri = cfg.mapper or _default_mapper(cfg.checkpoint)
     mapper = None
     if mapper_uri:
-        from step_ray.train.mapper import load_mapper
-
         mapper = load_mapper(mapper_uri)
     lp = load_lpips(cfg.lpips)
     split = load_split(cfg.data, cfg.split)
@@ -120,8 +128,6 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if not torch.isfinite(z).all():
         raise FloatingPointError(f"{cfg.checkpoint}: the encoder gives non-finite style codes (training diverged); "
                                  "nothing to evaluate")
-    from step_ray.train.generator import other_style_rows
-
     other = torch.from_numpy(other_style_rows(labels, cfg.seed))
     recon = generate(g, a, z, bs)
     cross = generate(g, a, z[other], bs)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+
+import numpy as np
 import torch
 
 from step_ray.weights import TORCHVISION_FILES, WeightSource, features_state_dict, find_weights
@@ -31,6 +33,20 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR (dB) of images in [-1, 1], measured on the [0, 1] scale; identical images: 100 dB."""
     mse = ((x.float() - y.float()) / 2).pow(2).flatten(1).mean(1)
     return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+
+
+def other_style_rows(style_ids: np.ndarray, seed: int = 0) -> np.ndarray:
+    """For each row, a row of another style (style ids known), else of another image (a shifted permutation)."""
+    n = len(style_ids)
+    rng = np.random.default_rng(seed)
+    if (style_ids >= 0).all() and len(np.unique(style_ids)) > 1:
+        out = np.empty(n, np.int64)
+        for i in range(n):
+            out[i] = rng.choice(np.flatnonzero(style_ids != style_ids[i]))
+        return out
+    perm, out = rng.permutation(n), np.zeros(n, np.int64)
+    out[perm] = np.roll(perm, 1)  # a random cycle: nobody is its own reference (n > 1)
+    return out
 
 
 def find_alexnet_source(cfg: LPIPSConfig) -> WeightSource:

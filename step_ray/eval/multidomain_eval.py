@@ -107,7 +107,7 @@ def evaluate_multidomain(nets: dict, data, split: str, output: str, num_inputs: 
     from step_ray.data.domains import list_domain_split
     from step_ray.eval.embedding import save_png
     from step_ray.eval.metrics import LPIPSConfig, diversity, load_lpips
-    from step_ray.train.multidomain import DomainStore
+    from step_ray.data.domains import DomainStore
 
     started = time.perf_counter()
     storage.check_writable(output, "eval output")

@@ -27,7 +27,7 @@ def load_encoder(checkpoint: str, device: str | torch.device = "cpu") -> StyleEn
     """The encoder of a checkpoint folder: its config from config.yaml, its weights (weights only)."""
     from pathlib import Path
 
-    from step_ray.train.common import CONFIG_FILE, load_checkpoint, local_checkpoint_dir
+    from step_ray.checkpoints import CONFIG_FILE, load_checkpoint, local_checkpoint_dir
 
     folder, tmp = local_checkpoint_dir(checkpoint)
     try:

@@ -1,9 +1,8 @@
 """What every Ray Train stage shares: run settings, optimiser config, device, seeding, checkpoints.
 
 The driver side (`make_trainer`) picks resources and storage; the per-worker side (`worker_device`,
-`save_checkpoint`, `load_checkpoint`, `seed_everything`) is called from inside the training loop.
-Checkpoints hold only tensors and plain data and are loaded with `weights_only=True`: a checkpoint from
-an untrusted bucket cannot run code.
+`seed_everything`, `report_epoch`) is called from inside the training loop. The checkpoint format itself
+(save, load, manifest) lives in `step_ray.checkpoints`.
 """
 from __future__ import annotations
 
@@ -11,7 +10,6 @@ import contextlib
 import datetime as _dt
 import itertools
 import json
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -21,12 +19,7 @@ from typing import Any, Literal
 import torch
 
 from step_ray import storage
-from step_ray.checkpoints import MANIFEST_FILE, manifest_mismatch
-from step_ray.weights import sha256_of
-from step_ray.config import config_to_yaml
-
-CONFIG_FILE = "config.yaml"
-STATE_FILE = "state.json"
+from step_ray.checkpoints import local_checkpoint_dir, save_checkpoint
 
 
 @dataclass(frozen=True)
@@ -383,75 +376,6 @@ def average_gradients(*modules: torch.nn.Module) -> None:
         p.grad = g.view_as(p).clone() if p.grad is None else p.grad.copy_(g.view_as(p))
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
-def save_checkpoint(folder: str | Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
-                    state: dict[str, Any], cfg: Any) -> None:
-    """Write one checkpoint folder: `<name>.pt` per module and optimiser, state.json, config.yaml."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, module in modules.items():
-        torch.save(unwrap(module).state_dict(), folder / f"{name}.pt")
-    for name, opt in optimizers.items():
-        torch.save(opt.state_dict(), folder / f"{name}.pt")
-    (folder / STATE_FILE).write_text(json.dumps(state, indent=1))
-    (folder / CONFIG_FILE).write_text(config_to_yaml(cfg))
-    write_manifest(folder)
-
-
-def _sha256(path: Path) -> str:
-    return sha256_of(str(path))
-
-
-def write_manifest(folder: str | Path) -> None:
-    """manifest.json: every file of the checkpoint with its size and sha256. A checkpoint counts as
-    complete only when its manifest is there and every file matches it, because an upload (Ray copies
-    the folder file by file, in any order) can stop half-way."""
-    folder = Path(folder)
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
-    manifest = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
-    (folder / MANIFEST_FILE).write_text(json.dumps({"files": manifest}, indent=1))
-
-
-class IncompleteCheckpointError(RuntimeError):
-    """A checkpoint folder whose files do not match its manifest (an interrupted upload, a damaged copy)."""
-
-
-def verify_checkpoint(folder: str | Path, hashes: bool = True) -> bool:
-    """Raise IncompleteCheckpointError unless every file in manifest.json is present with its size (and
-    sha256). False when there is no manifest (a checkpoint written before manifests existed)."""
-    folder = Path(folder)
-    path = folder / MANIFEST_FILE
-    if not path.is_file():
-        return False
-    try:
-        files = json.loads(path.read_text())["files"]
-    except (ValueError, KeyError) as exc:
-        raise IncompleteCheckpointError(f"{folder}: unreadable {MANIFEST_FILE} ({exc})") from None
-    problem = manifest_mismatch(files, {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()})
-    if problem:
-        raise IncompleteCheckpointError(f"{folder} is incomplete: {problem}")
-    for name, entry in files.items():
-        if hashes and _sha256(folder / name) != entry["sha256"]:
-            raise IncompleteCheckpointError(f"{folder}: {name} does not match its sha256 (corrupt checkpoint)")
-    return True
-
-
-def load_checkpoint(folder: str | Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer] | None = None,
-                    map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load tensors (weights only, never arbitrary pickles) into modules/optimisers; return state.json.
-    The files are checked against the checkpoint's manifest first."""
-    folder = Path(folder)
-    verify_checkpoint(folder)
-    for name, module in modules.items():
-        unwrap(module).load_state_dict(torch.load(folder / f"{name}.pt", map_location=map_location, weights_only=True))
-    for name, opt in (optimizers or {}).items():
-        opt.load_state_dict(torch.load(folder / f"{name}.pt", map_location=map_location, weights_only=True))
-    return json.loads((folder / STATE_FILE).read_text())
-
-
 def note_restart(state: dict[str, Any]) -> None:
     """Record, in the state the checkpoints carry, that the loop restarted here (a lost worker, a resumed
     job): where it picked up, so a run's history shows every restart."""
@@ -476,42 +400,5 @@ def report_epoch(metrics: dict[str, Any], epoch: int, rank: int, modules: dict[s
                          checkpoint_dir_name=f"checkpoint_epoch{epoch:04d}")
 
 
-def load_saved_modules(checkpoint: str, config_cls: type, build, where: str) -> dict[str, torch.nn.Module]:
-    """Modules of a checkpoint (local or s3://) rebuilt from its own config.yaml: `build(cfg)` makes them,
-    then their weights are loaded (weights only). Returned on the CPU in eval mode."""
-    import yaml
-
-    from step_ray.config import config_from_dict
-
-    folder, tmp = local_checkpoint_dir(checkpoint)
-    try:
-        cfg = config_from_dict(config_cls, yaml.safe_load((Path(folder) / CONFIG_FILE).read_text()) or {}, where=where)
-        modules = build(cfg)
-        load_checkpoint(folder, modules, map_location="cpu")
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
-    return {k: v.eval() for k, v in modules.items()}
-
-
-def local_checkpoint_dir(uri: str) -> tuple[str, tempfile.TemporaryDirectory | None]:
-    """A local folder holding the checkpoint at `uri` (downloaded first when it is on S3)."""
-    if not storage.is_s3(uri):
-        if not Path(uri).is_dir():
-            raise FileNotFoundError(f"checkpoint {uri} does not exist")
-        return uri, None
-    import pyarrow.fs as pafs
-
-    storage.check_readable(uri, "checkpoint")
-    tmp = tempfile.TemporaryDirectory(prefix="step_ray_ckpt_")
-    fs, path = storage.resolve(uri)
-    pafs.copy_files(path, tmp.name, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    return tmp.name, tmp
-
-
 def write_json(uri: str, obj: Any) -> None:
     storage.write_bytes(uri, json.dumps(obj, indent=1, default=float).encode())
-
-
-def env_summary() -> dict[str, Any]:
-    return {"torch": torch.__version__, "cuda": torch.cuda.is_available(), "pid": os.getpid()}

@@ -36,6 +36,7 @@ import torch
 
 from step_ray.data.pix2pix import DataConfig, load_pair, to_tensor
 from step_ray.eval.evaluate import EvalConfig
+from step_ray.eval.metrics import other_style_rows, psnr
 from step_ray.metrics import record_epoch
 from step_ray.losses import (embedding_l2_penalty, kl_to_standard_normal, l1_loss, latent_reconstruction_loss,
                              lsgan_discriminator_loss, lsgan_generator_loss, vgg_perceptual_loss)
@@ -43,9 +44,10 @@ from step_ray.losses.perceptual import OFFICIAL_LAYER_WEIGHTS, OFFICIAL_SCALE
 from step_ray.models import (DiscriminatorConfig, EncoderConfig, GeneratorConfig, PatchDiscriminator, StyleEncoder,
                              UNetGenerator)
 from step_ray.style.vgg import VGGConfig
-from step_ray.train.common import (EpochMeter, MixedPrecision, OptimConfig, RunSettings, average_gradients, broadcast_parameters,
-                                   checkpoint_activations, epoch_batches, fit, improves, load_checkpoint, note_restart,
-                                   report_epoch, resume_folder, seed_everything, unwrap, worker_device)
+from step_ray.train.common import (EpochMeter, MixedPrecision, OptimConfig, RunSettings, average_gradients,
+                                   broadcast_parameters, checkpoint_activations, epoch_batches, fit, improves,
+                                   note_restart, report_epoch, resume_folder, seed_everything, worker_device)
+from step_ray.checkpoints import load_checkpoint, unwrap
 from step_ray.train.guard import NonFiniteConfig, NonFiniteGuard, guarded, seed_streams
 from step_ray.train.mapper import IMLEConfig
 from step_ray.train.monitor import IntervalMeter, MonitorConfig, RunMonitor, code_samples, sample_grid
@@ -212,26 +214,6 @@ class PairStore:
                 cropped.append((a[y : y + size, x : x + size], b[y : y + size, x : x + size]))
             pairs = cropped
         return to_tensor(np.stack([p[0] for p in pairs])), to_tensor(np.stack([p[1] for p in pairs]))
-
-
-def other_style_rows(style_ids: np.ndarray, seed: int = 0) -> np.ndarray:
-    """For each row, a row of another style (style ids known), else of another image (a shifted permutation)."""
-    n = len(style_ids)
-    rng = np.random.default_rng(seed)
-    if (style_ids >= 0).all() and len(np.unique(style_ids)) > 1:
-        out = np.empty(n, np.int64)
-        for i in range(n):
-            out[i] = rng.choice(np.flatnonzero(style_ids != style_ids[i]))
-        return out
-    perm, out = rng.permutation(n), np.zeros(n, np.int64)
-    out[perm] = np.roll(perm, 1)  # a random cycle: nobody is its own reference (n > 1)
-    return out
-
-
-def psnr_batch(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB of images in [-1, 1] (peak 1 on the [0, 1] scale); identical images: 100 dB."""
-    mse = ((x.float() - y.float()) / 2).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -473,8 +455,8 @@ def validate(cfg: GeneratorTrainConfig, g_ema, encoder, a: torch.Tensor, b: torc
         ai, bi = a[i : i + 32].to(device), b[i : i + 32].to(device)
         z = encoder(bi)
         z_other = encoder(b[other[i : i + 32]].to(device))
-        own.append(psnr_batch(g_ema(ai, z), bi).cpu())
-        cross.append(psnr_batch(g_ema(ai, z_other), bi).cpu())
+        own.append(psnr(g_ema(ai, z), bi).cpu())
+        cross.append(psnr(g_ema(ai, z_other), bi).cpu())
     encoder.train(was_training)
     p, q = torch.cat(own).mean().item(), torch.cat(cross).mean().item()
     return {"val_psnr": p, "val_psnr_other_style": q, "val_psnr_margin": p - q}
@@ -511,7 +493,7 @@ def generator_worker_loop(loop_config: dict[str, Any]) -> None:
             note_restart(state)
         resumed = folder is not None
     if not resumed and cfg.init_checkpoint:  # a fresh stage 3: G, G_ema, D, E and optimiser states from stage 2
-        from step_ray.train.common import local_checkpoint_dir
+        from step_ray.checkpoints import local_checkpoint_dir
 
         folder, tmp = local_checkpoint_dir(cfg.init_checkpoint)
         try:
@@ -644,7 +626,7 @@ def read_saved_config(checkpoint: str) -> dict:
     import yaml
 
     from step_ray import storage
-    from step_ray.train.common import CONFIG_FILE
+    from step_ray.checkpoints import CONFIG_FILE
 
     return yaml.safe_load(storage.read_bytes(storage.join(checkpoint, CONFIG_FILE))) or {}
 
@@ -697,16 +679,6 @@ def train_generator_stage(cfg: GeneratorTrainConfig, run, inputs: GeneratorInput
     if result.error:
         raise result.error
     return result, run_uri, cfg
-
-
-def best_checkpoint(result, run) -> str:
-    """URI of the best reported checkpoint by run.checkpoint_metric (the last one when none has it)."""
-    from step_ray import storage
-
-    ranked = [(m.get(run.checkpoint_metric), c) for c, m in (result.best_checkpoints or []) if m.get(run.checkpoint_metric) is not None]
-    ckpt = sorted(ranked, key=lambda t: t[0], reverse=run.checkpoint_mode == "max")[0][1] if ranked else result.checkpoint
-    path = ckpt.path
-    return f"s3://{path}" if storage.is_s3(run.storage_path) and not path.startswith("s3://") else path
 
 
 def last_checkpoint(result, run) -> str:

@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import torch
 
+from step_ray.checkpoints import unwrap
+
 
 class NonFiniteLossError(RuntimeError):
     """Training stopped on a NaN/Inf loss (action=fail, or too many in a row)."""
@@ -111,8 +113,6 @@ class NonFiniteGuard:
     def remember(self, modules: dict[str, torch.nn.Module], optimizers: dict[str, Any], state: dict[str, Any]) -> None:
         if self.cfg.action != "rollback":
             return
-        from step_ray.train.common import unwrap
-
         to_cpu = lambda sd: {k: (v.detach().cpu().clone() if torch.is_tensor(v) else copy.deepcopy(v)) for k, v in sd.items()}
         self._snapshot = ({k: to_cpu(unwrap(m).state_dict()) for k, m in modules.items()},
                           {k: copy.deepcopy(o.state_dict()) for k, o in optimizers.items()},
@@ -120,8 +120,6 @@ class NonFiniteGuard:
 
     def restore(self, modules: dict[str, torch.nn.Module], optimizers: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
         """The remembered modules, optimisers and state; the non-finite record carries on (one more rollback)."""
-        from step_ray.train.common import unwrap
-
         assert self._snapshot is not None, "remember() before the first step"
         weights, opt_states, saved = self._snapshot
         for k, m in modules.items():
@@ -152,8 +150,6 @@ def seed_streams(epoch: int, rank: int, state: dict[str, Any]) -> tuple[int, ...
 
 def assert_finite_weights(modules: dict[str, torch.nn.Module], where: str) -> None:
     """Never save a checkpoint whose weights hold a NaN or Inf."""
-    from step_ray.train.common import unwrap
-
     for name, module in modules.items():
         for key, tensor in unwrap(module).state_dict().items():
             if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):

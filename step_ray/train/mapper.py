@@ -20,7 +20,7 @@ import torch
 
 from step_ray import storage
 from step_ray.models import MapperConfig, StyleMapper
-from step_ray.train.common import load_checkpoint, local_checkpoint_dir, save_checkpoint
+from step_ray.checkpoints import save_checkpoint
 
 
 @dataclass(frozen=True)
@@ -122,20 +122,3 @@ def save_mapper(uri: str, mapper: StyleMapper, cfg: IMLEConfig, info: dict[str, 
         for path in sorted(Path(folder).iterdir()):
             storage.write_bytes(storage.join(uri, path.name), path.read_bytes())
     return uri
-
-
-def load_mapper(uri: str) -> StyleMapper:
-    import yaml
-
-    from step_ray.config import config_from_dict
-    from step_ray.train.common import CONFIG_FILE
-
-    folder, tmp = local_checkpoint_dir(uri)
-    try:
-        tree = yaml.safe_load((Path(folder) / CONFIG_FILE).read_text()) or {}
-        mapper = StyleMapper(config_from_dict(MapperConfig, tree.get("mapper", {}), where="mapper"))
-        load_checkpoint(folder, {"mapper": mapper})
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
-    return mapper.eval()

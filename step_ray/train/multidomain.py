@@ -24,8 +24,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from step_ray.data.domains import DomainDataConfig, DomainImages, list_domain_split, load_domain_image
-from step_ray.data.pix2pix import to_tensor
+from step_ray.data.domains import DomainDataConfig, DomainImages, DomainStore, list_domain_split
 from step_ray.losses.multidomain import (MultiDomainLossWeights, adversarial_d_loss, adversarial_g_loss, augment_for_smoothness,
                                          cycle_loss, diversity_sensitive_loss, generator_objective, r1_penalty,
                                          smoothness_triplet_loss, style_reconstruction_loss, unification_d_loss,
@@ -33,14 +32,14 @@ from step_ray.losses.multidomain import (MultiDomainLossWeights, adversarial_d_l
 from step_ray.metrics import record_epoch
 from step_ray.models.multidomain import MultiDomainConfig, build_multidomain
 from step_ray.train.common import (EpochMeter, OptimConfig, RunSettings, average_gradients, broadcast_parameters,
-                                   epoch_batches, improves, load_checkpoint, fit, note_restart, report_epoch,
-                                   resume_folder, seed_everything, worker_device)
+                                   epoch_batches, improves, fit, note_restart, report_epoch, resume_folder,
+                                   seed_everything, worker_device)
+from step_ray.checkpoints import load_checkpoint
 from step_ray.train.generator import no_parameter_grads
 from step_ray.train.guard import NonFiniteConfig, NonFiniteGuard, guarded, seed_streams
 from step_ray.train.monitor import IntervalMeter, MonitorConfig, RunMonitor
 
 STAGE = "multidomain"
-NETS = ("generator", "style_encoder", "discriminator", "style_discriminator", "flow")
 
 
 @dataclass(frozen=True)
@@ -76,31 +75,6 @@ def make_optimizers(cfg: MultiDomainTrainConfig, nets: dict) -> dict[str, torch.
         "optimizer_f": torch.optim.Adam(nets["flow"].parameters(), lr=cfg.flow_lr, betas=o.betas, weight_decay=o.weight_decay),
         "optimizer_d": o.build(itertools.chain(nets["discriminator"].parameters(), nets["style_discriminator"].parameters())),
     }
-
-
-class DomainStore:
-    """Images of one split by row (cached while they fit), and rows of a given domain for references."""
-
-    def __init__(self, images: DomainImages, cfg: DomainDataConfig, budget_mb: int):
-        self.images, self.cfg = images, cfg
-        self.capacity = max(1, int(budget_mb * 2**20 // (cfg.image_size**2 * 3)))
-        self.cache: dict[int, np.ndarray] = {}
-        self.by_domain = [images.rows_of(d) for d in range(len(images.names))]
-
-    def get(self, i: int) -> np.ndarray:
-        img = self.cache.get(i)
-        if img is None:
-            img = load_domain_image(self.images.paths[i], self.images.kind, self.cfg.image_size, self.cfg.min_side)
-            if len(self.cache) < self.capacity:
-                self.cache[i] = img
-        return img
-
-    def batch(self, rows) -> torch.Tensor:
-        return to_tensor(np.stack([self.get(int(i)) for i in rows]))
-
-    def references(self, domains: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """For each wanted domain, a random row of that domain."""
-        return np.array([rng.choice(self.by_domain[d]) for d in domains], np.int64)
 
 
 def _d_step(cfg, nets, x_real, y_org, y_trg, s_trg) -> tuple[torch.Tensor, dict]:
@@ -395,7 +369,7 @@ def run_train_multidomain(cfg: TrainMultiDomainConfig, callbacks: tuple = ()) ->
 
 def load_multidomain(checkpoint: str, device: str | torch.device = "cpu") -> dict[str, torch.nn.Module]:
     """Every network of a multi-domain checkpoint (local or s3://), in eval mode."""
-    from step_ray.train.common import load_saved_modules
+    from step_ray.checkpoints import load_saved_modules
 
     nets = load_saved_modules(checkpoint, MultiDomainTrainConfig, lambda cfg: build_multidomain(cfg.model), where=STAGE)
     return {k: v.to(device) for k, v in nets.items()}

@@ -34,9 +34,11 @@ from step_ray.models.discriminator import DiscriminatorConfig, PatchDiscriminato
 from step_ray.models.munit import MUNITConfig, MUNITGenerator, init_weights_, munit_discriminator_config
 from step_ray.style.vgg import VGGConfig
 from step_ray.train.common import (EpochMeter, MixedPrecision, OptimConfig, average_gradients, broadcast_parameters,
-                                   epoch_batches, improves, load_checkpoint, fit, note_restart, report_epoch,
-                                   resume_folder, seed_everything, worker_device)
-from step_ray.train.generator import GeneratorInputs, GeneratorRunSettings, PairStore, no_parameter_grads, psnr_batch
+                                   epoch_batches, improves, fit, note_restart, report_epoch, resume_folder,
+                                   seed_everything, worker_device)
+from step_ray.checkpoints import load_checkpoint
+from step_ray.eval.metrics import psnr as psnr_batch
+from step_ray.train.generator import GeneratorInputs, GeneratorRunSettings, PairStore, no_parameter_grads
 from step_ray.train.guard import NonFiniteConfig, NonFiniteGuard, guarded, seed_streams
 from step_ray.train.monitor import IntervalMeter, MonitorConfig, RunMonitor
 
@@ -365,7 +367,7 @@ def run_train_munit(cfg: TrainMUNITConfig, callbacks: tuple = ()) -> dict[str, A
 
 def load_munit(checkpoint: str, device: str | torch.device = "cpu") -> dict[str, torch.nn.Module]:
     """gen_a, gen_b, dis_a, dis_b of a MUNIT checkpoint (local or s3://), in eval mode."""
-    from step_ray.train.common import load_saved_modules
+    from step_ray.checkpoints import load_saved_modules
 
     nets = load_saved_modules(checkpoint, MUNITTrainConfig, lambda cfg: build_munit(cfg, "cpu"), where="munit")
     return {k: v.to(device) for k, v in nets.items()}

@@ -190,7 +190,7 @@ def _best_checkpoint(result, run: RunSettings) -> str:
 
 
 def _history(checkpoint_uri: str) -> list[dict]:
-    from step_ray.train.common import STATE_FILE
+    from step_ray.checkpoints import STATE_FILE
 
     return json.loads(storage.read_bytes(storage.join(checkpoint_uri, STATE_FILE))).get("history", [])
 

@@ -21,22 +21,10 @@ from step_ray.metrics import record_epoch
 from step_ray.models import EncoderConfig, StyleEncoder
 from step_ray.train.guard import NonFiniteConfig, NonFiniteGuard, seed_streams
 from step_ray.train.monitor import IntervalMeter, MonitorConfig, RunMonitor
-from step_ray.train.common import (
-    EpochMeter,
-    MixedPrecision,
-    OptimConfig,
-    RunSettings,
-    checkpoint_activations,
-    improves,
-    load_checkpoint,
-    fit,
-    note_restart,
-    report_epoch,
-    resume_folder,
-    seed_everything,
-    unwrap,
-    worker_device,
-)
+from step_ray.train.common import (EpochMeter, MixedPrecision, OptimConfig, RunSettings, checkpoint_activations,
+                                   improves, fit, note_restart, report_epoch, resume_folder, seed_everything,
+                                   worker_device)
+from step_ray.checkpoints import load_checkpoint, unwrap
 
 
 @dataclass(frozen=True)

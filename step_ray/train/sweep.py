@@ -31,7 +31,6 @@ from step_ray.config import ConfigError, config_from_dict, dotted_to_tree, merge
 from step_ray.train.variants import VARIANTS, get_variant, variant_base
 
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
-RESULTS_STEM = "results"  # results.md, results.csv, results.png in the experiment folder
 
 
 @dataclass(frozen=True)
