@@ -259,3 +259,33 @@ def test_mapper_codes_stream_a_seeded_subset_of_b_images(tmp_path, monkeypatch):
     assert sorted(numbers) != [0, 1, 2, 3]  # not the first files in sorted order
     assert max(seen) <= 3  # streamed in chunks
     assert len(trainer.encode_split("unused", data, "train")) == 10  # 0: all
+
+
+def test_the_vgg_term_weighs_like_the_gan_term_on_real_batches():
+    """METHOD §5: at the official magnitude (activation scale 5.76 on torchvision's VGG) λ_rec · VGG is of
+    the GAN term's order on real photos (benchmarks/loss_balance.py: 4-6x over 40 steps); at the scale 0.1
+    used before it was ~1/800 of it, too weak to steer G."""
+    from pathlib import Path
+
+    from step_ray.data.pix2pix import DataConfig, load_split, to_tensor
+    from step_ray.losses import lsgan_generator_loss
+    from step_ray.train.generator import fit_to_image_size
+
+    facades = Path(__file__).resolve().parents[2] / "shared" / "data" / "facades"
+    if not facades.is_dir():
+        pytest.skip(f"{facades} is absent")
+    split = load_split(DataConfig(root=str(facades), direction="BtoA", image_size=64), "train", limit=8)
+    a, b = to_tensor(split.a), to_tensor(split.b)
+    torch.manual_seed(0)
+    cfg = fit_to_image_size(GeneratorTrainConfig(), 64)
+    nets = build_networks(cfg, "cpu")
+    vgg = load_vgg(cfg.vgg)
+    assert vgg.pretrained, vgg.weight_source
+    with torch.no_grad():
+        fake = nets["generator"](a, nets["encoder"](b))
+        gan, _ = lsgan_generator_loss(nets["discriminator"](a, fake))
+        rec, _ = vgg_perceptual_loss(vgg, fake, b, cfg.vgg.resolved_layer_weights(), cfg.vgg_scale)
+        weak, _ = vgg_perceptual_loss(vgg, fake, b, cfg.vgg.resolved_layer_weights(), 0.1)
+    ratio = float(cfg.lambda_vgg * rec / (cfg.lambda_gan * gan))
+    assert 0.3 < ratio < 30, ratio
+    assert float(cfg.lambda_vgg * weak / gan) < 0.02

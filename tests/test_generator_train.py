@@ -125,13 +125,17 @@ def test_job_outputs(job_run):
     assert (Path(out["mapper"]) / "mapper.pt").is_file()
     summary = json.loads(Path(out["metrics"]).read_text())
     assert summary["config"]["stage3_epochs"] == 1
+    # which reconstruction term trained, saved with the run and with every checkpoint (real VGG: no fallback)
+    assert summary["reconstruction"].startswith("VGG x 0.02 (activation scale 5.76") and "pretrained:" in summary["reconstruction"]
+    state = json.loads((Path(out["stage3"]) / "state.json").read_text())
+    assert state["reconstruction"] == summary["reconstruction"]
     record = json.loads((Path(out["eval"]) / "metrics.json").read_text())
     m = record["metrics"]
     for key in ("psnr", "lpips", "psnr_other_style", "diversity_refs", "diversity_mapper", "diversity_fixed_code"):
         assert np.isfinite(m[key]), key
     assert m["diversity_fixed_code"] < 1e-6  # one code for all: a deterministic G gives identical outputs
     assert m["num_style_ids"] == 8 and 1 <= m["mapper_styles_reached"] <= 8
-    assert record["lpips_weights"].startswith(("RANDOM AlexNet", "alexnet pretrained")) and record["vgg_weights"]
+    assert record["lpips_weights"].startswith("alexnet pretrained:") and record["vgg_weights"].startswith("pretrained:")
     for name in ("transfer", "interpolation", "sampling", "embedding"):
         assert Path(record["pictures"][name]).stat().st_size > 500, name
     assert (Path(out["eval"]) / "table_row.md").read_text().count("|") > 10
