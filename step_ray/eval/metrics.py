@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from step_ray.weights import TORCHVISION_FILES, WeightSource, features_state_dict, find_weights
+from step_ray.weights import TORCHVISION_FILES, WeightFileError, WeightSource, features_state_dict, find_weights
 
 ALEXNET_FILE = TORCHVISION_FILES["alexnet"]
 
@@ -69,8 +69,6 @@ def load_lpips(cfg: LPIPSConfig = LPIPSConfig(), device: str | torch.device = "c
             warnings.simplefilter("ignore", UserWarning)  # torchvision's `pretrained=` deprecation notice
             model = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False)
     if source.pretrained:
-        from step_ray.weights import WeightFileError
-
         state = features_state_dict(source)
         own = model.net.state_dict()  # keys slice{k}.{i}.weight, i = the index in alexnet.features
         try:

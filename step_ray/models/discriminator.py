@@ -6,6 +6,7 @@ conv. Scale s sees the input average-pooled s times. `forward` returns one patch
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,8 +35,6 @@ class DiscriminatorConfig:
         """n_layers=0 resolved for `side`: the most layers (at most `most`) the coarsest scale still fits."""
         if self.n_layers:
             return self
-        import dataclasses
-
         for layers in range(most, 0, -1):
             candidate = dataclasses.replace(self, n_layers=layers)
             if candidate.min_side() <= side:

@@ -6,6 +6,7 @@ is the usual U-Net one: transposed convs with skip connections, tanh output in [
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -42,8 +43,6 @@ class GeneratorConfig:
         """num_downs=0 resolved for `side`: the deepest U-Net (at most `deepest`) whose side divides."""
         if self.num_downs:
             return self
-        import dataclasses
-
         downs = max(d for d in range(2, deepest + 1) if side % 2**d == 0) if side % 4 == 0 else 0
         if not downs:
             raise ValueError(f"image side {side} is not divisible by 4: no U-Net depth fits it")

