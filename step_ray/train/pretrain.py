@@ -142,8 +142,11 @@ def report_outputs(cfg: PretrainConfig, inputs: Stage1Inputs, result, run_uri: s
         labels = _style_clusters(inputs.val_distances, k=min(6, len(labels)))
     weights = inputs.weight_source or "unknown VGG weights"
     metrics = result.metrics or {}
+    # the plot names the weight file, not its folder (a long venv path pushed the metrics off the picture);
+    # metrics.json keeps the full source
+    shown = weights.split(":", 1)[0] + ":" + weights.split(":", 1)[1].split("/")[-1] if ":/" in weights else weights
     title = (f"stage-1 z of {len(z)} val images, coloured by {'style id' if labelled else 'style cluster'}\n"
-             f"VGG: {weights}; " + ", ".join(f"{k} {metrics[k]:.3f}" for k in ("val_knn_acc", "val_triplet_acc") if k in metrics))
+             f"VGG: {shown}; " + ", ".join(f"{k} {metrics[k]:.3f}" for k in ("val_knn_acc", "val_triplet_acc") if k in metrics))
     out = {
         "checkpoint": best,
         "metrics": storage.join(run_uri, "metrics.json"),
