@@ -43,12 +43,13 @@ def main(argv=None):
     from step_ray.data.synthetic import SyntheticConfig, generate_synthetic
     from step_ray.models import EncoderConfig, StyleEncoder
     from step_ray.checkpoints import save_checkpoint
-    from step_ray.train.generator import TrainGeneratorConfig, prepare_generator_inputs
-    from step_ray.train.stage2 import train_stage2
+    from step_ray.pipelines.train_generator import TrainGeneratorConfig
+    from step_ray.data.scan import prepare_paired_splits
+    from step_ray.pipelines.train_generator import train_generator_stage
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_generator_"))
     generate_synthetic(tmp / "data", SyntheticConfig(num_train=args.num_train, num_val=16, image_size=args.image_size))
-    save_checkpoint(tmp / "stage1", {"encoder": StyleEncoder(EncoderConfig())}, {}, {}, {"encoder": {}})
+    save_checkpoint(tmp / "stage1", {"encoder": StyleEncoder(EncoderConfig())}, {}, {}, {"method": "stage1", "run": {}, "recipe": {"encoder": {}}})
     num_downs = {32: 5, 64: 6, 128: 7, 256: 8}[args.image_size]
     ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False, configure_logging=False)
     rows = []
@@ -64,7 +65,7 @@ def main(argv=None):
 
         train = replace(cfg.train, encoder_checkpoint=cfg.encoder_checkpoint, max_epochs=args.epochs)
         started = time.perf_counter()
-        result, _, _ = train_stage2(train, cfg.run, prepare_generator_inputs(cfg.data))
+        result, _, _ = train_generator_stage(train, cfg.run, prepare_paired_splits(cfg.data), "stage2")
         history = json.loads((Path(result.checkpoint.path) / "state.json").read_text())["history"]
         last = history[-1]
         rows.append({"workers": workers, "images_per_s": last["images_per_s"], "epoch_seconds": last["epoch_seconds"],

@@ -43,8 +43,9 @@ def main(argv=None):
     from step_ray.losses import l1_loss
     from step_ray.losses.perceptual import vgg_perceptual_loss
     from step_ray.style.vgg import load_vgg
-    from step_ray.train.generator import (GeneratorTrainConfig, PairStore, build_networks, fit_to_image_size, freeze,
-                                          make_optimizers, train_step)
+    from step_ray.data.store import pair_store
+    from step_ray.recipes.generator import (GeneratorTrainConfig, build_networks, fit_to_image_size, freeze, make_optimizers,
+                                            train_step)
 
     torch.manual_seed(0)
     data = DataConfig(root=args.data, direction="BtoA", image_size=args.image_size)
@@ -53,7 +54,7 @@ def main(argv=None):
     freeze(nets["encoder"])
     opt_g, opt_d = make_optimizers(cfg, nets, None, "cpu")
     vgg = load_vgg(cfg.vgg)
-    store = PairStore(list_split(args.data, "train"), data, 1024, cfg.resolved_load_size(args.image_size))
+    store = pair_store(list_split(args.data, "train"), data, 1024, cfg.resolved_load_size(args.image_size))
     rng = np.random.default_rng(0)
     rows = []
     started = time.perf_counter()

@@ -5,7 +5,7 @@ checkpointing, and (on a GPU) bf16/fp16 autocast.
     python benchmarks/memory.py --device cuda --modes plain checkpointing bf16 bf16+checkpointing fp16   # on a GPU
 
 Each (size, mode, batch) runs in a fresh process, so its peak is its own: the stage-3 step of
-step_ray.train.generator.train_step (one D step and one G+E step: the official U-Net G with z at every
+step_ray.recipes.generator.train_step (one D step and one G+E step: the official U-Net G with z at every
 layer, 64 base channels, 2-scale PatchGAN D, E trained, the VGG-16 perceptual loss on five layers, EMA),
 `--steps` timed steps after one warm-up step. Memory: on CUDA `torch.cuda.max_memory_allocated`; on CPU the
 process's peak resident set (ru_maxrss) and its growth over the resident set after building the networks
@@ -37,9 +37,8 @@ def one(size: int, mode: str, batch: int, steps: int, device: str, threads: int,
     from step_ray.models import DiscriminatorConfig, EncoderConfig, GeneratorConfig
     from step_ray.style.vgg import VGGConfig, load_vgg
     from step_ray.losses.perceptual import OFFICIAL_LAYER_WEIGHTS
-    from step_ray.train.common import MixedPrecision
-    from step_ray.train.generator import (GeneratorTrainConfig, apply_activation_checkpointing, build_networks,
-                                          make_optimizers, train_step)
+    from step_ray.engine.precision import MixedPrecision
+    from step_ray.recipes.generator import GeneratorTrainConfig, apply_activation_checkpointing, build_networks, make_optimizers, train_step
 
     torch.set_num_threads(threads)
     precision = next((p for p in ("bf16", "fp16") if p in mode), "fp32")

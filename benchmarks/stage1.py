@@ -34,17 +34,18 @@ def main() -> None:
     import torch
 
     from step_ray.config import load_config
-    from step_ray.train.pretrain import PretrainConfig, prepare_inputs
-    from step_ray.train.stage1 import train_stage1
+    from step_ray.pipelines.pretrain import PretrainConfig, prepare_inputs
+    from step_ray.engine.loop import train
+    from step_ray.recipes.stage1 import Stage1Recipe
 
     ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
     work = tempfile.mkdtemp(prefix="bench_stage1_")
     base = [
-        f"style.data.synthetic_dir={work}/data",
-        f"style.data.synthetic.num_train={args.num_train}",
-        "style.data.synthetic.num_val=96",
-        f"style.data.synthetic.image_size={args.image_size}",
-        f"style.data.image_size={args.image_size}",
+        f"data.synthetic_dir={work}/data",
+        f"data.synthetic.num_train={args.num_train}",
+        "data.synthetic.num_val=96",
+        f"data.synthetic.image_size={args.image_size}",
+        f"data.image_size={args.image_size}",
         f"cache_dir={work}/cache",
         f"train.max_epochs={args.epochs}",
         f"train.batch_size={args.batch_size}",
@@ -56,7 +57,7 @@ def main() -> None:
         cfg = load_config(PretrainConfig, None, base + [f"run.storage_path={work}/runs", f"run.num_workers={workers}",
                                                         f"run.name=bench-{workers}w"])
         started = time.perf_counter()
-        result, _ = train_stage1(cfg.train, cfg.run, inputs, cfg)
+        result, _ = train(Stage1Recipe(cfg.train, inputs, job=cfg), cfg.run)
         wall = time.perf_counter() - started
         if result.error:
             raise result.error

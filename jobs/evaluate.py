@@ -7,14 +7,10 @@
 Writes metrics.json, table_row.md, transfer.png, interpolation.png, sampling.png (with a mapper) and
 embedding.png to `output` (default <checkpoint>/eval). No Ray needed: evaluation runs in this process.
 """
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from step_ray.config import job_config  # noqa: E402
-from step_ray.eval.evaluate import EvalConfig, evaluate  # noqa: E402
-from step_ray.preflight import PreflightError, check_checkpoint, check_data_root, check_weights, fail_fast  # noqa: E402
+from step_ray.config import job_config
+from step_ray.eval.generator_eval import EvalConfig, evaluate
+from step_ray.preflight import PreflightError, check_checkpoint, check_data_root, check_weights, fail_fast
 
 
 @fail_fast

@@ -5,15 +5,12 @@
     python jobs/pretrain.py --resume                          # continue the newest stage-1 run
     ray job submit --working-dir . -- python jobs/pretrain.py run.storage_path=s3://bucket/step_ray
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from step_ray.cluster import init_ray  # noqa: E402
-from step_ray.config import job_config  # noqa: E402
-from step_ray.preflight import check_data_root, check_resources, check_storage, check_weights, fail_fast  # noqa: E402
-from step_ray.train.pretrain import PretrainConfig, run_pretrain  # noqa: E402
+from step_ray.cluster import init_ray
+from step_ray.config import job_config
+from step_ray.preflight import check_data_root, check_resources, check_storage, check_weights, fail_fast
+from step_ray.pipelines.pretrain import PretrainConfig, run_pretrain
 
 
 @fail_fast
@@ -22,7 +19,7 @@ def main(argv=None):
     argv = ["run.resume=true" if a == "--resume" else a for a in argv]
     cfg = job_config(PretrainConfig, argv, description=__doc__)
     check_storage(cfg.run, "stage1")
-    check_data_root(cfg.style.data.root, "style.data.root")
+    check_data_root(cfg.data.root, "data.root")
     check_weights(vgg=cfg.style.vgg)
     # A cluster address (RAY_ADDRESS, set by `ray job submit`) is joined; otherwise a local instance starts.
     init_ray()

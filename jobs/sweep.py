@@ -11,15 +11,12 @@ ending in the paper's ablation table (results.md / results.csv / results.png in 
 `trial.*` are the TrainGeneratorConfig settings every trial gets (over its variant's preset), e.g.
 trial.stage2_epochs=5 trial.run.num_workers=2 trial.data.root=s3://bucket/facades.
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from step_ray.cluster import init_ray  # noqa: E402
-from step_ray.config import job_config  # noqa: E402
-from step_ray.preflight import fail_fast  # noqa: E402
-from step_ray.train.sweep import SweepConfig, run_sweep  # noqa: E402
+from step_ray.cluster import init_ray
+from step_ray.config import job_config
+from step_ray.preflight import fail_fast
+from step_ray.pipelines.sweep import SweepConfig, run_sweep
 
 
 @fail_fast

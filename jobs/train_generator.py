@@ -11,17 +11,14 @@ baseline/ablation of METHOD §7 with --variant (bicycle_v0..v3, munitp_v1..v3, o
 
 A variant is a preset under the YAML file and the command line (which can change any of its settings).
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from step_ray.cluster import init_ray  # noqa: E402
-from step_ray.config import job_config  # noqa: E402
-from step_ray.preflight import (check_checkpoint, check_data_root, check_resources, check_storage, check_weights,  # noqa: E402
+from step_ray.cluster import init_ray
+from step_ray.config import job_config
+from step_ray.preflight import (check_checkpoint, check_data_root, check_resources, check_storage, check_weights,
                                 fail_fast)
-from step_ray.train.generator import TrainGeneratorConfig, run_train_generator  # noqa: E402
-from step_ray.train.variants import VARIANTS, variant_base  # noqa: E402
+from step_ray.pipelines.train_generator import TrainGeneratorConfig, run_train_generator
+from step_ray.recipes.variants import VARIANTS, variant_base
 
 
 def pop_variant(argv: list[str]) -> tuple[str, list[str]]:
@@ -52,8 +49,8 @@ def main(argv=None):
     if variant and variant not in VARIANTS:
         print(f"config error: unknown variant {variant!r}; known: {', '.join(VARIANTS)}", file=sys.stderr)
         raise SystemExit(2)
-    if variant and VARIANTS[variant].trainer != "generator":
-        print(f"config error: variant {variant} has its own trainer: python jobs/train_{VARIANTS[variant].trainer}.py",
+    if variant and VARIANTS[variant].recipe != "generator":
+        print(f"config error: variant {variant} has its own trainer: python jobs/train_{VARIANTS[variant].recipe}.py",
               file=sys.stderr)
         raise SystemExit(2)
     cfg = job_config(TrainGeneratorConfig, argv, description=__doc__, base=variant_base(variant) if variant else None)

@@ -7,16 +7,13 @@ L_smooth (a smooth encoder), then its evaluation (grids, diversity per domain, u
     python jobs/train_multidomain.py train.weights.uni=0 train.weights.smooth=0   # the ablation without both
     python jobs/train_multidomain.py --resume
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from step_ray.cluster import init_ray  # noqa: E402
-from step_ray.config import job_config  # noqa: E402
-from step_ray.eval.metrics import LPIPSConfig  # noqa: E402
-from step_ray.preflight import check_data_root, check_resources, check_storage, check_weights, fail_fast  # noqa: E402
-from step_ray.train.multidomain import TrainMultiDomainConfig, run_train_multidomain  # noqa: E402
+from step_ray.cluster import init_ray
+from step_ray.config import job_config
+from step_ray.eval.metrics import LPIPSConfig
+from step_ray.preflight import check_data_root, check_resources, check_storage, check_weights, fail_fast
+from step_ray.pipelines.train_multidomain import TrainMultiDomainConfig, run_train_multidomain
 
 
 @fail_fast

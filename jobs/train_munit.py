@@ -7,16 +7,13 @@ true B's style where pairs exist).
     python jobs/train_munit.py train.weights.cyc=10 train.weights.vgg=1   # the optional terms
     python jobs/train_munit.py --resume
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from step_ray.cluster import init_ray  # noqa: E402
-from step_ray.config import job_config  # noqa: E402
-from step_ray.eval.metrics import LPIPSConfig  # noqa: E402
-from step_ray.preflight import check_data_root, check_resources, check_storage, check_weights, fail_fast  # noqa: E402
-from step_ray.train.munit import TrainMUNITConfig, run_train_munit  # noqa: E402
+from step_ray.cluster import init_ray
+from step_ray.config import job_config
+from step_ray.eval.metrics import LPIPSConfig
+from step_ray.preflight import check_data_root, check_resources, check_storage, check_weights, fail_fast
+from step_ray.pipelines.train_munit import TrainMUNITConfig, run_train_munit
 
 
 @fail_fast

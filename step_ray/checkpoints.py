@@ -21,7 +21,9 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -29,11 +31,12 @@ from typing import TYPE_CHECKING, Any, Sequence
 import pyarrow.fs as pafs
 
 if TYPE_CHECKING:  # annotations only: torch is imported by the functions that need it
-    import tempfile
-
     import torch
 
+import yaml
+
 from step_ray import storage
+from step_ray.config import config_from_dict, config_to_dict, config_to_yaml
 
 STATE_FILE = "state.json"
 CONFIG_FILE = "config.yaml"
@@ -105,8 +108,6 @@ def epoch_from_name(name: str) -> int | None:
 def _ranking_of(checkpoint_uri: str) -> tuple[str | None, str | None]:
     """The run's own checkpoint_metric / checkpoint_mode, from the checkpoint's config.yaml."""
     try:
-        import yaml
-
         cfg = yaml.safe_load(storage.read_bytes(storage.join(checkpoint_uri, CONFIG_FILE))) or {}
     except Exception:
         return None, None
@@ -259,8 +260,6 @@ def pull(uri: str, dest: str | os.PathLike, metric: str | None = None, mode: str
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise CheckpointError(f"{target} already holds files (use --overwrite)")
     partial = target.with_name(f".{target.name}.partial{os.getpid()}")
-    import shutil
-
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
@@ -291,12 +290,35 @@ def unwrap(model: "torch.nn.Module") -> "torch.nn.Module":
     return model.module if hasattr(model, "module") else model
 
 
-def save_checkpoint(folder: str | Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
-                    state: dict[str, Any], cfg: Any) -> None:
-    """Write one checkpoint folder: `<name>.pt` per module and optimiser, state.json, config.yaml."""
-    import torch
+def run_record(method: str, recipe: Any, run: Any, job: Any = None) -> dict[str, Any]:
+    """What config.yaml holds, one shape for every method: `method` (stage1, stage2, stage3, joint, munit,
+    multidomain, mapper), `run` (where and how it ran, how its checkpoints are ranked), `recipe` (the
+    method's settings, the loop's included) and, when it came from a job, that job's whole config."""
+    record = {"method": method, "run": config_to_dict(run) if run is not None else {}, "recipe": config_to_dict(recipe)}
+    if job is not None:
+        record["job"] = config_to_dict(job)
+    return record
 
-    from step_ray.config import config_to_yaml
+
+def read_record(checkpoint: str) -> dict[str, Any]:
+    """A checkpoint folder's config.yaml (local or s3://) as a mapping (see `run_record`)."""
+    record = yaml.safe_load(storage.read_bytes(storage.join(checkpoint, CONFIG_FILE))) or {}
+    if not isinstance(record, dict) or "recipe" not in record:
+        raise CheckpointError(f"{redact(checkpoint)}: config.yaml has no 'recipe' section (not a step_ray checkpoint, "
+                              "or one written before the one checkpoint schema)")
+    return record
+
+
+def recipe_section(record: dict[str, Any], key: str, cls: type, where: str = ""):
+    """One typed part of a checkpoint's recipe settings, e.g. ("encoder", EncoderConfig)."""
+    return config_from_dict(cls, record["recipe"].get(key) or {}, where=where or key)
+
+
+def save_checkpoint(folder: str | Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+                    state: dict[str, Any], record: dict[str, Any]) -> None:
+    """Write one checkpoint folder: `<name>.pt` per module and optimiser, state.json, config.yaml (`record`:
+    see `run_record`)."""
+    import torch  # deferred: the checkpoint CLI lists and pulls without loading torch
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -305,7 +327,7 @@ def save_checkpoint(folder: str | Path, modules: dict[str, torch.nn.Module], opt
     for name, opt in optimizers.items():
         torch.save(opt.state_dict(), folder / f"{name}.pt")
     (folder / STATE_FILE).write_text(json.dumps(state, indent=1))
-    (folder / CONFIG_FILE).write_text(config_to_yaml(cfg))
+    (folder / CONFIG_FILE).write_text(config_to_yaml(record))
     write_manifest(folder)
 
 
@@ -353,7 +375,7 @@ def load_checkpoint(folder: str | Path, modules: dict[str, torch.nn.Module], opt
                     map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load tensors (weights only, never arbitrary pickles) into modules/optimisers; return state.json.
     The files are checked against the checkpoint's manifest first."""
-    import torch
+    import torch  # deferred, as in save_checkpoint
 
     folder = Path(folder)
     verify_checkpoint(folder)
@@ -364,17 +386,13 @@ def load_checkpoint(folder: str | Path, modules: dict[str, torch.nn.Module], opt
     return json.loads((folder / STATE_FILE).read_text())
 
 
-def load_saved_modules(checkpoint: str, config_cls: type, build, where: str) -> dict[str, torch.nn.Module]:
-    """Modules of a checkpoint (local or s3://) rebuilt from its own config.yaml: `build(cfg)` makes them,
-    then their weights are loaded (weights only). Returned on the CPU in eval mode."""
-    import yaml
-
-    from step_ray.config import config_from_dict  # with torch: only the loaders need it
-
+def load_saved_modules(checkpoint: str, build) -> dict[str, torch.nn.Module]:
+    """Modules of a checkpoint (local or s3://) rebuilt from its own config.yaml: `build(record)` makes
+    them from the record (see `run_record`), then their weights are loaded (weights only). Returned on
+    the CPU in eval mode."""
     folder, tmp = local_checkpoint_dir(checkpoint)
     try:
-        cfg = config_from_dict(config_cls, yaml.safe_load((Path(folder) / CONFIG_FILE).read_text()) or {}, where=where)
-        modules = build(cfg)
+        modules = build(read_record(folder))
         load_checkpoint(folder, modules, map_location="cpu")
     finally:
         if tmp is not None:
@@ -382,14 +400,12 @@ def load_saved_modules(checkpoint: str, config_cls: type, build, where: str) -> 
     return {k: v.eval() for k, v in modules.items()}
 
 
-def local_checkpoint_dir(uri: str) -> tuple[str, "tempfile.TemporaryDirectory | None"]:
+def local_checkpoint_dir(uri: str) -> tuple[str, tempfile.TemporaryDirectory | None]:
     """A local folder holding the checkpoint at `uri` (downloaded first when it is on S3)."""
     if not storage.is_s3(uri):
         if not Path(uri).is_dir():
             raise FileNotFoundError(f"checkpoint {uri} does not exist")
         return uri, None
-    import tempfile
-
     storage.check_readable(uri, "checkpoint")
     tmp = tempfile.TemporaryDirectory(prefix="step_ray_ckpt_")
     fs, path = storage.resolve(uri)

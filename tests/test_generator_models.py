@@ -9,8 +9,7 @@ from step_ray.models import (DiscriminatorConfig, EncoderConfig, GeneratorConfig
                              StyleMapper, UNetGenerator)
 from step_ray.models.discriminator import MinibatchStdDev
 from step_ray.style.vgg import VGGConfig, load_vgg
-from step_ray.train.generator import (GeneratorTrainConfig, build_networks, ema_decay_at, freeze, lr_factor, make_optimizers,
-                                      train_step, update_ema)
+from step_ray.recipes.generator import GeneratorTrainConfig, build_networks, ema_decay_at, freeze, lr_factor, make_optimizers, train_step, update_ema
 from step_ray.eval.metrics import other_style_rows
 
 TINY_G = GeneratorConfig(num_downs=5, base_channels=8)
@@ -166,7 +165,7 @@ def test_config_rejects_mismatched_nz():
 def test_defaults_fit_the_image_size_and_steps_discriminator():
     """StEP's D (32 filters, 3 scales); G's depth and D's layers resolved for the image side, so the
     default job runs at any side divisible by 4 (the README's 32-px command included)."""
-    from step_ray.train.generator import fit_to_image_size
+    from step_ray.recipes.generator import fit_to_image_size
 
     cfg = GeneratorTrainConfig()
     assert (cfg.discriminator.base_channels, cfg.discriminator.num_scales) == (32, 3)
@@ -190,7 +189,7 @@ def test_random_crop_takes_the_same_window_from_a_and_b(tmp_path):
     from PIL import Image
 
     from step_ray.data.pix2pix import DataConfig
-    from step_ray.train.generator import PairStore
+    from step_ray.data.store import pair_store
 
     rng = np.random.default_rng(0)
     half = rng.integers(0, 256, (36, 36, 3), dtype=np.uint8)
@@ -200,7 +199,7 @@ def test_random_crop_takes_the_same_window_from_a_and_b(tmp_path):
     cfg = GeneratorTrainConfig()
     assert cfg.random_crop and cfg.resolved_load_size(32) == 36 and cfg.resolved_load_size(256) == 286
     assert dataclasses.replace(cfg, random_crop=False).resolved_load_size(32) == 32
-    store = PairStore([str(tmp_path / "train" / "x.png")], data, 16, load_size=36)
+    store = pair_store([str(tmp_path / "train" / "x.png")], data, 16, load_size=36)
     crops = [store.batch([0, 0], np.random.default_rng(seed)) for seed in range(4)]
     assert all(a.shape == (2, 3, 32, 32) and torch.equal(a, b) for a, b in crops)  # one window for A and B
     assert len({tuple(a[0].flatten()[:8].tolist()) for a, _ in crops}) > 1  # the window moves
@@ -211,7 +210,7 @@ def test_random_crop_takes_the_same_window_from_a_and_b(tmp_path):
 def test_reconstruction_falls_back_to_l1_only_without_a_pretrained_vgg(monkeypatch, tmp_path):
     from step_ray import weights
     from step_ray.losses.perceptual import OFFICIAL_SCALE
-    from step_ray.train.generator import resolve_reconstruction
+    from step_ray.recipes.generator import resolve_reconstruction
 
     cfg = GeneratorTrainConfig()
     assert cfg.vgg_scale == pytest.approx(0.1 * 255 * 0.226, rel=1e-3) and cfg.vgg_scale == OFFICIAL_SCALE
@@ -231,8 +230,7 @@ def test_mapper_codes_stream_a_seeded_subset_of_b_images(tmp_path, monkeypatch):
     from PIL import Image
 
     from step_ray.data.pix2pix import DataConfig
-    from step_ray.style import encode as encode_module
-    from step_ray.train import generator as trainer
+    from step_ray.pipelines import train_generator as trainer
 
     (tmp_path / "train").mkdir()
     for i in range(10):  # B's mean colour is the image number
@@ -249,7 +247,7 @@ def test_mapper_codes_stream_a_seeded_subset_of_b_images(tmp_path, monkeypatch):
             seen.append(len(x))
             return x.mean((1, 2, 3))[:, None].repeat(1, 8)
 
-    monkeypatch.setattr(encode_module, "load_encoder", lambda *_: MeanColour())
+    monkeypatch.setattr(trainer, "load_encoder", lambda *_: MeanColour())
     data = DataConfig(root=str(tmp_path), image_size=16)
     codes = trainer.encode_split("unused", data, "train", max_images=4, seed=3, chunk=3)
     again = trainer.encode_split("unused", data, "train", max_images=4, seed=3, chunk=3)
@@ -269,7 +267,7 @@ def test_the_vgg_term_weighs_like_the_gan_term_on_real_batches():
 
     from step_ray.data.pix2pix import DataConfig, load_split, to_tensor
     from step_ray.losses import lsgan_generator_loss
-    from step_ray.train.generator import fit_to_image_size
+    from step_ray.recipes.generator import fit_to_image_size
 
     facades = Path(__file__).resolve().parents[2] / "shared" / "data" / "facades"
     if not facades.is_dir():

@@ -34,7 +34,7 @@ def stage1_checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("stage1") / "checkpoint_epoch0000"
     torch.manual_seed(1)
     enc = StyleEncoder(EncoderConfig(base_channels=8, block_channels=(8, 16)))
-    save_checkpoint(folder, {"encoder": enc}, {}, {"epoch": 1}, {"train": {"encoder": {"base_channels": 8, "block_channels": [8, 16]}}})
+    save_checkpoint(folder, {"encoder": enc}, {}, {"epoch": 1}, {"method": "stage1", "run": {}, "recipe": {"encoder": {"base_channels": 8, "block_channels": [8, 16]}}})
     return str(folder)
 
 
@@ -45,7 +45,7 @@ def _upload(folder: str, uri: str) -> str:
 
 
 def _cfg(root, storage_path, *extra):
-    from step_ray.train.generator import TrainGeneratorConfig
+    from step_ray.pipelines.train_generator import TrainGeneratorConfig
 
     return load_config(TrainGeneratorConfig, None, [f"data.root={root}", f"run.storage_path={storage_path}", *TINY, *extra])
 
@@ -59,18 +59,18 @@ def stage2_run(ray_session, synthetic_root, stage1_checkpoint, s3_server, tmp_pa
     """Stage 2 on S3 (E from an S3 stage-1 checkpoint): one epoch, then --resume to two."""
     import boto3
 
-    from step_ray.train.generator import prepare_generator_inputs
-    from step_ray.train.stage2 import train_stage2
+    from step_ray.data.scan import prepare_paired_splits
+    from step_ray.pipelines.train_generator import train_generator_stage
 
     s3_bucket = "stage2-run"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=s3_bucket)
     enc_uri = _upload(stage1_checkpoint, f"s3://{s3_bucket}/stage1/checkpoint_epoch0000")
     cfg = _cfg(synthetic_root, f"s3://{s3_bucket}/runs", "run.name=r")
-    inputs = prepare_generator_inputs(cfg.data)
+    inputs = prepare_paired_splits(cfg.data)
 
     def train(epochs, resume):  # 3 steps an epoch (a step budget), 2 epochs in all
-        return train_stage2(replace(cfg.train, encoder_checkpoint=enc_uri, max_epochs=epochs, max_steps=3 * epochs),
-                            replace(cfg.run, resume=resume), inputs)
+        return train_generator_stage(replace(cfg.train, encoder_checkpoint=enc_uri, max_epochs=epochs, max_steps=3 * epochs),
+                                     replace(cfg.run, resume=resume), inputs, "stage2")
 
     _, run_uri, resolved = train(1, False)
     assert resolved.encoder.block_channels == (8, 16)  # taken from the stage-1 checkpoint
@@ -107,7 +107,7 @@ def test_stage2_frozen_encoder_from_s3_and_resume(stage2_run, stage1_checkpoint)
 @pytest.fixture(scope="module")
 def job_run(ray_session, synthetic_root, stage2_run, tmp_path_factory):
     """The job from the S3 stage-2 checkpoint: stage 3 (2 DDP workers) -> mapper -> eval."""
-    from step_ray.train.generator import run_train_generator
+    from step_ray.pipelines.train_generator import run_train_generator
 
     tmp = tmp_path_factory.mktemp("generator_job")
     cfg = _cfg(synthetic_root, tmp / "runs", f"stage2_checkpoint={stage2_run[0]}",
@@ -173,7 +173,7 @@ def test_stage3_trained_the_encoder(job_run, stage2_run):
 
 
 def test_evaluate_job_writes_to_s3(job_run, s3_bucket, synthetic_root):
-    from step_ray.eval.evaluate import EvalConfig, evaluate
+    from step_ray.eval.generator_eval import EvalConfig, evaluate
     from step_ray.data.pix2pix import DataConfig
 
     _, out = job_run

@@ -103,7 +103,7 @@ def test_one_image_built_on_this_ray(raycluster, rayjob):
 
 def test_rayjob_entrypoint_is_a_valid_pretrain_command(rayjob):
     from step_ray.config import load_config
-    from step_ray.train.pretrain import PretrainConfig
+    from step_ray.pipelines.pretrain import PretrainConfig
 
     argv = shlex.split(rayjob["spec"]["entrypoint"])
     assert argv[0] == "python"
@@ -112,7 +112,7 @@ def test_rayjob_entrypoint_is_a_valid_pretrain_command(rayjob):
     assert (REPO / script[len(IMAGE_IN_POD) + 1:]).is_file(), script
     cfg = load_config(PretrainConfig, None, argv[2:])  # unknown keys / wrong types would raise
     assert cfg.run.storage_path.startswith("s3://YOUR_BUCKET/step_ray/")
-    assert cfg.style.data.root.startswith("s3://YOUR_BUCKET/step_ray/")
+    assert cfg.data.root.startswith("s3://YOUR_BUCKET/step_ray/")
     yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"])
 
 

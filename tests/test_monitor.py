@@ -8,8 +8,8 @@ import torch
 
 from step_ray import storage
 from step_ray.models import EncoderConfig, GeneratorConfig, StyleEncoder, UNetGenerator
-from step_ray.train.common import MixedPrecision, checkpoint_activations
-from step_ray.train.monitor import RunMonitor
+from step_ray.engine.precision import MixedPrecision, checkpoint_activations
+from step_ray.engine.monitor import RunMonitor
 
 
 def _read_events(folder):
@@ -94,7 +94,7 @@ def test_activation_checkpointing_matches_the_plain_path():
 
 
 def test_generator_step_with_checkpointing_equals_plain():
-    from step_ray.train.generator import GeneratorTrainConfig, apply_activation_checkpointing, build_networks, make_optimizers, train_step
+    from step_ray.recipes.generator import GeneratorTrainConfig, apply_activation_checkpointing, build_networks, make_optimizers, train_step
     from step_ray.models import DiscriminatorConfig
 
     cfg = GeneratorTrainConfig(encoder=EncoderConfig(base_channels=8, block_channels=(8, 16)),
@@ -120,7 +120,7 @@ def test_vgg_segment_recompute_matches_and_discriminator_bodies_are_wrapped():
     from step_ray.losses import vgg_perceptual_loss
     from step_ray.models import DiscriminatorConfig
     from step_ray.style.vgg import VGGConfig, load_vgg
-    from step_ray.train.generator import GeneratorTrainConfig, apply_activation_checkpointing, build_networks
+    from step_ray.recipes.generator import GeneratorTrainConfig, apply_activation_checkpointing, build_networks
 
     vgg = load_vgg(VGGConfig(layers=("conv1_2", "conv2_2", "conv3_2"), layer_weights=(1.0, 1.0, 1.0)))
     real = torch.rand(2, 3, 32, 32) * 2 - 1

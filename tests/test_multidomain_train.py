@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from step_ray.config import load_config
 from step_ray.losses.multidomain import MultiDomainLossWeights
 from step_ray.models.multidomain import MultiDomainConfig, build_multidomain
-from step_ray.train.multidomain import MultiDomainTrainConfig, make_optimizers, multidomain_step
+from step_ray.recipes.multidomain import MultiDomainTrainConfig, make_optimizers, multidomain_step
 
 TINY_MODEL = MultiDomainConfig(num_domains=3, style_dim=8, dim=8, max_dim=32, n_down=2, n_bottleneck=1, encoder_down=3,
                                flow_hidden=(16, 16), style_disc_hidden=(16,))
@@ -64,7 +65,7 @@ def test_a_few_steps_lower_the_reconstruction_terms():
 
 
 def test_a_nan_loss_skips_the_update_or_flags_a_rollback():
-    from step_ray.train.guard import NonFiniteConfig, NonFiniteGuard
+    from step_ray.engine.guard import NonFiniteConfig, NonFiniteGuard
 
     for action in ("skip", "rollback"):
         torch.manual_seed(0)
@@ -91,7 +92,8 @@ def test_unification_accuracy_reads_chance_and_separation():
 
 
 def test_multidomain_job_trains_resumes_and_evaluates(ray_session, synthetic_root, tmp_path):
-    from step_ray.train.multidomain import TrainMultiDomainConfig, load_multidomain, run_train_multidomain
+    from step_ray.pipelines.train_multidomain import TrainMultiDomainConfig, run_train_multidomain
+    from step_ray.eval.multidomain_eval import load_multidomain
 
     # data.root: the shared fixture is read as it is, never regenerated with other settings
     overrides = [f"data.root={synthetic_root}", "data.image_size=32", f"run.storage_path={tmp_path / 'runs'}",
@@ -121,3 +123,11 @@ def test_multidomain_job_trains_resumes_and_evaluates(ray_session, synthetic_roo
     assert nets["flow"](torch.zeros(2, 8), torch.tensor([0, 3])).shape == (2, 8)
     samples = Path(out["multidomain"]).parent / "samples"
     assert (samples / "multidomain_epoch0001.png").is_file(), (out["multidomain"], sorted(p.name for p in Path(out["multidomain"]).parent.rglob("*")))
+    # one checkpoint schema: the checkpoint CLI ranks this run by its own metric (val_style_gap, lower is better)
+    from step_ray import checkpoints
+
+    record = yaml.safe_load((Path(out["multidomain"]) / "config.yaml").read_text())
+    assert record["method"] == "multidomain" and record["run"]["checkpoint_metric"] == "val_style_gap"
+    assert record["recipe"]["model"]["style_dim"] == 8 and record["job"]["data"]["image_size"] == 32
+    gaps = {f"checkpoint_epoch{h['epoch']:04d}": h["val_style_gap"] for h in state["history"]}
+    assert checkpoints.best_checkpoint(out["multidomain_run"]).name == min(gaps, key=gaps.get)

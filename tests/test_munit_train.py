@@ -10,7 +10,7 @@ import torch
 from step_ray.config import load_config
 from step_ray.losses.munit import MUNITLossWeights
 from step_ray.models.munit import MUNITConfig, munit_discriminator_config
-from step_ray.train.munit import MUNITTrainConfig, build_munit, make_munit_optimizers, munit_step
+from step_ray.recipes.munit import MUNITTrainConfig, build_munit, make_munit_optimizers, munit_step
 
 TINY = MUNITTrainConfig(model=MUNITConfig(dim=8, mlp_dim=16, n_res=1, style_dim=4),
                         discriminator=munit_discriminator_config(base_channels=8, n_layers=1, num_scales=2))
@@ -54,7 +54,7 @@ def test_training_lowers_reconstruction():
 
 
 def test_a_nan_loss_skips_the_update_or_flags_a_rollback():
-    from step_ray.train.guard import NonFiniteConfig, NonFiniteGuard
+    from step_ray.engine.guard import NonFiniteConfig, NonFiniteGuard
 
     x_a, x_b = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
     for action in ("skip", "rollback"):
@@ -73,7 +73,8 @@ def test_a_nan_loss_skips_the_update_or_flags_a_rollback():
 
 
 def test_munit_job_trains_resumes_and_evaluates(ray_session, synthetic_root, tmp_path):
-    from step_ray.train.munit import TrainMUNITConfig, load_munit, run_train_munit
+    from step_ray.pipelines.train_munit import TrainMUNITConfig, run_train_munit
+    from step_ray.eval.munit_eval import load_munit
 
     overrides = [f"data.root={synthetic_root}", "data.image_size=32", f"run.storage_path={tmp_path / 'runs'}", "run.name=m",
                  "run.max_failures=0", "train.model.dim=8", "train.model.mlp_dim=16", "train.model.n_res=1",

@@ -9,10 +9,10 @@ import torch
 from step_ray import storage
 from step_ray.config import load_config
 from step_ray.style.encode import encode, load_encoder
-from step_ray.train.pretrain import PretrainConfig, run_pretrain
+from step_ray.pipelines.pretrain import PretrainConfig, run_pretrain
 
 TINY = [
-    "style.data.image_size=32",
+    "data.image_size=32",
     "style.reduction.dim=16",
     "mining.k_far=40",
     "style.num_actors=1",
@@ -28,7 +28,7 @@ TINY = [
 
 
 def _cfg(root, cache, *extra):
-    return load_config(PretrainConfig, None, [f"style.data.root={root}", f"cache_dir={cache}", *TINY, *extra])
+    return load_config(PretrainConfig, None, [f"data.root={root}", f"cache_dir={cache}", *TINY, *extra])
 
 
 def _weights(checkpoint: str) -> dict:

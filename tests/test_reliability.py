@@ -22,13 +22,13 @@ import torch
 from faults import S3Outage, WhenReady, kill_one_train_worker
 from step_ray import checkpoints, storage
 from step_ray.config import load_config
-from step_ray.train.guard import NonFiniteConfig
+from step_ray.engine.guard import NonFiniteConfig
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 12  # 96 synthetic training images (anchors), batch 8, one worker
 
 TINY1 = [
-    "style.data.image_size=32", "style.reduction.dim=16", "mining.k_far=40", "style.num_actors=1",
+    "data.image_size=32", "style.reduction.dim=16", "mining.k_far=40", "style.num_actors=1",
     "style.batch_size=32", "train.encoder.base_channels=16", "train.encoder.block_channels=[16, 32]",
     "train.batch_size=8", "train.knn_reference=96", "train.val_triplets=300", "train.monitor.enabled=false",
     "run.keep_checkpoints=10",
@@ -66,19 +66,20 @@ def _assert_whole_history(state: dict, epochs: int, steps_per_epoch: int = STEPS
 @pytest.fixture(scope="module")
 def stage1(ray_session, synthetic_root, stage1_cache):
     """Stage 1's config and inputs (style statistics and triplets: the session's, computed once)."""
-    from step_ray.train.pretrain import PretrainConfig, prepare_inputs
+    from step_ray.pipelines.pretrain import PretrainConfig, prepare_inputs
 
-    cfg = load_config(PretrainConfig, None, [f"style.data.root={synthetic_root}", f"cache_dir={stage1_cache}", *TINY1])
+    cfg = load_config(PretrainConfig, None, [f"data.root={synthetic_root}", f"cache_dir={stage1_cache}", *TINY1])
     inputs, _ = prepare_inputs(cfg)
     return cfg, inputs, stage1_cache
 
 
 def _train1(stage1, storage_path, name, epochs, max_failures=0, run_settings=None, **train):
-    from step_ray.train.stage1 import train_stage1
+    from step_ray.engine.loop import train as train_recipe
+    from step_ray.recipes.stage1 import Stage1Recipe
 
     cfg, inputs, _ = stage1
     run = replace(cfg.run, storage_path=str(storage_path), name=name, max_failures=max_failures, **(run_settings or {}))
-    return train_stage1(replace(cfg.train, max_epochs=epochs, **train), run, inputs, cfg)
+    return train_recipe(Stage1Recipe(replace(cfg.train, max_epochs=epochs, **train), inputs, job=cfg), run)
 
 
 def _registered(run_folder: Path, name: str) -> bool:
@@ -185,11 +186,11 @@ def _kill_job_when(proc: subprocess.Popen, ready) -> WhenReady:
 def test_stage1_job_killed_then_resumed(stage1, ray_session, tmp_path):
     """`jobs/pretrain.py` loses its driver mid-run; `--resume` continues from the last checkpoint. The
     resumed run then meets a NaN loss and rolls back (nonfinite.action=rollback)."""
-    from step_ray.train.pretrain import run_pretrain
+    from step_ray.pipelines.pretrain import run_pretrain
 
     cfg, _, tmp = stage1
     rollback_at = 4 * STEPS_PER_EPOCH + 3  # a NaN in epoch 4, after the resume: rolled back to epoch 3's end
-    args = [f"style.data.root={cfg.style.data.root}", f"cache_dir={tmp}", *TINY1,
+    args = [f"data.root={cfg.data.root}", f"cache_dir={tmp}", *TINY1,
             f"run.storage_path={tmp_path}", "run.name=job", "train.max_epochs=5",
             "train.nonfinite.action=rollback", f"train.nonfinite.inject_at_steps=[{rollback_at}]"]
     log = open(tmp_path / "job.log", "w")
@@ -215,25 +216,26 @@ def test_stage1_job_killed_then_resumed(stage1, ray_session, tmp_path):
 def stage2(ray_session, synthetic_root, tmp_path_factory):
     from step_ray.models import EncoderConfig, StyleEncoder
     from step_ray.checkpoints import save_checkpoint
-    from step_ray.train.generator import TrainGeneratorConfig, prepare_generator_inputs
+    from step_ray.pipelines.train_generator import TrainGeneratorConfig
+    from step_ray.data.scan import prepare_paired_splits
 
     tmp = tmp_path_factory.mktemp("reliability2")
     encoder = tmp / "stage1" / "checkpoint_epoch0000"
     torch.manual_seed(1)
     save_checkpoint(encoder, {"encoder": StyleEncoder(EncoderConfig(base_channels=8, block_channels=(8, 16)))}, {},
-                    {"epoch": 1}, {"train": {"encoder": {"base_channels": 8, "block_channels": [8, 16]}}})
+                    {"epoch": 1}, {"method": "stage1", "run": {}, "recipe": {"encoder": {"base_channels": 8, "block_channels": [8, 16]}}})
     args = [f"data.root={synthetic_root}", f"encoder_checkpoint={encoder}", *TINY2]
     cfg = load_config(TrainGeneratorConfig, None, args)
-    return cfg, prepare_generator_inputs(cfg.data), args
+    return cfg, prepare_paired_splits(cfg.data), args
 
 
 def _train2(stage2, storage_path, name, epochs, max_failures=0, inputs=None, **train):
-    from step_ray.train.stage2 import train_stage2
+    from step_ray.pipelines.train_generator import train_generator_stage
 
     cfg, default_inputs, _ = stage2
     run = replace(cfg.run, storage_path=str(storage_path), name=name, max_failures=max_failures)
-    result, run_uri, _ = train_stage2(replace(cfg.train, encoder_checkpoint=cfg.encoder_checkpoint, max_epochs=epochs, **train),
-                                      run, inputs or default_inputs)
+    result, run_uri, _ = train_generator_stage(replace(cfg.train, encoder_checkpoint=cfg.encoder_checkpoint, max_epochs=epochs, **train),
+                                               run, inputs or default_inputs, "stage2")
     return result, run_uri
 
 
@@ -251,7 +253,7 @@ def test_stage2_worker_killed_restarts_from_last_checkpoint(stage2, tmp_path):
 
 
 def test_stage2_job_killed_then_resumed(stage2, ray_session, tmp_path):
-    from step_ray.train.generator import TrainGeneratorConfig, run_train_generator
+    from step_ray.pipelines.train_generator import TrainGeneratorConfig, run_train_generator
 
     _, _, base = stage2
     args = [*base, f"run.storage_path={tmp_path}", "run.name=job", "stage2_epochs=4", "stage3_epochs=0",
@@ -295,9 +297,9 @@ def _salted(synthetic_root: Path, dest: Path) -> dict[str, str]:
 
 def test_bad_files_reported_and_every_good_file_used_once_per_epoch(stage1, stage2, synthetic_root, tmp_path, capsys):
     from step_ray.mining import TripletSampler
-    from step_ray.train.common import epoch_batches
-    from step_ray.train.generator import prepare_generator_inputs
-    from step_ray.train.pretrain import PretrainConfig, prepare_inputs
+    from step_ray.engine.loop import epoch_batches
+    from step_ray.data.scan import prepare_paired_splits
+    from step_ray.pipelines.pretrain import PretrainConfig, prepare_inputs
 
     root = tmp_path / "salted"
     expected = _salted(synthetic_root, root)
@@ -306,7 +308,7 @@ def test_bad_files_reported_and_every_good_file_used_once_per_epoch(stage1, stag
 
     # stages 2/3 (and MUNIT): the driver's scan
     cfg2 = stage2[0]
-    inputs = prepare_generator_inputs(replace(cfg2.data, root=str(root)))
+    inputs = prepare_paired_splits(replace(cfg2.data, root=str(root)))
     assert sorted(Path(p).name for p in inputs.train_paths) == sorted(Path(p).name for p in good)
     reasons = {Path(p).name: r for p, r in inputs.bad_files}
     assert set(reasons) == set(expected) and all(expected[n] in reasons[n] for n in expected), reasons
@@ -321,7 +323,7 @@ def test_bad_files_reported_and_every_good_file_used_once_per_epoch(stage1, stag
     assert _state(result.checkpoint.path)["step"] == int(np.ceil(len(good) / 8))
 
     # stage 1: the style-statistics pipeline's report, and the triplet sampler's anchors
-    cfg1 = load_config(PretrainConfig, None, [f"style.data.root={root}", f"cache_dir={tmp_path / 'cache'}", *TINY1])
+    cfg1 = load_config(PretrainConfig, None, [f"data.root={root}", f"cache_dir={tmp_path / 'cache'}", *TINY1])
     inputs1, steps = prepare_inputs(cfg1)
     assert sorted(Path(p).name for p in inputs1.train_paths) == sorted(Path(p).name for p in good)
     from step_ray.style.pipeline import read_errors

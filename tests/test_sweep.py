@@ -35,7 +35,7 @@ def stage1_checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sweep_stage1") / "checkpoint_epoch0000"
     torch.manual_seed(1)
     enc = StyleEncoder(EncoderConfig(base_channels=8, block_channels=(8, 16)))
-    save_checkpoint(folder, {"encoder": enc}, {}, {"epoch": 1}, {"train": {"encoder": {"base_channels": 8, "block_channels": [8, 16]}}})
+    save_checkpoint(folder, {"encoder": enc}, {}, {"epoch": 1}, {"method": "stage1", "run": {}, "recipe": {"encoder": {"base_channels": 8, "block_channels": [8, 16]}}})
     return str(folder)
 
 
@@ -52,7 +52,7 @@ def _trial_folders(experiment: Path) -> dict[str, dict]:
 
 def test_sweep_interrupted_resumed_and_tabled(ray_session, synthetic_root, stage1_checkpoint, tmp_path):
     from step_ray.config import load_config
-    from step_ray.train.sweep import SweepConfig, run_sweep
+    from step_ray.pipelines.sweep import SweepConfig, run_sweep
 
     storage_path = tmp_path / "sweeps"
     settings = {"name": "abl", "storage_path": str(storage_path), "variants": ["bicycle_v2", "ours_v4"], "seeds": [0],
@@ -131,8 +131,8 @@ def test_sweep_interrupted_resumed_and_tabled(ray_session, synthetic_root, stage
 
 def test_munit_is_a_sweep_variant_with_its_own_config(tmp_path):
     from step_ray.config import ConfigError
-    from step_ray.train.munit import TrainMUNITConfig
-    from step_ray.train.sweep import SweepConfig, check_sweep, trial_config
+    from step_ray.pipelines.train_munit import TrainMUNITConfig
+    from step_ray.pipelines.sweep import SweepConfig, check_sweep, trial_config
 
     sweep = SweepConfig(variants=("munit", "bicycle_v2"), trial={"data": {"image_size": 32}, "stage2_epochs": 1},
                         munit_trial={"train": {"max_epochs": 3, "discriminator": {"n_layers": 1, "num_scales": 2}}})
@@ -146,9 +146,9 @@ def test_munit_is_a_sweep_variant_with_its_own_config(tmp_path):
 
 
 def test_multidomain_variants_in_a_sweep():
-    from step_ray.train.multidomain import TrainMultiDomainConfig
-    from step_ray.train.sweep import SweepConfig, check_sweep, trial_config
-    from step_ray.train.variants import components
+    from step_ray.pipelines.train_multidomain import TrainMultiDomainConfig
+    from step_ray.pipelines.sweep import SweepConfig, check_sweep, trial_config
+    from step_ray.recipes.variants import components
 
     sweep = SweepConfig(variants=("multidomain", "multidomain_plain"), trial={"data": {"image_size": 32}},
                         multidomain_trial={"train": {"max_epochs": 2}})
@@ -164,7 +164,7 @@ def test_search_space_is_read_checked_and_mapped(tmp_path):
     from ray import tune
 
     from step_ray.config import ConfigError
-    from step_ray.train.sweep import read_search_space, representative_values, tune_domains
+    from step_ray.pipelines.sweep import read_search_space, representative_values, tune_domains
 
     space = read_search_space(str(REPO / "configs" / "sweeps" / "loss_weights.yaml"))
     assert set(space) == {"train.lambda_vgg", "train.lambda_gan", "train.lambda_z_l2"}
@@ -183,7 +183,7 @@ def test_asha_and_concurrency_settings(ray_session, tmp_path):
     from ray.tune.schedulers import ASHAScheduler
 
     from step_ray.config import ConfigError
-    from step_ray.train.sweep import SweepConfig, _tuner, check_sweep, default_concurrency
+    from step_ray.pipelines.sweep import SweepConfig, _tuner, check_sweep, default_concurrency
 
     sweep = SweepConfig(name="a", storage_path=str(tmp_path), variants=("bicycle_v2",), seeds=(0, 1), asha=True,
                         search_space=str(REPO / "configs" / "sweeps" / "loss_weights.yaml"),
@@ -200,7 +200,7 @@ def test_asha_and_concurrency_settings(ray_session, tmp_path):
 
 def test_relative_paths_become_absolute_for_the_trials(tmp_path, monkeypatch):
     """Tune runs a trial in its own working directory: a relative path given to the sweep must not reach it."""
-    from step_ray.train.sweep import SweepConfig, absolute_paths
+    from step_ray.pipelines.sweep import SweepConfig, absolute_paths
 
     monkeypatch.chdir(tmp_path)
     sweep = absolute_paths(SweepConfig(storage_path="runs/sweeps", trial={"encoder_checkpoint": "runs/s1/ckpt",

@@ -125,9 +125,9 @@ def test_load_split_and_scan_use_links_under_their_own_names(user_dataset):
     assert {Path(p).stem for p in scanned.good} == IMAGES and not scanned.errors
     assert set(_names(scanned.not_read)) == set(NOT_READ)
 
-    from step_ray.train.generator import prepare_generator_inputs
+    from step_ray.data.scan import prepare_paired_splits
 
-    inputs = prepare_generator_inputs(data)
+    inputs = prepare_paired_splits(data)
     assert set(_names(inputs.bad_files)) == set(NOT_READ)
     assert {Path(p).stem for p in inputs.train_paths} == IMAGES
 

@@ -6,9 +6,9 @@ import torch
 
 from step_ray.config import load_config
 from step_ray.style.vgg import load_vgg
-from step_ray.train.generator import (D_TERMS, G_TERMS, TrainGeneratorConfig, build_networks, freeze, make_optimizers,
-                                      train_step)
-from step_ray.train.variants import VARIANTS, components, variant_base
+from step_ray.recipes.generator import D_TERMS, G_TERMS, build_networks, freeze, make_optimizers, train_step
+from step_ray.pipelines.train_generator import TrainGeneratorConfig
+from step_ray.recipes.variants import VARIANTS, components, variant_base
 
 TINY = [
     "train.generator.num_downs=5", "train.generator.base_channels=8",
@@ -37,7 +37,7 @@ VAE = {"bicycle_v0", "bicycle_v1", "munitp_v1"}
 
 
 def test_the_variant_list_is_the_papers():
-    from step_ray.train.variants import GENERATOR_VARIANTS
+    from step_ray.recipes.variants import GENERATOR_VARIANTS
 
     assert set(GENERATOR_VARIANTS) == set(EXPECTED_G) and set(VARIANTS) == set(EXPECTED_G) | {"munit", "multidomain", "multidomain_plain"}
 
@@ -80,7 +80,7 @@ def test_latent_term_trains_g_not_e():
     """cLR-GAN's |E(G(A, z_r)) − z_r| reaches G through E's input but leaves E's weights alone (BicycleGAN)."""
     import dataclasses
 
-    from step_ray.train.generator import generator_loss
+    from step_ray.recipes.generator import generator_loss
 
     cfg = dataclasses.replace(_cfg("bicycle_v2"), lambda_gan=0.0, lambda_gan_random=0.0, lambda_vgg=0.0, lambda_l1=1.0)
     torch.manual_seed(0)
@@ -98,7 +98,7 @@ def test_latent_term_trains_g_not_e():
 
 def test_cycle_pairs_each_image_with_its_own_recovered_code():
     """With an identity-like G and E the cross cycle rebuilds B exactly: the roll directions are right."""
-    from step_ray.train.generator import generator_loss
+    from step_ray.recipes.generator import generator_loss
 
     class CodeIsImage(torch.nn.Module):  # E(x) = mean colour; G(a, z) = a plane of that colour
         def forward(self, x, with_logvar=False):
@@ -143,7 +143,7 @@ def _free_port():
 def _average_worker(rank, port, out):
     import torch.distributed as dist
 
-    from step_ray.train.common import average_gradients, broadcast_parameters
+    from step_ray.engine.distributed import average_gradients, broadcast_parameters
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     torch.manual_seed(rank)  # different initial weights on each rank

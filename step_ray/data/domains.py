@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from PIL import Image
 
 from step_ray import storage
-from step_ray.data.pix2pix import (BadImageError, DataConfig, DatasetError, image_id, list_split, load_pair, resize,
-                                   to_tensor)
-
-if TYPE_CHECKING:
-    import torch
-from step_ray.data.synthetic import MANIFEST, SyntheticConfig
+from step_ray.data.pix2pix import BadImageError, DataConfig, DatasetError, image_id, list_split, load_pair, resize
+from step_ray.data.synthetic import MANIFEST, TEXTURES, SyntheticConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -53,8 +51,6 @@ class DomainImages:
 
 
 def _synthetic(cfg: DomainDataConfig, split: str) -> DomainImages:
-    from step_ray.data.synthetic import TEXTURES
-
     # an existing synthetic set given as root is read as it is (never regenerated with other settings)
     root = cfg.root or DataConfig(root="", synthetic_dir=cfg.synthetic_dir, synthetic=cfg.synthetic,
                                   image_size=cfg.image_size).prepare()
@@ -69,8 +65,6 @@ def _synthetic(cfg: DomainDataConfig, split: str) -> DomainImages:
 
 
 def _folders(cfg: DomainDataConfig, split: str) -> DomainImages:
-    import pyarrow.fs as pafs
-
     fs, base = storage.resolve(storage.join(cfg.root, split))
     infos = fs.get_file_info(pafs.FileSelector(base, recursive=False, allow_not_found=True))
     names = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
@@ -96,8 +90,6 @@ def load_domain_image(path: str, kind: str, size: int, min_side: int = 16) -> np
     """One image as uint8 HWC RGB at size × size (BadImageError saying why not)."""
     if kind == "pix2pix_b":
         return load_pair(path, "AtoB", size, min_side)[1]
-    from PIL import Image
-
     data = storage.read_bytes(path)
     if not data:
         raise BadImageError(path, "empty file (0 bytes)")
@@ -110,28 +102,3 @@ def load_domain_image(path: str, kind: str, size: int, min_side: int = 16) -> np
     if min(rgb.shape[:2]) < min_side:
         raise BadImageError(path, f"too small ({rgb.shape[1]}x{rgb.shape[0]} < {min_side})")
     return resize(rgb, size)
-
-
-class DomainStore:
-    """Images of one split by row (cached while they fit), and rows of a given domain for references."""
-
-    def __init__(self, images: DomainImages, cfg: DomainDataConfig, budget_mb: int):
-        self.images, self.cfg = images, cfg
-        self.capacity = max(1, int(budget_mb * 2**20 // (cfg.image_size**2 * 3)))
-        self.cache: dict[int, np.ndarray] = {}
-        self.by_domain = [images.rows_of(d) for d in range(len(images.names))]
-
-    def get(self, i: int) -> np.ndarray:
-        img = self.cache.get(i)
-        if img is None:
-            img = load_domain_image(self.images.paths[i], self.images.kind, self.cfg.image_size, self.cfg.min_side)
-            if len(self.cache) < self.capacity:
-                self.cache[i] = img
-        return img
-
-    def batch(self, rows) -> torch.Tensor:
-        return to_tensor(np.stack([self.get(int(i)) for i in rows]))
-
-    def references(self, domains: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """For each wanted domain, a random row of that domain."""
-        return np.array([rng.choice(self.by_domain[d]) for d in domains], np.int64)

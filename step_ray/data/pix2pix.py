@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from step_ray import storage
-from step_ray.data.synthetic import MANIFEST, SyntheticConfig
+from step_ray.data.synthetic import MANIFEST, SyntheticConfig, generate_synthetic
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 PALETTE_MAX = 64  # an A half with at most this many colours is a label/edge map: resized by nearest neighbour
@@ -79,8 +79,6 @@ class DataConfig:
     def prepare(self) -> str:
         """The dataset root, generating the synthetic set first when `root` is empty."""
         if not self.root:
-            from step_ray.data.synthetic import generate_synthetic
-
             generate_synthetic(self.synthetic_dir, self.synthetic)
             return self.synthetic_dir
         storage.check_readable(self.root, "dataset root")
@@ -254,6 +252,11 @@ class SplitImages:
     b: np.ndarray
     style_ids: np.ndarray
     errors: list[tuple[str, str]]
+
+
+def load_target(uri: str, direction: str = "AtoB", size: int | None = None, min_side: int = 16):
+    """The target half B of one file (what stage 1 and the style statistics read)."""
+    return load_pair(uri, direction, size, min_side)[1]
 
 
 def load_split(cfg: DataConfig, split: str, root: str | None = None, limit: int | None = None) -> SplitImages:

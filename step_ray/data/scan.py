@@ -9,9 +9,13 @@ converted to RGB like any other mode.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
-from step_ray.data.pix2pix import BadImageError, DataConfig, DatasetError, load_pair, scan_folder
+import numpy as np
+
+from step_ray.data.pix2pix import (BadImageError, DataConfig, DatasetError, image_id, load_pair, read_style_ids,
+                                   scan_folder)
 
 CHUNK = 64  # files per thread task
 THREADS = 8
@@ -77,3 +81,27 @@ def scan_split(uris: list[str], data: DataConfig, what: str = "split",
         raise DatasetError(f"{what}: none of the {len(uris)} files is a usable image")
     result.report(what)
     return result
+
+
+@dataclass
+class PairedSplits:
+    """A paired set's usable train and validation files (scanned once), the data config with its root
+    resolved, and the val images' style ids (-1 unknown): what every paired recipe's workers read."""
+
+    data: DataConfig
+    train_paths: list[str]
+    val_paths: list[str]
+    val_style_ids: np.ndarray
+    bad_files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), left out of both splits
+
+
+def prepare_paired_splits(data: DataConfig, val_split: str = "val") -> PairedSplits:
+    """The splits' usable files: every file is decoded once here, bad ones are reported and left out."""
+    root = data.prepare()
+    data = dataclasses.replace(data, root=root)
+    styles = read_style_ids(root)
+    train = scan_dataset_split(root, "train", data)
+    val = scan_dataset_split(root, val_split, data)
+    return PairedSplits(data=data, train_paths=train.good, val_paths=val.good,
+                        val_style_ids=np.array([styles.get(image_id(p), -1) for p in val.good], np.int64),
+                        bad_files=train.left_out + val.left_out)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import colorsys
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
+
+from step_ray.config import load_config
 
 TEXTURES = ("stripes", "checks", "dots", "blotches")
 MANIFEST = "manifest.parquet"
@@ -191,10 +194,6 @@ def generate_synthetic(out_dir: str | Path, cfg: SyntheticConfig = SyntheticConf
 
 def main(argv=None) -> None:
     """`python -m step_ray.data.synthetic OUT_DIR [num_styles=8 num_train=800 ...]`"""
-    import sys
-
-    from step_ray.config import load_config
-
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:
         raise SystemExit("usage: python -m step_ray.data.synthetic OUT_DIR [key=value ...]")

@@ -122,3 +122,12 @@ def diversity(model, outputs: torch.Tensor) -> float:
     if outputs.dim() != 5 or outputs.shape[1] < 2:
         raise ValueError(f"diversity needs outputs [N, S>=2, C, H, W], got {tuple(outputs.shape)}")
     return float(torch.stack([pairwise_lpips(model, o) for o in outputs]).mean())
+
+
+def diverse_rows(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """References for the transfer grid: one per style id first (synthetic), then spread over the split."""
+    if (labels >= 0).all():
+        firsts = [int(np.flatnonzero(labels == s)[0]) for s in np.unique(labels)]
+        rest = [i for i in range(len(labels)) if i not in firsts]
+        return np.array((firsts + rest)[:count])
+    return np.linspace(0, len(labels) - 1, count).astype(int)

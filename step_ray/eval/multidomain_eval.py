@@ -18,6 +18,13 @@ import numpy as np
 import torch
 
 from step_ray import storage
+from step_ray.checkpoints import load_saved_modules, recipe_section
+from step_ray.data.domains import list_domain_split
+from step_ray.data.store import domain_store
+from step_ray.eval.embedding import image_grid, save_png
+from step_ray.eval.metrics import LPIPSConfig, diversity, load_lpips, lpips_distance
+from step_ray.eval.pictures import to_uint8
+from step_ray.models.multidomain import MultiDomainConfig, build_multidomain
 
 
 def _style_dim(nets) -> int:
@@ -27,9 +34,6 @@ def _style_dim(nets) -> int:
 @torch.no_grad()
 def latent_grid(nets: dict, x: torch.Tensor, num_domains: int, samples: int, seed: int = 0) -> np.ndarray:
     """Row i: input i, then for each domain `samples` outputs G(x_i, f(z_k; θ_u)) (the same z_k for every row)."""
-    from step_ray.eval.embedding import image_grid
-    from step_ray.eval.pictures import to_uint8
-
     device = next(nets["generator"].parameters()).device
     x = x.to(device)
     z = torch.randn(samples, _style_dim(nets), generator=torch.Generator().manual_seed(seed)).to(device)
@@ -46,9 +50,6 @@ def latent_grid(nets: dict, x: torch.Tensor, num_domains: int, samples: int, see
 @torch.no_grad()
 def reference_grid(nets: dict, x: torch.Tensor, refs: torch.Tensor, ref_domains: torch.Tensor) -> np.ndarray:
     """Top row: blank, the references; row i: input i, then G(x_i, E_u(ref_j)) with u the reference's domain."""
-    from step_ray.eval.embedding import image_grid
-    from step_ray.eval.pictures import to_uint8
-
     device = next(nets["generator"].parameters()).device
     x, refs, ref_domains = x.to(device), refs.to(device), ref_domains.to(device)
     s = nets["style_encoder"](refs, ref_domains)
@@ -90,8 +91,6 @@ def unification_accuracy(latent: torch.Tensor, reference: torch.Tensor, domains:
 @torch.no_grad()
 def interpolation_smoothness(lp, nets: dict, x: torch.Tensor, s0: torch.Tensor, s1: torch.Tensor, steps: int = 8) -> dict[str, float]:
     """LPIPS between consecutive frames G(x, (1−t) s0 + t s1): mean and variance over all frames and inputs."""
-    from step_ray.eval.metrics import lpips_distance
-
     device = next(nets["generator"].parameters()).device
     ts = torch.linspace(0, 1, steps, device=device)
     frames = [nets["generator"](x.to(device), (1 - t) * s0.to(device) + t * s1.to(device)).cpu() for t in ts]
@@ -104,15 +103,10 @@ def interpolation_smoothness(lp, nets: dict, x: torch.Tensor, s0: torch.Tensor, 
 def evaluate_multidomain(nets: dict, data, split: str, output: str, num_inputs: int = 32, num_styles: int = 8,
                          seed: int = 0, lpips_cfg=None) -> dict[str, Any]:
     """All of the above on a split; writes metrics.json, latent_guided.png, reference_guided.png under `output`."""
-    from step_ray.data.domains import list_domain_split
-    from step_ray.eval.embedding import save_png
-    from step_ray.eval.metrics import LPIPSConfig, diversity, load_lpips
-    from step_ray.data.domains import DomainStore
-
     started = time.perf_counter()
     storage.check_writable(output, "eval output")
     images = list_domain_split(data, split)
-    store = DomainStore(images, data, 0)
+    store = domain_store(images, data, 0)
     rng = np.random.default_rng(seed)
     rows = rng.permutation(len(images.paths))
     x_all, y_all = store.batch(rows), torch.as_tensor(images.domains[rows])
@@ -154,3 +148,9 @@ def evaluate_multidomain(nets: dict, data, split: str, output: str, num_inputs: 
     m["seconds"] = time.perf_counter() - started
     storage.write_bytes(storage.join(output, "metrics.json"), json.dumps({"metrics": m, "pictures": uris}, indent=1, default=float).encode())
     return {"metrics": m, "pictures": uris, "output": output}
+
+
+def load_multidomain(checkpoint: str, device: str | torch.device = "cpu") -> dict[str, torch.nn.Module]:
+    """Every network of a multi-domain checkpoint (local or s3://), in eval mode."""
+    nets = load_saved_modules(checkpoint, lambda record: build_multidomain(recipe_section(record, "model", MultiDomainConfig)))
+    return {k: v.to(device) for k, v in nets.items()}

@@ -26,7 +26,13 @@ import torch
 from torch import Tensor
 
 from step_ray import storage
-from step_ray.eval.metrics import LPIPSConfig, diversity, load_lpips, lpips_distance, psnr
+from step_ray.checkpoints import load_saved_modules, recipe_section
+from step_ray.data.pix2pix import load_split, to_tensor
+from step_ray.eval.embedding import save_png
+from step_ray.eval.metrics import LPIPSConfig, diverse_rows, diversity, load_lpips, lpips_distance, psnr
+from step_ray.eval.pictures import sampling_grid, transfer_grid
+from step_ray.models.discriminator import DiscriminatorConfig, PatchDiscriminator
+from step_ray.models.munit import MUNITConfig, MUNITGenerator
 
 PAIRED_KEYS = ("psnr", "lpips", "psnr_random_style")
 
@@ -131,11 +137,8 @@ def munit_pictures(gen_a, gen_b, a: Tensor, b: Tensor, *, inputs: int = 6, refer
     with the style of b_j) and "sampling" (the same inputs × `samples` N(0, I) styles, one set for all rows
     so columns compare). References: one per style id first when `labels` (style ids, -1 unknown) are given,
     else spread evenly over b."""
-    from step_ray.eval.evaluate import _diverse_rows
-    from step_ray.eval.pictures import sampling_grid, transfer_grid
-
     k, r = min(inputs, len(a)), min(references, len(b))
-    rows = _diverse_rows(labels if labels is not None else np.full(len(b), -1), r, seed)
+    rows = diverse_rows(labels if labels is not None else np.full(len(b), -1), r, seed)
     refs = b[torch.as_tensor(rows)]
     transfer = _grid_outputs(gen_a, gen_b, a[:k], _style_codes(gen_b, refs, len(refs)))
     z = torch.randn(samples, gen_b.cfg.style_dim, generator=torch.Generator().manual_seed(seed))
@@ -149,9 +152,6 @@ def evaluate_munit(gen_a, gen_b, data_cfg, split: str, output_uri: str, lpips_cf
     """Load `split` of `data_cfg` (a `DataConfig`), compute `evaluate_munit_models` (`kw`: its keyword
     arguments) and `munit_pictures`, and write metrics.json, transfer.png and sampling.png under
     `output_uri` (local or s3://). Returns {"metrics", "pictures": {name: uri}, "output"}."""
-    from step_ray.data.pix2pix import load_split, to_tensor
-    from step_ray.eval.embedding import save_png
-
     started = time.perf_counter()
     storage.check_writable(output_uri, "munit eval output")  # fail before the work, not after
     images = load_split(data_cfg, split)
@@ -175,3 +175,15 @@ def evaluate_munit(gen_a, gen_b, data_cfg, split: str, output_uri: str, lpips_cf
 
 
 __all__ = ["PAIRED_KEYS", "evaluate_munit", "evaluate_munit_models", "munit_pictures"]
+
+
+def load_munit(checkpoint: str, device: str | torch.device = "cpu") -> dict[str, torch.nn.Module]:
+    """gen_a, gen_b, dis_a, dis_b of a MUNIT checkpoint (local or s3://), in eval mode, built from the
+    model settings its config.yaml records."""
+    def build(record):
+        model = recipe_section(record, "model", MUNITConfig)
+        disc = recipe_section(record, "discriminator", DiscriminatorConfig)
+        return {"gen_a": MUNITGenerator(model), "gen_b": MUNITGenerator(model),
+                "dis_a": PatchDiscriminator(disc), "dis_b": PatchDiscriminator(disc)}
+
+    return {k: v.to(device) for k, v in load_saved_modules(checkpoint, build).items()}

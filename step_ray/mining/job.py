@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from step_ray import storage
+from step_ray.cluster import init_ray
 from step_ray.config import config_to_dict
 from step_ray.mining.config import MineTripletsConfig
 from step_ray.mining.index import gpu_wanted
@@ -57,7 +58,7 @@ def _done(cfg: MineTripletsConfig, digest: str) -> bool:
 
 def mine_triplets(cfg: MineTripletsConfig) -> str:
     """Mine close and far sets for the `split` rows of the descriptor table; returns the output folder."""
-    from step_ray.style.pipeline import read_descriptors
+    from step_ray.style.pipeline import read_descriptors  # deferred: it imports torch, which mining's Ray tasks (they import this package) must not load
 
     storage.check_readable(cfg.descriptors, "descriptors")
     storage.check_writable(cfg.output)
@@ -77,8 +78,6 @@ def mine_triplets(cfg: MineTripletsConfig) -> str:
     read_s = time.perf_counter() - start
 
     if cfg.mining.num_shards > 1:
-        from step_ray.cluster import init_ray
-
         init_ray()  # RAY_ADDRESS, when set, names the cluster; else a local instance on 127.0.0.1
     start = time.perf_counter()
     neighbours = mine_neighbours(descriptors, cfg.mining)

@@ -1,4 +1,4 @@
-"""Networks: plain nn.Modules, no training logic, no parallelism (wrapping happens in step_ray.train)."""
+"""Networks: plain nn.Modules, no training logic, no parallelism (wrapping happens in step_ray.engine)."""
 from step_ray.models.encoder import EncoderConfig, StyleEncoder
 
 __all__ = ["EncoderConfig", "StyleEncoder"]

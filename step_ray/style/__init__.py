@@ -16,6 +16,7 @@ _EXPORTS = {
     "style_descriptor": "gram",
     "descriptor_size": "gram",
     "descriptors_from_images": "gram",
+    "exact_distance_matrix": "gram",
     "Reduction": "reduce",
     "ReductionConfig": "reduce",
     "StyleStatsConfig": "pipeline",

@@ -101,3 +101,18 @@ def descriptors_from_images(vgg, images: torch.Tensor, layer_weights: Sequence[f
     """Images in [-1, 1] NCHW -> style descriptors (no gradient)."""
     with torch.inference_mode():
         return style_descriptor(vgg(images), layer_weights)
+
+
+def exact_distance_matrix(vgg, images: torch.Tensor, layer_weights: Sequence[float] | None = None,
+                          batch: int = 16) -> torch.Tensor:
+    """Exact (unreduced) style distances between all pairs of `images` (float NCHW in [-1, 1]) [n, n], in
+    float64 from the descriptors' Gram form: d(i, j) = |v_i|² + |v_j|² − 2 v_i·v_j, clamped at 0."""
+    chunks = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            chunks.append(style_descriptor(vgg(images[i : i + batch]), layer_weights).double())
+    v = torch.cat(chunks)
+    sq = (v * v).sum(1)
+    d = (sq[:, None] + sq[None, :] - 2 * v @ v.T).clamp_min(0)
+    d.fill_diagonal_(0)
+    return d

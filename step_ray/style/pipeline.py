@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 import torch
 
 from step_ray import storage
+from step_ray.cluster import init_ray
 from step_ray.config import config_to_dict
 from step_ray.data.pix2pix import (
     BadImageError,
@@ -426,8 +427,6 @@ def compute_style_stats(cfg: StyleStatsConfig) -> str:
     if len(set(ids)) != len(ids):
         raise DatasetError("two files of the dataset share an image id (<split>/<stem>)")
     _clear_outputs(output)
-
-    from step_ray.cluster import init_ray
 
     init_ray()  # RAY_ADDRESS, when set, names the cluster; else a local instance on 127.0.0.1
     with _original_worker_errors():

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 
 from step_ray.checkpoints import unwrap
 
@@ -40,8 +41,6 @@ class NonFiniteConfig:
 
 
 def _all_ranks_finite(flag: bool) -> bool:
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return flag
     box = torch.tensor([0.0 if flag else 1.0], device="cuda" if dist.get_backend() == "nccl" else "cpu")

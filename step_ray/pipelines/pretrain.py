@@ -17,18 +17,27 @@ from typing import Any
 import numpy as np
 
 from step_ray import storage
-from step_ray.config import config_to_dict, config_to_yaml
+from step_ray.checkpoints import STATE_FILE
+from step_ray.config import ConfigError, config_to_dict, config_to_yaml
+from step_ray.data.pix2pix import DataConfig, load_target, to_tensor
+from step_ray.engine.launch import best_checkpoint_uri, checkpoint_uri
+from step_ray.engine.loop import train
+from step_ray.engine.settings import RunSettings
+from step_ray.eval.embedding import neighbour_grid, plot_embedding, save_png
 from step_ray.mining import MineTripletsConfig, MiningConfig, load_neighbours, mine_triplets
+from step_ray.recipes.stage1 import Stage1Config, Stage1Inputs, Stage1Recipe
+from step_ray.style.encode import encode, load_encoder
+from step_ray.style.gram import exact_distance_matrix
 from step_ray.style.pipeline import StyleStatsConfig, compute_style_stats, read_descriptors
-from step_ray.train.common import RunSettings, write_json
-from step_ray.train.stage1 import Stage1Config, Stage1Inputs, train_stage1
+from step_ray.style.vgg import load_vgg
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    """`jobs/pretrain.py`: style stats (with the dataset in `style.data`), mining, stage-1 training."""
+    """`jobs/pretrain.py`: style stats, mining, stage-1 training, on the dataset `data` (spelt as in every job)."""
 
-    style: StyleStatsConfig = field(default_factory=StyleStatsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    style: StyleStatsConfig = field(default_factory=StyleStatsConfig)  # the style_stats job's settings, less its data
     # A large far set (METHOD §3): with 13 furthest of 800 images every negative comes from the one or
     # two most distant styles, and nearby styles are never pushed apart. 400 (half the default synthetic
     # set) spans the other styles; MiningConfig itself keeps the official 13. Must stay < the train size.
@@ -38,6 +47,11 @@ class PretrainConfig:
     cache_dir: str = ""  # outputs of the style and mining steps; empty: <run.storage_path>/cache
     val_split: str = "val"
     grid_anchors: int = 6
+
+    def __post_init__(self):
+        if self.style.data != DataConfig():  # one spelling of the dataset: pretrain reads `data`
+            raise ConfigError("pretrain reads its dataset from `data` (data.root=..., data.direction=...); "
+                              "style.data is the style_stats job's spelling")
 
     def resolved_cache_dir(self) -> str:
         return self.cache_dir or storage.join(self.run.storage_path, "cache")
@@ -49,26 +63,11 @@ def config_hash(cfg: Any, ignore: tuple[str, ...] = ("output", "force")) -> str:
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def exact_distance_matrix(style: StyleStatsConfig, paths: list[str], data) -> np.ndarray:
+def exact_val_distances(style: StyleStatsConfig, paths: list[str], data: DataConfig) -> np.ndarray:
     """Exact (unreduced) style distances between the given images: the validation ground truth."""
-    import torch
-
-    from step_ray.data.pix2pix import load_pair, to_tensor
-    from step_ray.style.gram import style_descriptor
-    from step_ray.style.vgg import load_vgg
-
     vgg = load_vgg(style.vgg)
-    images = np.stack([load_pair(p, data.direction, data.image_size, data.min_side)[1] for p in paths])
-    chunks = []
-    with torch.no_grad():
-        for i in range(0, len(images), 16):
-            feats = vgg(to_tensor(images[i : i + 16]))
-            chunks.append(style_descriptor(feats, style.vgg.resolved_layer_weights()).double())
-    v = torch.cat(chunks)
-    sq = (v * v).sum(1)
-    d = (sq[:, None] + sq[None, :] - 2 * v @ v.T).clamp_min(0)
-    d.fill_diagonal_(0)
-    return d.float().numpy()
+    images = to_tensor(np.stack([load_target(p, data.direction, data.image_size, data.min_side) for p in paths]))
+    return exact_distance_matrix(vgg, images, style.vgg.resolved_layer_weights()).float().numpy()
 
 
 def _cached_matrix(uri: str, compute) -> np.ndarray:
@@ -83,7 +82,7 @@ def _cached_matrix(uri: str, compute) -> np.ndarray:
 
 def prepare_inputs(cfg: PretrainConfig) -> tuple[Stage1Inputs, dict[str, str]]:
     """Steps 1 and 2 (cached by config hash) and the validation ground truth."""
-    data = cfg.style.data
+    data = cfg.data
     root = data.prepare()
     data = dataclasses.replace(data, root=root)
     cache = cfg.resolved_cache_dir()
@@ -110,7 +109,7 @@ def prepare_inputs(cfg: PretrainConfig) -> tuple[Stage1Inputs, dict[str, str]]:
     val_paths = list(val_rows["path"])
     exact_uri = storage.join(style_out, f"exact_{cfg.val_split}_distances.npy")
     t0 = time.perf_counter()
-    val_distances = _cached_matrix(exact_uri, lambda: exact_distance_matrix(cfg.style, val_paths, data))
+    val_distances = _cached_matrix(exact_uri, lambda: exact_val_distances(cfg.style, val_paths, data))
     print(f"[pretrain] exact validation distances: {exact_uri} ({time.perf_counter() - t0:.1f}s)", flush=True)
     meta = json.loads(storage.read_bytes(storage.join(style_out, "metadata.json")))
     inputs = Stage1Inputs(
@@ -129,12 +128,10 @@ def prepare_inputs(cfg: PretrainConfig) -> tuple[Stage1Inputs, dict[str, str]]:
 
 def report_outputs(cfg: PretrainConfig, inputs: Stage1Inputs, result, run_uri: str, steps: dict[str, str]) -> dict[str, str]:
     """metrics.json, embedding.png and neighbours.png beside the checkpoints, from the best checkpoint."""
-    from step_ray.eval.embedding import neighbour_grid, plot_embedding, save_png
-    from step_ray.style.encode import encode, load_encoder
-
-    best = _best_checkpoint(result, cfg.run)
+    best = best_checkpoint_uri(result, cfg.run)
     encoder = load_encoder(best)
-    val_b = np.stack([_target(p, inputs.data) for p in inputs.val_paths])
+    val_b = np.stack([load_target(p, inputs.data.direction, inputs.data.image_size, inputs.data.min_side)
+                      for p in inputs.val_paths])
     z = encode(val_b, encoder)
     labels = inputs.val_style_ids
     labelled = (labels >= 0).all()
@@ -157,18 +154,12 @@ def report_outputs(cfg: PretrainConfig, inputs: Stage1Inputs, result, run_uri: s
     plot_embedding(z, labels, out["embedding"], title, "style id" if labelled else "cluster")
     anchors = np.linspace(0, len(z) - 1, min(cfg.grid_anchors, len(z))).astype(int)
     save_png(out["neighbours"], neighbour_grid(val_b, z, inputs.val_distances, anchors, k=5))
-    history = _history(_checkpoint_uri(result.checkpoint, cfg.run))  # the latest holds every epoch
-    write_json(out["metrics"], {
+    history = _history(checkpoint_uri(result.checkpoint, cfg.run))  # the latest holds every epoch
+    storage.write_json(out["metrics"], {
         "final": metrics, "history": history, "best_checkpoint": best, "vgg_weights": weights,
         "config": config_to_dict(cfg), "steps": steps,
     })
     return out
-
-
-def _target(path: str, data) -> np.ndarray:
-    from step_ray.data.pix2pix import load_pair
-
-    return load_pair(path, data.direction, data.image_size, data.min_side)[1]
 
 
 def _style_clusters(distances: np.ndarray, k: int) -> np.ndarray:
@@ -179,22 +170,7 @@ def _style_clusters(distances: np.ndarray, k: int) -> np.ndarray:
     return distances[:, centres].argmin(1)
 
 
-def _checkpoint_uri(ckpt, run: RunSettings) -> str:
-    path = ckpt.path
-    return f"s3://{path}" if storage.is_s3(run.storage_path) and not path.startswith("s3://") else path
-
-
-def _best_checkpoint(result, run: RunSettings) -> str:
-    ranked = [(m.get(run.checkpoint_metric), c) for c, m in (result.best_checkpoints or []) if m.get(run.checkpoint_metric) is not None]
-    if ranked:
-        ranked.sort(key=lambda t: t[0], reverse=run.checkpoint_mode == "max")
-        return _checkpoint_uri(ranked[0][1], run)
-    return _checkpoint_uri(result.checkpoint, run)
-
-
 def _history(checkpoint_uri: str) -> list[dict]:
-    from step_ray.checkpoints import STATE_FILE
-
     return json.loads(storage.read_bytes(storage.join(checkpoint_uri, STATE_FILE))).get("history", [])
 
 
@@ -203,9 +179,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, str]:
     inputs, steps = prepare_inputs(cfg)
     print(f"[pretrain] training the style encoder on {len(inputs.train_paths)} images "
           f"({cfg.run.num_workers} worker(s), VGG: {inputs.weight_source})", flush=True)
-    result, run_uri = train_stage1(cfg.train, cfg.run, inputs, cfg)
-    if result.error:
-        raise result.error
+    result, run_uri = train(Stage1Recipe(cfg.train, inputs, job=cfg), cfg.run)
     out = report_outputs(cfg, inputs, result, run_uri, steps)
     print(f"[pretrain] done in {time.perf_counter() - started:.0f}s", flush=True)
     for key in ("checkpoint", "metrics", "embedding", "neighbours"):

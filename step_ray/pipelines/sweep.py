@@ -21,14 +21,27 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
+import os
+import pathlib
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
+
+import ray
+import ray.tune
+import yaml
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
 
 from step_ray import storage
-from step_ray.config import ConfigError, config_from_dict, dotted_to_tree, merge_trees
-from step_ray.train.variants import VARIANTS, get_variant, variant_base
+from step_ray.config import ConfigError, config_from_dict, config_to_yaml, dotted_to_tree, merge_trees
+from step_ray.engine.launch import wants_gpu
+from step_ray.eval.ablation_table import write_results
+from step_ray.pipelines.train_generator import TrainGeneratorConfig, run_train_generator
+from step_ray.pipelines.train_multidomain import TrainMultiDomainConfig, run_train_multidomain
+from step_ray.pipelines.train_munit import TrainMUNITConfig, run_train_munit
+from step_ray.recipes.variants import VARIANTS, components, get_variant, variant_base
 
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 
@@ -81,8 +94,6 @@ class SweepConfig:
 
 def read_search_space(path: str) -> dict[str, dict[str, Any]]:
     """{dotted key: {kind: values}} from YAML, checked (one kind per key, known kinds, sane ranges)."""
-    import yaml
-
     if not path:
         return {}
     try:
@@ -105,8 +116,6 @@ def read_search_space(path: str) -> dict[str, dict[str, Any]]:
 
 
 def tune_domains(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    from ray import tune
-
     make = {"grid": tune.grid_search, "choice": tune.choice, "uniform": lambda v: tune.uniform(*v),
             "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(*v)}
     return {key: make[kind](values) for key, spec in space.items() for kind, values in spec.items()}
@@ -121,27 +130,43 @@ def representative_values(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
 # one trial
 
 
+@dataclass(frozen=True)
+class TrialPipeline:
+    """How a sweep runs a variant of one recipe: its job config, its pipeline, the SweepConfig field with
+    its settings, what it takes from `trial` (the generator variants' settings), and the evaluation
+    metric that stands for "diversity of sampled outputs" in the table (each samples styles its own way)."""
+
+    config: type
+    run: Callable[..., dict[str, Any]]
+    settings_field: str
+    shared: Callable[[dict[str, Any]], dict[str, Any]]
+    sampled_diversity: str = "diversity_mapper"
+
+
+def _munit_shared(trial: dict[str, Any]) -> dict[str, Any]:
+    return {k: trial[k] for k in ("data", "val_split") if k in trial}  # MUNIT reads the same paired set
+
+
+def _multidomain_shared(trial: dict[str, Any]) -> dict[str, Any]:  # its own domains; the same image size
+    return {"data": {"image_size": trial["data"]["image_size"]}} if "image_size" in trial.get("data", {}) else {}
+
+
+PIPELINES: dict[str, TrialPipeline] = {
+    "generator": TrialPipeline(TrainGeneratorConfig, run_train_generator, "trial", lambda trial: {}),
+    "munit": TrialPipeline(TrainMUNITConfig, run_train_munit, "munit_trial", _munit_shared, "diversity_random"),
+    "multidomain": TrialPipeline(TrainMultiDomainConfig, run_train_multidomain, "multidomain_trial", _multidomain_shared,
+                                 "diversity_latent"),
+}
+
+
 def trial_config(sweep: SweepConfig, variant: str, seed: int, values: dict[str, Any] | None = None):
-    """The TrainGeneratorConfig (MUNIT: TrainMUNITConfig; the multi-domain model: TrainMultiDomainConfig) of one
-    trial, without its storage (the trial sets that)."""
-    if get_variant(variant).trainer == "multidomain":
-        from step_ray.train.multidomain import TrainMultiDomainConfig
-
-        shared = {"data": {"image_size": sweep.trial["data"]["image_size"]}} if "image_size" in sweep.trial.get("data", {}) else {}
-        tree = merge_trees(variant_base(variant), shared, sweep.multidomain_trial, dotted_to_tree(values or {}),
-                           {"train": {"seed": seed}})
-        return config_from_dict(TrainMultiDomainConfig, tree, where=f"multidomain_trial[{variant}, seed {seed}]")
-    if get_variant(variant).trainer == "munit":
-        from step_ray.train.munit import TrainMUNITConfig
-
-        shared = {k: sweep.trial[k] for k in ("data", "val_split") if k in sweep.trial}
-        tree = merge_trees(variant_base(variant), shared, sweep.munit_trial, dotted_to_tree(values or {}),
-                           {"train": {"seed": seed}})
-        return config_from_dict(TrainMUNITConfig, tree, where=f"munit_trial[seed {seed}]")
-    from step_ray.train.generator import TrainGeneratorConfig
-
-    tree = merge_trees(variant_base(variant), sweep.trial, dotted_to_tree(values or {}), {"train": {"seed": seed}})
-    return config_from_dict(TrainGeneratorConfig, tree, where=f"trial[{variant}, seed {seed}]")
+    """The job config of one trial (TrainGeneratorConfig, TrainMUNITConfig or TrainMultiDomainConfig, per the
+    variant's recipe), without its storage (the trial sets that): defaults <- variant <- the sweep's settings
+    <- sampled values <- train.seed."""
+    spec = PIPELINES[get_variant(variant).recipe]
+    tree = merge_trees(variant_base(variant), spec.shared(sweep.trial), getattr(sweep, spec.settings_field),
+                       dotted_to_tree(values or {}), {"train": {"seed": seed}})
+    return config_from_dict(spec.config, tree, where=f"{spec.settings_field}[{variant}, seed {seed}]")
 
 
 def experiment_uri(sweep: SweepConfig) -> str:
@@ -150,11 +175,6 @@ def experiment_uri(sweep: SweepConfig) -> str:
 
 def run_trial(params: dict[str, Any], sweep: SweepConfig, experiment: str) -> None:
     """One trial: train the variant (stages forward their epoch reports to Tune), evaluate, report once."""
-    import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from step_ray.train.generator import run_train_generator
-
     variant, seed, values = params["variant"], int(params["seed"]), dict(params.get("params") or {})
     trial_id = ray.tune.get_context().get_trial_id()
     folder = storage.join(experiment, "trials", trial_id)
@@ -162,24 +182,16 @@ def run_trial(params: dict[str, Any], sweep: SweepConfig, experiment: str) -> No
     storage.write_bytes(storage.join(folder, f"start-{time.time_ns()}-{uuid.uuid4().hex[:6]}.json"),
                         json.dumps({"variant": variant, "seed": seed, "params": values}).encode())
     cfg = trial_config(sweep, variant, seed, values)
-    run = dataclasses.replace(cfg.run, storage_path=storage.join(folder, "runs"), name=f"{variant}-seed{seed}")
-    if get_variant(variant).trainer == "munit":
-        from step_ray.train.munit import run_train_munit
-
-        out = run_train_munit(dataclasses.replace(cfg, run=run), callbacks=(TuneReportCallback(),))
-        metrics = dict(out.get("eval_metrics") or {})
-        metrics.setdefault("diversity_mapper", metrics.get("diversity_random"))  # its own sampling: N(0, I) styles
+    spec = PIPELINES[get_variant(variant).recipe]
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, storage_path=storage.join(folder, "runs"),
+                                                           name=f"{variant}-seed{seed}"))
+    if isinstance(cfg, TrainGeneratorConfig):  # the evaluation's row is named after the variant
+        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, method=variant))
+    out = spec.run(cfg, callbacks=(TuneReportCallback(),))
+    metrics = {k: v for k, v in (out.get("eval_metrics") or {}).items() if isinstance(v, (int, float))}
+    metrics.setdefault("diversity_mapper", metrics.get(spec.sampled_diversity))
+    if "eval_metrics" in out:
         out["eval_metrics"] = metrics
-    elif get_variant(variant).trainer == "multidomain":
-        from step_ray.train.multidomain import run_train_multidomain
-
-        out = run_train_multidomain(dataclasses.replace(cfg, run=run), callbacks=(TuneReportCallback(),))
-        metrics = {k: v for k, v in (out.get("eval_metrics") or {}).items() if isinstance(v, (int, float))}
-        metrics["diversity_mapper"] = metrics.get("diversity_latent")  # its sampling: the flow's latent styles
-        out["eval_metrics"] = metrics
-    else:
-        cfg = dataclasses.replace(cfg, run=run, eval=dataclasses.replace(cfg.eval, method=variant))
-        out = run_train_generator(cfg, callbacks=(TuneReportCallback(),))
     stages = ("stage3_metrics", "joint_metrics", "stage2_metrics", "munit_metrics", "multidomain_metrics")
     last = next(((out[k] or {}) for k in stages if k in out), {})
     final = {"variant": variant, "seed": seed, "params": json.dumps(values, sort_keys=True), "trial_folder": folder,
@@ -197,10 +209,6 @@ def run_trial(params: dict[str, Any], sweep: SweepConfig, experiment: str) -> No
 def default_concurrency(sweep: SweepConfig) -> int:
     """Trials that fit at once: each needs trial_cpus plus its workers' CPUs (or its workers' GPUs).
     Without this cap Tune would start trial processes until no CPU is left for their workers."""
-    import ray
-
-    from step_ray.train.common import wants_gpu
-
     run = trial_config(sweep, sweep.variants[0], sweep.seeds[0]).run
     resources = ray.cluster_resources()
     per_trial_cpus = sweep.trial_cpus + run.num_workers * run.cpus_per_worker
@@ -211,8 +219,6 @@ def default_concurrency(sweep: SweepConfig) -> int:
 
 
 def _tuner(sweep: SweepConfig, experiment: str):
-    from ray import tune
-
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep, experiment=experiment),
                                     {"CPU": sweep.trial_cpus})
     fs, root = storage.resolve(sweep.storage_path)
@@ -261,9 +267,9 @@ def check_sweep(sweep: SweepConfig) -> None:
     values = representative_values(read_search_space(sweep.search_space))
     for variant in sweep.variants:
         cfg = trial_config(sweep, variant, sweep.seeds[0], values)
-        if get_variant(variant).trainer == "multidomain":
+        if isinstance(cfg, TrainMultiDomainConfig):
             continue  # its config checks the image size itself
-        if get_variant(variant).trainer == "munit":
+        if isinstance(cfg, TrainMUNITConfig):
             if cfg.data.image_size < cfg.train.discriminator.min_side():
                 raise ConfigError(f"munit: data.image_size={cfg.data.image_size} is below its discriminator's minimum "
                                   f"{cfg.train.discriminator.min_side()}: set munit_trial.train.discriminator.n_layers/num_scales")
@@ -284,8 +290,6 @@ def trial_status(sweep: SweepConfig, metrics: dict | None, error: Any) -> str:
 
 def trial_rows(sweep: SweepConfig, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The results table's input: per trial {config, metrics (its last report), status, trial_id}."""
-    from step_ray.train.variants import components
-
     rows = []
     for t in trials:
         config, m = t["config"], t["metrics"] or {}
@@ -311,8 +315,6 @@ def absolute_paths(sweep: SweepConfig) -> SweepConfig:
     """Local paths made absolute in the driver: Tune runs each trial in its own working directory, where a
     relative checkpoint or data path would not exist (and the default synthetic set would be generated
     again). s3:// URIs are left alone."""
-    import os
-
     def fix(value: str) -> str:
         return value if not value or storage.is_s3(value) else os.path.abspath(value)
 
@@ -337,11 +339,6 @@ def absolute_paths(sweep: SweepConfig) -> SweepConfig:
 def run_sweep(sweep: SweepConfig) -> dict[str, Any]:
     """Run (or resume) the sweep, then write the results table; returns {"experiment", "rows", "md", ...}.
     `table_only=true` rebuilds the table of an existing experiment from Tune's saved state."""
-    from ray import tune
-
-    from step_ray.config import config_to_yaml
-    from step_ray.eval.ablation_table import write_results
-
     if not sweep.name:
         sweep = dataclasses.replace(sweep, name=f"sweep-{_dt.datetime.now(_dt.timezone.utc).strftime('%Y%m%d-%H%M%S')}")
     sweep = absolute_paths(sweep)
@@ -357,8 +354,6 @@ def run_sweep(sweep: SweepConfig) -> dict[str, Any]:
         if storage.is_s3(sweep.storage_path):
             storage.check_writable(sweep.storage_path, "storage_path")
         else:
-            import pathlib
-
             pathlib.Path(sweep.storage_path).mkdir(parents=True, exist_ok=True)
         grid = _tuner(sweep, experiment).fit()
         storage.write_bytes(storage.join(experiment, "sweep.yaml"), config_to_yaml(sweep).encode())

@@ -21,14 +21,17 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from step_ray import storage
-from step_ray.checkpoints import CONFIG_FILE, load_checkpoint, local_checkpoint_dir
+from step_ray.checkpoints import load_checkpoint, local_checkpoint_dir, read_record, recipe_section
 from step_ray.config import config_from_dict, config_to_dict
 from step_ray.data.pix2pix import DataConfig, load_split, to_tensor
-from step_ray.eval.metrics import LPIPSConfig, diversity, load_lpips, lpips_distance, other_style_rows, psnr
+from step_ray.eval.embedding import plot_embedding, save_png
+from step_ray.eval.metrics import LPIPSConfig, diverse_rows, diversity, load_lpips, lpips_distance, other_style_rows, psnr
+from step_ray.eval.pictures import generate, interpolation_grid, sampling_grid, transfer_grid
 from step_ray.models import GeneratorConfig, MapperConfig, StyleMapper, UNetGenerator
+from step_ray.style.encode import load_encoder
+from step_ray.style.vgg import VGGConfig, vgg_weight_source
 
 TABLE_HEADER = ("| method | PSNR ↑ | LPIPS ↓ | PSNR other style | diversity refs ↑ | diversity mapper ↑ | diversity fixed z | "
                 "mapper styles reached | LPIPS trunk |\n|---|---|---|---|---|---|---|---|---|")
@@ -37,7 +40,7 @@ TABLE_HEADER = ("| method | PSNR ↑ | LPIPS ↓ | PSNR other style | diversity 
 @dataclass(frozen=True)
 class EvalConfig:
     checkpoint: str = ""  # a stage-2 or stage-3 checkpoint folder, local or s3://
-    mapper: str = ""  # a mapper folder (step_ray.train.mapper.save_mapper); empty: <run folder>/mapper if present
+    mapper: str = ""  # a mapper folder (step_ray.recipes.mapper.save_mapper); empty: <run folder>/mapper if present
     data: DataConfig = field(default_factory=DataConfig)
     split: str = "val"
     num_inputs: int = 100
@@ -62,11 +65,10 @@ class EvalConfig:
 
 
 def load_mapper(uri: str) -> StyleMapper:
-    """The IMLE mapper saved by step_ray.train.mapper.save_mapper (local or s3://), in eval mode."""
+    """The IMLE mapper saved by step_ray.recipes.mapper.save_mapper (local or s3://), in eval mode."""
     folder, tmp = local_checkpoint_dir(uri)
     try:
-        tree = yaml.safe_load((Path(folder) / CONFIG_FILE).read_text()) or {}
-        mapper = StyleMapper(config_from_dict(MapperConfig, tree.get("mapper", {}), where="mapper"))
+        mapper = StyleMapper(recipe_section(read_record(folder), "mapper", MapperConfig))
         load_checkpoint(folder, {"mapper": mapper})
     finally:
         if tmp is not None:
@@ -75,12 +77,12 @@ def load_mapper(uri: str) -> StyleMapper:
 
 
 def load_generator(checkpoint: str, use_ema: bool = True, device: str | torch.device = "cpu") -> tuple[UNetGenerator, dict]:
-    """G (EMA weights when asked and present) of a generator checkpoint, and its saved config mapping."""
+    """G (EMA weights when asked and present) of a generator checkpoint, and its recipe settings (a mapping)."""
     folder, tmp = local_checkpoint_dir(checkpoint)
     try:
-        tree = yaml.safe_load((Path(folder) / CONFIG_FILE).read_text()) or {}
+        tree = dict(read_record(folder)["recipe"])
         if "generator" not in tree:
-            raise ValueError(f"{checkpoint} is not a generator checkpoint (its config has no 'generator')")
+            raise ValueError(f"{checkpoint} is not a generator checkpoint (its recipe has no 'generator')")
         g = UNetGenerator(config_from_dict(GeneratorConfig, tree["generator"], where="generator"))
         name = "generator_ema" if use_ema and (Path(folder) / "generator_ema.pt").is_file() else "generator"
         g.load_state_dict(torch.load(Path(folder) / f"{name}.pt", map_location="cpu", weights_only=True))
@@ -98,11 +100,6 @@ def _default_mapper(checkpoint: str) -> str:
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
-    from step_ray.eval.embedding import plot_embedding, save_png
-    from step_ray.eval.pictures import generate, interpolation_grid, sampling_grid, to_uint8, transfer_grid
-    from step_ray.style.encode import load_encoder
-    from step_ray.style.vgg import VGGConfig, vgg_weight_source
-
     if not cfg.checkpoint:
         raise ValueError("eval: set checkpoint (a stage-2/3 checkpoint folder, local or s3://)")
     started = time.perf_counter()
@@ -166,7 +163,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     tag = lambda name: storage.join(out_dir, name)  # noqa: E731
     pictures = {}
     k, r = min(cfg.grid_inputs, n_all), min(cfg.grid_references, n_all)
-    ref_rows = _diverse_rows(labels, r, cfg.seed)
+    ref_rows = diverse_rows(labels, r, cfg.seed)
     grid_out = outputs_for_grid(g, a[:k], z[ref_rows], bs)
     save_png(tag("transfer.png"), transfer_grid(a[:k], b[ref_rows], grid_out))
     pictures["transfer"] = tag("transfer.png")
@@ -213,18 +210,8 @@ def outputs_for_grid(g, a: torch.Tensor, codes: torch.Tensor, bs: int) -> torch.
     n, mm = len(a), len(codes)
     rep_a = a[:, None].expand(-1, mm, -1, -1, -1).reshape(-1, *a.shape[1:])
     rep_z = codes[None].expand(n, -1, -1).reshape(-1, codes.shape[-1])
-    from step_ray.eval.pictures import generate
 
     return generate(g, rep_a, rep_z, bs).view(n, mm, *a.shape[1:])
-
-
-def _diverse_rows(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
-    """References for the transfer grid: one per style id first (synthetic), then spread over the split."""
-    if (labels >= 0).all():
-        firsts = [int(np.flatnonzero(labels == s)[0]) for s in np.unique(labels)]
-        rest = [i for i in range(len(labels)) if i not in firsts]
-        return np.array((firsts + rest)[:count])
-    return np.linspace(0, len(labels) - 1, count).astype(int)
 
 
 @torch.no_grad()
@@ -237,7 +224,6 @@ def _mapper_coverage(mapper, g, e, a, z, labels, cfg: EvalConfig, gen) -> dict[s
     hist = np.bincount(labels[nearest], minlength=n_styles)
     k = min(len(samples), 256)
     rows = torch.randint(0, len(a), (k,), generator=gen)
-    from step_ray.eval.pictures import generate
 
     images = generate(g, a[rows], samples[:k], cfg.batch_size)
     z_img = torch.cat([e(images[i : i + 64]) for i in range(0, k, 64)])

@@ -13,13 +13,17 @@ from __future__ import annotations
 import queue
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+import torch
 
 from step_ray import storage
+from step_ray.eval.embedding import image_grid, save_png
+from step_ray.eval.pictures import to_uint8
 
 TENSORBOARD_DIR = "tensorboard"
 SAMPLES_DIR = "samples"
@@ -90,7 +94,7 @@ class RunMonitor:
     # ---- the writer thread
 
     def _work(self) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # deferred: tensorboard loads only where a monitor writes
 
         self.local_dir.mkdir(parents=True, exist_ok=True)
         writer = SummaryWriter(log_dir=str(self.local_dir), filename_suffix=f".{self.stage}")
@@ -113,8 +117,6 @@ class RunMonitor:
                         tag, image, png_name = payload
                         writer.add_image(f"{self.stage}/{tag}", image, step, dataformats="HWC")
                         if png_name:
-                            from step_ray.eval.embedding import save_png
-
                             save_png(storage.join(self.run_folder, SAMPLES_DIR, png_name), image)
                     self.written += kind != "close"
                 except Exception as exc:  # a full disk or a lost bucket must not stop training
@@ -138,13 +140,38 @@ class RunMonitor:
                 storage.write_bytes(storage.join(self.run_folder, TENSORBOARD_DIR, path.name), path.read_bytes())
 
 
+class EpochMeter:
+    """One epoch of one worker: batch means of the logged losses, and the group's examples per second.
+
+    Every rank takes the same number of steps, so the group's rate is world size × this worker's.
+    """
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.sums: dict[str, float] = {}
+        self.batches = 0
+        self.examples = 0
+
+    def add(self, logs: dict[str, float], examples: int) -> None:
+        self.batches += 1
+        self.examples += examples
+        for key, value in logs.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    def means(self) -> dict[str, float]:
+        return {f"train_{k}": v / max(1, self.batches) for k, v in self.sums.items()}
+
+    def rate(self, seconds: float, world: int) -> float:
+        return self.examples * world / max(seconds, 1e-9)
+
+
 class IntervalMeter:
     """Loss means and throughput since the last scalar point (the per-epoch meter's shorter sibling)."""
 
     def __init__(self):
-        from step_ray.train.common import EpochMeter
-
-        self._new = EpochMeter
         self.meter = EpochMeter()
 
     def add(self, logs: dict[str, float], examples: int) -> None:
@@ -153,7 +180,7 @@ class IntervalMeter:
     def take(self, world: int) -> dict[str, float]:
         seconds = self.meter.seconds()
         out = {**self.meter.means(), "images_per_s": self.meter.rate(seconds, world)}
-        self.meter = self._new()
+        self.meter = EpochMeter()
         return out
 
 
@@ -161,8 +188,6 @@ def code_samples(codes, count: int, seed: int):
     """`count` codes from a diagonal Gaussian fitted to `codes` [n, nz], fixed by `seed`: the sample columns
     of a grid while no IMLE mapper exists yet (E's codes are not N(0, I), so plain Gaussian codes would
     show G off its training distribution)."""
-    import torch
-
     mean, std = codes.float().mean(0), codes.float().std(0, unbiased=False).clamp_min(1e-6)
     noise = torch.randn(count, codes.shape[1], generator=torch.Generator().manual_seed(seed))
     return mean + std * noise
@@ -171,11 +196,6 @@ def code_samples(codes, count: int, seed: int):
 def sample_grid(generator, encoder, a, references, samples_codes=None, device="cpu") -> np.ndarray:
     """Top row: blank, the references, then one blank per sampled code; row i: input i, G(A_i, E(ref_j)) for
     each reference, then G(A_i, s) for each sampled code s."""
-    import torch
-
-    from step_ray.eval.embedding import image_grid
-    from step_ray.eval.pictures import to_uint8
-
     was = encoder.training
     encoder.eval()
     with torch.no_grad():

@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 import torch
 
 from step_ray import storage
 from step_ray.models import MapperConfig, StyleMapper
-from step_ray.checkpoints import save_checkpoint
+from step_ray.checkpoints import run_record, save_checkpoint
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,6 @@ class IMLEConfig:
 
 def nearest_noise(mapper: StyleMapper, codes: np.ndarray, pool: int, gen: torch.Generator) -> tuple[torch.Tensor, np.ndarray]:
     """A fresh noise pool, its mapped samples indexed by FAISS; for each code, its nearest sample's noise."""
-    import faiss
-
     r = torch.randn(pool, mapper.cfg.noise_dim, generator=gen)
     with torch.no_grad():
         samples = mapper(r).float().numpy()
@@ -118,7 +117,7 @@ def imle_objective(mapper: StyleMapper, codes: np.ndarray, pool: int, seed: int 
 def save_mapper(uri: str, mapper: StyleMapper, cfg: IMLEConfig, info: dict[str, Any]) -> str:
     """A checkpoint folder (local or s3://) with mapper.pt, state.json (history) and config.yaml."""
     with tempfile.TemporaryDirectory() as folder:
-        save_checkpoint(folder, {"mapper": mapper}, {}, info, cfg)
+        save_checkpoint(folder, {"mapper": mapper}, {}, info, run_record("mapper", cfg, None))
         for path in sorted(Path(folder).iterdir()):
             storage.write_bytes(storage.join(uri, path.name), path.read_bytes())
     return uri

@@ -6,7 +6,7 @@ loss terms (λ = 0 is off) and model parts (a variational E, a second D, E from 
 is recorded as `train.variant` in every checkpoint's config.yaml. The defaults of `GeneratorTrainConfig`
 are `ours_v4`, the final StEP model (LSGAN + λ_rec · reconstruction).
 
-Loss terms per variant (log names of step_ray.train.generator.G_TERMS; "rec" is vgg or l1):
+Loss terms per variant (log names of step_ray.recipes.generator.G_TERMS; "rec" is vgg or l1):
 
     bicycle_v0  gan_g rec kl gan_random latent      official recipe: L1 ×10, Adam 2e-4 β (0.5, 0.999), 2 Ds, no EMA
     bicycle_v1  gan_g rec kl gan_random latent      BicycleGAN with StEP's networks and losses
@@ -19,7 +19,7 @@ Loss terms per variant (log names of step_ray.train.generator.G_TERMS; "rec" is 
     ours_v2     gan_g rec z_l2 gan_random latent              v1 without the cyclic reconstruction
     ours_v3     gan_g rec z_l2                                v2 without random-z sampling
     ours_v4     gan_g rec                                     v3 without the L2 penalty: StEP
-    munit       MUNIT, unpaired (its own loop: step_ray.train.munit; jobs/train_munit.py, or in a sweep)
+    munit       MUNIT, unpaired (its own loop: step_ray.recipes.munit; jobs/train_munit.py, or in a sweep)
 
 Reading of the paper where it is silent (stated in the README too): every variant keeps the direct
 reconstruction G(A, E(B)) ≈ B (Ours v2 "without cyclic reconstruction" still reconstructs); the random-z
@@ -46,8 +46,8 @@ class Variant:
     version: str
     summary: str
     train: Mapping[str, Any] = field(default_factory=dict)  # a partial GeneratorTrainConfig (MUNIT: MUNITTrainConfig)
-    trainer: Literal["generator", "munit", "multidomain"] = "generator"  # which loop trains it (MUNIT's and the
-                                                                         # multi-domain model's loops are their own)
+    recipe: Literal["generator", "munit", "multidomain"] = "generator"  # which recipe trains it (its pipeline:
+                                                                        # step_ray.pipelines.sweep.PIPELINES)
 
 
 def _merged(*parts: Mapping[str, Any]) -> dict[str, Any]:
@@ -77,13 +77,14 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("ours_v2", "Ours", "v2", "v1 without the cyclic reconstruction", _merged(_RANDOM_Z, _L2_ON_Z)),
     Variant("ours_v3", "Ours", "v3", "v2 without random-z sampling", _merged(_L2_ON_Z)),
     Variant("ours_v4", "Ours", "v4", "v3 without the L2 penalty: StEP (LSGAN + λ_rec · rec)", {}),
-    Variant("munit", "MUNIT", "", "unpaired MUNIT (official weights; step_ray.train.munit)", {}, trainer="munit"),
-    Variant("multidomain", "Multi-domain", "full", "flow latent styles + L_uni + L_smooth (step_ray.train.multidomain)", {},
-            trainer="multidomain"),
+    Variant("munit", "MUNIT", "", "unpaired MUNIT (official weights; step_ray.recipes.munit)", {}, recipe="munit"),
+    Variant("multidomain", "Multi-domain", "full", "flow latent styles + L_uni + L_smooth (step_ray.recipes.multidomain)", {},
+            recipe="multidomain"),
     Variant("multidomain_plain", "Multi-domain", "no uni/smooth", "the same without L_uni and L_smooth",
-            {"weights": {"uni": 0.0, "smooth": 0.0}}, trainer="multidomain"),
+            {"weights": {"uni": 0.0, "smooth": 0.0}}, recipe="multidomain"),
 )}
-GENERATOR_VARIANTS = tuple(name for name, v in VARIANTS.items() if v.trainer == "generator")
+VARIANT_NAMES = tuple(VARIANTS)
+GENERATOR_VARIANTS = tuple(name for name, v in VARIANTS.items() if v.recipe == "generator")
 
 
 def get_variant(name: str) -> Variant:
@@ -96,7 +97,7 @@ def variant_base(name: str) -> dict[str, Any]:
     """The variant as a base layer for `load_config(TrainGeneratorConfig, ..., base=...)` (for MUNIT:
     `TrainMUNITConfig`, which has no variant record)."""
     variant = get_variant(name)
-    if variant.trainer != "generator":
+    if variant.recipe != "generator":
         return {"train": dict(variant.train)}
     return {"train": {**variant.train, "variant": name}}
 

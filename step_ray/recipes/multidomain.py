@@ -1,0 +1,274 @@
+"""The multi-domain disentangled style model (METHOD §7, seed 004; StarGAN v2 family), under the project's
+Ray Train conventions.
+
+A conditional neural spline flow f(z; θ_u) (zuko; θ_u = MLP(u)) maps Gaussian noise to domain u's style
+space, a style encoder with per-domain heads gives reference styles, G(x, s) injects a style by AdaIN.
+
+    L_D   = L_adv(D) + λ_r1 R1
+    L_Ds  = BCE(D_s(E(x_ref)) → real, D_s(f(z)) → fake)                                (when λ_uni > 0)
+    L_G   = L_adv + λ_sty |s − E(G(x, s))| + λ_cyc |x − G(G(x, s), E(x))| − λ_ds(t) |G(x, s1) − G(x, s2)|
+            + λ_uni BCE(D_s(f(z)) → real) + λ_smooth max(α + ‖E(x) − E(aug x)‖ − ‖E(x) − E(x_n)‖, 0)
+
+Each step does StarGAN v2's four updates: D with latent and with reference styles, then G (+ flow + E)
+with latent styles, then G alone with reference styles; D_s is updated with the D steps. λ_ds decays
+linearly with the optimiser step, which is checkpointed (StarGAN v2 mutated its config, so a resumed run
+restarted the decay). No EMA copies (StarGAN v2 evaluates EMA weights; a short CPU run does not need them).
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from step_ray.data.domains import DomainDataConfig, DomainImages
+from step_ray.data.store import domain_store
+from step_ray.engine.distributed import average_gradients, broadcast_parameters, no_parameter_grads, random_flip
+from step_ray.engine.guard import NonFiniteGuard, guarded
+from step_ray.engine.loop import Recipe, Worker, epoch_batches
+from step_ray.engine.settings import LoopConfig, OptimConfig
+from step_ray.eval.multidomain_eval import latent_grid
+from step_ray.losses.multidomain import (MultiDomainLossWeights, adversarial_d_loss, adversarial_g_loss, augment_for_smoothness,
+                                         cycle_loss, diversity_sensitive_loss, generator_objective, r1_penalty,
+                                         smoothness_triplet_loss, style_reconstruction_loss, unification_d_loss,
+                                         unification_g_loss)
+from step_ray.models.multidomain import MultiDomainConfig, build_multidomain
+
+
+@dataclass(frozen=True)
+class MultiDomainTrainConfig(LoopConfig):
+    """StarGAN v2's defaults where the seed gives none (METHOD §7): Adam 1e-4 β (0, 0.99), weight decay 1e-4,
+    the mapping (here the flow) at 1e-6, λ_sty = λ_cyc = λ_ds = 1 (λ_ds decayed), R1 1, λ_uni = λ_smooth = 1."""
+
+    model: MultiDomainConfig = field(default_factory=MultiDomainConfig)
+    weights: MultiDomainLossWeights = field(default_factory=MultiDomainLossWeights)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, betas=(0.0, 0.99), weight_decay=1e-4))
+    flow_lr: float = 1e-6
+    val_images: int = 64
+    # StarGAN v2 flips its inputs; off by default here so earlier runs' numbers stand (true: x_real flipped)
+    flip: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.batch_size < 2:
+            raise ValueError("batch_size must be >= 2 (L_smooth needs another image in the batch)")
+        if self.precision != "fp32":  # its four updates (R1's double backward among them) have no grad scaler
+            raise ValueError(f"the multi-domain model trains in fp32 only; got precision={self.precision!r}")
+        if self.flow_lr <= 0:
+            raise ValueError("flow_lr must be > 0")
+
+
+def make_optimizers(cfg: MultiDomainTrainConfig, nets: dict) -> dict[str, torch.optim.Optimizer]:
+    o = cfg.optim
+    return {
+        "optimizer_g": o.build(nets["generator"].parameters()),
+        "optimizer_e": o.build(nets["style_encoder"].parameters()),
+        "optimizer_f": torch.optim.Adam(nets["flow"].parameters(), lr=cfg.flow_lr, betas=o.betas, weight_decay=o.weight_decay),
+        "optimizer_d": o.build(itertools.chain(nets["discriminator"].parameters(), nets["style_discriminator"].parameters())),
+    }
+
+
+def _d_step(cfg, nets, x_real, y_org, y_trg, s_trg) -> tuple[torch.Tensor, dict]:
+    """StarGAN v2's compute_d_loss: real images of their own domain against fakes in the target domain, + R1."""
+    w = cfg.weights
+    d = nets["discriminator"]
+    x_real = x_real.detach().requires_grad_(w.r1 > 0)
+    out_real = d(x_real, y_org)
+    with torch.no_grad():
+        x_fake = nets["generator"](x_real.detach(), s_trg)
+    loss, logs = adversarial_d_loss(out_real, d(x_fake, y_trg))
+    if w.r1:
+        r1, part = r1_penalty(out_real, x_real)
+        loss, logs = loss + w.r1 * r1, {**logs, **part}
+    return loss, logs
+
+
+def _g_terms(cfg, nets, step, x_real, y_org, y_trg, s_trg, s_trg2, latent: bool, x_ref=None) -> tuple[torch.Tensor, dict]:
+    """StarGAN v2's compute_g_loss, plus L_uni and L_smooth on the latent-guided pass."""
+    w = cfg.weights
+    g, e = nets["generator"], nets["style_encoder"]
+    x_fake = g(x_real, s_trg)
+    terms: dict[str, Any] = {}
+    if w.adv:
+        terms["adv"] = adversarial_g_loss(nets["discriminator"](x_fake, y_trg))
+    if w.sty:
+        terms["sty"] = style_reconstruction_loss(e(x_fake, y_trg), s_trg)
+    if w.ds:
+        terms["ds"] = diversity_sensitive_loss(x_fake, g(x_real, s_trg2).detach())
+    if w.cyc:
+        terms["cyc"] = cycle_loss(g(x_fake, e(x_real, y_org)), x_real)
+    if latent and w.uni and x_ref is not None:
+        # both sides move: the flow's styles towards "reference", E's reference styles towards "latent"
+        # (the seed pulls E's codes to the flow's; METHOD asks only that the two be indistinguishable)
+        ds_net = nets["style_discriminator"]
+        terms["uni"] = unification_g_loss(ds_net(s_trg, y_trg), ds_net(e(x_ref, y_trg), y_trg))
+    if latent and w.smooth:
+        # the negative is the nearest other image of the same domain (seed 004: x_n^u)
+        terms["smooth"] = smoothness_triplet_loss(e(x_real, y_org), e(augment_for_smoothness(x_real), y_org), w.smooth_margin,
+                                                  domains=y_org)
+    return generator_objective(w, step, terms)
+
+
+def multidomain_step(cfg: MultiDomainTrainConfig, nets: dict, opts: dict, x_real: torch.Tensor, y_org: torch.Tensor,
+                     x_ref: torch.Tensor, x_ref2: torch.Tensor, y_trg: torch.Tensor, step: int,
+                     guard: NonFiniteGuard | None = None, state: dict | None = None) -> dict[str, float] | None:
+    """One training iteration: D (latent, reference) [+ D_s], G + flow + E (latent), G (reference).
+    With a `guard`, an update whose loss is NaN/Inf (on any rank) is dropped; the logs are then None."""
+    w = cfg.weights
+    f, e = nets["flow"], nets["style_encoder"]
+    n, style_dim = len(x_real), cfg.model.style_dim
+    z1, z2 = torch.randn(n, style_dim, device=x_real.device), torch.randn(n, style_dim, device=x_real.device)
+    ds_ = [nets["discriminator"], nets["style_discriminator"]]
+    logs: dict[str, float] = {}
+
+    # D with latent styles, D with reference styles, and D_s telling reference from latent styles
+    with torch.no_grad():
+        s_lat, s_ref = f(z1, y_trg), e(x_ref, y_trg)
+    loss_lat, logs_lat = _d_step(cfg, nets, x_real, y_org, y_trg, s_lat)
+    loss_ref, _ = _d_step(cfg, nets, x_real, y_org, y_trg, s_ref)
+    loss_d = loss_lat + loss_ref
+    logs.update({f"d_{k}": v for k, v in logs_lat.items()})
+    if w.uni:
+        uni_d, part = unification_d_loss(nets["style_discriminator"](s_ref, y_trg), nets["style_discriminator"](s_lat, y_trg))
+        loss_d, logs = loss_d + uni_d, {**logs, **part}
+    opts["optimizer_d"].zero_grad(set_to_none=True)
+    ok = guarded(guard, state, "loss_d", loss_d)
+    if ok:
+        loss_d.backward()
+        average_gradients(*ds_)
+        opts["optimizer_d"].step()
+    elif guard.rollback_pending:
+        return None
+    logs["loss_d"] = float(loss_d.detach())
+
+    # G, the flow and E with latent styles
+    with no_parameter_grads(*ds_):
+        loss_g, g_logs = _g_terms(cfg, nets, step, x_real, y_org, y_trg, f(z1, y_trg), f(z2, y_trg), latent=True, x_ref=x_ref)
+    if guard is not None:
+        loss_g = guard.inject(loss_g, state)
+    for name in ("optimizer_g", "optimizer_f", "optimizer_e"):
+        opts[name].zero_grad(set_to_none=True)
+    if guarded(guard, state, "loss_g (latent)", loss_g):
+        loss_g.backward()
+        average_gradients(nets["generator"], f, e)
+        for name in ("optimizer_g", "optimizer_f", "optimizer_e"):
+            opts[name].step()
+    elif guard.rollback_pending:
+        return None
+    else:
+        ok = False
+    logs.update({f"{k}_latent" if k != "lambda_ds" else k: v for k, v in g_logs.items()})
+
+    # G alone with reference styles
+    with no_parameter_grads(*ds_, f, e):
+        loss_r, r_logs = _g_terms(cfg, nets, step, x_real, y_org, y_trg, e(x_ref, y_trg), e(x_ref2, y_trg), latent=False)
+    opts["optimizer_g"].zero_grad(set_to_none=True)
+    if guarded(guard, state, "loss_g (reference)", loss_r):
+        loss_r.backward()
+        average_gradients(nets["generator"])
+        opts["optimizer_g"].step()
+    else:
+        ok = False
+    logs.update({f"{k}_ref": v for k, v in r_logs.items() if k != "lambda_ds"})
+    if guard is not None:
+        guard.step_done(ok)
+    return logs if ok else None
+
+
+@torch.no_grad()
+def validate_multidomain(cfg: MultiDomainTrainConfig, nets: dict, x: torch.Tensor, y: torch.Tensor, seed: int, device) -> dict[str, float]:
+    """Cheap per-epoch numbers: how far latent styles are from reference styles of the same domain
+    (mean distance of each latent style to its nearest reference style, against reference-to-reference),
+    and how much G's output moves with the style (mean |G(x, s1) − G(x, s2)|)."""
+    for net in nets.values():
+        net.eval()
+    x, y = x.to(device), y.to(device)
+    gen = torch.Generator().manual_seed(seed)
+    s_ref = nets["style_encoder"](x, y)
+    s_lat = nets["flow"](torch.randn(len(x), cfg.model.style_dim, generator=gen).to(device), y)
+    d_lat, d_ref = [], []
+    for dom in y.unique():
+        r, l = s_ref[y == dom], s_lat[y == dom]
+        if len(r) < 2:
+            continue
+        d_lat.append(torch.cdist(l, r).min(1).values.mean())
+        rr = torch.cdist(r, r) + torch.eye(len(r), device=device) * 1e9
+        d_ref.append(rr.min(1).values.mean())
+    s2 = nets["flow"](torch.randn(len(x), cfg.model.style_dim, generator=gen).to(device), y)
+    g = nets["generator"]
+    moved = (g(x, s_lat) - g(x, s2)).abs().mean().item()
+    for net in nets.values():
+        net.train()
+    lat, ref = (torch.stack(d_lat).mean().item(), torch.stack(d_ref).mean().item()) if d_lat else (float("nan"), float("nan"))
+    return {"val_latent_to_ref": lat, "val_ref_to_ref": ref, "val_style_gap": lat / max(ref, 1e-9), "val_style_effect": moved}
+
+
+@dataclass
+class MultiDomainRecipe(Recipe):
+    """G, the style encoder, the flow, D and D_s; each step StarGAN v2's four updates on a batch of real
+    images, random target domains and two reference images of each target domain."""
+
+    cfg: MultiDomainTrainConfig
+    data: DomainDataConfig
+    train_images: DomainImages
+    val_images: DomainImages
+    job: Any = None
+    name: str = "multidomain"
+
+    def build(self, w: Worker) -> dict[str, torch.nn.Module]:
+        return {k: v.to(w.device) for k, v in build_multidomain(self.cfg.model).items()}
+
+    def make_optimizers(self, w: Worker, modules):
+        self.nets = modules
+        self.opts = make_optimizers(self.cfg, modules)
+        return dict(self.opts)
+
+    def prepare(self, w: Worker, state) -> None:
+        cfg, images = self.cfg, self.train_images
+        broadcast_parameters(*self.nets.values())
+        self.store = domain_store(images, self.data, cfg.image_cache_mb)
+        self.by_domain = [images.rows_of(d) for d in range(len(images.names))]
+        n = len(images.paths)
+        # every image once per epoch; L_smooth needs two images in every batch (the sizes do not depend on the seed)
+        smallest = min(len(rows) for r in range(w.world) for rows in epoch_batches(n, cfg.batch_size, 0, r, w.world))
+        if smallest < 2:
+            raise ValueError(f"{n} training images for {w.world} workers of batch {cfg.batch_size} leave a batch of "
+                             f"{smallest} (L_smooth needs 2)")
+        if w.rank == 0:
+            rows = np.random.default_rng(cfg.seed).permutation(len(self.val_images.paths))[: cfg.val_images]
+            self.val_x = domain_store(self.val_images, self.data, 0).batch(rows)
+            self.val_y = torch.as_tensor(self.val_images.domains[rows])
+
+    def batches(self, w: Worker, epoch: int, streams):
+        self.rng = np.random.default_rng([self.cfg.seed, *streams])
+        rows = epoch_batches(len(self.train_images.paths), self.cfg.batch_size, [self.cfg.seed, epoch], w.rank, w.world)
+        return [(len(r), r) for r in rows]
+
+    def references(self, domains: np.ndarray) -> np.ndarray:
+        """For each wanted domain, a random training row of that domain."""
+        return np.array([self.rng.choice(self.by_domain[d]) for d in domains], np.int64)
+
+    def step(self, w: Worker, rows, state, guard):
+        y_trg = self.rng.integers(0, len(self.train_images.names), len(rows))
+        x_real = self.store.batch(rows).to(w.device)
+        x_ref = self.store.batch(self.references(y_trg)).to(w.device)
+        x_ref2 = self.store.batch(self.references(y_trg)).to(w.device)
+        if self.cfg.flip:
+            (x_real,) = random_flip(x_real)
+        y_org = torch.as_tensor(self.train_images.domains[rows], device=w.device)
+        return multidomain_step(self.cfg, self.nets, self.opts, x_real, y_org, x_ref, x_ref2,
+                                torch.as_tensor(y_trg, device=w.device), state["step"], guard, state)
+
+    def validate(self, w: Worker, state):
+        return validate_multidomain(self.cfg, self.nets, self.val_x, self.val_y, self.cfg.seed, w.device)
+
+    def grid(self, w: Worker, state):
+        m = self.cfg.monitor
+        return "latent_guided", latent_grid(self.nets, self.val_x[: m.grid_inputs], len(self.train_images.names),
+                                            max(1, m.grid_samples), m.seed)
+
+    def progress(self, m: dict[str, Any]) -> list[str]:
+        return [f"loss_g {m.get('train_loss_g_latent', float('nan')):.4f}", f"loss_d {m.get('train_loss_d', float('nan')):.4f}",
+                f"{m['images_per_s']:.1f} img/s", f"style gap {m['val_style_gap']:.2f}"]
