@@ -27,8 +27,9 @@ def main(argv=None):
     # A cluster address (RAY_ADDRESS, set by `ray job submit`) is joined; otherwise a local instance starts.
     init_ray()
     out = run_sweep(cfg)
-    for key in ("experiment", "md", "csv", "png"):
-        print(f"[sweep] {key:<10} {out[key]}", flush=True)
+    print(f"[sweep] {'experiment':<10} {out.experiment}", flush=True)
+    for key in ("md", "csv", "png"):
+        print(f"[sweep] {key:<10} {out.tables[key]}", flush=True)
 
 
 if __name__ == "__main__":

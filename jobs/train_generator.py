@@ -66,10 +66,7 @@ def main(argv=None):
     # A cluster address (RAY_ADDRESS, set by `ray job submit`) is joined; otherwise a local instance starts.
     init_ray()
     check_resources(cfg.run)
-    out = run_train_generator(cfg)
-    for key in ("joint", "stage2", "stage3", "mapper", "eval", "metrics"):
-        if key in out:
-            print(f"[train_generator] {key:<7} {out[key]}", flush=True)
+    run_train_generator(cfg).print_summary()
 
 
 if __name__ == "__main__":

@@ -26,10 +26,7 @@ def main(argv=None):
     check_weights(lpips=LPIPSConfig())
     init_ray()
     check_resources(cfg.run)
-    out = run_train_multidomain(cfg)
-    for key in ("multidomain", "eval", "metrics"):
-        if key in out:
-            print(f"[train_multidomain] {key:<11} {out[key]}", flush=True)
+    run_train_multidomain(cfg).print_summary()
 
 
 if __name__ == "__main__":

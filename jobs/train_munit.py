@@ -26,10 +26,7 @@ def main(argv=None):
     check_weights(vgg=cfg.train.vgg if cfg.train.weights.vgg else None, lpips=LPIPSConfig())
     init_ray()
     check_resources(cfg.run)
-    out = run_train_munit(cfg)
-    for key in ("munit", "eval", "metrics"):
-        if key in out:
-            print(f"[train_munit] {key:<7} {out[key]}", flush=True)
+    run_train_munit(cfg).print_summary()
 
 
 if __name__ == "__main__":

@@ -119,17 +119,17 @@ def job_run(ray_session, synthetic_root, stage2_run, tmp_path_factory):
 
 def test_job_outputs(job_run):
     cfg, out = job_run
-    assert "stage2" not in out and "/stage3-" in out["stage3"]
+    assert [s.name for s in out.stages] == ["stage3"] and "/stage3-" in out.checkpoint
     # 96 images / 2 workers / 8 per batch: 6 steps per epoch on each worker
-    assert out["stage3_metrics"]["step"] == 6
-    assert (Path(out["mapper"]) / "mapper.pt").is_file()
-    summary = json.loads(Path(out["metrics"]).read_text())
+    assert out.stage("stage3").metrics["step"] == 6
+    assert (Path(out.outputs["mapper"]) / "mapper.pt").is_file()
+    summary = json.loads(Path(out.summary).read_text())
     assert summary["config"]["stage3_epochs"] == 1
     # which reconstruction term trained, saved with the run and with every checkpoint (real VGG: no fallback)
-    assert summary["reconstruction"].startswith("VGG x 0.02 (activation scale 5.76") and "pretrained:" in summary["reconstruction"]
-    state = json.loads((Path(out["stage3"]) / "state.json").read_text())
-    assert state["reconstruction"] == summary["reconstruction"]
-    record = json.loads((Path(out["eval"]) / "metrics.json").read_text())
+    assert summary["details"]["reconstruction"].startswith("VGG x 0.02 (activation scale 5.76") and "pretrained:" in summary["details"]["reconstruction"]
+    state = json.loads((Path(out.stage("stage3").checkpoint) / "state.json").read_text())
+    assert state["reconstruction"] == summary["details"]["reconstruction"]
+    record = json.loads((Path(out.outputs["eval"]) / "metrics.json").read_text())
     m = record["metrics"]
     for key in ("psnr", "lpips", "psnr_other_style", "diversity_refs", "diversity_mapper", "diversity_fixed_code"):
         assert np.isfinite(m[key]), key
@@ -138,14 +138,14 @@ def test_job_outputs(job_run):
     assert record["lpips_weights"].startswith("alexnet pretrained:") and record["vgg_weights"].startswith("pretrained:")
     for name in ("transfer", "interpolation", "sampling", "embedding"):
         assert Path(record["pictures"][name]).stat().st_size > 500, name
-    assert (Path(out["eval"]) / "table_row.md").read_text().count("|") > 10
+    assert (Path(out.outputs["eval"]) / "table_row.md").read_text().count("|") > 10
 
 
 def test_stage3_and_mapper_are_watched_in_tensorboard(job_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     _, out = job_run
-    run_folder = Path(out["stage3"]).parent
+    run_folder = Path(out.stage("stage3").checkpoint).parent
     acc = EventAccumulator(str(run_folder / "tensorboard"), size_guidance={"scalars": 0, "images": 0}).Reload()
     scalars, images = set(acc.Tags()["scalars"]), set(acc.Tags()["images"])
     assert {"stage3/train_loss_g", "stage3/train_loss_d", "stage3/images_per_s", "stage3/val_psnr", "mapper/loss"} <= scalars
@@ -162,14 +162,14 @@ def test_stage3_and_mapper_are_watched_in_tensorboard(job_run):
 def test_stage3_trained_the_encoder(job_run, stage2_run):
     _, out = job_run
     e2 = torch.load(io.BytesIO(storage.read_bytes(storage.join(stage2_run[0], "encoder.pt"))), weights_only=True)
-    e3 = _tensors(Path(out["stage3"]) / "encoder.pt")
+    e3 = _tensors(Path(out.stage("stage3").checkpoint) / "encoder.pt")
     assert any(not torch.equal(e2[k], e3[k]) for k in e2)
-    opt = _tensors(Path(out["stage3"]) / "optimizer_g.pt")
+    opt = _tensors(Path(out.stage("stage3").checkpoint) / "optimizer_g.pt")
     assert len(opt["param_groups"]) == 2  # G's group, then E's
-    assert "train_encoder: true" in (Path(out["stage3"]) / "config.yaml").read_text()
+    assert "train_encoder: true" in (Path(out.stage("stage3").checkpoint) / "config.yaml").read_text()
     from step_ray.style.encode import load_encoder
 
-    assert load_encoder(out["stage3"]).cfg.block_channels == (8, 16)  # stage-3 checkpoints work as encoders too
+    assert load_encoder(out.stage("stage3").checkpoint).cfg.block_channels == (8, 16)  # stage-3 checkpoints work as encoders too
 
 
 def test_evaluate_job_writes_to_s3(job_run, s3_bucket, synthetic_root):
@@ -177,8 +177,8 @@ def test_evaluate_job_writes_to_s3(job_run, s3_bucket, synthetic_root):
     from step_ray.data.pix2pix import DataConfig
 
     _, out = job_run
-    ev = EvalConfig(checkpoint=out["stage3"], data=DataConfig(root=str(synthetic_root), image_size=32), num_inputs=2,
+    ev = EvalConfig(checkpoint=out.stage("stage3").checkpoint, data=DataConfig(root=str(synthetic_root), image_size=32), num_inputs=2,
                     num_styles=3, output=f"s3://{s3_bucket}/eval", grid_inputs=2, grid_references=3, mapper_samples=50)
     record = evaluate(ev)
-    assert record["mapper"] == out["mapper"]  # found beside the checkpoint
+    assert record["mapper"] == out.outputs["mapper"]  # found beside the checkpoint
     assert storage.exists(f"s3://{s3_bucket}/eval/metrics.json") and storage.exists(f"s3://{s3_bucket}/eval/transfer.png")

@@ -106,28 +106,28 @@ def test_multidomain_job_trains_resumes_and_evaluates(ray_session, synthetic_roo
                                                                              "train.nonfinite.inject_at_steps=[0]"]))
     out = run_train_multidomain(load_config(TrainMultiDomainConfig, None, [*overrides, "train.max_epochs=2",
                                                                            "train.max_steps=4", "run.resume=true"]))
-    assert out["domains"] == ["stripes", "checks", "dots", "blotches"]
-    assert Path(first["multidomain"]).parent == Path(out["multidomain"]).parent
-    state = json.loads((Path(out["multidomain"]) / "state.json").read_text())
+    assert out.details["domains"] == ["stripes", "checks", "dots", "blotches"]
+    assert Path(first.checkpoint).parent == Path(out.checkpoint).parent
+    state = json.loads((Path(out.checkpoint) / "state.json").read_text())
     assert [h["epoch"] for h in state["history"]] == [0, 1] and state["step"] == 4
     assert state["restarts"] == [{"epoch": 1, "step": 2}]  # the resume, recorded
     assert [e["step"] for e in state["nonfinite"]["events"]] == [0] and state["nonfinite"]["skipped"] == 1
     assert [h["nonfinite_steps"] for h in state["history"]] == [1, 0]
-    m = out["eval_metrics"]
-    assert set(m["diversity_per_domain"]) == set(out["domains"]) and 0 <= m["unification_accuracy"] <= 1
+    m = out.eval_metrics
+    assert set(m["diversity_per_domain"]) == set(out.details["domains"]) and 0 <= m["unification_accuracy"] <= 1
     for key in ("diversity_latent", "interp_lpips_mean", "interp_lpips_var"):
         assert m[key] == m[key], key
     for name in ("latent_guided", "reference_guided"):
-        assert Path(out["eval"], f"{name}.png").stat().st_size > 300
-    nets = load_multidomain(out["multidomain"])
+        assert Path(out.outputs["eval"], f"{name}.png").stat().st_size > 300
+    nets = load_multidomain(out.checkpoint)
     assert nets["flow"](torch.zeros(2, 8), torch.tensor([0, 3])).shape == (2, 8)
-    samples = Path(out["multidomain"]).parent / "samples"
-    assert (samples / "multidomain_epoch0001.png").is_file(), (out["multidomain"], sorted(p.name for p in Path(out["multidomain"]).parent.rglob("*")))
+    samples = Path(out.checkpoint).parent / "samples"
+    assert (samples / "multidomain_epoch0001.png").is_file(), (out.checkpoint, sorted(p.name for p in Path(out.checkpoint).parent.rglob("*")))
     # one checkpoint schema: the checkpoint CLI ranks this run by its own metric (val_style_gap, lower is better)
     from step_ray import checkpoints
 
-    record = yaml.safe_load((Path(out["multidomain"]) / "config.yaml").read_text())
+    record = yaml.safe_load((Path(out.checkpoint) / "config.yaml").read_text())
     assert record["method"] == "multidomain" and record["run"]["checkpoint_metric"] == "val_style_gap"
     assert record["recipe"]["model"]["style_dim"] == 8 and record["job"]["data"]["image_size"] == 32
     gaps = {f"checkpoint_epoch{h['epoch']:04d}": h["val_style_gap"] for h in state["history"]}
-    assert checkpoints.best_checkpoint(out["multidomain_run"]).name == min(gaps, key=gaps.get)
+    assert checkpoints.best_checkpoint(out.last.run_folder).name == min(gaps, key=gaps.get)

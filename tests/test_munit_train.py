@@ -85,8 +85,8 @@ def test_munit_job_trains_resumes_and_evaluates(ray_session, synthetic_root, tmp
                                                                  "train.nonfinite.inject_at_steps=[1]", "evaluate=false"]))
     out = run_train_munit(load_config(TrainMUNITConfig, None, [*overrides, "train.max_epochs=2", "train.max_steps=6",
                                                                "run.resume=true"]))
-    assert Path(first["munit"]).parent == Path(out["munit"]).parent  # the same run, continued
-    state = json.loads((Path(out["munit"]) / "state.json").read_text())
+    assert Path(first.checkpoint).parent == Path(out.checkpoint).parent  # the same run, continued
+    state = json.loads((Path(out.checkpoint) / "state.json").read_text())
     assert [h["epoch"] for h in state["history"]] == [0, 1] and state["step"] == 6
     assert state["restarts"] == [{"epoch": 1, "step": 3}]  # the resume, recorded
     # the NaN injected at step 1 was skipped, counted, and remembered across the resume
@@ -94,10 +94,10 @@ def test_munit_job_trains_resumes_and_evaluates(ray_session, synthetic_root, tmp
     assert [h["nonfinite_steps"] for h in state["history"]] == [1, 0]
     for key in ("train_loss_g", "train_recon_x_a", "val_psnr", "val_psnr_random_style", "val_recon_psnr_b"):
         assert state["history"][-1][key] == state["history"][-1][key], key
-    m = out["eval_metrics"]
+    m = out.eval_metrics
     for key in ("psnr", "lpips", "psnr_random_style", "diversity_refs", "diversity_random"):
         assert m[key] == m[key], key
-    nets = load_munit(out["munit"])
+    nets = load_munit(out.checkpoint)
     assert nets["gen_a"].encode(torch.zeros(1, 3, 32, 32))[1].shape == (1, 4)
-    run_folder = Path(out["munit"]).parent
+    run_folder = Path(out.checkpoint).parent
     assert (run_folder / "samples" / "munit_epoch0001.png").is_file() and any((run_folder / "tensorboard").iterdir())

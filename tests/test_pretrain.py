@@ -47,19 +47,19 @@ def resumed_run(ray_session, synthetic_root, stage1_cache, tmp_path_factory):
 
 def test_outputs_beside_the_checkpoint(resumed_run, synthetic_root):
     tmp, first, second = resumed_run
-    run_dir = Path(second["metrics"]).parent
-    assert Path(first["metrics"]).parent == run_dir  # resume continued the same run
-    metrics = json.loads(Path(second["metrics"]).read_text())
+    run_dir = Path(second.summary).parent
+    assert Path(first.summary).parent == run_dir  # resume continued the same run
+    metrics = json.loads(Path(second.summary).read_text())
     assert [h["epoch"] for h in metrics["history"]] == [0, 1]  # no duplicated or skipped epoch
     final = metrics["final"]
     for key in ("train_loss", "train_active_fraction", "images_per_s", "val_knn_acc", "val_triplet_acc", "val_rank_corr"):
         assert np.isfinite(final[key]), key
     assert metrics["vgg_weights"].startswith(("random", "pretrained"))
-    assert Path(second["embedding"]).stat().st_size > 5000 and Path(second["neighbours"]).stat().st_size > 1000
-    saved = (Path(second["checkpoint"]) / "config.yaml").read_text()
+    assert Path(second.outputs["embedding"]).stat().st_size > 5000 and Path(second.outputs["neighbours"]).stat().st_size > 1000
+    saved = (Path(second.checkpoint) / "config.yaml").read_text()
     assert "margin: 0.1" in saved and "storage_path" in saved  # the config travels with the checkpoint
     # the cached style statistics and mining were reused by the second call
-    assert first["style_stats"] == second["style_stats"] and first["mining"] == second["mining"]
+    assert first.outputs["style_stats"] == second.outputs["style_stats"] and first.outputs["mining"] == second.outputs["mining"]
 
 
 
@@ -68,9 +68,9 @@ def test_stage1_is_watched_in_tensorboard(resumed_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     _, _, second = resumed_run
-    run_dir = Path(second["metrics"]).parent
+    run_dir = Path(second.summary).parent
     acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0}).Reload()
-    history = json.loads(Path(second["metrics"]).read_text())["history"]
+    history = json.loads(Path(second.summary).read_text())["history"]
     steps = [e.step for e in acc.Scalars("stage1/train_loss")]
     # interval points (every 20 steps) and the epoch means (at each epoch's last step), in order
     assert steps == sorted(steps) and {h["step"] for h in history} <= set(steps)
@@ -82,17 +82,17 @@ def test_stage1_is_watched_in_tensorboard(resumed_run):
 def test_resume_equals_uninterrupted_run_on_s3(resumed_run, synthetic_root, s3_bucket):
     cache, _, resumed = resumed_run
     straight = run_pretrain(_cfg(synthetic_root, cache, f"run.storage_path=s3://{s3_bucket}/runs", "train.max_epochs=2"))
-    assert straight["checkpoint"].startswith(f"s3://{s3_bucket}/runs/stage1-")
-    assert storage.exists(storage.join(straight["checkpoint"], "encoder.pt"))
-    assert storage.exists(straight["embedding"]) and storage.exists(straight["metrics"])
-    a, b = _weights(resumed["checkpoint"]), _weights(straight["checkpoint"])
+    assert straight.checkpoint.startswith(f"s3://{s3_bucket}/runs/stage1-")
+    assert storage.exists(storage.join(straight.checkpoint, "encoder.pt"))
+    assert storage.exists(straight.outputs["embedding"]) and storage.exists(straight.summary)
+    a, b = _weights(resumed.checkpoint), _weights(straight.checkpoint)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
     # inference from the S3 checkpoint
     from step_ray.data.pix2pix import DataConfig, load_split
 
     val = load_split(DataConfig(root=str(synthetic_root), image_size=32), "val", limit=4)
-    z = encode(val.b, straight["checkpoint"])
+    z = encode(val.b, straight.checkpoint)
     assert z.shape == (4, 8) and np.isfinite(z).all()
 
 
@@ -100,7 +100,7 @@ def test_two_ddp_workers(resumed_run, synthetic_root, tmp_path):
     cached = resumed_run[0]  # reuses the cached style statistics and neighbours
     out = run_pretrain(_cfg(synthetic_root, cached, f"run.storage_path={tmp_path / 'runs'}", "train.max_epochs=1",
                             "run.num_workers=2"))
-    final = json.loads(Path(out["metrics"]).read_text())["final"]
+    final = json.loads(Path(out.summary).read_text())["final"]
     # each of the 2 workers took its half of the anchors: 96 anchors / 8 per batch / 2 workers = 6 steps
     assert final["step"] == 6
     assert np.isfinite(final["train_loss"])

@@ -266,7 +266,7 @@ def test_stage2_job_killed_then_resumed(stage2, ray_session, tmp_path):
     assert killer.result == proc.pid and proc.returncode == -9, (tmp_path / "job.log").read_text()[-3000:]
     time.sleep(2)
     out = run_train_generator(load_config(TrainGeneratorConfig, None, [*args, "run.resume=true"]))
-    state = _state(out["stage2"])
+    state = _state(out.stage("stage2").checkpoint)
     _assert_whole_history(state, 4)
     assert len(state["restarts"]) == 1 and state["restarts"][0]["epoch"] >= 2, state["restarts"]
 

@@ -107,7 +107,7 @@ def test_sweep_interrupted_resumed_and_tabled(ray_session, synthetic_root, stage
     assert after[other]["starts"] == before[other]["starts"] + 1 and after[other]["finished"]
 
     # 3. the results table
-    rows = {r["variant"]: r for r in out["rows"]}
+    rows = {r["variant"]: r for r in out.rows}
     assert set(rows) == {"bicycle_v2", "ours_v4"}
     for name, row in rows.items():
         assert row["status"] == "TERMINATED" and row["evaluated"], row
@@ -115,18 +115,18 @@ def test_sweep_interrupted_resumed_and_tabled(ray_session, synthetic_root, stage
             assert isinstance(row[key], float) and row[key] == row[key], (name, key, row[key])
     assert rows["bicycle_v2"]["encoder"] == "scratch" and rows["bicycle_v2"]["random_z"]
     assert rows["ours_v4"]["encoder"] == "pre-trained" and not rows["ours_v4"]["random_z"]
-    md = Path(out["md"]).read_text()
+    md = Path(out.tables["md"]).read_text()
     assert "| BicycleGAN | v2 |" in md and "| Ours | v4 |" in md and md.count("1/1") == 2
-    with open(out["csv"]) as f:
+    with open(out.tables["csv"]) as f:
         table = list(csv.DictReader(f))
     assert [r["variant"] for r in table] == ["bicycle_v2", "ours_v4"]  # the paper's order
     assert float(table[1]["psnr"]) == pytest.approx(rows["ours_v4"]["psnr"])
-    assert Path(out["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Path(out.tables["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # 4. the table is rebuilt from the saved experiment alone
     again = run_sweep(load_config(SweepConfig, config_file, ["table_only=true"]))
-    assert [r["psnr"] for r in again["rows"]] == [r["psnr"] for r in out["rows"]] or \
-        sorted(r["psnr"] for r in again["rows"]) == sorted(r["psnr"] for r in out["rows"])
+    assert [r["psnr"] for r in again.rows] == [r["psnr"] for r in out.rows] or \
+        sorted(r["psnr"] for r in again.rows) == sorted(r["psnr"] for r in out.rows)
 
 
 def test_munit_is_a_sweep_variant_with_its_own_config(tmp_path):

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from step_ray.checkpoints import unwrap
+from step_ray.engine.distributed import average_gradients
 
 
 class NonFiniteLossError(RuntimeError):
@@ -138,6 +139,23 @@ def guarded(guard: NonFiniteGuard | None, state: dict[str, Any] | None, what: st
     """May the update from `loss` be applied? Yes without a guard; with one, when the loss is finite on
     every rank (otherwise the guard has recorded it and acted: skip, flag a rollback, or stop)."""
     return guard is None or guard.finite(state, what, loss)
+
+
+def guarded_update(guard: NonFiniteGuard | None, state: dict[str, Any] | None, what: str, loss: torch.Tensor,
+                   optimizers, modules, amp=None) -> bool:
+    """One guarded optimiser update: zero the optimisers' gradients and, when `loss` is finite on every
+    rank (or there is no guard), backward (through `amp`'s scaler when it has one), average the gradients
+    of `modules` over ranks, step every optimiser. False when the guard dropped the update (check
+    `guard.rollback_pending`: then the step must end here)."""
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    if not guarded(guard, state, what, loss):
+        return False
+    (amp.backward if amp is not None else torch.Tensor.backward)(loss)
+    average_gradients(*modules)
+    for opt in optimizers:
+        amp.step(opt) if amp is not None else opt.step()
+    return True
 
 
 def seed_streams(epoch: int, rank: int, state: dict[str, Any]) -> tuple[int, ...]:

@@ -25,6 +25,7 @@ from step_ray.engine.loop import train
 from step_ray.engine.settings import RunSettings
 from step_ray.eval.embedding import neighbour_grid, plot_embedding, save_png
 from step_ray.mining import MineTripletsConfig, MiningConfig, load_neighbours, mine_triplets
+from step_ray.pipelines.results import StageResult, TrainResult
 from step_ray.recipes.stage1 import Stage1Config, Stage1Inputs, Stage1Recipe
 from step_ray.style.encode import encode, load_encoder
 from step_ray.style.gram import exact_distance_matrix
@@ -174,17 +175,25 @@ def _history(checkpoint_uri: str) -> list[dict]:
     return json.loads(storage.read_bytes(storage.join(checkpoint_uri, STATE_FILE))).get("history", [])
 
 
-def run_pretrain(cfg: PretrainConfig) -> dict[str, str]:
+def run_pretrain(cfg: PretrainConfig) -> TrainResult:
+    """Style statistics, mining, stage 1; the result's checkpoint is the best E (by run.checkpoint_metric),
+    its summary the run's metrics.json, its outputs the embedding and neighbour pictures and the cached steps."""
     started = time.perf_counter()
     inputs, steps = prepare_inputs(cfg)
     print(f"[pretrain] training the style encoder on {len(inputs.train_paths)} images "
           f"({cfg.run.num_workers} worker(s), VGG: {inputs.weight_source})", flush=True)
     result, run_uri = train(Stage1Recipe(cfg.train, inputs, job=cfg), cfg.run)
+    train_seconds = time.perf_counter() - started
     out = report_outputs(cfg, inputs, result, run_uri, steps)
-    print(f"[pretrain] done in {time.perf_counter() - started:.0f}s", flush=True)
-    for key in ("checkpoint", "metrics", "embedding", "neighbours"):
-        print(f"[pretrain] {key:<10} {out[key]}", flush=True)
-    return out
+    stage = StageResult("stage1", checkpoint_uri(result.checkpoint, cfg.run), run_uri, result.metrics or {})
+    done = TrainResult("pretrain", out.pop("checkpoint"), [stage], summary=out.pop("metrics"), outputs=out,
+                       details={"vgg_weights": inputs.weight_source}, train_seconds=train_seconds,
+                       seconds=time.perf_counter() - started)
+    print(f"[pretrain] done in {done.seconds:.0f}s", flush=True)
+    for key, value in (("checkpoint", done.checkpoint), ("metrics", done.summary), ("embedding", out["embedding"]),
+                       ("neighbours", out["neighbours"])):
+        print(f"[pretrain] {key:<10} {value}", flush=True)
+    return done
 
 
 __all__ = ["PretrainConfig", "run_pretrain", "config_to_yaml"]

@@ -188,17 +188,14 @@ def run_trial(params: dict[str, Any], sweep: SweepConfig, experiment: str) -> No
     if isinstance(cfg, TrainGeneratorConfig):  # the evaluation's row is named after the variant
         cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, method=variant))
     out = spec.run(cfg, callbacks=(TuneReportCallback(),))
-    metrics = {k: v for k, v in (out.get("eval_metrics") or {}).items() if isinstance(v, (int, float))}
-    metrics.setdefault("diversity_mapper", metrics.get(spec.sampled_diversity))
-    if "eval_metrics" in out:
-        out["eval_metrics"] = metrics
-    stages = ("stage3_metrics", "joint_metrics", "stage2_metrics", "munit_metrics", "multidomain_metrics")
-    last = next(((out[k] or {}) for k in stages if k in out), {})
+    metrics = {k: v for k, v in (out.eval_metrics or {}).items() if isinstance(v, (int, float))}
+    metrics.setdefault("diversity_mapper", metrics.get(spec.sampled_diversity))  # each samples styles its own way
     final = {"variant": variant, "seed": seed, "params": json.dumps(values, sort_keys=True), "trial_folder": folder,
-             "train_seconds": out["train_seconds"], "train_images_per_s": out.get("images_per_s"),
-             "val_psnr": last.get("val_psnr"), "summary": out["metrics"], "evaluated": "eval_metrics" in out,
-             "epochs": sum((out[k] or {}).get("epoch", -1) + 1 for k in stages if k in out)}
-    final.update({f"eval_{k}": v for k, v in (out.get("eval_metrics") or {}).items() if isinstance(v, (int, float))})
+             "train_seconds": out.train_seconds, "train_images_per_s": out.images_per_s,
+             "val_psnr": out.last.metrics.get("val_psnr"), "summary": out.summary, "evaluated": out.eval_metrics is not None,
+             "epochs": out.epochs}
+    if out.eval_metrics is not None:
+        final.update({f"eval_{k}": v for k, v in metrics.items()})
     ray.tune.report(final)
 
 
@@ -264,6 +261,8 @@ def _tuner(sweep: SweepConfig, experiment: str):
 
 def check_sweep(sweep: SweepConfig) -> None:
     """Every (variant, sampled setting) builds a valid config before anything is launched."""
+    if "method" in (sweep.trial.get("eval") or {}):
+        raise ConfigError("trial.eval.method: a sweep names each evaluation after its variant")
     values = representative_values(read_search_space(sweep.search_space))
     for variant in sweep.variants:
         cfg = trial_config(sweep, variant, sweep.seeds[0], values)
@@ -336,8 +335,20 @@ def absolute_paths(sweep: SweepConfig) -> SweepConfig:
                                multidomain_trial=fixed_tree(sweep.multidomain_trial, True))
 
 
-def run_sweep(sweep: SweepConfig) -> dict[str, Any]:
-    """Run (or resume) the sweep, then write the results table; returns {"experiment", "rows", "md", ...}.
+@dataclass
+class SweepResult:
+    experiment: str  # the experiment folder (local or s3://)
+    rows: list[dict[str, Any]]  # one per trial: variant, seed, components, metrics, status
+    seconds: float
+    tables: dict[str, str]  # md, csv, trials_csv, png: the written results
+
+    @property
+    def md(self) -> str:
+        return self.tables["md"]
+
+
+def run_sweep(sweep: SweepConfig) -> SweepResult:
+    """Run (or resume) the sweep, then write the results table.
     `table_only=true` rebuilds the table of an existing experiment from Tune's saved state."""
     if not sweep.name:
         sweep = dataclasses.replace(sweep, name=f"sweep-{_dt.datetime.now(_dt.timezone.utc).strftime('%Y%m%d-%H%M%S')}")
@@ -370,4 +381,4 @@ def run_sweep(sweep: SweepConfig) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     print(f"[sweep] {len(rows)} trials, {sum(r['evaluated'] for r in rows)} evaluated, in {seconds:.0f}s; "
           f"table {files['md']}", flush=True)
-    return {"experiment": experiment, "rows": rows, "seconds": seconds, **files}
+    return SweepResult(experiment, rows, seconds, files)

@@ -13,13 +13,14 @@ import numpy as np
 import torch
 
 from step_ray import storage
-from step_ray.config import ConfigError, config_to_dict
+from step_ray.config import ConfigError
 from step_ray.data.pix2pix import BadImageError, DataConfig, list_split, load_pair, load_split, to_tensor
 from step_ray.data.scan import PairedSplits, prepare_paired_splits
 from step_ray.engine.launch import checkpoint_uri
 from step_ray.engine.loop import train
 from step_ray.engine.monitor import MonitorConfig, RunMonitor, sample_grid
 from step_ray.engine.settings import RunSettings
+from step_ray.pipelines.results import StageResult, TrainResult
 from step_ray.eval.generator_eval import EvalConfig, evaluate, load_generator
 from step_ray.recipes.generator import GeneratorRecipe, GeneratorTrainConfig, fit_to_image_size, resolve_reconstruction
 from step_ray.recipes.mapper import IMLEConfig, save_mapper, train_mapper
@@ -167,71 +168,53 @@ def monitor_mapper(run_folder: str, checkpoint: str, mapper, info: dict, data: D
     monitor.close()
 
 
-def run_train_generator(cfg: TrainGeneratorConfig, callbacks: tuple = ()) -> dict[str, Any]:
-    """Returns {"stage2": checkpoint, "stage3": checkpoint, "mapper": folder, "metrics": uri, ...}.
-    `callbacks` go to every stage's TorchTrainer (a sweep forwards the epoch reports to Tune)."""
+def run_train_generator(cfg: TrainGeneratorConfig, callbacks: tuple = ()) -> TrainResult:
+    """Stage 2 then stage 3 (or a baseline's joint stage), the mapper, the evaluation. `callbacks` go to
+    every stage's TorchTrainer (a sweep forwards the epoch reports to Tune)."""
     started = time.perf_counter()
     run = cfg.run
     inputs = prepare_paired_splits(cfg.data, cfg.val_split)
-    out: dict[str, Any] = {}
+    stages: list[StageResult] = []
     start = cfg.stage2_checkpoint or cfg.encoder_checkpoint
     scratch = cfg.train.encoder_init == "scratch"
     if not start and not scratch:
         raise ValueError("set encoder_checkpoint (a stage-1 checkpoint) or stage2_checkpoint")
+    if cfg.stage3_epochs and not scratch and not (cfg.stage2_epochs or cfg.stage2_checkpoint):
+        raise ValueError("stage 3 starts from stage 2: set stage2_epochs >= 1 or stage2_checkpoint")
+
+    def stage(name: str, train_cfg: GeneratorTrainConfig) -> str:
+        stage_run = dataclasses.replace(run, name=f"{name}-{run.name}" if run.name else "")
+        result, run_uri, _ = train_generator_stage(train_cfg, stage_run, inputs, name, callbacks, job=cfg)
+        stages.append(StageResult(name, checkpoint_uri(result.checkpoint, stage_run), run_uri, result.metrics or {}))
+        print(f"[train_generator] {name} done: {stages[-1].checkpoint}", flush=True)
+        return stages[-1].checkpoint
+
     if scratch:  # a baseline: E from random init trains with G in one stage of stage2 + stage3 epochs
-        run_j = dataclasses.replace(run, name=f"joint-{run.name}" if run.name else "")
-        train_j = dataclasses.replace(cfg.train, train_encoder=True, max_epochs=cfg.stage2_epochs + cfg.stage3_epochs,
-                                      decay_epochs=cfg.stage3_decay_epochs, encoder_checkpoint="", init_checkpoint="")
-        result, run_uri, _ = train_generator_stage(train_j, run_j, inputs, "joint", callbacks, job=cfg)
-        out["joint"] = start = checkpoint_uri(result.checkpoint, run_j)
-        out["joint_run"] = run_uri
-        out["joint_metrics"] = result.metrics
-        print(f"[train_generator] joint stage done: {start}", flush=True)
+        start = stage("joint", dataclasses.replace(cfg.train, train_encoder=True, max_epochs=cfg.stage2_epochs + cfg.stage3_epochs,
+                                                   decay_epochs=cfg.stage3_decay_epochs))
     elif cfg.stage2_epochs and not cfg.stage2_checkpoint:
-        run2 = dataclasses.replace(run, name=f"stage2-{run.name}" if run.name else "")
-        train2 = dataclasses.replace(cfg.train, max_epochs=cfg.stage2_epochs, decay_epochs=0, encoder_checkpoint=start,
-                                     train_encoder=False, init_checkpoint="")
-        result, run_uri, _ = train_generator_stage(train2, run2, inputs, "stage2", callbacks, job=cfg)
-        out["stage2"] = start = checkpoint_uri(result.checkpoint, run2)
-        out["stage2_run"] = run_uri
-        out["stage2_metrics"] = result.metrics
-        print(f"[train_generator] stage 2 done: {start}", flush=True)
+        start = stage("stage2", dataclasses.replace(cfg.train, max_epochs=cfg.stage2_epochs, encoder_checkpoint=start))
     if cfg.stage3_epochs and not scratch:
-        if not (cfg.stage2_epochs or cfg.stage2_checkpoint):
-            raise ValueError("stage 3 starts from stage 2: set stage2_epochs >= 1 or stage2_checkpoint")
-        run3 = dataclasses.replace(run, name=f"stage3-{run.name}" if run.name else "")
-        train3 = dataclasses.replace(cfg.train, max_epochs=cfg.stage3_epochs, decay_epochs=cfg.stage3_decay_epochs,
-                                     train_encoder=True, init_checkpoint=start)
-        result, run_uri, _ = train_generator_stage(train3, run3, inputs, "stage3", callbacks, job=cfg)
-        out["stage3"] = start = checkpoint_uri(result.checkpoint, run3)
-        out["stage3_run"] = run_uri
-        out["stage3_metrics"] = result.metrics
-        print(f"[train_generator] stage 3 done: {start}", flush=True)
-    out["reconstruction"] = resolve_reconstruction(cfg.train)[1]
-    out["bad_files"] = [{"path": p, "reason": r} for p, r in inputs.bad_files]
-    out["train_seconds"] = time.perf_counter() - started  # the training stages (Ray Train start-up included)
-    last_stage = next((k for k in ("stage3_metrics", "joint_metrics", "stage2_metrics") if k in out), None)
-    if last_stage:
-        out["images_per_s"] = (out[last_stage] or {}).get("images_per_s")
-    final = start
-    final_run = final.rstrip("/").rsplit("/", 1)[0]
+        start = stage("stage3", dataclasses.replace(cfg.train, max_epochs=cfg.stage3_epochs, decay_epochs=cfg.stage3_decay_epochs,
+                                                    train_encoder=True, init_checkpoint=start))
+    out = TrainResult("train_generator", start, stages, train_seconds=time.perf_counter() - started,
+                      details={"reconstruction": resolve_reconstruction(cfg.train)[1],
+                               "bad_files": [{"path": p, "reason": r} for p, r in inputs.bad_files]})
+    final_run = start.rstrip("/").rsplit("/", 1)[0]
     if cfg.train_mapper:
-        codes = encode_split(final, inputs.data, "train", cfg.mapper.max_codes, cfg.mapper.seed, paths=inputs.train_paths)
+        codes = encode_split(start, inputs.data, "train", cfg.mapper.max_codes, cfg.mapper.seed, paths=inputs.train_paths)
         mapper, info = train_mapper(codes, cfg.mapper)
-        out["mapper"] = save_mapper(storage.join(final_run, "mapper"), mapper, cfg.mapper, {**info, "encoder": final})
-        print(f"[train_generator] mapper: {out['mapper']}", flush=True)
+        out.outputs["mapper"] = save_mapper(storage.join(final_run, "mapper"), mapper, cfg.mapper, {**info, "encoder": start})
+        print(f"[train_generator] mapper: {out.outputs['mapper']}", flush=True)
         if cfg.train.monitor.enabled:
-            monitor_mapper(final_run, final, mapper, info, inputs.data, cfg.val_split, cfg.train.monitor)
+            monitor_mapper(final_run, start, mapper, info, inputs.data, cfg.val_split, cfg.train.monitor)
     if cfg.evaluate:
-        ev = dataclasses.replace(cfg.eval, checkpoint=final, mapper=out.get("mapper", ""), data=inputs.data,
+        ev = dataclasses.replace(cfg.eval, checkpoint=start, mapper=out.outputs.get("mapper", ""), data=inputs.data,
                                  split=cfg.val_split)
         record = evaluate(ev)
-        out["eval"] = record["output"]
-        out["table_row"] = record["table_row"]
-        out["eval_metrics"] = record["metrics"]
+        out.outputs["eval"], out.table_row, out.eval_metrics = record["output"], record["table_row"], record["metrics"]
         print(f"[train_generator] {record['table_row']}", flush=True)
-    out["metrics"] = storage.join(final_run, "train_generator.json")
-    out["seconds"] = time.perf_counter() - started
-    storage.write_json(out["metrics"], {**out, "config": config_to_dict(cfg)})
-    print(f"[train_generator] done in {out['seconds']:.0f}s; summary {out['metrics']}", flush=True)
+    out.seconds = time.perf_counter() - started
+    out.write(storage.join(final_run, "train_generator.json"), cfg)
+    print(f"[train_generator] done in {out.seconds:.0f}s; summary {out.summary}", flush=True)
     return out

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from step_ray import storage
-from step_ray.config import config_to_dict
 from step_ray.data.domains import DomainDataConfig, list_domain_split
 from step_ray.engine.launch import checkpoint_uri
 from step_ray.engine.loop import train
 from step_ray.engine.settings import RunSettings
+from step_ray.pipelines.results import StageResult, TrainResult
 from step_ray.eval.multidomain_eval import evaluate_multidomain, load_multidomain
 from step_ray.recipes.multidomain import MultiDomainRecipe, MultiDomainTrainConfig
 
@@ -38,7 +38,8 @@ class TrainMultiDomainConfig:
         self.train.model.check_image_size(self.data.image_size)
 
 
-def run_train_multidomain(cfg: TrainMultiDomainConfig, callbacks: tuple = ()) -> dict[str, Any]:
+def run_train_multidomain(cfg: TrainMultiDomainConfig, callbacks: tuple = ()) -> TrainResult:
+    """Train on the domains of `data`, then evaluate the last checkpoint."""
     started = time.perf_counter()
     train_images, val_images = list_domain_split(cfg.data, "train"), list_domain_split(cfg.data, cfg.val_split)
     if train_images.names != val_images.names:
@@ -48,14 +49,13 @@ def run_train_multidomain(cfg: TrainMultiDomainConfig, callbacks: tuple = ()) ->
                          f"set train.model.num_domains={len(train_images.names)}")
     recipe = MultiDomainRecipe(cfg.train, cfg.data, train_images, val_images, job=cfg)
     result, run_uri = train(recipe, cfg.run, callbacks)
-    out: dict[str, Any] = {"multidomain": checkpoint_uri(result.checkpoint, cfg.run), "multidomain_run": run_uri,
-                           "multidomain_metrics": result.metrics, "train_seconds": time.perf_counter() - started,
-                           "images_per_s": (result.metrics or {}).get("images_per_s"), "domains": train_images.names}
+    checkpoint = checkpoint_uri(result.checkpoint, cfg.run)
+    out = TrainResult("train_multidomain", checkpoint, [StageResult("multidomain", checkpoint, run_uri, result.metrics or {})],
+                      details={"domains": train_images.names}, train_seconds=time.perf_counter() - started)
     if cfg.evaluate:
-        record = evaluate_multidomain(load_multidomain(out["multidomain"]), cfg.data, cfg.val_split,
-                                      storage.join(out["multidomain"], "eval"), num_inputs=cfg.eval_inputs,
-                                      num_styles=cfg.eval_styles, seed=cfg.train.seed)
-        out["eval"], out["eval_metrics"] = record["output"], record["metrics"]
-    out["metrics"] = storage.join(run_uri, "train_multidomain.json")
-    storage.write_json(out["metrics"], {**out, "config": config_to_dict(cfg)})
+        record = evaluate_multidomain(load_multidomain(checkpoint), cfg.data, cfg.val_split, storage.join(checkpoint, "eval"),
+                                      num_inputs=cfg.eval_inputs, num_styles=cfg.eval_styles, seed=cfg.train.seed)
+        out.outputs["eval"], out.eval_metrics = record["output"], record["metrics"]
+    out.seconds = time.perf_counter() - started
+    out.write(storage.join(run_uri, "train_multidomain.json"), cfg)
     return out

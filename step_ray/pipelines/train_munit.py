@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from step_ray import storage
-from step_ray.config import config_to_dict
 from step_ray.data.pix2pix import DataConfig
 from step_ray.data.scan import prepare_paired_splits
 from step_ray.engine.launch import checkpoint_uri
 from step_ray.engine.loop import train
 from step_ray.eval.metrics import LPIPSConfig
 from step_ray.eval.munit_eval import evaluate_munit, load_munit
+from step_ray.pipelines.results import StageResult, TrainResult
 from step_ray.pipelines.train_generator import GeneratorRunSettings
 from step_ray.recipes.munit import MUNITRecipe, MUNITTrainConfig
 
@@ -34,23 +33,23 @@ class TrainMUNITConfig:
         self.train.model.check_image_size(self.data.image_size)
 
 
-def run_train_munit(cfg: TrainMUNITConfig, callbacks: tuple = ()) -> dict[str, Any]:
-    """Train, then evaluate the last checkpoint; returns {"munit": checkpoint, "eval_metrics": ..., ...}."""
+def run_train_munit(cfg: TrainMUNITConfig, callbacks: tuple = ()) -> TrainResult:
+    """Train, then evaluate the last checkpoint."""
     started = time.perf_counter()
     inputs = prepare_paired_splits(cfg.data, cfg.val_split)
     if inputs.data.image_size < cfg.train.discriminator.min_side():
         raise ValueError(f"data.image_size={inputs.data.image_size} is below the discriminator's minimum "
                          f"{cfg.train.discriminator.min_side()} (lower train.discriminator.n_layers or num_scales)")
     result, run_uri = train(MUNITRecipe(cfg.train, inputs, job=cfg), cfg.run, callbacks)
-    out: dict[str, Any] = {"munit": checkpoint_uri(result.checkpoint, cfg.run), "munit_run": run_uri,
-                           "munit_metrics": result.metrics, "train_seconds": time.perf_counter() - started}
-    out["images_per_s"] = (result.metrics or {}).get("images_per_s")
-    print(f"[train_munit] done training: {out['munit']}", flush=True)
+    checkpoint = checkpoint_uri(result.checkpoint, cfg.run)
+    out = TrainResult("train_munit", checkpoint, [StageResult("munit", checkpoint, run_uri, result.metrics or {})],
+                      train_seconds=time.perf_counter() - started)
+    print(f"[train_munit] done training: {checkpoint}", flush=True)
     if cfg.evaluate:
-        nets = load_munit(out["munit"])
-        record = evaluate_munit(nets["gen_a"], nets["gen_b"], inputs.data, cfg.val_split, storage.join(out["munit"], "eval"),
+        nets = load_munit(checkpoint)
+        record = evaluate_munit(nets["gen_a"], nets["gen_b"], inputs.data, cfg.val_split, storage.join(checkpoint, "eval"),
                                 LPIPSConfig(), num_inputs=cfg.eval_inputs, num_styles=cfg.eval_styles)
-        out["eval"], out["eval_metrics"] = record["output"], record["metrics"]
-    out["metrics"] = storage.join(run_uri, "train_munit.json")
-    storage.write_json(out["metrics"], {**out, "config": config_to_dict(cfg)})
+        out.outputs["eval"], out.eval_metrics = record["output"], record["metrics"]
+    out.seconds = time.perf_counter() - started
+    out.write(storage.join(run_uri, "train_munit.json"), cfg)
     return out

@@ -35,8 +35,8 @@ import torch
 from step_ray.checkpoints import load_checkpoint, local_checkpoint_dir, unwrap
 from step_ray.data.scan import PairedSplits
 from step_ray.data.store import pair_store
-from step_ray.engine.distributed import average_gradients, broadcast_parameters, no_parameter_grads, random_flip
-from step_ray.engine.guard import NonFiniteGuard, guarded
+from step_ray.engine.distributed import broadcast_parameters, no_parameter_grads, random_flip
+from step_ray.engine.guard import NonFiniteGuard, guarded_update
 from step_ray.engine.loop import Recipe, Worker, epoch_batches
 from step_ray.engine.monitor import code_samples, sample_grid
 from step_ray.engine.precision import MixedPrecision, checkpoint_activations
@@ -298,24 +298,15 @@ def train_step(cfg: GeneratorTrainConfig, nets: dict, opt_g, opt_d, a: torch.Ten
         with amp.autocast():
             loss_d, logs = discriminator_loss(cfg, nets, a, b, fake.detach(),
                                               None if fake_random is None else fake_random.detach())
-        opt_d.zero_grad(set_to_none=True)
-        if guarded(guard, state, "loss_d", loss_d):
-            amp.backward(loss_d)
-            average_gradients(*discriminators(nets))
-            amp.step(opt_d)
-        elif guard.rollback_pending:
-            return None
-        else:
+        if not guarded_update(guard, state, "loss_d", loss_d, [opt_d], discriminators(nets), amp):
+            if guard.rollback_pending:
+                return None
             ok = False
     with no_parameter_grads(*discriminators(nets)), amp.autocast():
         loss_g, g_logs = generator_loss(cfg, nets, a, b, style, fake, z_random, fake_random, vgg)
     if guard is not None:
         loss_g = guard.inject(loss_g, state)
-    opt_g.zero_grad(set_to_none=True)
-    if guarded(guard, state, "loss_g", loss_g):
-        amp.backward(loss_g)
-        average_gradients(g, *((e,) if cfg.train_encoder else ()))
-        amp.step(opt_g)
+    if guarded_update(guard, state, "loss_g", loss_g, [opt_g], [g, *((e,) if cfg.train_encoder else ())], amp):
         update_ema(nets["generator_ema"], unwrap(g), ema_decay_at(cfg, step))
     else:
         ok = False

@@ -25,8 +25,8 @@ import torch
 
 from step_ray.data.domains import DomainDataConfig, DomainImages
 from step_ray.data.store import domain_store
-from step_ray.engine.distributed import average_gradients, broadcast_parameters, no_parameter_grads, random_flip
-from step_ray.engine.guard import NonFiniteGuard, guarded
+from step_ray.engine.distributed import broadcast_parameters, no_parameter_grads, random_flip
+from step_ray.engine.guard import NonFiniteGuard, guarded_update
 from step_ray.engine.loop import Recipe, Worker, epoch_batches
 from step_ray.engine.settings import LoopConfig, OptimConfig
 from step_ray.eval.multidomain_eval import latent_grid
@@ -133,13 +133,8 @@ def multidomain_step(cfg: MultiDomainTrainConfig, nets: dict, opts: dict, x_real
     if w.uni:
         uni_d, part = unification_d_loss(nets["style_discriminator"](s_ref, y_trg), nets["style_discriminator"](s_lat, y_trg))
         loss_d, logs = loss_d + uni_d, {**logs, **part}
-    opts["optimizer_d"].zero_grad(set_to_none=True)
-    ok = guarded(guard, state, "loss_d", loss_d)
-    if ok:
-        loss_d.backward()
-        average_gradients(*ds_)
-        opts["optimizer_d"].step()
-    elif guard.rollback_pending:
+    ok = guarded_update(guard, state, "loss_d", loss_d, [opts["optimizer_d"]], ds_)
+    if not ok and guard.rollback_pending:
         return None
     logs["loss_d"] = float(loss_d.detach())
 
@@ -148,28 +143,17 @@ def multidomain_step(cfg: MultiDomainTrainConfig, nets: dict, opts: dict, x_real
         loss_g, g_logs = _g_terms(cfg, nets, step, x_real, y_org, y_trg, f(z1, y_trg), f(z2, y_trg), latent=True, x_ref=x_ref)
     if guard is not None:
         loss_g = guard.inject(loss_g, state)
-    for name in ("optimizer_g", "optimizer_f", "optimizer_e"):
-        opts[name].zero_grad(set_to_none=True)
-    if guarded(guard, state, "loss_g (latent)", loss_g):
-        loss_g.backward()
-        average_gradients(nets["generator"], f, e)
-        for name in ("optimizer_g", "optimizer_f", "optimizer_e"):
-            opts[name].step()
-    elif guard.rollback_pending:
-        return None
-    else:
+    latent_opts = [opts[name] for name in ("optimizer_g", "optimizer_f", "optimizer_e")]
+    if not guarded_update(guard, state, "loss_g (latent)", loss_g, latent_opts, [nets["generator"], f, e]):
+        if guard.rollback_pending:
+            return None
         ok = False
     logs.update({f"{k}_latent" if k != "lambda_ds" else k: v for k, v in g_logs.items()})
 
     # G alone with reference styles
     with no_parameter_grads(*ds_, f, e):
         loss_r, r_logs = _g_terms(cfg, nets, step, x_real, y_org, y_trg, e(x_ref, y_trg), e(x_ref2, y_trg), latent=False)
-    opts["optimizer_g"].zero_grad(set_to_none=True)
-    if guarded(guard, state, "loss_g (reference)", loss_r):
-        loss_r.backward()
-        average_gradients(nets["generator"])
-        opts["optimizer_g"].step()
-    else:
+    if not guarded_update(guard, state, "loss_g (reference)", loss_r, [opts["optimizer_g"]], [nets["generator"]]):
         ok = False
     logs.update({f"{k}_ref": v for k, v in r_logs.items() if k != "lambda_ds"})
     if guard is not None:

@@ -25,8 +25,8 @@ import torch
 
 from step_ray.data.scan import PairedSplits
 from step_ray.data.store import pair_store
-from step_ray.engine.distributed import average_gradients, broadcast_parameters, no_parameter_grads, random_flip
-from step_ray.engine.guard import NonFiniteGuard, guarded
+from step_ray.engine.distributed import broadcast_parameters, no_parameter_grads, random_flip
+from step_ray.engine.guard import NonFiniteGuard, guarded_update
 from step_ray.engine.loop import Recipe, Worker, epoch_batches
 from step_ray.engine.precision import MixedPrecision
 from step_ray.engine.settings import LoopConfig, OptimConfig
@@ -107,13 +107,8 @@ def munit_step(cfg: MUNITTrainConfig, nets: dict, opt_gen, opt_dis, x_a: torch.T
         loss_da, logs_da = lsgan_discriminator_loss(dis_a(None, x_a), dis_a(None, x_ba))
         loss_db, logs_db = lsgan_discriminator_loss(dis_b(None, x_b), dis_b(None, x_ab))
     loss_d = loss_da + loss_db
-    opt_dis.zero_grad(set_to_none=True)
-    ok = guarded(guard, state, "loss_d", loss_d)
-    if ok:
-        amp.backward(loss_d)
-        average_gradients(dis_a, dis_b)
-        amp.step(opt_dis)
-    elif guard.rollback_pending:
+    ok = guarded_update(guard, state, "loss_d", loss_d, [opt_dis], [dis_a, dis_b], amp)
+    if not ok and guard.rollback_pending:
         return None
     logs = {"loss_d": logs_da["loss_d"] + logs_db["loss_d"]}
 
@@ -144,12 +139,7 @@ def munit_step(cfg: MUNITTrainConfig, nets: dict, opt_gen, opt_dis, x_a: torch.T
         loss_g, g_logs = munit_generator_loss(w, terms)
     if guard is not None:
         loss_g = guard.inject(loss_g, state)
-    opt_gen.zero_grad(set_to_none=True)
-    if guarded(guard, state, "loss_g", loss_g):
-        amp.backward(loss_g)
-        average_gradients(gen_a, gen_b)
-        amp.step(opt_gen)
-    else:
+    if not guarded_update(guard, state, "loss_g", loss_g, [opt_gen], [gen_a, gen_b], amp):
         ok = False
     amp.update()
     if guard is not None:

@@ -18,6 +18,7 @@ from scipy.stats import spearmanr
 from step_ray.checkpoints import unwrap
 from step_ray.data.pix2pix import DataConfig
 from step_ray.data.store import target_store
+from step_ray.engine.distributed import random_flip
 from step_ray.engine.loop import Recipe, Worker
 from step_ray.engine.precision import checkpoint_activations
 from step_ray.engine.settings import LoopConfig, OptimConfig
@@ -163,9 +164,8 @@ class Stage1Recipe(Recipe):
         cfg, amp = self.cfg, w.amp
         self.model.train()
         x = self.store.batch(batch.reshape(-1)).to(w.device)  # rows a0 p0 n0 a1 p1 n1 ...
-        if cfg.flip:
-            flip = torch.rand(x.shape[0], device=w.device) < 0.5  # per image: a flip keeps the style
-            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        if cfg.flip:  # each image its own flip: a flip keeps the style
+            (x,) = random_flip(x)
         with amp.autocast():
             z = self.model(x)
         z = z.float().view(len(batch), 3, -1)
