@@ -303,10 +303,17 @@ def run_record(method: str, recipe: Any, run: Any, job: Any = None) -> dict[str,
 def read_record(checkpoint: str) -> dict[str, Any]:
     """A checkpoint folder's config.yaml (local or s3://) as a mapping (see `run_record`)."""
     record = yaml.safe_load(storage.read_bytes(storage.join(checkpoint, CONFIG_FILE))) or {}
-    if not isinstance(record, dict) or "recipe" not in record:
-        raise CheckpointError(f"{redact(checkpoint)}: config.yaml has no 'recipe' section (not a step_ray checkpoint, "
-                              "or one written before the one checkpoint schema)")
-    return record
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{redact(checkpoint)}: config.yaml is not a mapping (not a step_ray checkpoint)")
+    return record if "recipe" in record else legacy_record(record)
+
+
+def legacy_record(saved: dict[str, Any]) -> dict[str, Any]:
+    """A config.yaml written before the one schema (2026-12-01) read as one: stage 1 saved its whole job
+    config (the recipe's settings under `train`, with `run`), every other loop only its own settings."""
+    if isinstance(saved.get("train"), dict) and isinstance(saved.get("run"), dict):
+        return {"method": "legacy", "run": saved["run"], "recipe": saved["train"], "job": saved}
+    return {"method": "legacy", "run": {}, "recipe": saved}
 
 
 def recipe_section(record: dict[str, Any], key: str, cls: type, where: str = ""):

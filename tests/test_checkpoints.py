@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from step_ray import checkpoints, storage
-from step_ray.checkpoints import write_manifest
+from step_ray.checkpoints import save_checkpoint, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -155,3 +155,27 @@ def test_incomplete_checkpoints_are_never_listed_ranked_or_pulled(tmp_path):
     (real / "encoder.pt").write_bytes(bytes(data))
     with pytest.raises(IncompleteCheckpointError, match="sha256"):
         load_checkpoint(real, {"encoder": torch.nn.Linear(3, 2)})
+
+
+def test_checkpoints_written_before_the_one_schema_still_load(tmp_path):
+    """Runs trained before 2026-12-01 saved stage 1's whole job config, or a loop's own settings, as
+    config.yaml: their encoders and generators load as they did."""
+    import torch
+
+    from step_ray.eval.generator_eval import load_generator
+    from step_ray.models import EncoderConfig, GeneratorConfig, StyleEncoder, UNetGenerator
+    from step_ray.style.encode import load_encoder
+
+    enc_cfg = {"base_channels": 8, "block_channels": [8, 16]}
+    torch.manual_seed(0)
+    stage1 = tmp_path / "stage1" / "checkpoint_epoch0003"
+    save_checkpoint(stage1, {"encoder": StyleEncoder(EncoderConfig(base_channels=8, block_channels=(8, 16)))}, {},
+                    {"epoch": 4}, {"train": {"encoder": enc_cfg, "margin": 0.1}, "run": {"checkpoint_metric": "val_knn_acc"}})
+    assert load_encoder(str(stage1)).cfg.block_channels == (8, 16)
+    assert checkpoints.read_record(str(stage1))["run"]["checkpoint_metric"] == "val_knn_acc"
+    gen_cfg = GeneratorConfig(num_downs=5, base_channels=8)
+    stage2 = tmp_path / "stage2" / "checkpoint_epoch0000"
+    save_checkpoint(stage2, {"generator": UNetGenerator(gen_cfg), "encoder": StyleEncoder(EncoderConfig(**{**enc_cfg, "block_channels": (8, 16)}))},
+                    {}, {"epoch": 1}, {"generator": {"num_downs": 5, "base_channels": 8}, "encoder": enc_cfg, "lambda_vgg": 0.02})
+    g, tree = load_generator(str(stage2))
+    assert g.cfg.num_downs == 5 and tree["lambda_vgg"] == 0.02 and load_encoder(str(stage2)).cfg.base_channels == 8
