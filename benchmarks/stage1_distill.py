@@ -74,7 +74,7 @@ def main() -> None:
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss) * len(rows)
+            total += float(loss.detach()) * len(rows)
         entry = {"epoch": epoch, "mse": total / len(order)}
         if epoch % 5 == 4 or epoch == args.epochs - 1:
             encoder.eval()
