@@ -106,6 +106,7 @@ class Recipe:
 
     cfg: LoopConfig
     name: str  # the stage: stage1, stage2, stage3, joint, munit, multidomain; names runs, metrics, lines
+    job: Any = None  # the job's whole config, saved with every checkpoint (a recipe may leave it out)
     images_per_example: ClassVar[int] = 1  # stage 1's example is a triplet: three images
     example_name: ClassVar[str] = ""  # set: also report "<example_name>_per_s"
 
@@ -145,7 +146,7 @@ class Recipe:
 
     def record(self, run: RunSettings) -> dict[str, Any]:
         """What every checkpoint's config.yaml holds: method, run, recipe settings (+ the job's config)."""
-        return run_record(self.name, self.cfg, run, getattr(self, "job", None))
+        return run_record(self.name, self.cfg, run, self.job)
 
 
 def _budget_spent(cfg: LoopConfig, state: dict[str, Any]) -> str:

@@ -144,7 +144,7 @@ def report_outputs(cfg: PretrainConfig, inputs: Stage1Inputs, result, run_uri: s
     # metrics.json keeps the full source
     shown = weights.split(":", 1)[0] + ":" + weights.split(":", 1)[1].split("/")[-1] if ":/" in weights else weights
     title = (f"stage-1 z of {len(z)} val images, coloured by {'style id' if labelled else 'style cluster'}\n"
-             f"VGG: {shown}; " + ", ".join(f"{k} {metrics[k]:.3f}" for k in ("val_knn_acc", "val_triplet_acc") if k in metrics))
+             f"VGG: {shown}\n" + ", ".join(f"{k} {metrics[k]:.3f}" for k in ("val_knn_acc", "val_triplet_acc") if k in metrics))
     out = {
         "checkpoint": best,
         "metrics": storage.join(run_uri, "metrics.json"),

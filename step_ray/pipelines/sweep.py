@@ -342,10 +342,6 @@ class SweepResult:
     seconds: float
     tables: dict[str, str]  # md, csv, trials_csv, png: the written results
 
-    @property
-    def md(self) -> str:
-        return self.tables["md"]
-
 
 def run_sweep(sweep: SweepConfig) -> SweepResult:
     """Run (or resume) the sweep, then write the results table.

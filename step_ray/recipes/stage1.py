@@ -160,9 +160,12 @@ class Stage1Recipe(Recipe):
         steps = max(1, -(-len(self.sampler) // self.cfg.batch_size))
         return [(len(b), b) for b in np.array_split(triplets, steps)]
 
+    def begin_epoch(self, w: Worker, epoch: int) -> dict[str, Any]:
+        self.model.train()  # validation (and the untrained baseline) left E in eval mode
+        return {}
+
     def step(self, w: Worker, batch, state, guard) -> dict[str, float] | None:
         cfg, amp = self.cfg, w.amp
-        self.model.train()
         x = self.store.batch(batch.reshape(-1)).to(w.device)  # rows a0 p0 n0 a1 p1 n1 ...
         if cfg.flip:  # each image its own flip: a flip keeps the style
             (x,) = random_flip(x)
