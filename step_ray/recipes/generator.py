@@ -45,11 +45,11 @@ from step_ray.eval.metrics import other_style_rows, psnr
 from step_ray.losses import (embedding_l2_penalty, kl_to_standard_normal, l1_loss, latent_reconstruction_loss,
                              lsgan_discriminator_loss, lsgan_generator_loss, vgg_perceptual_loss)
 from step_ray.losses.perceptual import OFFICIAL_LAYER_WEIGHTS, OFFICIAL_SCALE
-from step_ray.models import (DiscriminatorConfig, EncoderConfig, GeneratorConfig, PatchDiscriminator, StyleEncoder,
+from step_ray.models import (DiscriminatorConfig, EncoderConfig, GeneratorConfig, PatchDiscriminator,
                              UNetGenerator)
 from step_ray.models.encoder import ResidualDownBlock
 from step_ray.recipes.variants import VARIANT_NAMES
-from step_ray.style.encode import load_encoder
+from step_ray.style.encode import build_encoder, load_encoder
 from step_ray.style.vgg import VGGConfig, find_vgg_source, load_vgg
 
 # Every loss term the G/E step can compute, by its log name; D's terms. A variant switches a subset on.
@@ -89,6 +89,12 @@ class GeneratorTrainConfig(LoopConfig):
     lambda_gan_random: float = 0.0  # cLR-GAN: LSGAN on G(A, z_r), z_r ~ N(0, I) (BicycleGAN λ_GAN2 = 1)
     lambda_latent: float = 0.0  # cLR-GAN: |E(G(A, z_r)) − z_r|, its gradient reaching G only (BicycleGAN λ_z = 0.5)
     random_discriminator: Literal["shared", "separate"] = "shared"  # separate: D_r of its own (BicycleGAN's two Ds)
+    # E's learning rate when it trains, as a fraction of G's (optim_g.lr). Stage 3 at G's 1e-3 moved E's
+    # validation codes by 100 % of their norm within 20 steps and G's use of z collapsed (margin over another
+    # photo's code 0.036 -> 0.008 dB), while at 0.1 they moved 44 % and the margin grew to 0.05
+    # (benchmarks/stage3_drift.py, facades 64 px; a z² penalty or an E_ema did not help). The baselines,
+    # whose E starts from scratch, train it at G's rate (their presets set 1.0).
+    encoder_lr_scale: float = 0.1
     ema_decay: float = 0.999  # 0: no EMA (G_ema is a copy of G)
     ema_warmup: bool = True  # decay min(ema_decay, (1+t)/(10+t)): short runs' EMA is not stuck at init
     decay_epochs: int = 0  # the last N epochs decay the lr linearly to 0
@@ -117,6 +123,8 @@ class GeneratorTrainConfig(LoopConfig):
             raise ValueError(f"unknown variant {self.variant!r}; known: {', '.join(VARIANT_NAMES)}")
         if self.generator.nz != self.encoder.nz:
             raise ValueError(f"generator.nz={self.generator.nz} differs from the encoder's nz={self.encoder.nz}")
+        if self.encoder_lr_scale <= 0:
+            raise ValueError(f"encoder_lr_scale must be > 0, got {self.encoder_lr_scale}")
         if self.load_size < 0 or self.fallback_lambda_l1 < 0:
             raise ValueError("load_size and fallback_lambda_l1 must be >= 0")
 
@@ -170,7 +178,7 @@ def build_networks(cfg: GeneratorTrainConfig, device) -> dict[str, torch.nn.Modu
         "generator": g,
         "generator_ema": copy.deepcopy(g).requires_grad_(False).eval(),
         "discriminator": PatchDiscriminator(cfg.discriminator).to(device),
-        "encoder": StyleEncoder(cfg.encoder).to(device),
+        "encoder": build_encoder(cfg.encoder).to(device),
     }
     if cfg.lambda_gan_random and cfg.random_discriminator == "separate":
         nets["discriminator_random"] = PatchDiscriminator(cfg.discriminator).to(device)
@@ -345,7 +353,7 @@ def make_optimizers(cfg: GeneratorTrainConfig, nets: dict, init_folder: str | No
                     group.update(lr=(cfg.optim_g if opt is opt_g else cfg.optim_d).lr,
                                  betas=(cfg.optim_g if opt is opt_g else cfg.optim_d).betas)
     if cfg.train_encoder:
-        opt_g.add_param_group({"params": list(nets["encoder"].parameters())})
+        opt_g.add_param_group({"params": list(nets["encoder"].parameters()), "lr": cfg.optim_g.lr * cfg.encoder_lr_scale})
     for opt in (opt_g, opt_d):
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]

@@ -26,8 +26,9 @@ from step_ray.eval.embedding import neighbour_grid
 from step_ray.eval.pictures import to_uint8
 from step_ray.losses import triplet_loss
 from step_ray.mining import TripletSampler
-from step_ray.models import EncoderConfig, StyleEncoder
+from step_ray.models import EncoderConfig
 from step_ray.models.encoder import ResidualDownBlock
+from step_ray.style.encode import build_encoder
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,11 @@ class Stage1Config(LoopConfig):
     knn_k: int = 5
     knn_reference: int = 2000  # train images encoded as the k-NN reference set
     val_triplets: int = 2000  # held-out triplets whose order is checked against exact distances
+    fit_images: int = 512  # encoder.backbone=vgg_gram: training images its feature centring is fitted on
+    # vgg_gram: the frozen stem's outputs for every training image and its mirror image, computed once,
+    # when they fit in this many MB (then a step trains the head alone: the same numbers, far faster);
+    # 0 or too small: the VGG runs in every step
+    stem_cache_mb: int = 2048
 
     def __post_init__(self):
         super().__post_init__()
@@ -81,17 +87,22 @@ def held_out_triplets(distances: np.ndarray, count: int, seed: int) -> np.ndarra
 
 
 @torch.no_grad()
-def encode_batches(model: torch.nn.Module, images: torch.Tensor, device, batch: int = 64) -> np.ndarray:
+def encode_batches(model: torch.nn.Module, images: torch.Tensor, device, batch: int = 64, from_stem: bool = False) -> np.ndarray:
+    """Codes of images (or, from_stem=True, of precomputed frozen-stem outputs) in batches, eval mode."""
     model.eval()
-    out = [model(images[i : i + batch].to(device)).float().cpu() for i in range(0, len(images), batch)]
+    run = (lambda x: model(x, from_stem=True)) if from_stem else model
+    out = [run(images[i : i + batch].to(device)).float().cpu() for i in range(0, len(images), batch)]
     return torch.cat(out).numpy()
 
 
 def knn_accuracy(query: np.ndarray, query_labels: np.ndarray, ref: np.ndarray, ref_labels: np.ndarray, k: int) -> float:
     """Majority vote of the k nearest reference codes (L2); ties go to the nearest voter's label."""
-    d = ((query[:, None, :] - ref[None, :, :]) ** 2).sum(-1)
-    nearest = np.argsort(d, axis=1)[:, :k]
-    votes = ref_labels[nearest]
+    return knn_vote_accuracy(((query[:, None, :] - ref[None, :, :]) ** 2).sum(-1), query_labels, ref_labels, k)
+
+
+def knn_vote_accuracy(distances: np.ndarray, query_labels: np.ndarray, ref_labels: np.ndarray, k: int) -> float:
+    """knn_accuracy's vote from a precomputed [query, ref] distance matrix (for vectors too wide to broadcast)."""
+    votes = ref_labels[np.argsort(distances, axis=1)[:, :k]]
     correct = 0
     for row, label in zip(votes, query_labels):
         values, counts = np.unique(row, return_counts=True)
@@ -128,7 +139,14 @@ class Stage1Recipe(Recipe):
     example_name = "triplets"
 
     def build(self, w: Worker) -> dict[str, torch.nn.Module]:
-        return {"encoder": StyleEncoder(self.cfg.encoder).to(w.device)}
+        return {"encoder": build_encoder(self.cfg.encoder).to(w.device)}
+
+    def initialise(self, w: Worker, modules) -> dict[str, torch.optim.Optimizer]:
+        if self.cfg.encoder.backbone == "vgg_gram":  # centre its Gram features: the same seeded images on every rank
+            rows = np.random.default_rng(self.cfg.seed).permutation(len(self.inputs.train_paths))[: self.cfg.fit_images]
+            images = target_store([self.inputs.train_paths[r] for r in rows], self.inputs.data, 0).batch(range(len(rows)))
+            modules["encoder"].fit_input_statistics(images.to(w.device))
+        return self.make_optimizers(w, modules)
 
     def make_optimizers(self, w: Worker, modules) -> dict[str, torch.optim.Optimizer]:
         self.model = modules["encoder"]
@@ -144,10 +162,15 @@ class Stage1Recipe(Recipe):
         if "sampler" in state:  # checks the checkpoint was made for these neighbours
             self.sampler.load_state_dict(state["sampler"])
         self.store = target_store(inputs.train_paths, inputs.data, cfg.image_cache_mb)
+        self.stem_bank = stem_outputs(unwrap(self.model), self.store, cfg.stem_cache_mb, w.device)
         if w.rank != 0:
             return
         self.val_images = target_store(inputs.val_paths, inputs.data, 0).batch(range(len(inputs.val_paths)))
         self.triplets = held_out_triplets(inputs.val_distances, cfg.val_triplets, cfg.seed)
+        if self.stem_bank is not None:
+            with torch.no_grad():
+                stem = unwrap(self.model).frozen_stem
+                self.val_stem = torch.cat([stem(self.val_images[i : i + 64].to(w.device)) for i in range(0, len(self.val_images), 64)])
         self.labelled = bool((inputs.train_style_ids >= 0).all())
         self.ref_rows = np.random.default_rng(cfg.seed).permutation(len(inputs.train_paths))[: cfg.knn_reference]
         if "untrained" not in state:
@@ -166,11 +189,18 @@ class Stage1Recipe(Recipe):
 
     def step(self, w: Worker, batch, state, guard) -> dict[str, float] | None:
         cfg, amp = self.cfg, w.amp
-        x = self.store.batch(batch.reshape(-1)).to(w.device)  # rows a0 p0 n0 a1 p1 n1 ...
-        if cfg.flip:  # each image its own flip: a flip keeps the style
-            (x,) = random_flip(x)
-        with amp.autocast():
-            z = self.model(x)
+        rows = batch.reshape(-1)  # a0 p0 n0 a1 p1 n1 ...
+        if self.stem_bank is not None:  # each image its own flip (a flip keeps the style), from the bank
+            mirror = (torch.rand(len(rows)) < 0.5).long() if cfg.flip else torch.zeros(len(rows), dtype=torch.long)
+            with amp.autocast():
+                bank = self.stem_bank
+                z = self.model(bank[torch.as_tensor(rows, device=bank.device), mirror.to(bank.device)], from_stem=True)
+        else:
+            x = self.store.batch(rows).to(w.device)
+            if cfg.flip:
+                (x,) = random_flip(x)
+            with amp.autocast():
+                z = self.model(x)
         z = z.float().view(len(batch), 3, -1)
         loss, logs = triplet_loss(z[:, 0], z[:, 1], z[:, 2], cfg.margin, cfg.l2_weight)
         loss = guard.inject(loss, state)
@@ -186,8 +216,12 @@ class Stage1Recipe(Recipe):
 
     def _validation(self, w: Worker) -> tuple[np.ndarray, dict[str, float]]:
         net = unwrap(self.model)
-        z_val = encode_batches(net, self.val_images, w.device)
-        z_ref = encode_batches(net, self.store.batch(self.ref_rows), w.device) if self.labelled else None
+        if self.stem_bank is not None:  # the frozen stem's outputs, computed once: validation costs only the head
+            z_val = encode_batches(net, self.val_stem, w.device, from_stem=True)
+            z_ref = encode_batches(net, self.stem_bank[self.ref_rows, 0], w.device, from_stem=True) if self.labelled else None
+        else:
+            z_val = encode_batches(net, self.val_images, w.device)
+            z_ref = encode_batches(net, self.store.batch(self.ref_rows), w.device) if self.labelled else None
         ref_labels = self.inputs.train_style_ids[self.ref_rows] if self.labelled else None
         return z_val, validation_metrics(z_val, self.inputs, self.triplets, z_ref, ref_labels, self.cfg.knn_k)
 
@@ -206,6 +240,24 @@ class Stage1Recipe(Recipe):
         parts = [f"loss {m.get('train_loss', float('nan')):.4f}", f"active {m.get('train_active_fraction', float('nan')):.2f}",
                  f"{m['images_per_s']:.0f} img/s"]
         return parts + [f"{k} {m[k]:.3f}" for k in ("val_knn_acc", "val_triplet_acc", "val_rank_corr") if k in m]
+
+
+@torch.no_grad()
+def stem_outputs(encoder, store, budget_mb: int, device, batch: int = 64) -> torch.Tensor | None:
+    """[n, 2, d]: the frozen stem's output for every training image (index 0) and its mirror image (1),
+    or None when E has no frozen stem or the bank would not fit in budget_mb."""
+    stem = encoder.frozen_stem
+    if stem is None:
+        return None
+    n = len(store.paths)
+    dims = stem(store.batch([0]).to(device)).shape[1]
+    if n * 2 * dims * 4 > budget_mb * 2**20:
+        return None
+    out = torch.empty(n, 2, dims, device=device)
+    for i in range(0, n, batch):
+        x = store.batch(range(i, min(n, i + batch))).to(device)
+        out[i : i + len(x), 0], out[i : i + len(x), 1] = stem(x), stem(x.flip(3))
+    return out
 
 
 def neighbours_grid(m, val_images: torch.Tensor, z_val: np.ndarray, exact: np.ndarray) -> np.ndarray:

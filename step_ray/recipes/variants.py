@@ -35,7 +35,7 @@ from typing import Any, Literal, Mapping
 _RANDOM_Z = {"lambda_gan_random": 1.0, "lambda_latent": 0.5}
 _VAE = {"encoder": {"variational": True}, "lambda_kl": 0.01}
 _L2_ON_Z = {"lambda_z_l2": 0.01}
-_SCRATCH = {"encoder_init": "scratch", "train_encoder": True}
+_SCRATCH = {"encoder_init": "scratch", "train_encoder": True, "encoder_lr_scale": 1.0}
 _CYCLE = {"lambda_cycle": 1.0}
 
 

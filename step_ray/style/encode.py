@@ -7,6 +7,15 @@ import torch
 from step_ray.checkpoints import load_checkpoint, local_checkpoint_dir, read_record, recipe_section
 from step_ray.data.pix2pix import to_tensor
 from step_ray.models import EncoderConfig, StyleEncoder
+from step_ray.style.vgg import VGGConfig, load_vgg
+
+
+def build_encoder(cfg: EncoderConfig) -> StyleEncoder:
+    """A fresh E for its config: backbone vgg_gram gets its frozen VGG (weights from step_ray.weights, never
+    downloaded; without any, load_vgg's fixed-seed random VGG, with its loud warning)."""
+    if cfg.backbone != "vgg_gram":
+        return StyleEncoder(cfg)
+    return StyleEncoder(cfg, vgg=load_vgg(VGGConfig(arch=cfg.vgg_arch, layers=cfg.vgg_layers, weights=cfg.vgg_weights)))
 
 
 def encoder_config_of(checkpoint: str) -> EncoderConfig:
@@ -19,7 +28,7 @@ def load_encoder(checkpoint: str, device: str | torch.device = "cpu") -> StyleEn
     recipe section of config.yaml, its weights (weights only)."""
     folder, tmp = local_checkpoint_dir(checkpoint)
     try:
-        model = StyleEncoder(encoder_config_of(folder))
+        model = build_encoder(encoder_config_of(folder))
         load_checkpoint(folder, {"encoder": model}, map_location=device)
     finally:
         if tmp is not None:
