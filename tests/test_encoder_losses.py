@@ -131,4 +131,7 @@ def test_stem_bank_gives_the_codes_of_the_images_and_their_mirrors():
         torch.testing.assert_close(e(bank[:, 0], from_stem=True), e(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(e(bank[:, 1], from_stem=True), e(x.flip(3)), rtol=1e-5, atol=1e-5)
     assert stem_outputs(e, Store(x), 0, "cpu") is None
-    assert stem_outputs(StyleEncoder(EncoderConfig(base_channels=8, block_channels=(8,))), Store(x), 64, "cpu") is None
+    conv = StyleEncoder(EncoderConfig(base_channels=8, block_channels=(8,)))
+    assert stem_outputs(conv, Store(x), 64, "cpu") is None
+    with pytest.raises(ValueError, match="frozen stem"):
+        conv(x, from_stem=True)

@@ -183,6 +183,8 @@ class StyleEncoder(nn.Module):
         """The deterministic code (the mean for a variational encoder); with_logvar=True: (mean, log-variance)
         of q(z|x), a variational encoder only. from_stem=True: x is frozen_stem's output, not an image.
         One forward for all, so a DDP-wrapped E works either way."""
+        if from_stem and self.frozen_stem is None:
+            raise ValueError("from_stem=True needs an encoder with a frozen stem (backbone vgg_gram)")
         h = self.features[1:](x) if from_stem else self.features(x)
         if not with_logvar:
             return self.mean(h)
