@@ -161,12 +161,13 @@ def checkpoint_uri(checkpoint, run: RunSettings) -> str:
     return f"s3://{path}" if storage.is_s3(run.storage_path) and not path.startswith("s3://") else path
 
 
-def best_checkpoint_uri(result, run: RunSettings) -> str:
-    """The run's best checkpoint by its own `checkpoint_metric` (the last one when none reported it)."""
-    ranked = [(m.get(run.checkpoint_metric), c) for c, m in (result.best_checkpoints or [])
+def best_checkpoint(result, run: RunSettings) -> tuple[str, dict]:
+    """The run's best checkpoint by its own `checkpoint_metric` and the metrics reported with it (the last
+    checkpoint and the last metrics when none reported the metric)."""
+    ranked = [(m.get(run.checkpoint_metric), c, m) for c, m in (result.best_checkpoints or [])
               if m.get(run.checkpoint_metric) is not None]
     if ranked:
         ranked.sort(key=lambda t: t[0], reverse=run.checkpoint_mode == "max")
-        return checkpoint_uri(ranked[0][1], run)
-    return checkpoint_uri(result.checkpoint, run)
+        return checkpoint_uri(ranked[0][1], run), dict(ranked[0][2])
+    return checkpoint_uri(result.checkpoint, run), dict(result.metrics or {})
 

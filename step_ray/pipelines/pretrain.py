@@ -20,7 +20,7 @@ from step_ray import storage
 from step_ray.checkpoints import STATE_FILE
 from step_ray.config import ConfigError, config_to_dict, config_to_yaml
 from step_ray.data.pix2pix import DataConfig, load_target, to_tensor
-from step_ray.engine.launch import best_checkpoint_uri, checkpoint_uri
+from step_ray.engine.launch import best_checkpoint, checkpoint_uri
 from step_ray.engine.loop import train
 from step_ray.engine.settings import RunSettings
 from step_ray.eval.embedding import neighbour_grid, plot_embedding, save_png
@@ -132,9 +132,10 @@ def prepare_inputs(cfg: PretrainConfig) -> tuple[Stage1Inputs, dict[str, str]]:
     return inputs, {"style_stats": style_out, "mining": mine_out}
 
 
-def report_outputs(cfg: PretrainConfig, inputs: Stage1Inputs, result, run_uri: str, steps: dict[str, str]) -> dict[str, str]:
-    """metrics.json, embedding.png and neighbours.png beside the checkpoints, from the best checkpoint."""
-    best = best_checkpoint_uri(result, cfg.run)
+def report_outputs(cfg: PretrainConfig, inputs: Stage1Inputs, result, run_uri: str, steps: dict[str, str],
+                   best: str, best_metrics: dict[str, Any]) -> dict[str, str]:
+    """metrics.json, embedding.png and neighbours.png beside the checkpoints, from the best checkpoint
+    (`best`, whose reported metrics the picture's title gives)."""
     encoder = load_encoder(best)
     val_b = np.stack([load_target(p, inputs.data.direction, inputs.data.image_size, inputs.data.min_side)
                       for p in inputs.val_paths])
@@ -145,7 +146,6 @@ def report_outputs(cfg: PretrainConfig, inputs: Stage1Inputs, result, run_uri: s
         labels = _style_clusters(inputs.val_distances, k=min(6, len(labels)))
     weights = inputs.weight_source or "unknown VGG weights"
     metrics = result.metrics or {}
-    best_metrics = best_checkpoint_metrics(result, cfg.run, best) or metrics  # the pictured encoder's
     # the plot names the weight file, not its folder (a long venv path pushed the metrics off the picture);
     # metrics.json keeps the full source
     shown = weights.split(":", 1)[0] + ":" + weights.split(":", 1)[1].split("/")[-1] if ":/" in weights else weights
@@ -167,14 +167,6 @@ def report_outputs(cfg: PretrainConfig, inputs: Stage1Inputs, result, run_uri: s
         "config": config_to_dict(cfg), "steps": steps,
     })
     return out
-
-
-def best_checkpoint_metrics(result, run: RunSettings, best_uri: str) -> dict[str, Any]:
-    """The metrics reported with the checkpoint at `best_uri` (empty when the result does not hold it)."""
-    for ckpt, m in result.best_checkpoints or []:
-        if checkpoint_uri(ckpt, run) == best_uri:
-            return dict(m)
-    return {}
 
 
 def rise_text(metrics: dict[str, Any], key: str) -> str:
@@ -204,12 +196,12 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
           f"({cfg.run.num_workers} worker(s), VGG: {inputs.weight_source})", flush=True)
     result, run_uri = train(Stage1Recipe(cfg.train, inputs, job=cfg), cfg.run)
     train_seconds = time.perf_counter() - started
-    out = report_outputs(cfg, inputs, result, run_uri, steps)
+    best, best_metrics = best_checkpoint(result, cfg.run)
+    out = report_outputs(cfg, inputs, result, run_uri, steps, best, best_metrics)
     stage = StageResult("stage1", checkpoint_uri(result.checkpoint, cfg.run), run_uri, result.metrics or {})
     done = TrainResult("pretrain", out.pop("checkpoint"), [stage], summary=out.pop("metrics"), outputs=out,
                        details={"vgg_weights": inputs.weight_source}, train_seconds=train_seconds,
                        seconds=time.perf_counter() - started)
-    best_metrics = best_checkpoint_metrics(result, cfg.run, done.checkpoint) or (result.metrics or {})
     shown = [rise_text(best_metrics, k) for k in ("val_knn_acc", "val_triplet_acc", "val_rank_corr") if k in best_metrics]
     if shown:
         print(f"[pretrain] best checkpoint (epoch {int(best_metrics.get('epoch', -1)) + 1}): {', '.join(shown)}", flush=True)

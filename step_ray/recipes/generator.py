@@ -49,7 +49,7 @@ from step_ray.models import (DiscriminatorConfig, EncoderConfig, GeneratorConfig
                              UNetGenerator)
 from step_ray.models.encoder import ResidualDownBlock
 from step_ray.recipes.variants import VARIANT_NAMES
-from step_ray.style.encode import build_encoder, load_encoder
+from step_ray.style.encode import build_encoder, load_encoder_weights
 from step_ray.style.vgg import VGGConfig, find_vgg_source, load_vgg
 
 # Every loss term the G/E step can compute, by its log name; D's terms. A variant switches a subset on.
@@ -413,7 +413,7 @@ class GeneratorRecipe(Recipe):
                 if tmp is not None:
                     tmp.cleanup()
         if cfg.encoder_init == "checkpoint":  # a fresh stage 2: E from stage 1 (a baseline's keeps its seeded init)
-            modules["encoder"].load_state_dict(load_encoder(cfg.encoder_checkpoint, w.device).state_dict())
+            load_encoder_weights(cfg.encoder_checkpoint, modules["encoder"], w.device)
         return self.make_optimizers(w, modules)
 
     def prepare(self, w: Worker, state) -> None:

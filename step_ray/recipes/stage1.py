@@ -250,10 +250,9 @@ def stem_outputs(encoder, store, budget_mb: int, device, batch: int = 64) -> tor
     if stem is None:
         return None
     n = len(store.paths)
-    dims = stem(store.batch([0]).to(device)).shape[1]
-    if n * 2 * dims * 4 > budget_mb * 2**20:
+    if n * 2 * stem.out_features * 4 > budget_mb * 2**20:
         return None
-    out = torch.empty(n, 2, dims, device=device)
+    out = torch.empty(n, 2, stem.out_features, device=device)
     for i in range(0, n, batch):
         x = store.batch(range(i, min(n, i + batch))).to(device)
         out[i : i + len(x), 0], out[i : i + len(x), 1] = stem(x), stem(x.flip(3))

@@ -25,15 +25,24 @@ def encoder_config_of(checkpoint: str) -> EncoderConfig:
 
 def load_encoder(checkpoint: str, device: str | torch.device = "cpu") -> StyleEncoder:
     """The encoder of a checkpoint folder (stage 1, 2 or 3, or a baseline's): its settings from the
-    recipe section of config.yaml, its weights (weights only)."""
+    recipe section of config.yaml, its weights (weights only). An S3 checkpoint is fetched once."""
     folder, tmp = local_checkpoint_dir(checkpoint)
     try:
-        model = build_encoder(encoder_config_of(folder))
-        load_checkpoint(folder, {"encoder": model}, map_location=device)
+        return load_encoder_weights(folder, build_encoder(encoder_config_of(folder)), device).to(device).eval()
     finally:
         if tmp is not None:
             tmp.cleanup()
-    return model.to(device).eval()
+
+
+def load_encoder_weights(checkpoint: str, encoder: StyleEncoder, device: str | torch.device = "cpu") -> StyleEncoder:
+    """A checkpoint's encoder weights into `encoder`, built for the same settings (returned)."""
+    folder, tmp = local_checkpoint_dir(checkpoint)
+    try:
+        load_checkpoint(folder, {"encoder": encoder}, map_location=device)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return encoder
 
 
 @torch.no_grad()
