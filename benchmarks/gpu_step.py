@@ -196,8 +196,10 @@ def default_data_root() -> str:
 
 
 def image_files(folder: Path) -> list[Path]:
-    exts = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-    return sorted((p for p in folder.iterdir() if p.suffix.lower() in exts), key=lambda p: (len(p.stem), p.stem))
+    """The split's images as the jobs list them (step_ray.data.pix2pix.list_split: same files, same order)."""
+    from step_ray.data.pix2pix import list_split
+
+    return [Path(f) for f in list_split(str(folder.parent), folder.name)]
 
 
 def subset_data(root: Path, out: Path, n_train: int, n_val: int) -> tuple[str, int, int]:

@@ -25,10 +25,12 @@ def main(argv=None):
     argv = ["resume=true" if a == "--resume" else a for a in argv]
     cfg = job_config(SweepConfig, argv, description=__doc__)
     # A cluster address (RAY_ADDRESS, set by `ray job submit`) is joined; otherwise a local instance starts.
-    init_ray()
+    # table_only reads Tune's saved experiment and needs no Ray (nor does it disturb a sweep running beside it).
+    if not cfg.table_only:
+        init_ray()
     out = run_sweep(cfg)
     print(f"[sweep] {'experiment':<10} {out.experiment}", flush=True)
-    for key in ("md", "csv", "png"):
+    for key in ("md", "csv", "png", "curves_png"):
         print(f"[sweep] {key:<10} {out.tables[key]}", flush=True)
 
 

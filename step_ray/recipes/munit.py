@@ -31,7 +31,7 @@ from step_ray.engine.loop import Recipe, Worker, epoch_batches
 from step_ray.engine.precision import MixedPrecision
 from step_ray.engine.settings import LoopConfig, OptimConfig
 from step_ray.eval.embedding import image_grid
-from step_ray.eval.metrics import psnr
+from step_ray.eval.metrics import load_lpips, lpips_distance, psnr
 from step_ray.eval.pictures import to_uint8
 from step_ray.losses import lsgan_discriminator_loss, lsgan_generator_loss
 from step_ray.losses.munit import (MUNITLossWeights, content_reconstruction_loss, cycle_consistency_loss,
@@ -55,6 +55,7 @@ class MUNITTrainConfig(LoopConfig):
     lr_halve_every: int = 100_000  # optimiser steps
     batch_size: int = 1  # per worker
     val_images: int = 64
+    val_lpips: bool = True  # also LPIPS (AlexNet) of A→B with B's own style code against B, as the generator's
 
     def __post_init__(self):
         super().__post_init__()
@@ -148,27 +149,34 @@ def munit_step(cfg: MUNITTrainConfig, nets: dict, opt_gen, opt_dis, x_a: torch.T
 
 
 @torch.no_grad()
-def validate_munit(nets: dict, a: torch.Tensor, b: torch.Tensor, style_dim: int, seed: int, device) -> dict[str, float]:
-    """On paired validation images: A→B with the true B's style code, and with a random style, against B;
-    and each domain's own reconstruction."""
+def validate_munit(nets: dict, a: torch.Tensor, b: torch.Tensor, style_dim: int, seed: int, device,
+                   lpips_model=None) -> dict[str, float]:
+    """On paired validation images: A→B with the true B's style code, and with a random style, against B
+    (PSNR; with an LPIPS model also LPIPS of the first); and each domain's own reconstruction."""
     gen_a, gen_b = nets["gen_a"], nets["gen_b"]
     for g in (gen_a, gen_b):
         g.eval()
     gen = torch.Generator().manual_seed(seed)
-    true, rand, rec_a, rec_b = [], [], [], []
+    true, rand, rec_a, rec_b, perceptual = [], [], [], [], []
     for i in range(0, len(a), 32):
         ai, bi = a[i : i + 32].to(device), b[i : i + 32].to(device)
         c_a, s_a = gen_a.encode(ai)
         c_b, s_b = gen_b.encode(bi)
-        true.append(psnr(gen_b.decode(c_a, s_b), bi).cpu())
+        fake = gen_b.decode(c_a, s_b)
+        true.append(psnr(fake, bi).cpu())
+        if lpips_model is not None:
+            perceptual.append(lpips_distance(lpips_model, fake, bi))
         rand.append(psnr(gen_b.decode(c_a, torch.randn(len(ai), style_dim, generator=gen).to(device)), bi).cpu())
         rec_a.append(psnr(gen_a.decode(c_a, s_a), ai).cpu())
         rec_b.append(psnr(gen_b.decode(c_b, s_b), bi).cpu())
     for g in (gen_a, gen_b):
         g.train()
     p, q = torch.cat(true).mean().item(), torch.cat(rand).mean().item()
-    return {"val_psnr": p, "val_psnr_random_style": q, "val_psnr_margin": p - q,
-            "val_recon_psnr_a": torch.cat(rec_a).mean().item(), "val_recon_psnr_b": torch.cat(rec_b).mean().item()}
+    out = {"val_psnr": p, "val_psnr_random_style": q, "val_psnr_margin": p - q,
+           "val_recon_psnr_a": torch.cat(rec_a).mean().item(), "val_recon_psnr_b": torch.cat(rec_b).mean().item()}
+    if perceptual:
+        out["val_lpips"] = torch.cat(perceptual).mean().item()
+    return out
 
 
 @dataclass
@@ -200,6 +208,7 @@ class MUNITRecipe(Recipe):
         if w.rank == 0:
             rows = np.arange(min(cfg.val_images, len(inputs.val_paths)))
             self.val_a, self.val_b = pair_store(inputs.val_paths, inputs.data, 0).batch(rows)
+            self.lpips = load_lpips(device=w.device) if cfg.val_lpips else None
 
     def batches(self, w: Worker, epoch: int, streams):
         n, cfg = len(self.inputs.train_paths), self.cfg
@@ -220,7 +229,8 @@ class MUNITRecipe(Recipe):
         return munit_step(self.cfg, self.nets, self.opt_gen, self.opt_dis, x_a, x_b, self.vgg, w.amp, guard, state)
 
     def validate(self, w: Worker, state):
-        return validate_munit(self.nets, self.val_a, self.val_b, self.cfg.model.style_dim, self.cfg.seed, w.device)
+        return validate_munit(self.nets, self.val_a, self.val_b, self.cfg.model.style_dim, self.cfg.seed, w.device,
+                              self.lpips)
 
     def grid(self, w: Worker, state):
         return "samples", munit_grid(self.cfg, self.nets, self.val_a, self.val_b, w.device)
