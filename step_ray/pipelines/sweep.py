@@ -73,7 +73,9 @@ class SweepConfig:
     max_failures: int = 0  # Tune restarts of a failed trial (each stage also retries: trial.run.max_failures)
     table_only: bool = False  # rebuild the results table of an existing experiment, train nothing
     # the table's "time to a validation LPIPS": a trial's wall time (Tune's time_total_s, stage start-ups
-    # included) at its first epoch report with val_lpips <= this; 0: not reported
+    # included) at its first epoch report with val_lpips <= this; 0: not reported. A trial rerun after an
+    # interruption (resume=true) starts Tune's record afresh: its stages restored from their checkpoints
+    # report only the epochs they train again, so it may have no time ("–")
     lpips_target: float = 0.0
 
     def __post_init__(self):
