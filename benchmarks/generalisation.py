@@ -24,14 +24,13 @@ import math
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
 
 from step_ray import storage
-from step_ray.data.pix2pix import list_split, load_target, to_tensor
-from step_ray.recipes.stage1 import held_out_triplets
+from step_ray.data.pix2pix import DataConfig, list_split, load_target, to_tensor
+from step_ray.pipelines.pretrain import exact_val_distances
+from step_ray.recipes.stage1 import held_out_triplets, style_order_metrics
 from step_ray.style.encode import encode, load_encoder
-from step_ray.style.gram import exact_distance_matrix
-from step_ray.style.vgg import VGGConfig, load_vgg
+from step_ray.style.pipeline import StyleStatsConfig
 
 COLUMNS = (("psnr", "PSNR ↑", 2), ("lpips", "LPIPS ↓", 3), ("psnr_other_style", "PSNR, another photo's code", 2),
            ("margin", "margin (dB) ↑", 3), ("diversity_refs", "div. refs ↑", 3), ("diversity_mapper", "div. samples ↑", 3))
@@ -53,18 +52,17 @@ def read_trials(folder: str, variant: str) -> list[dict[str, float]]:
 
 
 def style_order(checkpoints: list[str], root: str, direction: str, image_size: int) -> list[dict[str, float]]:
-    """Each E's held-out triplet-order accuracy and rank correlation on the val split of `root`."""
-    images = to_tensor(np.stack([load_target(f, direction, image_size) for f in list_split(root, "val")]))
-    cfg = VGGConfig()
-    exact = exact_distance_matrix(load_vgg(cfg), images, cfg.resolved_layer_weights()).float().numpy()
-    a, b, c = held_out_triplets(exact, 2000, seed=0).T
-    iu = np.triu_indices(len(images), 1)
+    """Each E's held-out triplet-order accuracy and rank correlation on the val split of `root`: stage 1's
+    own validation (its exact distances, its 2,000 held-out triplets, its metrics)."""
+    data = DataConfig(root=root, direction=direction, image_size=image_size)
+    paths = list_split(root, "val")
+    images = to_tensor(np.stack([load_target(f, direction, image_size, data.min_side) for f in paths]))
+    exact = exact_val_distances(StyleStatsConfig(), paths, data)
+    triplets = held_out_triplets(exact, 2000, seed=0)
     out = []
     for checkpoint in checkpoints:
-        z = encode(images, load_encoder(checkpoint))
-        dz = ((z[:, None, :] - z[None, :, :]) ** 2).sum(-1)
-        out.append({"order_acc": float(((dz[a, b] < dz[a, c]) == (exact[a, b] < exact[a, c])).mean()),
-                    "order_rho": float(spearmanr(dz[iu], exact[iu]).statistic)})
+        m = style_order_metrics(encode(images, load_encoder(checkpoint)), exact, triplets)
+        out.append({"order_acc": m["val_triplet_acc"], "order_rho": m["val_rank_corr"]})
     return out
 
 

@@ -112,16 +112,21 @@ def knn_vote_accuracy(distances: np.ndarray, query_labels: np.ndarray, ref_label
     return correct / len(query_labels)
 
 
+def style_order_metrics(z: np.ndarray, exact: np.ndarray, triplets: np.ndarray) -> dict[str, float]:
+    """How z orders images against the exact style distances: the share of held-out triplets (a, b, c)
+    whose order d(a,b) < d(a,c) it keeps, and the rank correlation of all pairwise ‖z_i − z_j‖²."""
+    dz = ((z[:, None, :] - z[None, :, :]) ** 2).sum(-1)
+    a, b, c = triplets.T
+    agree = (dz[a, b] < dz[a, c]) == (exact[a, b] < exact[a, c])
+    iu = np.triu_indices(len(z), 1)
+    rho = spearmanr(dz[iu], exact[iu]).statistic
+    return {"val_triplet_acc": float(agree.mean()), "val_rank_corr": float(np.nan_to_num(rho))}
+
+
 def validation_metrics(z_val: np.ndarray, inputs: Stage1Inputs, triplets: np.ndarray,
                        z_ref: np.ndarray | None, ref_labels: np.ndarray | None, k: int) -> dict[str, float]:
     """Does z order images as the exact style distance does? And (synthetic) does it cluster by style?"""
-    dz = ((z_val[:, None, :] - z_val[None, :, :]) ** 2).sum(-1)
-    a, b, c = triplets.T
-    exact = inputs.val_distances
-    agree = (dz[a, b] < dz[a, c]) == (exact[a, b] < exact[a, c])
-    iu = np.triu_indices(len(z_val), 1)
-    rho = spearmanr(dz[iu], exact[iu]).statistic
-    out = {"val_triplet_acc": float(agree.mean()), "val_rank_corr": float(np.nan_to_num(rho))}
+    out = style_order_metrics(z_val, inputs.val_distances, triplets)
     if z_ref is not None and (inputs.val_style_ids >= 0).all():
         out["val_knn_acc"] = knn_accuracy(z_val, inputs.val_style_ids, z_ref, ref_labels, k)
     return out
