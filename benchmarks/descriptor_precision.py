@@ -1,6 +1,7 @@
 """Style descriptors in bf16/fp16 autocast against fp32: distance error and neighbour recall (METHOD §2-3).
 
     python benchmarks/descriptor_precision.py --image-size 64 --json runs/bench_descriptor_precision.json
+    python benchmarks/descriptor_precision.py --image-size 32 --images 16 --device cpu     # a quick smoke run
 
 The pipeline's own model (`step_ray.style.pipeline.StyleDescriptorModel`, real VGG-16, post-ReLU layers,
 unreduced 305,888-number descriptors) computes every facades photo (train + val, 500 images) once per
@@ -27,6 +28,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--data", default=str(FACADES))
+    p.add_argument("--images", type=int, default=0, help="the first N photos (train first, then val); 0: all")
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     p.add_argument("--k-close", type=int, default=5)
     p.add_argument("--k-far", type=int, default=13)
@@ -42,7 +44,15 @@ def main(argv=None):
     from step_ray.style.vgg import VGGConfig
 
     data = DataConfig(root=args.data, direction="BtoA", image_size=args.image_size)
-    images = np.concatenate([load_split(data, s).b for s in ("train", "val")])
+    parts = []
+    for split in ("train", "val"):
+        left = args.images - sum(len(x) for x in parts) if args.images else None
+        if left is None or left > 0:
+            parts.append(load_split(data, split, limit=left).b)
+    images = np.concatenate(parts)
+    if len(images) <= max(args.k_close, args.k_far):
+        raise SystemExit(f"descriptor_precision: {len(images)} images, need more than max(k_close, k_far) = "
+                         f"{max(args.k_close, args.k_far)}")
     desc, seconds = {}, {}
     for precision in args.precisions:
         model = StyleDescriptorModel(VGGConfig(), None, args.device, torch.get_num_threads(), precision)

@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 NUM_DOWNS = {64: 6, 128: 7, 256: 8, 512: 9}
 
 
-def one(size: int, mode: str, batch: int, steps: int, device: str, threads: int, vgg_loss: bool = True) -> dict:
+def one(size: int, mode: str, batch: int, steps: int, device: str, threads: int, vgg_loss: bool = True,
+        base_channels: int = 64) -> dict:
     """Runs inside the child process."""
     import resource
 
@@ -43,8 +44,9 @@ def one(size: int, mode: str, batch: int, steps: int, device: str, threads: int,
     torch.set_num_threads(threads)
     precision = next((p for p in ("bf16", "fp16") if p in mode), "fp32")
     cfg = GeneratorTrainConfig(
-        train_encoder=True, encoder=EncoderConfig(), generator=GeneratorConfig(num_downs=NUM_DOWNS[size], base_channels=64),
-        discriminator=DiscriminatorConfig(base_channels=64), vgg=VGGConfig(layer_weights=OFFICIAL_LAYER_WEIGHTS),
+        train_encoder=True, encoder=EncoderConfig(base_channels=base_channels),
+        generator=GeneratorConfig(num_downs=NUM_DOWNS[size], base_channels=base_channels),
+        discriminator=DiscriminatorConfig(base_channels=base_channels), vgg=VGGConfig(layer_weights=OFFICIAL_LAYER_WEIGHTS),
         precision=precision, activation_checkpointing="checkpointing" in mode, batch_size=batch,
         lambda_vgg=0.02 if vgg_loss else 0.0, lambda_l1=0.0 if vgg_loss else 10.0)
     dev = torch.device(device)
@@ -91,20 +93,23 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--no-vgg", action="store_true", help="L1 reconstruction instead of the VGG loss (G, D, E only)")
+    p.add_argument("--base-channels", type=int, default=64,
+                   help="G's, D's and E's base filters (64: the official networks; fewer: a quick smoke run)")
     p.add_argument("--json", default="")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         size, mode, batch = args.child.split(",")
-        print("RESULT " + json.dumps(one(int(size), mode, int(batch), args.steps, args.device, args.threads, not args.no_vgg)),
-              flush=True)
+        print("RESULT " + json.dumps(one(int(size), mode, int(batch), args.steps, args.device, args.threads, not args.no_vgg,
+                                         args.base_channels)), flush=True)
         return
     rows = []
     for size in args.sizes:
         for mode in args.modes:
             for batch in sorted(args.batches):
                 cmd = [sys.executable, __file__, "--child", f"{size},{mode},{batch}", "--steps", str(args.steps),
-                       "--device", args.device, "--threads", str(args.threads)] + (["--no-vgg"] if args.no_vgg else [])
+                       "--device", args.device, "--threads", str(args.threads), "--base-channels", str(args.base_channels)]
+                cmd += ["--no-vgg"] if args.no_vgg else []
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
                 row = json.loads(line[7:]) if line else {"size": size, "mode": mode, "batch": batch, "oom": True,
@@ -134,7 +139,7 @@ def main(argv=None):
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(), "rows": rows,
-                                               "vgg_loss": not args.no_vgg,
+                                               "vgg_loss": not args.no_vgg, "base_channels": args.base_channels,
                                                "date": time.strftime("%Y-%m-%d")}, indent=1))
 
 

@@ -35,6 +35,7 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "step_ray_epoch": ("gauge", "Epochs finished in the current run", ("stage",)),
     "step_ray_step": ("gauge", "Optimiser steps taken in the current run", ("stage",)),
     "step_ray_epoch_seconds": ("gauge", "Wall time of the last epoch", ("stage",)),
+    "step_ray_data_wait_share": ("gauge", "Share of the last epoch's step loop spent waiting for the next batch", ("stage",)),
     "step_ray_gpu_memory_bytes": ("gauge", "CUDA memory of a training worker (allocated, reserved, peak)", ("stage", "rank", "kind")),
     "step_ray_mining_queries": ("counter", "Triplet-mining queries answered", ()),
     "step_ray_mining_progress": ("gauge", "Fraction of the triplet-mining queries answered in the current run", ()),
@@ -171,6 +172,7 @@ def record_epoch(stage: str, metrics: Mapping[str, Any], rank: int = 0) -> None:
     _set("step_ray_images_per_second", metrics.get("images_per_s"), stage=stage)
     _set("step_ray_triplets_per_second", metrics.get("triplets_per_s"), stage=stage)
     _set("step_ray_epoch_seconds", metrics.get("epoch_seconds"), stage=stage)
+    _set("step_ray_data_wait_share", metrics.get("data_wait_share"), stage=stage)
     if _finite(metrics.get("epoch")) is not None:
         _set("step_ray_epoch", metrics["epoch"] + 1, stage=stage)  # epochs finished
     _set("step_ray_step", metrics.get("step"), stage=stage)

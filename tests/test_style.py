@@ -172,7 +172,8 @@ def test_pca_is_exact_within_the_sample_span_and_round_trips(tmp_path):
     rng = np.random.default_rng(0)
     basis = rng.standard_normal((6, 5000)).astype(np.float32)
     data = (rng.standard_normal((40, 6)) @ basis + 3.0).astype(np.float32)  # rank 6 around an offset
-    reduction = Reduction(ReductionConfig(method="pca", dim=8, fit_sample=40), 5000).fit(data)
+    # the projection itself (residual=False: no residual coordinate; tests/test_reduction_recall.py has it)
+    reduction = Reduction(ReductionConfig(method="pca", dim=8, fit_sample=40, residual=False), 5000).fit(data)
     reduced = reduction.transform(data)
     assert reduced.dtype == np.float32 and reduced.shape == (40, 8)
     # An orthogonal projection onto a space holding all the data keeps every distance.

@@ -184,7 +184,7 @@ def test_s3_input_and_output_with_pca(ray_session, s3_bucket, synthetic_root):
     )
     assert compute_style_stats(cfg) == output
     ids, descriptors, table = read_descriptors(output)
-    assert len(ids) == 128 and descriptors.shape == (128, 8)
+    assert len(ids) == 128 and descriptors.shape == (128, 9)  # 8 PCA coordinates + the residual (the default)
     assert (table["style_id"] >= 0).all()  # the manifest was read from S3 too
     assert table["path"].str.startswith(f"s3://{s3_bucket}/facades_like/").all()
     meta = read_metadata(output)
@@ -227,3 +227,77 @@ def test_descriptors_are_fp32_by_default_and_bf16_is_an_option():
     bf16 = StyleDescriptorModel(VGGConfig(), None, "cpu", 1, precision="bf16").descriptors(images)
     rel = np.linalg.norm(bf16 - fp32, axis=1) / np.linalg.norm(fp32, axis=1)
     assert (rel > 0).all() and (rel < 0.1).all(), rel
+
+
+def test_pca_sample_goes_through_the_vgg_once(ray_session, dataset_with_bad_files, tmp_path):
+    """PCA: the sample pass's full descriptors are projected by the driver; the main pass covers only the
+    other files, so every file is computed once, and sample and non-sample rows both match the
+    in-process descriptors."""
+    cfg = _config(dataset_with_bad_files, tmp_path / "out", num_actors=1,
+                  reduction=ReductionConfig(method="pca", dim=8, fit_sample=64, seed=5))
+    output = compute_style_stats(cfg)
+    summary = read_metadata(output)["summary"]
+    assert summary["images"] == 320 and summary["skipped"] == 4
+    assert summary["vgg_images"] == 324  # 320 readable + 4 bad files, each once
+    ids, descriptors, table = read_descriptors(output)
+    assert len(set(ids)) == 320 and descriptors.shape == (320, 9)  # 8 PCA coordinates + the residual
+    errors = read_errors(output)
+    assert sorted(errors["path"].str.rsplit("/", n=1).str[-1]) == sorted(BAD_FILES)  # once each
+    listed = sorted(list_split(str(dataset_with_bad_files), "train") + list_split(str(dataset_with_bad_files), "val"))
+    rng = np.random.default_rng(5)
+    sample = {listed[i] for i in rng.choice(len(listed), size=64, replace=False)}
+    in_sample = [i for i, p in enumerate(table["path"]) if p in sample][:6]
+    outside = [i for i, p in enumerate(table["path"]) if p not in sample][:6]
+    assert len(in_sample) == 6 and len(outside) == 6
+    reduction = Reduction.load(storage.join(output, "reduction.npz"))
+    picks = in_sample + outside
+    expected = descriptors_in_process(cfg, [table["path"][i] for i in picks], reduction)
+    assert np.abs(descriptors[picks] - expected).max() < 2e-3 * np.abs(expected).max()
+
+
+def test_result_writer_row_groups_and_files(tmp_path):
+    """The driver writes good rows in files of at most rows_per_file rows and row groups of at most
+    rows_per_group; bad rows and worker statistics are kept aside."""
+    from step_ray.style.pipeline import WORKER_COLUMNS, _fixed_size_list, _ResultWriter
+
+    def block(start, count, bad=()):
+        rows = range(start, start + count)
+        columns = {
+            "image_id": pa.array([f"train/{i:05d}" for i in rows]),
+            "path": pa.array([f"/d/train/{i:05d}.png" for i in rows]),
+            "split": pa.array(["train"] * count),
+            "style_id": pa.array(np.arange(start, start + count, dtype=np.int64)),
+            "error": pa.array(["broken" if i in bad else "" for i in rows]),
+            "descriptor": _fixed_size_list(np.full((count, 4), 1.0, np.float32) * np.arange(start, start + count)[:, None]),
+        }
+        for name in WORKER_COLUMNS:
+            columns[name] = pa.array(["w:1"] * count) if name == "worker" else pa.array(np.zeros(count))
+        return pa.table(columns)
+
+    writer = _ResultWriter(str(tmp_path), 4, rows_per_file=50, rows_per_group=20)
+    for start in range(0, 130, 13):
+        writer.add(block(start, 13, bad={5, 77}))
+    writer.close()
+    files = sorted((tmp_path / "descriptors").glob("*.parquet"))
+    counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
+    assert counts == [50, 50, 28] and writer.good == 128
+    groups = [pq.ParquetFile(f).metadata.row_group(g).num_rows for f in files for g in range(pq.ParquetFile(f).num_row_groups)]
+    assert max(groups) <= 20 and sum(groups) == 128
+    assert writer.error_frame()["path"].tolist() == ["/d/train/00005.png", "/d/train/00077.png"]
+    ids, descriptors, table = read_descriptors(str(tmp_path))
+    assert len(ids) == 128 and descriptors.shape == (128, 4) and descriptors.dtype == np.float32
+    np.testing.assert_array_equal(descriptors[:, 0], table["style_id"].to_numpy(np.float32))
+
+
+def test_vgg_features_are_torchvision_module_for_module():
+    """vgg.py builds VGG's `features` itself (importing torchvision costs seconds per actor): the same
+    modules at the same indices, hence the same state_dict keys, as torchvision's."""
+    torchvision = pytest.importorskip("torchvision")
+    from step_ray.style.vgg import _vgg_features
+
+    for arch in ("vgg16", "vgg19"):
+        with torch.device("meta"):
+            theirs = getattr(torchvision.models, arch)(weights=None).features
+            ours = _vgg_features(arch)
+        assert repr(ours) == repr(theirs)
+        assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}

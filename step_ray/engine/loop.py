@@ -12,21 +12,28 @@ step changes the networks, and how it validates:
     recipe.make_optimizers(worker, modules)  -> {name: optimizer}            (a resumed run: then loaded)
     recipe.initialise(worker, modules)       -> {name: optimizer}            (a fresh run: e.g. E from stage 1)
     recipe.prepare(worker, state)            data stores, frozen parts, validation data (after the weights)
-    recipe.batches(worker, epoch, streams)   -> [(examples, batch)]          this rank's steps of one epoch
+    recipe.batches(worker, epoch, streams)   -> [(examples, batch)]          this rank's steps of one epoch,
+                                                as descriptions (rows, crop windows: every random draw made)
     recipe.begin_epoch(worker, epoch)        -> metrics (e.g. the lr factor)
-    recipe.step(worker, batch, state, guard) -> logs, or None for a dropped update
+    recipe.load(batch)                       -> tensors: a description decoded, cropped, stacked (CPU only)
+    recipe.step(worker, loaded, state, guard) -> logs, or None for a dropped update
     recipe.validate(worker, state)           -> metrics (rank 0)
     recipe.grid(worker, state)               -> (tag, uint8 image) or None (rank 0, every monitor.grid_every)
     recipe.end_epoch(worker, state)          what else the checkpointed state must hold
     recipe.progress(metrics)                 -> the parts of the epoch's progress line
 
-No recipe loops over epochs.
+No recipe loops over epochs. `load` runs ahead of the step, in `train.loader_workers` forked processes
+(step_ray.data.loader; 0: in this process, just before the step), so it reads only the description and
+what `prepare` built (the image stores) and draws nothing random: the numbers are the same for any number
+of loader workers. Every epoch reports `data_wait_share`, the share of its step loop spent waiting for
+the next batch, and `loader_workers`.
 """
 from __future__ import annotations
 
 import math
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable
 
@@ -35,6 +42,7 @@ import ray.train
 import torch
 
 from step_ray.checkpoints import load_checkpoint, run_record, save_checkpoint
+from step_ray.data.loader import loader_cpus, prefetch, resolve_workers
 from step_ray.engine.distributed import broadcast_object, seed_everything, worker_device
 from step_ray.engine.guard import NonFiniteGuard, assert_finite_weights, seed_streams
 from step_ray.engine.launch import fit, resume_folder
@@ -129,6 +137,13 @@ class Recipe:
     def begin_epoch(self, w: Worker, epoch: int) -> dict[str, Any]:
         return {}
 
+    def load(self, batch: Any) -> Any:
+        """The CPU part of a step: one description from `batches` -> what `step` takes (decoded, cropped,
+        stacked CPU tensors). Runs in a loader worker process when loader_workers > 0: it may read only the
+        description and what `prepare` built for it, draws no random numbers and touches no network or
+        device. By default the description itself."""
+        return batch
+
     def step(self, w: Worker, batch: Any, state: dict[str, Any], guard: NonFiniteGuard) -> dict[str, float] | None:
         raise NotImplementedError
 
@@ -161,6 +176,17 @@ def _patience_spent(cfg: LoopConfig, state: dict[str, Any], metric: str) -> str:
     return ""
 
 
+def loader_workers_for(cfg: LoopConfig, rank: int, stage: str) -> int:
+    """`cfg.loader_workers` resolved against the CPUs Ray reserved for this worker (run.cpus_per_worker);
+    rank 0 says so when the loader and the step would use more cores than that (Ray does not stop them)."""
+    cpus = loader_cpus()
+    workers = resolve_workers(cfg.loader_workers, cpus)
+    if rank == 0 and cpus is not None and workers + 1 > cpus:
+        print(f"[{stage}] note: {workers} loader workers and the step use {workers + 1} cores, Ray reserved {cpus:g} "
+              f"per worker (run.cpus_per_worker={workers + 1} reserves them)", flush=True)
+    return workers
+
+
 def run_recipe(loop_config: dict[str, Any]) -> None:
     """The Ray Train worker function: trains `loop_config["recipe"]` epoch by epoch."""
     recipe: Recipe = loop_config["recipe"]
@@ -188,6 +214,7 @@ def run_recipe(loop_config: dict[str, Any]) -> None:
     state["stopped"] = _budget_spent(cfg, state) or _patience_spent(cfg, state, metric)
     recipe.prepare(w, state)
     optimizers = {**optimizers, **w.amp.stateful()}
+    loader_workers = loader_workers_for(cfg, w.rank, recipe.name)
 
     monitor = RunMonitor(w.run_folder, recipe.name, enabled=w.rank == 0 and cfg.monitor.enabled)
     interval = IntervalMeter()
@@ -200,22 +227,30 @@ def run_recipe(loop_config: dict[str, Any]) -> None:
         batches = recipe.batches(w, epoch, streams)
         epoch_metrics = recipe.begin_epoch(w, epoch)
         meter = EpochMeter()
-        for examples, batch in batches:
-            if _budget_spent(cfg, state):
-                break
-            logs = recipe.step(w, batch, state, guard)
-            if guard.rollback_pending:
-                break
-            state["step"] += 1
-            if logs is None:  # a non-finite loss: that update was dropped
-                continue
-            meter.add(logs, examples)
-            interval.add(logs, examples)
-            if cfg.monitor.scalars_every and state["step"] % cfg.monitor.scalars_every == 0:
-                scalars = interval.take(w.world)
-                scalars["images_per_s"] *= recipe.images_per_example
-                monitor.scalars(state["step"], scalars)
-                record_epoch(recipe.name, {**scalars, "step": state["step"]}, rank=w.rank)  # the dashboard, between epochs
+        loaded = prefetch(batches, recipe.load, loader_workers, cfg.loader_depth, pin_memory=w.device.type == "cuda")
+        looping = time.perf_counter()
+        try:
+            while not _budget_spent(cfg, state):
+                item = next(loaded, None)  # the time blocked here is the epoch's data wait
+                if item is None:
+                    break
+                examples, batch = item
+                logs = recipe.step(w, batch, state, guard)
+                if guard.rollback_pending:
+                    break
+                state["step"] += 1
+                if logs is None:  # a non-finite loss: that update was dropped
+                    continue
+                meter.add(logs, examples)
+                interval.add(logs, examples)
+                if cfg.monitor.scalars_every and state["step"] % cfg.monitor.scalars_every == 0:
+                    scalars = interval.take(w.world)
+                    scalars["images_per_s"] *= recipe.images_per_example
+                    monitor.scalars(state["step"], scalars)
+                    record_epoch(recipe.name, {**scalars, "step": state["step"]}, rank=w.rank)  # the dashboard, between epochs
+        finally:
+            loaded.close()
+        looped = time.perf_counter() - looping
         if guard.rollback_pending:  # back to the last checkpoint's weights, optimisers and state; replay
             state = guard.restore(modules, optimizers, state)
             continue
@@ -224,6 +259,7 @@ def run_recipe(loop_config: dict[str, Any]) -> None:
         metrics: dict[str, Any] = meter.means()
         metrics.update(stage=recipe.name, epoch=epoch, step=state["step"], epoch_seconds=seconds,
                        nonfinite_steps=guard.take_epoch_count(), images_per_s=recipe.images_per_example * rate,
+                       data_wait_share=loaded.waited / max(looped, 1e-9), loader_workers=loaded.workers,
                        **epoch_metrics)
         if recipe.example_name:
             metrics[f"{recipe.example_name}_per_s"] = rate

@@ -46,6 +46,16 @@ def _descriptor_metadata(descriptors: str) -> bytes:
     return storage.read_bytes(uri) if storage.exists(uri) else b""
 
 
+def _descriptors_have_residual(descriptors: str) -> bool:
+    raw = _descriptor_metadata(descriptors)
+    if not raw:
+        return False
+    try:
+        return bool(json.loads(raw).get("reduction", {}).get("residual", False))
+    except ValueError:
+        return False
+
+
 def _done(cfg: MineTripletsConfig, digest: str) -> bool:
     meta_uri = storage.join(cfg.output, METADATA_FILE)
     if not (storage.exists(meta_uri) and storage.exists(neighbours_uri(cfg.output))):
@@ -80,7 +90,9 @@ def mine_triplets(cfg: MineTripletsConfig) -> str:
     if cfg.mining.num_shards > 1:
         init_ray()  # RAY_ADDRESS, when set, names the cluster; else a local instance on 127.0.0.1
     start = time.perf_counter()
-    neighbours = mine_neighbours(descriptors, cfg.mining)
+    # A PCA reduction with `residual` writes the residual norm as its last column: mined asymmetrically.
+    residual = _descriptors_have_residual(cfg.descriptors)
+    neighbours = mine_neighbours(descriptors, cfg.mining, residual_column=residual)
     mine_s = time.perf_counter() - start
     neighbours.save(neighbours_uri(cfg.output), image_ids)
     metadata = {
@@ -88,6 +100,7 @@ def mine_triplets(cfg: MineTripletsConfig) -> str:
         "config_hash": digest,
         "num_images": len(image_ids),
         "descriptor_dim": int(descriptors.shape[1]),
+        "residual_column": residual,
         "gpu": gpu_wanted(cfg.mining),
         "read_seconds": round(read_s, 3),
         "mine_seconds": round(mine_s, 3),

@@ -133,14 +133,14 @@ def _query_batches(n: int, batch: int):
         yield start, min(n, start + batch)
 
 
-def _mine_in_process(x: np.ndarray, cfg: MiningConfig):
+def _mine_in_process(x: np.ndarray, cfg: MiningConfig, queries: np.ndarray):
     shard = ShardIndex(x, 0, cfg)
     n = len(x)
     out = _empty(n, cfg)
     for start, stop in _query_batches(n, cfg.query_batch):
         ids = np.arange(start, stop, dtype=np.int64)
-        out[0][start:stop], out[1][start:stop] = shard.search_close(x[start:stop], ids, cfg.k_close)
-        out[2][start:stop], out[3][start:stop] = shard.search_far(x[start:stop], ids, cfg.k_far)
+        out[0][start:stop], out[1][start:stop] = shard.search_close(queries[start:stop], ids, cfg.k_close)
+        out[2][start:stop], out[3][start:stop] = shard.search_far(queries[start:stop], ids, cfg.k_far)
         record_mining_progress(int(stop), n)
     return out
 
@@ -193,7 +193,7 @@ def _peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def _mine_sharded(x: np.ndarray, cfg: MiningConfig, info: dict):
+def _mine_sharded(x: np.ndarray, cfg: MiningConfig, info: dict, query_rows: np.ndarray):
     import ray
 
     if not ray.is_initialized():
@@ -231,7 +231,7 @@ def _mine_sharded(x: np.ndarray, cfg: MiningConfig, info: dict):
             record_mining_progress(int(stop), n)
 
         for start, stop in _query_batches(n, cfg.query_batch):
-            queries = ray.put(x[start:stop])
+            queries = ray.put(query_rows[start:stop])
             ids = np.arange(start, stop, dtype=np.int64)
             pending.append((start, stop, [a.search.remote(queries, ids, cfg.k_close, cfg.k_far) for a in actors]))
             # Two batches in flight keep every shard busy while bounding driver memory (k_far can be 2,048).
@@ -249,27 +249,41 @@ def _mine_sharded(x: np.ndarray, cfg: MiningConfig, info: dict):
             ray.kill(actor)
 
 
-def mine_neighbours(descriptors: np.ndarray, cfg: MiningConfig = MiningConfig()) -> Neighbours:
+def mine_neighbours(descriptors: np.ndarray, cfg: MiningConfig = MiningConfig(),
+                    residual_column: bool = False) -> Neighbours:
     """Every row's k_close nearest and k_far furthest other rows under squared L2 (METHOD §3).
 
     One in-process index pair when `num_shards` is 1; `num_shards` Ray actors otherwise.
+    `residual_column`: the last column is a PCA residual norm ρ^½ (step_ray.style.reduce, `residual`);
+    the database keeps it and queries carry 0 there, so rows are ranked by ‖y_a − y_x‖² + ρ_x, and the
+    reported distances are ‖y_a − y_x‖² + ρ_a + ρ_x, the residual-corrected estimate of the style distance.
     """
     x = np.ascontiguousarray(descriptors, dtype=np.float32)
     if x.ndim != 2:
         raise ValueError(f"descriptors must be a [n, d] array, got shape {x.shape}")
     if not np.isfinite(x).all():
         raise ValueError("descriptors contain NaN or inf")
+    if residual_column and x.shape[1] < 2:
+        raise ValueError("residual_column needs at least one coordinate besides the residual")
+    queries = x
+    if residual_column:
+        queries = x.copy()
+        queries[:, -1] = 0.0
     cfg.check_database_size(len(x))
     log.info(
         "mining %d x %d: index=%s shards=%d k_close=%d k_far=%d gpu=%s",
         *x.shape, cfg.index, cfg.num_shards, cfg.k_close, cfg.k_far, gpu_wanted(cfg),
     )
-    info: dict = {"num_images": len(x), "dim": x.shape[1], "index": cfg.index, "num_shards": cfg.num_shards}
+    info: dict = {"num_images": len(x), "dim": x.shape[1], "index": cfg.index, "num_shards": cfg.num_shards,
+                  "residual_column": bool(residual_column)}
     if cfg.num_shards == 1:
-        parts = _mine_in_process(x, cfg)
+        parts = _mine_in_process(x, cfg, queries)
         info["shards"] = [{"first_id": 0, "size": len(x), "gpu": gpu_wanted(cfg), "peak_rss_bytes": _peak_rss_bytes()}]
     else:
-        parts = _mine_sharded(x, cfg, info)
+        parts = _mine_sharded(x, cfg, info, queries)
+    if residual_column:
+        own = (x[:, -1].astype(np.float64) ** 2)[:, None]
+        parts = (parts[0], (parts[1] + own).astype(np.float32), parts[2], (parts[3] + own).astype(np.float32))
     result = Neighbours(*parts, info=info)
     if (result.close_ids < 0).any() or (result.far_ids < 0).any():
         raise RuntimeError("mining left empty neighbour slots; this is a bug")

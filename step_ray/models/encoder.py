@@ -115,10 +115,18 @@ class GramSketch(nn.Module):
         self._vgg[0]._apply(fn)
         return super()._apply(fn, recurse)
 
+    @property
+    def vgg(self) -> nn.Module:
+        return self._vgg[0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             feats = self._vgg[0](x)
-        with torch.autocast(x.device.type, enabled=False):  # Gram sums lose too much in bf16
+        return self.from_features(feats)
+
+    def from_features(self, feats) -> torch.Tensor:
+        """The sketch of VGG features already computed (the list its VGG returns for the images)."""
+        with torch.autocast(feats[0].device.type, enabled=False):  # Gram sums lose too much in bf16
             return torch.cat([self._layer_gram(i, f) for i, f in enumerate(feats)], 1)
 
     def _layer_gram(self, i: int, f: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from step_ray.checkpoints import load_checkpoint, local_checkpoint_dir, unwrap
 from step_ray.data.scan import PairedSplits
@@ -44,7 +45,7 @@ from step_ray.engine.settings import LoopConfig, OptimConfig
 from step_ray.eval.metrics import load_lpips, lpips_distance, other_style_rows, psnr
 from step_ray.losses import (embedding_l2_penalty, kl_to_standard_normal, l1_loss, latent_reconstruction_loss,
                              lsgan_discriminator_loss, lsgan_generator_loss, vgg_perceptual_loss)
-from step_ray.losses.perceptual import OFFICIAL_LAYER_WEIGHTS, OFFICIAL_SCALE
+from step_ray.losses.perceptual import OFFICIAL_LAYER_WEIGHTS, OFFICIAL_SCALE, feature_matching_loss
 from step_ray.models import (DiscriminatorConfig, EncoderConfig, GeneratorConfig, PatchDiscriminator,
                              UNetGenerator)
 from step_ray.models.encoder import ResidualDownBlock
@@ -89,13 +90,17 @@ class GeneratorTrainConfig(LoopConfig):
     lambda_gan_random: float = 0.0  # cLR-GAN: LSGAN on G(A, z_r), z_r ~ N(0, I) (BicycleGAN λ_GAN2 = 1)
     lambda_latent: float = 0.0  # cLR-GAN: |E(G(A, z_r)) − z_r|, its gradient reaching G only (BicycleGAN λ_z = 0.5)
     random_discriminator: Literal["shared", "separate"] = "shared"  # separate: D_r of its own (BicycleGAN's two Ds)
+    # BicycleGAN's halves (its forward(): batch 2 = one pair per branch): the first half of each batch
+    # trains the encoded branch and gives the random branch its inputs A, the second half is only D_r's
+    # real pairs. False: both branches use the whole batch (twice the G, E and D work per image).
+    split_batch: bool = False
     # E's learning rate when it trains, as a fraction of G's (optim_g.lr). Stage 3 at G's 1e-3 moved E's
     # validation codes by 100 % of their norm within 20 steps and G's use of z collapsed (margin over another
     # photo's code 0.036 -> 0.008 dB), while at 0.1 they moved 44 % and the margin grew to 0.05
     # (benchmarks/stage3_drift.py, facades 64 px; a z² penalty or an E_ema did not help). The baselines,
     # whose E starts from scratch, train it at G's rate (their presets set 1.0).
     encoder_lr_scale: float = 0.1
-    ema_decay: float = 0.999  # 0: no EMA (G_ema is a copy of G)
+    ema_decay: float = 0.999  # 0: no EMA: no G_ema is built, saved or updated; validation and samples use G
     ema_warmup: bool = True  # decay min(ema_decay, (1+t)/(10+t)): short runs' EMA is not stuck at init
     decay_epochs: int = 0  # the last N epochs decay the lr linearly to 0
     # pix2pix/BicycleGAN/StEP augmentation: load at load_size, take the same random crop of image_size from
@@ -130,6 +135,8 @@ class GeneratorTrainConfig(LoopConfig):
             raise ValueError(f"encoder_lr_scale must be > 0, got {self.encoder_lr_scale}")
         if self.load_size < 0 or self.fallback_lambda_l1 < 0:
             raise ValueError("load_size and fallback_lambda_l1 must be >= 0")
+        if self.split_batch and (self.batch_size < 2 or not uses_random_branch(self)):
+            raise ValueError("split_batch needs batch_size >= 2 and the random-z branch (lambda_gan_random or lambda_latent > 0)")
 
     def resolved_load_size(self, image_size: int) -> int:
         """The side training images are loaded at before the random crop (= image_size: no crop)."""
@@ -176,16 +183,21 @@ def uses_random_branch(cfg: GeneratorTrainConfig) -> bool:
 
 
 def build_networks(cfg: GeneratorTrainConfig, device) -> dict[str, torch.nn.Module]:
+    """G, D and E, with G_ema only when there is an EMA and D_r only when the random branch has its own D."""
     g = UNetGenerator(cfg.generator).to(device)
-    nets = {
-        "generator": g,
-        "generator_ema": copy.deepcopy(g).requires_grad_(False).eval(),
-        "discriminator": PatchDiscriminator(cfg.discriminator).to(device),
-        "encoder": build_encoder(cfg.encoder).to(device),
-    }
+    nets = {"generator": g}
+    if cfg.ema_decay:
+        nets["generator_ema"] = copy.deepcopy(g).requires_grad_(False).eval()
+    nets["discriminator"] = PatchDiscriminator(cfg.discriminator).to(device)
+    nets["encoder"] = build_encoder(cfg.encoder).to(device)
     if cfg.lambda_gan_random and cfg.random_discriminator == "separate":
         nets["discriminator_random"] = PatchDiscriminator(cfg.discriminator).to(device)
     return nets
+
+
+def ema_generator(nets: dict) -> torch.nn.Module:
+    """The generator validation, samples and checkpoints' users read: G_ema, or G in a run without EMA."""
+    return nets.get("generator_ema", nets["generator"])
 
 
 def discriminators(nets: dict) -> list[torch.nn.Module]:
@@ -194,8 +206,8 @@ def discriminators(nets: dict) -> list[torch.nn.Module]:
 
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1.0 - decay)
+    # one multi-tensor lerp over all parameters (timm's ModelEmaV3 does the same), not one op per tensor
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
 
@@ -214,11 +226,31 @@ def lr_factor(cfg: GeneratorTrainConfig, epoch: int) -> float:
     return 1.0 if epoch < start else max(0.0, 1.0 - (epoch - start + 1) / (cfg.decay_epochs + 1))
 
 
-def reconstruction_loss(cfg: GeneratorTrainConfig, fake: torch.Tensor, real: torch.Tensor, vgg) -> tuple[torch.Tensor, dict]:
-    """λ_vgg · VGG(B, B̂) + λ_l1 · |B − B̂| (either may be off)."""
+def shares_target_features(cfg: GeneratorTrainConfig) -> bool:
+    """Does E (a vgg_gram E) read the very VGG layers the perceptual loss compares? Then one VGG pass over
+    B per step gives the loss its targets and E its input (its VGG stem is frozen in every stage)."""
+    e, v = cfg.encoder, cfg.vgg
+    return (bool(cfg.lambda_vgg) and e.backbone == "vgg_gram" and v.random_seed == 0
+            and (e.vgg_arch, tuple(e.vgg_layers), e.vgg_weights) == (v.arch, tuple(v.layers), v.weights))
+
+
+def target_features(cfg: GeneratorTrainConfig, vgg, real: torch.Tensor):
+    """VGG(B) without gradients, once per step: the targets of every perceptual term (direct and cycle)."""
+    if not cfg.lambda_vgg:
+        return None
+    with torch.no_grad():
+        return vgg(real)
+
+
+def reconstruction_loss(cfg: GeneratorTrainConfig, fake: torch.Tensor, real: torch.Tensor, vgg, real_features=None
+                        ) -> tuple[torch.Tensor, dict]:
+    """λ_vgg · VGG(B, B̂) + λ_l1 · |B − B̂| (either may be off); `real_features`: VGG(B) when already computed."""
     total, logs = fake.new_zeros(()).float(), {}
     if cfg.lambda_vgg:
-        loss, part = vgg_perceptual_loss(vgg, fake, real, cfg.vgg.resolved_layer_weights(), cfg.vgg_scale)
+        if real_features is None:
+            loss, part = vgg_perceptual_loss(vgg, fake, real, cfg.vgg.resolved_layer_weights(), cfg.vgg_scale)
+        else:
+            loss, part = feature_matching_loss(vgg(fake), real_features, cfg.vgg.resolved_layer_weights(), cfg.vgg_scale)
         total, logs = total + cfg.lambda_vgg * loss, {**logs, "vgg": part["vgg"]}
     if cfg.lambda_l1:
         loss, part = l1_loss(fake, real)
@@ -226,43 +258,50 @@ def reconstruction_loss(cfg: GeneratorTrainConfig, fake: torch.Tensor, real: tor
     return total, logs
 
 
-def encode_style(cfg: GeneratorTrainConfig, encoder, b: torch.Tensor):
+def encode_style(cfg: GeneratorTrainConfig, encoder, b: torch.Tensor, features=None):
     """(z, mean, logvar) of E(B): a variational E gives the reparameterised sample μ + σ·ε (logvar for the
-    KL term), a deterministic one its code (logvar None). E's graph is kept only when E trains."""
+    KL term), a deterministic one its code (logvar None). E's graph is kept only when E trains.
+    `features`: VGG(B) already computed, for a vgg_gram E on the same layers (shares_target_features)."""
     with torch.set_grad_enabled(cfg.train_encoder and torch.is_grad_enabled()):
+        x, from_stem = b, False
+        if features is not None:
+            x, from_stem = unwrap(encoder).frozen_stem.from_features(features), True
         if cfg.encoder.variational:
-            mean, logvar = encoder(b, with_logvar=True)
+            mean, logvar = encoder(x, with_logvar=True, from_stem=from_stem)
             return mean + torch.randn_like(mean) * (0.5 * logvar).exp(), mean, logvar
-        z = encoder(b)
+        z = encoder(x, from_stem=from_stem)
         return z, z, None
 
 
-def discriminator_loss(cfg: GeneratorTrainConfig, nets: dict, a, b, fake, fake_random) -> tuple[torch.Tensor, dict]:
-    """LSGAN_D on (A, B) against (A, B̂), and against (A, G(A, z_r)) for the random branch (on D_r)."""
+def discriminator_loss(cfg: GeneratorTrainConfig, nets: dict, a, b, fake, fake_random, random_real=None
+                       ) -> tuple[torch.Tensor, dict]:
+    """LSGAN_D on (A, B) against (A, B̂), and for the random branch (on D_r) a real pair — `random_real`,
+    BicycleGAN's second half with split_batch, else (A, B) — against (A, G(A, z_r))."""
     total, logs = a.new_zeros(()).float(), {}
     pairs = []
     if cfg.lambda_gan:
-        pairs.append((nets["discriminator"], fake, ""))
+        pairs.append((nets["discriminator"], (a, b), fake, ""))
     if cfg.lambda_gan_random:
-        pairs.append((nets.get("discriminator_random", nets["discriminator"]), fake_random, "_random"))
-    for d, fakes, suffix in pairs:
+        pairs.append((nets.get("discriminator_random", nets["discriminator"]), random_real or (a, b), fake_random, "_random"))
+    for d, (real_a, real_b), fakes, suffix in pairs:
         # real and fake in one forward; the minibatch statistic stays per half
-        out = d(torch.cat([a, a]), torch.cat([b, fakes]), groups=2)
+        out = d(torch.cat([real_a, a]), torch.cat([real_b, fakes]), groups=2)
         loss, part = lsgan_discriminator_loss([o[: len(a)] for o in out], [o[len(a):] for o in out])
         total = total + loss
         logs.update({f"{k}{suffix}": v for k, v in part.items()} if suffix else part)
     return total, logs
 
 
-def generator_loss(cfg: GeneratorTrainConfig, nets: dict, a, b, style, fake, z_random, fake_random, vgg
-                   ) -> tuple[torch.Tensor, dict]:
-    """L_G (and E's loss) from the switched-on terms; `style` = encode_style(...) of B."""
+def generator_loss(cfg: GeneratorTrainConfig, nets: dict, a, b, style, fake, z_random, fake_random, vgg,
+                   real_features=None) -> tuple[torch.Tensor, dict]:
+    """L_G (and E's loss) from the switched-on terms; `style` = encode_style(...) of B, `real_features`
+    = target_features(...) of B (None: computed where needed)."""
     g, e = nets["generator"], nets["encoder"]
     z, mean, logvar = style
     terms: list[tuple[float, tuple[torch.Tensor, dict]]] = []
     if cfg.lambda_gan:
         terms.append((cfg.lambda_gan, lsgan_generator_loss(nets["discriminator"](a, fake))))
-    terms.append((1.0, reconstruction_loss(cfg, fake, b, vgg)))
+    terms.append((1.0, reconstruction_loss(cfg, fake, b, vgg, real_features)))
     if cfg.lambda_kl:
         terms.append((cfg.lambda_kl, kl_to_standard_normal(mean, logvar)))
     if cfg.lambda_z_l2:
@@ -273,7 +312,7 @@ def generator_loss(cfg: GeneratorTrainConfig, nets: dict, a, b, style, fake, z_r
         # E(u_{i+1}) ≈ z_i must rebuild B_i from A_i (METHOD §7, MUNIT-p)
         swapped = g(a, torch.roll(z, 1, 0))
         z_back = e(swapped)
-        loss, _ = reconstruction_loss(cfg, g(a, torch.roll(z_back, -1, 0)), b, vgg)
+        loss, _ = reconstruction_loss(cfg, g(a, torch.roll(z_back, -1, 0)), b, vgg, real_features)
         terms.append((cfg.lambda_cycle, (loss, {"cycle": float(loss.detach())})))
     if cfg.lambda_gan_random:
         loss, _ = lsgan_generator_loss(nets.get("discriminator_random", nets["discriminator"])(a, fake_random))
@@ -295,10 +334,16 @@ def train_step(cfg: GeneratorTrainConfig, nets: dict, opt_g, opt_d, a: torch.Ten
     With a `guard`, an update whose loss is NaN/Inf (on any rank) is dropped; the logs are then None."""
     amp = amp or MixedPrecision("fp32", a.device)
     g, e = nets["generator"], nets["encoder"]
+    random_real = None
+    if cfg.split_batch:  # BicycleGAN's halves; a batch of one serves both (the official code skips it)
+        half = max(1, len(a) // 2)
+        rest = slice(half, 2 * half) if len(a) > 1 else slice(0, 1)
+        random_real, a, b = (a[rest], b[rest]), a[:half], b[:half]
     n = len(a)
     ok = True
     with amp.autocast():
-        style = encode_style(cfg, e, b)
+        real_features = target_features(cfg, vgg, b)
+        style = encode_style(cfg, e, b, real_features if shares_target_features(cfg) else None)
         z_random = torch.randn_like(style[0]) if uses_random_branch(cfg) else None
         # one G pass for the encoded and the random codes
         codes = style[0] if z_random is None else torch.cat([style[0], z_random])
@@ -308,17 +353,19 @@ def train_step(cfg: GeneratorTrainConfig, nets: dict, opt_g, opt_d, a: torch.Ten
     if cfg.lambda_gan or cfg.lambda_gan_random:
         with amp.autocast():
             loss_d, logs = discriminator_loss(cfg, nets, a, b, fake.detach(),
-                                              None if fake_random is None else fake_random.detach())
+                                              None if fake_random is None else fake_random.detach(), random_real)
         if not guarded_update(guard, state, "loss_d", loss_d, [opt_d], discriminators(nets), amp):
             if guard.rollback_pending:
                 return None
             ok = False
     with no_parameter_grads(*discriminators(nets)), amp.autocast():
-        loss_g, g_logs = generator_loss(cfg, nets, a, b, style, fake, z_random, fake_random, vgg)
+        loss_g, g_logs = generator_loss(cfg, nets, a, b, style, fake, z_random, fake_random, vgg, real_features)
     if guard is not None:
         loss_g = guard.inject(loss_g, state)
     if guarded_update(guard, state, "loss_g", loss_g, [opt_g], [g, *((e,) if cfg.train_encoder else ())], amp):
-        update_ema(nets["generator_ema"], unwrap(g), ema_decay_at(cfg, step))
+        if "generator_ema" in nets:
+            with record_function("part:EMA"):
+                update_ema(nets["generator_ema"], unwrap(g), ema_decay_at(cfg, step))
     else:
         ok = False
     amp.update()
@@ -361,6 +408,16 @@ def make_optimizers(cfg: GeneratorTrainConfig, nets: dict, init_folder: str | No
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
     return opt_g, opt_d
+
+
+def perceptual_vgg(cfg: GeneratorTrainConfig, nets: dict, device):
+    """The perceptual loss's VGG: E's own frozen one when they share it (shares_target_features), else a
+    second one loaded for the loss; None without a VGG term."""
+    if not cfg.lambda_vgg:
+        return None
+    if shares_target_features(cfg):
+        return unwrap(nets["encoder"]).frozen_stem.vgg
+    return load_vgg(cfg.vgg, device)
 
 
 def freeze(module: torch.nn.Module) -> torch.nn.Module:
@@ -432,7 +489,7 @@ class GeneratorRecipe(Recipe):
         state["reconstruction"] = self.reconstruction
         if not cfg.train_encoder:
             freeze(self.nets["encoder"])
-        self.vgg = load_vgg(cfg.vgg, w.device) if cfg.lambda_vgg else None
+        self.vgg = perceptual_vgg(cfg, self.nets, w.device)
         broadcast_parameters(*self.nets.values())  # every rank starts from rank 0's weights (as DDP would)
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(cfg, self.nets, self.vgg)
@@ -444,9 +501,13 @@ class GeneratorRecipe(Recipe):
             self.lpips = load_lpips(device=w.device) if cfg.val_lpips else None
 
     def batches(self, w: Worker, epoch: int, streams):
-        self.crop_rng = np.random.default_rng([self.cfg.seed, *streams, 1])  # crops: their own stream
+        crop_rng = np.random.default_rng([self.cfg.seed, *streams, 1])  # crops: their own stream
         rows = epoch_batches(len(self.inputs.train_paths), self.cfg.batch_size, [self.cfg.seed, epoch], w.rank, w.world)
-        return [(len(r), r) for r in rows]
+        return [(len(r), (r, self.store.windows(len(r), crop_rng))) for r in rows]  # each step's crop windows, in order
+
+    def load(self, batch):
+        rows, windows = batch
+        return self.store.batch(rows, windows=windows)
 
     def begin_epoch(self, w: Worker, epoch: int) -> dict[str, Any]:
         factor = lr_factor(self.cfg, epoch)
@@ -459,15 +520,14 @@ class GeneratorRecipe(Recipe):
             self.nets["encoder"].train()
         return {"lr_factor": factor}
 
-    def step(self, w: Worker, rows, state, guard):
-        a, b = self.store.batch(rows, self.crop_rng)
-        a, b = a.to(w.device), b.to(w.device)
+    def step(self, w: Worker, batch, state, guard):
+        a, b = (x.to(w.device, non_blocking=True) for x in batch)
         if self.cfg.flip:
             a, b = random_flip(a, b)
         return train_step(self.cfg, self.nets, self.opt_g, self.opt_d, a, b, self.vgg, state["step"], w.amp, guard, state)
 
     def validate(self, w: Worker, state):
-        return validate(self.cfg, self.nets["generator_ema"], unwrap(self.nets["encoder"]), self.val_a, self.val_b,
+        return validate(self.cfg, ema_generator(self.nets), unwrap(self.nets["encoder"]), self.val_a, self.val_b,
                         self.other, w.device, self.lpips)
 
     def grid(self, w: Worker, state):
@@ -497,4 +557,4 @@ def training_grid(cfg: GeneratorTrainConfig, nets: dict, val_a: torch.Tensor, va
             codes = encoder.eval()(val_b.to(device)).float().cpu()
         encoder.train(was)
         samples = code_samples(codes, m.grid_samples, m.seed)
-    return sample_grid(nets["generator_ema"], encoder, val_a[inputs], val_b[refs], samples, device)
+    return sample_grid(ema_generator(nets), encoder, val_a[inputs], val_b[refs], samples, device)

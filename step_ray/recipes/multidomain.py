@@ -226,24 +226,30 @@ class MultiDomainRecipe(Recipe):
             self.val_y = torch.as_tensor(self.val_images.domains[rows])
 
     def batches(self, w: Worker, epoch: int, streams):
-        self.rng = np.random.default_rng([self.cfg.seed, *streams])
+        """Each step's rows, random target domains and two reference rows of each target domain."""
+        rng = np.random.default_rng([self.cfg.seed, *streams])
         rows = epoch_batches(len(self.train_images.paths), self.cfg.batch_size, [self.cfg.seed, epoch], w.rank, w.world)
-        return [(len(r), r) for r in rows]
+        out = []
+        for r in rows:  # drawn in the order the steps drew them before they were loaded ahead
+            y_trg = rng.integers(0, len(self.train_images.names), len(r))
+            out.append((len(r), (r, y_trg, self.references(y_trg, rng), self.references(y_trg, rng))))
+        return out
 
-    def references(self, domains: np.ndarray) -> np.ndarray:
+    def references(self, domains: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """For each wanted domain, a random training row of that domain."""
-        return np.array([self.rng.choice(self.by_domain[d]) for d in domains], np.int64)
+        return np.array([rng.choice(self.by_domain[d]) for d in domains], np.int64)
 
-    def step(self, w: Worker, rows, state, guard):
-        y_trg = self.rng.integers(0, len(self.train_images.names), len(rows))
-        x_real = self.store.batch(rows).to(w.device)
-        x_ref = self.store.batch(self.references(y_trg)).to(w.device)
-        x_ref2 = self.store.batch(self.references(y_trg)).to(w.device)
+    def load(self, batch):
+        rows, y_trg, ref, ref2 = batch
+        return (self.store.batch(rows), self.store.batch(ref), self.store.batch(ref2),
+                torch.as_tensor(self.train_images.domains[rows]), torch.as_tensor(y_trg))
+
+    def step(self, w: Worker, batch, state, guard):
+        x_real, x_ref, x_ref2, y_org, y_trg = (x.to(w.device, non_blocking=True) for x in batch)
         if self.cfg.flip:
             (x_real,) = random_flip(x_real)
-        y_org = torch.as_tensor(self.train_images.domains[rows], device=w.device)
-        return multidomain_step(self.cfg, self.nets, self.opts, x_real, y_org, x_ref, x_ref2,
-                                torch.as_tensor(y_trg, device=w.device), state["step"], guard, state)
+        return multidomain_step(self.cfg, self.nets, self.opts, x_real, y_org, x_ref, x_ref2, y_trg,
+                                state["step"], guard, state)
 
     def validate(self, w: Worker, state):
         return validate_multidomain(self.cfg, self.nets, self.val_x, self.val_y, self.cfg.seed, w.device)

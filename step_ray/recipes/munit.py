@@ -216,14 +216,16 @@ class MUNITRecipe(Recipe):
         batches_b = epoch_batches(n, cfg.batch_size, [cfg.seed, epoch, 1], w.rank, w.world)
         return [(len(ra), (ra, rb)) for ra, rb in zip(batches_a, batches_b)]
 
-    def step(self, w: Worker, batch, state, guard):
+    def load(self, batch):
         rows_a, rows_b = batch
+        return self.store.batch(rows_a)[0], self.store.batch(rows_b)[1]
+
+    def step(self, w: Worker, batch, state, guard):
         factor = 0.5 ** (state["step"] // self.cfg.lr_halve_every)  # MUNIT's step decay, from checkpointed state
         for opt in (self.opt_gen, self.opt_dis):
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * factor
-        x_a = self.store.batch(rows_a)[0].to(w.device)
-        x_b = self.store.batch(rows_b)[1].to(w.device)
+        x_a, x_b = (x.to(w.device, non_blocking=True) for x in batch)
         if self.cfg.flip:  # each side its own flips: the two images are unrelated
             (x_a,), (x_b,) = random_flip(x_a), random_flip(x_b)
         return munit_step(self.cfg, self.nets, self.opt_gen, self.opt_dis, x_a, x_b, self.vgg, w.amp, guard, state)

@@ -188,25 +188,30 @@ class Stage1Recipe(Recipe):
         steps = max(1, -(-len(self.sampler) // self.cfg.batch_size))
         return [(len(b), b) for b in np.array_split(triplets, steps)]
 
+    def load(self, batch):
+        """The triplets' rows (a0 p0 n0 a1 p1 n1 ...) and, without a stem bank, their images."""
+        rows = batch.reshape(-1)
+        return rows, (self.store.batch(rows) if self.stem_bank is None else None)
+
     def begin_epoch(self, w: Worker, epoch: int) -> dict[str, Any]:
         self.model.train()  # validation (and the untrained baseline) left E in eval mode
         return {}
 
     def step(self, w: Worker, batch, state, guard) -> dict[str, float] | None:
         cfg, amp = self.cfg, w.amp
-        rows = batch.reshape(-1)  # a0 p0 n0 a1 p1 n1 ...
+        rows, x = batch
         if self.stem_bank is not None:  # each image its own flip (a flip keeps the style), from the bank
             mirror = (torch.rand(len(rows)) < 0.5).long() if cfg.flip else torch.zeros(len(rows), dtype=torch.long)
             with amp.autocast():
                 bank = self.stem_bank
                 z = self.model(bank[torch.as_tensor(rows, device=bank.device), mirror.to(bank.device)], from_stem=True)
         else:
-            x = self.store.batch(rows).to(w.device)
+            x = x.to(w.device, non_blocking=True)
             if cfg.flip:
                 (x,) = random_flip(x)
             with amp.autocast():
                 z = self.model(x)
-        z = z.float().view(len(batch), 3, -1)
+        z = z.float().view(len(rows) // 3, 3, -1)
         loss, logs = triplet_loss(z[:, 0], z[:, 1], z[:, 2], cfg.margin, cfg.l2_weight)
         loss = guard.inject(loss, state)
         self.optimizer.zero_grad(set_to_none=True)

@@ -8,7 +8,8 @@ are `ours_v4`, the final StEP model (LSGAN + λ_rec · reconstruction).
 
 Loss terms per variant (log names of step_ray.recipes.generator.G_TERMS; "rec" is vgg or l1):
 
-    bicycle_v0  gan_g rec kl gan_random latent      official recipe: L1 ×10, Adam 2e-4 β (0.5, 0.999), 2 Ds, no EMA
+    bicycle_v0  gan_g rec kl gan_random latent      official recipe: L1 ×10, Adam 2e-4 β (0.5, 0.999), 2 Ds on B
+                                                    alone, no EMA, the batch split between the two branches
     bicycle_v1  gan_g rec kl gan_random latent      BicycleGAN with StEP's networks and losses
     bicycle_v2  gan_g rec    gan_random latent      v1 without the VAE (deterministic E, no KL)
     bicycle_v3  gan_g rec z_l2 gan_random latent    v2 with an L2 penalty on z instead of KL
@@ -64,8 +65,12 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
                 "lambda_vgg": 0.0, "lambda_l1": 10.0, "random_discriminator": "separate", "ema_decay": 0.0,
                 "optim_g": {"lr": 2e-4, "betas": [0.5, 0.999]}, "optim_d": {"lr": 2e-4, "betas": [0.5, 0.999]},
                 "generator": {"z_injection": "all"},
-                # BicycleGAN's D: 64 filters, 2 scales, no minibatch statistic (StEP's is 32 filters, 3 scales)
-                "discriminator": {"base_channels": 64, "num_scales": 2, "minibatch_stddev": False},
+                # BicycleGAN's D (D_NLayersMulti, its default conditional_D off): B only, 64 filters, 2 scales
+                # with the coarser one half as wide, no minibatch statistic (StEP's: (A, B), 32 filters, 3 scales)
+                "discriminator": {"a_channels": 0, "base_channels": 64, "num_scales": 2, "minibatch_stddev": False,
+                                  "scale_widths": "halved"},
+                # its batch of 2 is one pair per branch (BiCycleGANModel.forward)
+                "split_batch": True,
                 "encoder": {"norm": "instance"}, "batch_size": 2})),
     Variant("bicycle_v1", "BicycleGAN", "v1", "BicycleGAN with StEP's networks and losses", _merged(_SCRATCH, _VAE, _RANDOM_Z)),
     Variant("bicycle_v2", "BicycleGAN", "v2", "v1 without the VAE (deterministic E, no KL)", _merged(_SCRATCH, _RANDOM_Z)),

@@ -5,8 +5,8 @@
       -> VGG -> Gram -> descriptor -> reduction
                                 map_batches with a callable class on an actor pool
                                 (one GPU per actor when the cluster has GPUs; fp32 unless `precision` says otherwise)
-      -> materialize (small: d floats per image)
-      -> <output>/descriptors/*.parquet   good rows: image_id, path, split, style_id, descriptor
+      -> streamed to the driver (small: d floats per image), written as they arrive:
+         <output>/descriptors/*.parquet   good rows: image_id, path, split, style_id, descriptor
          <output>/errors.csv             bad rows: path, reason
          <output>/reduction.npz          the reduction, to project new images later
          <output>/metadata.json          weight source, layers, image side, reduction, summary;
@@ -15,7 +15,13 @@
 Bad files travel through the pipeline as flagged rows instead of being dropped by the decode step, so
 the driver can list them and can check that every listed file came out exactly once.
 PCA needs a fit first: a first pass of the same pipeline, on a seeded sample of images and without
-reduction, brings full descriptors to the driver.
+reduction, brings full descriptors to the driver. The driver projects those sample descriptors itself once
+the PCA is fitted, so the second pass covers only the images outside the sample (every image is put
+through the VGG once).
+
+One streaming execution per pass: the driver consumes the actors' output blocks while later ones are
+still being computed, writing good rows to Parquet (large row groups) and keeping bad rows and the
+workers' statistics, instead of materialising the results and re-reading them in four more executions.
 """
 from __future__ import annotations
 
@@ -73,7 +79,9 @@ class StyleStatsConfig:
     Resources: `num_actors` model replicas (capped at the number of GPUs when GPUs are used), each with
     `cpus_per_actor` logical CPUs (0 = 1 on GPU; on CPU an even share of what the decode tasks, at
     `decode_cpus` each, leave free) and `torch_threads` intra-op threads (0 = its CPU share, at least 1).
-    `images_per_read_task` sets how many files one read+decode task handles.
+    `images_per_read_task` sets how many files one read+decode task handles. `rows_per_file` is the
+    most rows one Parquet file of descriptors holds (row groups of up to `rows_per_group` rows, fewer when
+    a group would exceed 64 MiB, e.g. unreduced descriptors).
     `force` recomputes even when `output` already holds a result of the same config.
     """
 
@@ -93,6 +101,7 @@ class StyleStatsConfig:
     decode_cpus: float = 0.25
     images_per_read_task: int = 64
     rows_per_file: int = 100_000
+    rows_per_group: int = 16_384
     force: bool = False
 
     def __post_init__(self):
@@ -104,8 +113,8 @@ class StyleStatsConfig:
             raise ValueError("cpus_per_actor and torch_threads must be >= 0 (0 = automatic)")
         if self.decode_cpus <= 0:
             raise ValueError(f"decode_cpus must be > 0, got {self.decode_cpus}")
-        if self.images_per_read_task < 1 or self.rows_per_file < 1:
-            raise ValueError("images_per_read_task and rows_per_file must be >= 1")
+        if self.images_per_read_task < 1 or self.rows_per_file < 1 or self.rows_per_group < 1:
+            raise ValueError("images_per_read_task, rows_per_file and rows_per_group must be >= 1")
         if not self.output:
             raise ValueError("output must name a folder (local path or s3://bucket/prefix)")
 
@@ -132,7 +141,8 @@ class StyleDescriptorModel:
 
     One instance per actor holds the VGG and the projection matrix, so they are built once per worker.
     Rows flagged bad by the decode step pass through with a NaN descriptor. Each output row also
-    carries the worker's name, its peak memory and its busy time so far, for the run's summary.
+    carries the worker's name, its peak memory, its busy time so far, its start-up time and when its
+    batch finished, for the run's summary (none of these reach the Parquet files).
     """
 
     def __init__(
@@ -143,6 +153,7 @@ class StyleDescriptorModel:
         torch_threads: int,
         precision: str = "fp32",
     ):
+        started = time.perf_counter()
         torch.set_num_threads(torch_threads)
         self.device = torch.device(device)
         self.vgg = load_vgg(vgg_cfg, self.device)
@@ -153,8 +164,13 @@ class StyleDescriptorModel:
         self.reduction = Reduction.load(reduction_uri) if reduction_uri else None
         self.output_dim = self.reduction.output_dim if self.reduction else descriptor_size(self.vgg.channels)
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        if self.reduction is not None:
+            # Build the projection matrix (157 MB for the random one) now, while decode tasks fill the
+            # input queue, rather than inside the first batch.
+            self.reduction.transform_tensor(torch.zeros(1, self.reduction.input_dim, device=self.device))
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.busy_seconds = 0.0  # time inside __call__: the summary sets it against wall time
+        self.startup_seconds = time.perf_counter() - started  # torch import excluded (module level)
 
     def descriptors(self, images: np.ndarray) -> np.ndarray:
         """uint8 NHWC -> [n, d] float32 (the same arithmetic as pix2pix.to_tensor, on the device)."""
@@ -194,6 +210,8 @@ class StyleDescriptorModel:
                 "peak_rss_bytes": pa.array(np.full(count, peak_rss, np.int64)),
                 "gpu_peak_bytes": pa.array(np.full(count, gpu_peak, np.int64)),
                 "busy_seconds": pa.array(np.full(count, self.busy_seconds, np.float64)),
+                "startup_seconds": pa.array(np.full(count, self.startup_seconds, np.float64)),
+                "finished_at": pa.array(np.full(count, time.time(), np.float64)),  # wall clock, for the summary
             }
         )
 
@@ -316,15 +334,110 @@ def _original_worker_errors():
         ctx.raise_original_map_exception = previous
 
 
-def _run(dataset):
-    """Execute a dataset; a BadImageError in a worker (on_bad_image=fail) comes back as itself."""
+def _stream(dataset):
+    """Execute a dataset, yielding its output blocks (pyarrow tables) as they are produced; a
+    BadImageError in a worker (on_bad_image=fail) comes back as itself."""
     try:
-        return dataset.materialize()
+        yield from dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=4)
     except Exception as exc:
         bad = _unwrap_bad_image(exc)
         if bad is not None:
             raise BadImageError(bad.path, bad.reason) from exc
         raise
+
+
+WORKER_COLUMNS = ["worker", "peak_rss_bytes", "gpu_peak_bytes", "busy_seconds", "startup_seconds", "finished_at"]
+GROUP_BYTES = 64 * 2**20  # a row group stays below this even when rows are large (unreduced descriptors)
+
+
+class _ResultWriter:
+    """The driver's side of a pass: good rows go to Parquet files as blocks arrive (row groups of up to
+    `rows_per_group` rows, files of up to `rows_per_file`), bad rows and per-batch worker statistics are
+    kept for errors.csv and the summary."""
+
+    def __init__(self, output: str, descriptor_dim: int, rows_per_file: int, rows_per_group: int):
+        self.fs, base = storage.resolve(output)
+        self.folder = f"{base}/{DESCRIPTORS_DIR}"
+        self.fs.create_dir(self.folder, recursive=True)
+        self.schema = pa.schema([
+            ("image_id", pa.string()), ("path", pa.string()), ("split", pa.string()), ("style_id", pa.int64()),
+            ("descriptor", pa.list_(pa.float32(), descriptor_dim)),
+        ])
+        self.rows_per_file, self.rows_per_group = rows_per_file, rows_per_group
+        self.pending: list[pa.Table] = []
+        self.pending_rows = self.pending_bytes = 0
+        self.files = 0
+        self.writer: pq.ParquetWriter | None = None
+        self.stream = None
+        self.rows_in_file = 0
+        self.good = 0
+        self.errors: list[pa.Table] = []
+        self.worker_stats: list[pa.Table] = []
+
+    def add(self, table: pa.Table) -> None:
+        """One output block of the pipeline (all columns, good and bad rows); a block without its
+        descriptor column (the PCA sample pass's) contributes only its bad rows and statistics."""
+        if table.num_rows == 0:
+            return
+        bad = bad_rows(table)
+        if bad.num_rows:
+            self.errors.append(bad)
+        self.worker_stats.append(table.select(WORKER_COLUMNS))
+        if "descriptor" in table.column_names:
+            self.add_good(good_rows(table))
+
+    def add_good(self, good: pa.Table) -> None:
+        if good.num_rows == 0:
+            return
+        self.pending.append(good.cast(self.schema))
+        self.pending_rows += good.num_rows
+        self.pending_bytes += good.nbytes
+        if self.pending_rows >= self.rows_per_group or self.pending_bytes >= GROUP_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        table = pa.concat_tables(self.pending)
+        self.pending, self.pending_rows, self.pending_bytes = [], 0, 0
+        row_bytes = max(1, table.nbytes // max(1, table.num_rows))
+        group = max(1, min(self.rows_per_group, GROUP_BYTES // row_bytes))
+        while table.num_rows:
+            if self.writer is None:
+                self.stream = self.fs.open_output_stream(f"{self.folder}/part-{self.files:05d}.parquet")
+                self.writer = pq.ParquetWriter(self.stream, self.schema)
+                self.files += 1
+            take = min(table.num_rows, self.rows_per_file - self.rows_in_file)
+            self.writer.write_table(table.slice(0, take), row_group_size=group)
+            self.rows_in_file += take
+            self.good += take
+            table = table.slice(take)
+            if self.rows_in_file >= self.rows_per_file:
+                self._close_file()
+
+    def _close_file(self) -> None:
+        self.writer.close()
+        self.stream.close()
+        self.writer = self.stream = None
+        self.rows_in_file = 0
+
+    def close(self) -> None:
+        self._flush()
+        if self.files == 0:  # no readable image: one empty file, so the folder still reads as a table
+            self.writer = pq.ParquetWriter(self.fs.open_output_stream(f"{self.folder}/part-00000.parquet"),
+                                           self.schema)
+            self.stream = None
+            self.writer.close()
+            self.files = 1
+        elif self.writer is not None:
+            self._close_file()
+
+    def error_frame(self) -> "pandas.DataFrame":  # noqa: F821
+        import pandas as pd
+
+        if not self.errors:
+            return pd.DataFrame({"path": pd.Series([], dtype=object), "reason": pd.Series([], dtype=object)})
+        return pa.concat_tables(self.errors).to_pandas()
 
 
 def _descriptor_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -383,28 +496,44 @@ def _list_images(cfg: StyleStatsConfig, root: str) -> tuple[list[str], list[tupl
     return uris, skipped
 
 
-def _fit_reduction(cfg, uris, style_ids, plan, input_dim: int) -> tuple[Reduction, float]:
-    """PCA: a first pass over a seeded sample brings full descriptors to the driver to fit on."""
+class _FitPass(NamedTuple):
+    """What the PCA's sample pass leaves for the main pass: the files it covered, its good rows'
+    metadata and full descriptors (row-aligned), and its output blocks' bad rows and worker statistics."""
+
+    uris: frozenset[str]
+    rows: pa.Table  # image_id, path, split, style_id
+    descriptors: np.ndarray  # [n, D] float32
+    tables: list[pa.Table]  # the pass's blocks without their descriptor column
+
+
+def _fit_reduction(cfg, uris, style_ids, plan, input_dim: int) -> tuple[Reduction, float, _FitPass | None]:
+    """PCA: a first pass over a seeded sample brings full descriptors to the driver to fit on; they are
+    kept, so the sample images need not go through the VGG again."""
     reduction = Reduction(cfg.reduction, input_dim)
     if not reduction.needs_fit:
-        return reduction, 0.0
+        return reduction, 0.0, None
     start = time.perf_counter()
     rng = np.random.default_rng(cfg.reduction.seed)
     count = min(cfg.reduction.fit_sample, len(uris))
     sample_uris = sorted(uris[i] for i in rng.choice(len(uris), size=count, replace=False))
-    sampled = _run(_descriptor_dataset(cfg, sample_uris, style_ids, plan, reduction_uri=None))
-    parts = [
-        _descriptor_matrix(good_rows(table)["descriptor"])
-        for table in sampled.iter_batches(batch_size=None, batch_format="pyarrow")
-    ]
-    sample = np.concatenate([p for p in parts if len(p)], axis=0) if parts else np.zeros((0, input_dim), np.float32)
+    parts, rows, tables = [], [], []
+    for table in _stream(_descriptor_dataset(cfg, sample_uris, style_ids, plan, reduction_uri=None)):
+        good = good_rows(table)
+        if good.num_rows:
+            parts.append(_descriptor_matrix(good["descriptor"]))
+            rows.append(good.drop_columns(["descriptor"]))
+        tables.append(table.drop_columns(["descriptor"]))
+        del table, good
+    sample = np.concatenate(parts, axis=0) if parts else np.zeros((0, input_dim), np.float32)
+    del parts
     if len(sample) <= cfg.reduction.dim:
         raise DatasetError(
             f"PCA to {cfg.reduction.dim} dims needs more than {cfg.reduction.dim} readable sample images, got "
             f"{len(sample)}; lower reduction.dim or use reduction.method=random"
         )
     reduction.fit(sample)
-    return reduction, time.perf_counter() - start
+    fit = _FitPass(frozenset(sample_uris), pa.concat_tables(rows), sample, tables)
+    return reduction, time.perf_counter() - start, fit
 
 
 def compute_style_stats(cfg: StyleStatsConfig) -> str:
@@ -443,21 +572,31 @@ def _compute(cfg: StyleStatsConfig, root: str, uris: list[str], key: str, weight
     channels = layer_channels(cfg.vgg.arch, cfg.vgg.layers)
     input_dim = descriptor_size(channels)
 
-    reduction, fit_seconds = _fit_reduction(cfg, uris, style_ids, plan, input_dim)
+    start = time.perf_counter()
+    reduction, fit_seconds, fit = _fit_reduction(cfg, uris, style_ids, plan, input_dim)
     reduction_uri = storage.join(output, REDUCTION_FILE)
     reduction.save(reduction_uri)
 
-    start = time.perf_counter()
-    results = _run(_descriptor_dataset(cfg, uris, style_ids, plan, reduction_uri))
+    writer = _ResultWriter(output, reduction.output_dim, cfg.rows_per_file, cfg.rows_per_group)
+    rest = uris
+    if fit is not None:
+        # The sample's descriptors, projected here with the fitted PCA (the same transform the actors
+        # apply): its images are not computed a second time.
+        for table in fit.tables:
+            writer.add(table)
+        projected = reduction.transform(fit.descriptors)
+        writer.add_good(fit.rows.append_column("descriptor", _fixed_size_list(projected)))
+        rest = [u for u in uris if u not in fit.uris]
+        del fit, projected
+    main_start = time.perf_counter()
+    if rest:
+        for table in _stream(_descriptor_dataset(cfg, rest, style_ids, plan, reduction_uri)):
+            writer.add(table)
+    writer.close()
     seconds = time.perf_counter() - start
+    main_seconds = time.perf_counter() - main_start
 
-    out_fs, out_base = storage.resolve(output)
-    good = results.map_batches(good_rows, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
-    good.write_parquet(
-        f"{out_base}/{DESCRIPTORS_DIR}", filesystem=out_fs, min_rows_per_file=cfg.rows_per_file
-    )
-    errors = results.map_batches(bad_rows, batch_format="pyarrow", batch_size=None).to_pandas()
-    errors = errors.reindex(columns=["path", "reason"])
+    errors = writer.error_frame().reindex(columns=["path", "reason"])
     decode_errors = len(errors)
     if not_read:  # entries of the split folders that are not image files of the flat layout
         import pandas as pd
@@ -466,26 +605,38 @@ def _compute(cfg: StyleStatsConfig, root: str, uris: list[str], key: str, weight
     errors = errors.sort_values("path").reset_index(drop=True)
     storage.write_bytes(storage.join(output, ERRORS_FILE), errors.to_csv(index=False).encode())
 
-    workers = results.select_columns(["worker", "peak_rss_bytes", "gpu_peak_bytes", "busy_seconds"]).to_pandas()
-    per_worker = workers.groupby("worker").max().sort_index()
-    written = results.count() - decode_errors
+    batches = pa.concat_tables(writer.worker_stats).to_pandas() if writer.worker_stats else None
+    per_worker = batches.groupby("worker").max().sort_index() if batches is not None else None
+    written = writer.good
     if written + decode_errors != len(uris):
         raise RuntimeError(f"{len(uris)} files listed but {written} rows and {decode_errors} errors came out")
+    steady = _steady_rate(batches, main_start) if batches is not None else None
     summary = {
         "images": int(written),
         "skipped": int(len(errors)),  # every entry not used: bad images and entries not read (errors.csv)
         "not_read": int(len(not_read)),
+        # Rows the model actors computed, over both passes: each listed file once (the PCA sample's
+        # descriptors are projected by the driver, not computed again).
+        "vgg_images": int(len(batches)) if batches is not None else 0,
+        # Wall time of the descriptor passes, writing included (the PCA sample pass and fit too;
+        # fit_seconds is that part).
         "seconds": round(seconds, 3),
         "images_per_second": round(written / seconds, 2) if seconds > 0 else None,
         "fit_seconds": round(fit_seconds, 3),
+        # The main pass alone, and its rate once every actor has finished its first batch (start-up
+        # excluded): what the pipeline sustains.
+        "main_pass_seconds": round(main_seconds, 3),
+        "steady_images_per_second": steady,
         "actors": plan.num_actors,
         "device": plan.device,
         "cpus_per_actor": plan.cpus_per_actor,
         "torch_threads": plan.torch_threads,
-        "peak_rss_bytes_per_worker": {w: int(v) for w, v in per_worker["peak_rss_bytes"].items()},
-        "peak_gpu_bytes_per_worker": {w: int(v) for w, v in per_worker["gpu_peak_bytes"].items()},
+        "peak_rss_bytes_per_worker": _per_worker(per_worker, "peak_rss_bytes", int),
+        "peak_gpu_bytes_per_worker": _per_worker(per_worker, "gpu_peak_bytes", int),
         # Seconds each actor spent computing; the rest of `seconds` is start-up, decoding and waiting.
-        "busy_seconds_per_worker": {w: round(float(v), 3) for w, v in per_worker["busy_seconds"].items()},
+        "busy_seconds_per_worker": _per_worker(per_worker, "busy_seconds", lambda v: round(float(v), 3)),
+        # Seconds each actor's constructor took (VGG, weights, projection matrix; imports excluded).
+        "startup_seconds_per_worker": _per_worker(per_worker, "startup_seconds", lambda v: round(float(v), 3)),
     }
     metadata = {
         "format": OUTPUT_FORMAT,
@@ -512,6 +663,28 @@ def _compute(cfg: StyleStatsConfig, root: str, uris: list[str], key: str, weight
     storage.write_bytes(storage.join(output, METADATA_FILE), json.dumps(metadata, indent=1).encode())
     log.info("style stats: %s", format_summary(summary))
     return output
+
+
+def _per_worker(per_worker, column: str, convert) -> dict:
+    return {} if per_worker is None else {w: convert(v) for w, v in per_worker[column].items()}
+
+
+def _steady_rate(batches, pass_start: float) -> float | None:
+    """Images per second of the main pass after the moment every actor had finished its first batch,
+    from the batches' finish times (wall clock); None when too few batches."""
+    # The main pass's batches: those finished after it started (the sample pass's finished before).
+    epoch_start = time.time() - (time.perf_counter() - pass_start)
+    main = batches[batches["finished_at"] >= epoch_start]
+    if main.empty:
+        return None
+    # One entry per batch: rows of a batch share worker and finish time.
+    per_batch = main.groupby(["worker", "finished_at"]).size().reset_index(name="rows").sort_values("finished_at")
+    warm = per_batch.groupby("worker")["finished_at"].min().max()
+    after = per_batch[per_batch["finished_at"] > warm]
+    span = float(per_batch["finished_at"].max() - warm)
+    if after.empty or span <= 0:
+        return None
+    return round(float(after["rows"].sum()) / span, 2)
 
 
 def format_summary(summary: dict) -> str:

