@@ -84,7 +84,6 @@ import datetime as _dt
 import json
 import os
 import resource
-import shutil
 import signal
 import sys
 import tempfile
@@ -675,23 +674,7 @@ def main(argv=None) -> dict[str, Any]:
                                                   "data_root": str(data_root), "device": device},
               "commands": {k: " ".join(v[1:]) if v else None for k, v in cmds.items()}, "parts": parts, "results": results}
     report["total_wall_s"] = round(time.perf_counter() - t0, 1)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out_dir / f"{tag}.json", out_dir / f"{tag}.md"
-    json_path.write_text(json.dumps(report, indent=1, default=str) + "\n")
-    md_path.write_text(markdown(report))
-    report["tables"] = {"json": str(json_path), "md": str(md_path)}
-    print(f"[gpu] done in {report['total_wall_s']:.0f}s: {json_path} {md_path}", flush=True)
-    print(md_path.read_text(), flush=True)
-    if os.environ.get("OUT"):  # the device machine's result folder: at most 8 files
-        dest = Path(os.environ["OUT"])
-        dest.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(json_path, dest / json_path.name)
-        shutil.copy2(md_path, dest / md_path.name)
-        with open(dest / f"{tag}_logs.txt", "w") as f:
-            for p in parts:
-                if p.get("log") and Path(p["log"]).is_file():
-                    f.write(f"===== {p['part']} ({p['status']}, {p['wall_s']} s): last 120 lines\n")
-                    f.write("\n".join(Path(p["log"]).read_text(errors="replace").splitlines()[-120:]) + "\n")
+    gpu_step.write_report(report, markdown(report), parts, out_dir, tag, "gpu", log_lines=120)
     return report
 
 

@@ -601,24 +601,33 @@ def main(argv=None) -> dict[str, Any]:
     report["total_wall_s"] = round(time.perf_counter() - t0, 1)
     for v in report["variants"]:
         v.pop("config", None)
+    write_report(report, markdown(report, ablation_md), parts, out_dir, tag, "gpu_step", log_lines=150)
+    return report
+
+
+def write_report(report: dict[str, Any], table: str, parts: list[dict[str, Any]], out_dir: Path, tag: str,
+                 who: str, log_lines: int) -> None:
+    """<out_dir>/<tag>.json and .md, and, with $OUT set (the device machine's result folder: at most 8
+    files, none deeper than 2 folders), copies of both and the last `log_lines` of every part's log in one
+    <tag>_logs.txt. Adds the tables' paths to `report`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / f"{tag}.json", out_dir / f"{tag}.md"
     json_path.write_text(json.dumps(report, indent=1, default=str) + "\n")
-    md_path.write_text(markdown(report, ablation_md))
+    md_path.write_text(table)
     report["tables"] = {"json": str(json_path), "md": str(md_path)}
-    print(f"[gpu_step] done in {report['total_wall_s']:.0f}s: {json_path} {md_path}", flush=True)
-    print(md_path.read_text(), flush=True)
-    if os.environ.get("OUT"):  # the device machine's result folder: at most 8 files, none deeper than 2 folders
-        dest = Path(os.environ["OUT"])
-        dest.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(json_path, dest / json_path.name)
-        shutil.copy2(md_path, dest / md_path.name)
-        with open(dest / f"{tag}_logs.txt", "w") as f:
-            for p in parts:
-                if p.get("log") and Path(p["log"]).is_file():
-                    f.write(f"===== {p['part']} ({p['status']}, {p['wall_s']} s): last 150 lines\n")
-                    f.write("\n".join(Path(p["log"]).read_text(errors="replace").splitlines()[-150:]) + "\n")
-    return report
+    print(f"[{who}] done in {report['total_wall_s']:.0f}s: {json_path} {md_path}", flush=True)
+    print(table, flush=True)
+    if not os.environ.get("OUT"):
+        return
+    dest = Path(os.environ["OUT"])
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(json_path, dest / json_path.name)
+    shutil.copy2(md_path, dest / md_path.name)
+    with open(dest / f"{tag}_logs.txt", "w") as f:
+        for p in parts:
+            if p.get("log") and Path(p["log"]).is_file():
+                f.write(f"===== {p['part']} ({p['status']}, {p['wall_s']} s): last {log_lines} lines\n")
+                f.write("\n".join(Path(p["log"]).read_text(errors="replace").splitlines()[-log_lines:]) + "\n")
 
 
 if __name__ == "__main__":

@@ -637,8 +637,9 @@ def markdown(name: str, res: dict, args) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that name the cached descriptor sets (synthetic_set / facades_set), shared with
+    benchmarks/mining_sketch.py, which reads the same cache."""
     parser.add_argument("--cache", default="/tmp/mining_recall_cache")
     parser.add_argument("--datasets", nargs="+", default=["synthetic", "facades"])
     parser.add_argument("--n", type=int, default=10000)
@@ -647,6 +648,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--design", default="shared_palette", choices=["shared_palette", "hue"])
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--facades-size", type=int, default=64)
+    parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--k-close", type=int, default=5)
+    parser.add_argument("--k-far", type=int, default=13)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    dataset_arguments(parser)
     parser.add_argument("--dims", type=int, nargs="+", default=[128, 256, 512])
     parser.add_argument("--fit-sizes", type=int, nargs="+", default=[1024, 2048])
     parser.add_argument("--blocks-all-fits", action="store_true", help="blocks-PCA for every fit size, not only the largest")
@@ -655,9 +664,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--time-dims", type=int, nargs="+", default=[128, 256, 512])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--exact-slice", type=int, default=100, help="anchors per exact timing round")
-    parser.add_argument("--chunk", type=int, default=256)
-    parser.add_argument("--k-close", type=int, default=5)
-    parser.add_argument("--k-far", type=int, default=13)
     parser.add_argument("--json", default="benchmarks/results/mining_recall_real_vgg.json")
     parser.add_argument("--cache-only", action="store_true", help="compute and cache the descriptors, then stop")
     args = parser.parse_args(argv)

@@ -15,8 +15,8 @@ import sys
 
 from step_ray.cluster import init_ray
 from step_ray.config import job_config
-from step_ray.preflight import (check_checkpoint, check_data_root, check_resources, check_storage, check_weights,
-                                fail_fast)
+from step_ray.preflight import (check_checkpoint, check_data_root, check_resources, check_shared_storage, check_storage,
+                                check_weights, dataset_location, fail_fast)
 from step_ray.pipelines.train_generator import TrainGeneratorConfig, run_train_generator
 from step_ray.recipes.variants import VARIANTS, variant_base
 
@@ -66,6 +66,8 @@ def main(argv=None):
     # A cluster address (RAY_ADDRESS, set by `ray job submit`) is joined; otherwise a local instance starts.
     init_ray()
     check_resources(cfg.run)
+    check_shared_storage({"run.storage_path": cfg.run.storage_path, **dataset_location(cfg.data),
+                          "encoder_checkpoint": cfg.encoder_checkpoint, "stage2_checkpoint": cfg.stage2_checkpoint})
     run_train_generator(cfg).print_summary()
 
 

@@ -12,7 +12,8 @@ import sys
 from step_ray.cluster import init_ray
 from step_ray.config import job_config
 from step_ray.eval.metrics import LPIPSConfig
-from step_ray.preflight import check_data_root, check_resources, check_storage, check_weights, fail_fast
+from step_ray.preflight import (check_data_root, check_resources, check_shared_storage, check_storage, check_weights,
+                                dataset_location, fail_fast)
 from step_ray.pipelines.train_multidomain import TrainMultiDomainConfig, run_train_multidomain
 
 
@@ -26,6 +27,7 @@ def main(argv=None):
     check_weights(lpips=LPIPSConfig())
     init_ray()
     check_resources(cfg.run)
+    check_shared_storage({"run.storage_path": cfg.run.storage_path, **dataset_location(cfg.data)})
     run_train_multidomain(cfg).print_summary()
 
 

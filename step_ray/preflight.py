@@ -1,14 +1,17 @@
 """Checks every job makes before any expensive work, and the one-line failure every job gives.
 
-A typo in a key, a checkpoint path that does not exist, a bucket the credentials cannot reach, or more
-GPUs than the cluster has would otherwise surface minutes (style statistics, mining) or hours (the
-second stage) into a run, or never (Ray waits forever for resources it does not have). The jobs call:
+A typo in a key, a checkpoint path that does not exist, a bucket the credentials cannot reach, more GPUs
+than the cluster has, or a worker larger than any one node would otherwise surface minutes (style
+statistics, mining) or hours (the second stage) into a run, or never (Ray waits forever for resources it
+does not have). The jobs call:
 
     check_storage(cfg.run, stage)          # storage reachable with these credentials; resume target exists
     check_data_root(root)                  # the dataset is there
     check_checkpoint(uri, "encoder_checkpoint")
-    ray.init(...)
-    check_resources(cfg.run)               # the cluster can ever place the workers
+    init_ray()
+    check_resources(cfg.run)               # the cluster can ever place the workers, each on one node
+    check_shared_storage({"run.storage_path": cfg.run.storage_path, "data.root": ...})
+                                           # more than one node: local paths only when declared shared
 
 and `fail_fast(main)` turns the errors these raise (and config errors) into one `error: ...` line on
 stderr and exit status 2, with credentials redacted.
@@ -21,14 +24,18 @@ from typing import Callable
 
 from step_ray import checkpoints, storage
 from step_ray.checkpoints import CheckpointError, redact
+from step_ray.cluster import (  # re-exported: the checks live beside the cluster helpers, which style and mining use
+    SHARED_STORAGE_ENV, PreflightError, check_placement, check_shared_storage, dataset_location,
+    shared_storage_declared)
 from step_ray.config import ConfigError
 from step_ray.data.pix2pix import BadImageError, DatasetError
-from step_ray.engine.launch import latest_run, wants_gpu
+from step_ray.engine.launch import WorkersLostError, latest_run, wants_gpu
 from step_ray.weights import WeightFileError, check_weights as resolve
 
-
-class PreflightError(RuntimeError):
-    """A job cannot run as configured; raised before any expensive work."""
+# What jobs import from here; the placement and shared-storage checks are step_ray.cluster's.
+__all__ = ["PreflightError", "SHARED_STORAGE_ENV", "check_checkpoint", "check_data_root", "check_placement",
+           "check_resources", "check_shared_storage", "check_storage", "check_weights", "dataset_location",
+           "fail_fast", "shared_storage_declared"]
 
 
 _REFUSED = ("access_denied", "accessdenied", "forbidden", "invalidaccesskeyid", "signaturedoesnotmatch", "403")
@@ -97,8 +104,9 @@ def check_checkpoint(uri: str, what: str) -> None:
 
 
 def check_resources(run) -> None:
-    """After ray.init: the cluster has the CPUs and GPUs the workers ask for (unless it autoscales), so
-    the job fails now instead of waiting forever for resources that will never appear."""
+    """After ray.init: the cluster has the CPUs and GPUs the workers ask for (unless it autoscales), and
+    each worker's share fits on one node, so the job fails now instead of waiting forever for resources
+    that will never appear."""
     import ray
 
     if getattr(run, "autoscaling", False):
@@ -115,6 +123,9 @@ def check_resources(run) -> None:
                              f"{need_cpus:g} CPUs; the Ray cluster has {cpus:g} (set run.autoscaling=true if it grows)")
     if use_gpu and run.num_workers > gpus:
         raise PreflightError(f"run.num_workers={run.num_workers} GPU workers; the Ray cluster has {gpus} GPUs")
+    check_placement(f"run.num_workers={run.num_workers} training workers (run.cpus_per_worker={run.cpus_per_worker:g}"
+                    f"{', 1 GPU' if use_gpu else ''} each)",
+                    {"CPU": run.cpus_per_worker, "GPU": 1 if use_gpu else 0}, run.num_workers)
 
 
 def check_weights(vgg=None, lpips=None) -> list[str]:
@@ -139,7 +150,8 @@ def check_weights(vgg=None, lpips=None) -> list[str]:
 
 
 def fail_fast(main: Callable) -> Callable:
-    """Run a job's main; a configuration, path, credential or resource problem ends it with one line."""
+    """Run a job's main; a configuration, path, credential or resource problem ends it with one line, and
+    so do workers Ray could not start again within run.node_loss_wait_s (with the command that resumes)."""
     expected = (PreflightError, ConfigError, CheckpointError, storage.StorageError, DatasetError, BadImageError,
                 FileNotFoundError, WeightFileError)
 
@@ -149,6 +161,11 @@ def fail_fast(main: Callable) -> Callable:
             return main(*args, **kwargs)
         except expected as exc:
             print(redact(f"error: {exc}").splitlines()[0], file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        except WorkersLostError as exc:  # mid-run: the line says how to continue, from the job's own arguments
+            argv = kwargs.get("argv", args[0] if args else None)
+            command = exc.resume_command(sys.argv[0], list(sys.argv[1:] if argv is None else argv))
+            print(redact(f"error: {exc}; continue with: {command}").splitlines()[0], file=sys.stderr, flush=True)
             raise SystemExit(2) from None
 
     return wrapped

@@ -46,7 +46,8 @@ def test_recall_against_exact_reference_on_synthetic_images(synthetic_descriptor
     # far precision 0.992; PCA-32 fitted on only 64 of them 0.817 / 0.912 (a random VGG gave 0.990 / 0.991
     # there: its descriptors are nearly low-rank, the real ones are not, so the fit sample matters).
     reduction = Reduction(ReductionConfig(method="pca", dim=64, fit_sample=96), full.shape[1]).fit(full)
-    mined = mine_neighbours(reduction.transform(full), MiningConfig(k_close=5, k_far=13))
+    mined = mine_neighbours(reduction.transform(full), MiningConfig(k_close=5, k_far=13),
+                            residual_column=reduction.residual, sketch_width=reduction.sketch)
 
     # The exact reference streams the unreduced database in chunks of 16 rows.
     exact = exact_neighbours(

@@ -207,7 +207,8 @@ def test_random_projection_is_seeded_and_stored_as_a_seed(tmp_path):
 def test_reduction_save_load_on_s3(s3_bucket):
     rng = np.random.default_rng(2)
     data = rng.standard_normal((20, 300)).astype(np.float32)
-    reduction = Reduction(ReductionConfig(method="pca", dim=4, fit_sample=20), 300).fit(data)
+    # A sketch narrower than the 300 numbers (the default 8,192 is sized for VGG-16's 305,888).
+    reduction = Reduction(ReductionConfig(method="pca", dim=4, fit_sample=20, sketch=16), 300).fit(data)
     uri = f"s3://{s3_bucket}/runs/reduction.npz"
     reduction.save(uri)
     assert storage.exists(uri)
@@ -218,7 +219,9 @@ def test_reduction_config_errors():
     with pytest.raises(ValueError, match="fit_sample"):
         ReductionConfig(method="pca", dim=64, fit_sample=64)
     with pytest.raises(ValueError, match="sample"):
-        Reduction(ReductionConfig(method="pca", dim=4, fit_sample=10), 100).fit(None)
+        Reduction(ReductionConfig(method="pca", dim=4, fit_sample=10, sketch=0), 100).fit(None)
+    with pytest.raises(ValueError, match="sketch=8192 exceeds the descriptor size 100"):
+        Reduction(ReductionConfig(method="pca", dim=4, fit_sample=10), 100)
     with pytest.raises(ValueError, match="exceeds"):
         Reduction(ReductionConfig(method="random", dim=200), 100)
     none = Reduction(ReductionConfig(method="none"), 100)

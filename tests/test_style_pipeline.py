@@ -184,7 +184,8 @@ def test_s3_input_and_output_with_pca(ray_session, s3_bucket, synthetic_root):
     )
     assert compute_style_stats(cfg) == output
     ids, descriptors, table = read_descriptors(output)
-    assert len(ids) == 128 and descriptors.shape == (128, 9)  # 8 PCA coordinates + the residual (the default)
+    # 8 PCA coordinates + the residual + its CountSketch (the defaults)
+    assert len(ids) == 128 and descriptors.shape == (128, 9 + ReductionConfig().sketch)
     assert (table["style_id"] >= 0).all()  # the manifest was read from S3 too
     assert table["path"].str.startswith(f"s3://{s3_bucket}/facades_like/").all()
     meta = read_metadata(output)
@@ -240,7 +241,7 @@ def test_pca_sample_goes_through_the_vgg_once(ray_session, dataset_with_bad_file
     assert summary["images"] == 320 and summary["skipped"] == 4
     assert summary["vgg_images"] == 324  # 320 readable + 4 bad files, each once
     ids, descriptors, table = read_descriptors(output)
-    assert len(set(ids)) == 320 and descriptors.shape == (320, 9)  # 8 PCA coordinates + the residual
+    assert len(set(ids)) == 320 and descriptors.shape == (320, 9 + ReductionConfig().sketch)  # + residual, sketch
     errors = read_errors(output)
     assert sorted(errors["path"].str.rsplit("/", n=1).str[-1]) == sorted(BAD_FILES)  # once each
     listed = sorted(list_split(str(dataset_with_bad_files), "train") + list_split(str(dataset_with_bad_files), "val"))

@@ -1,8 +1,10 @@
 """Per-worker distributed helpers: the device, seeded random streams, parameter broadcast and gradient
-averaging without DDP's hooks (the GAN recipes pass through a network more than once per step)."""
+averaging without DDP's hooks (the GAN recipes pass through a network more than once per step), and the
+digest that shows every rank holds the same weights."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 from typing import Any
 
@@ -61,6 +63,30 @@ def broadcast_object(value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's value, in rank order, on every rank (a collective: every rank must call it)."""
+    world = _world()
+    if world == 1:
+        return [value]
+    values: list[Any] = [None] * world
+    dist.all_gather_object(values, value)
+    return values
+
+
+def parameters_sha256(modules: dict[str, torch.nn.Module]) -> str:
+    """sha256 of the modules' parameters, by module and parameter name: equal on two ranks exactly when
+    they hold the same weights. Buffers are left out: BatchNorm's running statistics are each rank's own
+    (rank 0's are checkpointed)."""
+    digest = hashlib.sha256()
+    for name in sorted(modules):
+        module = modules[name]
+        module = module.module if hasattr(module, "module") else module  # DDP's wrapper: its names lack "module."
+        for key, param in module.named_parameters():
+            digest.update(f"{name}.{key}:{param.dtype}:{tuple(param.shape)}".encode())
+            digest.update(param.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager

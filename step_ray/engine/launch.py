@@ -1,10 +1,25 @@
-"""The driver side of a run: resources, storage, the TorchTrainer, storage-failure retries, and where a
-worker resumes from. `fit` is what a pipeline calls; `resume_folder` is what the epoch loop calls."""
+"""The driver side of a run: resources, storage, the TorchTrainer, storage-failure retries, the bounded
+wait for workers after a lost node, and where a worker resumes from. `fit` is what a pipeline calls;
+`resume_folder` is what the epoch loop calls.
+
+A lost node reaches Ray Train as lost workers: it restarts the worker group (`run.max_failures`) and asks
+for all `run.num_workers` again. On a cluster that does not replace the node, Ray 2.60's controller then
+waits for them in rounds of RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s), each round a
+WorkerGroupStartupTimeoutError that FailureConfig.controller_failure_limit (-1: unlimited by default)
+lets it retry: for ever. `fit` limits those rounds to `run.node_loss_wait_s` in all and then raises
+`WorkersLostError`, which a job prints as one `error:` line with the command that resumes the run.
+(Ray 2.60's elastic ScalingConfig(num_workers=(min, max)) would continue on fewer workers: it sizes the
+group from what Ray Data's autoscaling coordinator has reserved, and below min_workers it too waits
+without a timeout. A smaller group would change the effective batch and every rank's share of the data
+mid-run, so a run here keeps the size it was configured with.)"""
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import datetime as _dt
+import math
+import os
+import shlex
 import time
 from pathlib import Path
 
@@ -16,6 +31,7 @@ from ray.train.torch import TorchTrainer
 
 from step_ray import storage
 from step_ray.checkpoints import CheckpointError, epoch_from_name, list_checkpoints, local_checkpoint_dir
+from step_ray.cluster import alive_nodes, describe_nodes
 from step_ray.engine.settings import RunSettings
 
 
@@ -55,10 +71,91 @@ def latest_run(storage_path: str, stage: str) -> str | None:
     return names[-1] if names else None
 
 
+def run_folder(run: RunSettings, name: str) -> str:
+    """The run's folder as its workers and the user are given it: an s3:// URI, or an absolute local
+    path. A relative one (the default storage_path "runs") would be resolved by each worker against its
+    own working directory, inside Ray's session folder, where its TensorBoard files and sample grids were
+    lost. `run` itself keeps the path as the user set it (the saved config shows that)."""
+    folder = storage.join(run.storage_path, name)
+    return folder if storage.is_s3(folder) else storage.resolve(folder)[1]
+
+
+# Ray Train's own setting and default (ray.train.v2._internal.constants): how long one start of the worker
+# group waits for Ray to place its workers before that start fails and the controller tries again.
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+RAY_START_TIMEOUT_S = 60.0
+
+
+def start_rounds(run: RunSettings) -> tuple[float, int]:
+    """(seconds per start of the worker group, starts allowed to time out) such that the failed starts of
+    a run wait `run.node_loss_wait_s` in all. Rounds of Ray's 60 s (the placement group is asked for
+    afresh each round, as Ray does), or of the user's RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S when set.
+    Ray counts the rounds per controller, i.e. per trainer.fit(): a resume after a storage failure
+    (`fit`) starts the count again."""
+    wait = run.node_loss_wait_s
+    user_round = os.environ.get(START_TIMEOUT_ENV, "").strip()
+    if user_round:
+        per_round = float(user_round)
+        return per_round, max(1, math.ceil(wait / per_round - 1e-9))
+    rounds = max(1, math.ceil(wait / RAY_START_TIMEOUT_S - 1e-9))
+    return wait / rounds, rounds
+
+
+@contextlib.contextmanager
+def start_timeout(seconds: float):
+    """RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S for the controller `trainer.fit()` starts: Ray Train passes
+    the driver's value of its variables to the controller when fit() launches it (only if it is set), and
+    the controller's worker groups read it there. Restored afterwards; a value the user set is left alone."""
+    if os.environ.get(START_TIMEOUT_ENV, "").strip():
+        yield
+        return
+    os.environ[START_TIMEOUT_ENV] = f"{seconds:g}"
+    try:
+        yield
+    finally:
+        os.environ.pop(START_TIMEOUT_ENV, None)
+
+
+class WorkersLostError(RuntimeError):
+    """Ray could not place the run's workers within `run.node_loss_wait_s` (after a lost node, usually):
+    the run stopped instead of waiting for ever. Carries what a user needs to continue it: the run, its
+    newest complete checkpoint, and the settings that resume it (`resume_settings`, added to the job's
+    own command line by step_ray.preflight.fail_fast)."""
+
+    def __init__(self, stage: str, run: RunSettings, run_uri: str, checkpoint: str, nodes: str):
+        self.stage, self.run_uri, self.checkpoint = stage, run_uri, checkpoint
+        self.name = run_uri.rstrip("/").rsplit("/", 1)[-1]
+        # what continues this run: its folder by name (a new timestamped one otherwise). A pipeline that
+        # names its runs itself replaces these (train_generator: `<stage>-<run.name>`).
+        self.resume_settings: tuple[str, ...] = ("run.resume=true", f"run.name={self.name}")
+        last = f"last complete checkpoint {checkpoint}" if checkpoint else "no complete checkpoint yet (it restarts at epoch 0)"
+        super().__init__(f"{stage} run {self.name} stopped: Ray could not start its run.num_workers={run.num_workers} "
+                         f"workers within run.node_loss_wait_s={run.node_loss_wait_s:g} (a node left the cluster?), which "
+                         f"now has {nodes}; {last}")
+
+    def resume_command(self, script: str, args: list[str]) -> str:
+        """`python <script> <args>` with the settings that resume this run in place of any the args had."""
+        replaced = {s.split("=", 1)[0] for s in self.resume_settings}
+        kept = [a for a in args if a != "--resume" and a.split("=", 1)[0] not in replaced]
+        return shlex.join(["python", script, *kept, *self.resume_settings])
+
+
+def is_placement_timeout(exc: BaseException) -> bool:
+    """Did Ray Train's controller give up starting the worker group (its retries of starts that could not
+    place the workers, or that failed while starting them, spent)?"""
+    # Ray's own classes; the startup errors live in Ray Train's internal module in 2.60.
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupFailedError, WorkerGroupStartupTimeoutError
+
+    return isinstance(exc, ray.train.ControllerError) and isinstance(
+        exc.controller_failure, (WorkerGroupStartupTimeoutError, WorkerGroupStartupFailedError))
+
+
 def make_trainer(loop, loop_config: dict, run: RunSettings, stage: str, callbacks: tuple = ()):
     """A TorchTrainer with DDP workers, storage (local or S3), best-N checkpoints and fault tolerance.
-    `callbacks`: Ray Train callbacks, e.g. Tune's report forwarding when the run is a Tune trial."""
+    `callbacks`: Ray Train callbacks, e.g. Tune's report forwarding when the run is a Tune trial.
+    Returns it and the run folder (run_folder)."""
     name = run_name(run, stage)
+    folder = run_folder(run, name)
     if not storage.is_s3(run.storage_path):
         Path(run.storage_path).mkdir(parents=True, exist_ok=True)
     else:
@@ -67,7 +164,7 @@ def make_trainer(loop, loop_config: dict, run: RunSettings, stage: str, callback
     use_gpu = wants_gpu(run)
     trainer = TorchTrainer(
         loop,
-        train_loop_config={**loop_config, "run_folder": storage.join(run.storage_path, name)},
+        train_loop_config={**loop_config, "run_folder": folder},
         scaling_config=ray.train.ScalingConfig(
             num_workers=run.num_workers,
             use_gpu=use_gpu,
@@ -77,7 +174,10 @@ def make_trainer(loop, loop_config: dict, run: RunSettings, stage: str, callback
             name=name,
             storage_path=root,
             storage_filesystem=fs,
-            failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
+            # the starts that may time out waiting for workers (start_rounds), less the first: Ray's
+            # default, -1, retries them without end
+            failure_config=ray.train.FailureConfig(max_failures=run.max_failures,
+                                                   controller_failure_limit=start_rounds(run)[1] - 1),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=run.keep_checkpoints,
                 checkpoint_score_attribute=run.checkpoint_metric,
@@ -86,7 +186,7 @@ def make_trainer(loop, loop_config: dict, run: RunSettings, stage: str, callback
             callbacks=list(callbacks) or None,
         ),
     )
-    return trainer, storage.join(run.storage_path, name)
+    return trainer, folder
 
 
 _STORAGE_FAILURES = ("AWS Error", "curlCode", "Could not connect", "Connection refused", "No space left on device",
@@ -103,13 +203,19 @@ def is_storage_failure(exc: BaseException) -> bool:
 def fit(loop, loop_config: dict, run: RunSettings, stage: str, callbacks: tuple = ()):
     """make_trainer + fit, resuming the same run after a storage failure, up to run.storage_retries times
     (the workers continue from the newest complete checkpoint: `resume_folder`). Returns (result, run
-    folder URI)."""
+    folder URI). Raises WorkersLostError when Ray could not place the workers within
+    run.node_loss_wait_s (start_rounds)."""
     trainer, run_uri = make_trainer(loop, loop_config, run, stage, callbacks)
     name = run_uri.rstrip("/").rsplit("/", 1)[-1]
+    per_round, _ = start_rounds(run)
     for attempt in range(run.storage_retries + 1):
         try:
-            return trainer.fit(), run_uri
+            with start_timeout(per_round):
+                return trainer.fit(), run_uri
         except Exception as exc:
+            if is_placement_timeout(exc):
+                raise WorkersLostError(stage, run, run_uri, latest_complete_checkpoint(run_uri),
+                                       describe_nodes(alive_nodes())) from exc
             if attempt == run.storage_retries or not is_storage_failure(exc):
                 raise
             first = next((line for line in str(exc).splitlines() if any(m in line for m in _STORAGE_FAILURES)), str(exc))

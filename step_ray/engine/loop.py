@@ -43,7 +43,8 @@ import torch
 
 from step_ray.checkpoints import load_checkpoint, run_record, save_checkpoint
 from step_ray.data.loader import loader_cpus, prefetch, resolve_workers
-from step_ray.engine.distributed import broadcast_object, seed_everything, worker_device
+from step_ray.engine.distributed import (broadcast_object, gather_objects, parameters_sha256, seed_everything,
+                                         worker_device)
 from step_ray.engine.guard import NonFiniteGuard, assert_finite_weights, seed_streams
 from step_ray.engine.launch import fit, resume_folder
 from step_ray.engine.monitor import EpochMeter, IntervalMeter, RunMonitor
@@ -79,6 +80,20 @@ def note_restart(state: dict[str, Any]) -> None:
     """Record, in the state the checkpoints carry, that the loop restarted here (a lost worker, a resumed
     job): where it picked up, so a run's history shows every restart."""
     state.setdefault("restarts", []).append({"epoch": state.get("epoch", 0), "step": state.get("step", 0)})
+
+
+def record_ranks(state: dict[str, Any], w: Worker, node_id: str, modules: dict[str, torch.nn.Module]) -> None:
+    """Every rank's Ray node and weight digest at this checkpoint, in rank order, into rank 0's state
+    (`ranks`, `weights_in_sync`): where each worker ran, and that the gradient averaging kept every
+    replica equal to the checkpointed one. A collective: every rank calls it at the end of each epoch."""
+    ranks = gather_objects({"node_id": node_id, "weights_sha256": parameters_sha256(modules)})
+    if w.rank != 0:
+        return
+    state["ranks"] = ranks
+    state["weights_in_sync"] = len({r["weights_sha256"] for r in ranks}) == 1
+    if not state["weights_in_sync"]:
+        print(f"[{state['stage']}] warning: the ranks' weights differ after epoch {state['epoch']} "
+              f"({', '.join(r['weights_sha256'][:12] for r in ranks)}); the checkpoint holds rank 0's", flush=True)
 
 
 def report_epoch(metrics: dict[str, Any], epoch: int, rank: int, modules: dict[str, torch.nn.Module],
@@ -216,6 +231,7 @@ def run_recipe(loop_config: dict[str, Any]) -> None:
     optimizers = {**optimizers, **w.amp.stateful()}
     loader_workers = loader_workers_for(cfg, w.rank, recipe.name)
 
+    node_id = ray.get_runtime_context().get_node_id()
     monitor = RunMonitor(w.run_folder, recipe.name, enabled=w.rank == 0 and cfg.monitor.enabled)
     interval = IntervalMeter()
     guard = NonFiniteGuard(cfg.nonfinite, recipe.name, w.rank)
@@ -281,6 +297,7 @@ def run_recipe(loop_config: dict[str, Any]) -> None:
         state["stopped"] = broadcast_object(state["stopped"]) or _budget_spent(cfg, state)
         state["epoch"] = epoch + 1
         recipe.end_epoch(w, state)
+        record_ranks(state, w, node_id, modules)
         record_epoch(recipe.name, metrics, rank=w.rank)  # Ray metrics for the dashboard / Prometheus
         report_epoch(metrics, epoch, w.rank, modules, optimizers, state, loop_config["record"])
         guard.remember(modules, optimizers, state)

@@ -50,6 +50,12 @@ class RunSettings:
     autoscaling: bool = False  # the cluster grows on demand: do not check resources against what it has now
     storage_retries: int = 3  # a run stopped by a storage failure (S3 outage, full disk) resumes this often
     storage_retry_wait_s: float = 30.0
+    # How long, in all, a run waits for Ray to place its workers before it fails with a one-line error
+    # that names its last complete checkpoint and the command that resumes it. Ray Train itself retries
+    # a worker group that cannot be placed without end: a run that lost a node of a fixed-size cluster
+    # restarted its group and waited for the missing node for ever. Every start counts, the first one
+    # included: raise it on a cluster that autoscales slower than this (step_ray.engine.launch).
+    node_loss_wait_s: float = 300.0
 
     def __post_init__(self):
         if self.num_workers < 1:
@@ -58,6 +64,8 @@ class RunSettings:
             raise ValueError("keep_checkpoints must be >= 1")
         if self.storage_retries < 0 or self.storage_retry_wait_s < 0:
             raise ValueError("storage_retries and storage_retry_wait_s must be >= 0")
+        if not self.node_loss_wait_s > 0:
+            raise ValueError(f"node_loss_wait_s must be > 0, got {self.node_loss_wait_s}")
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,9 @@ class MiningConfig:
     ivfpq stores `pq_m` sub-quantizer codes of `pq_bits` bits and re-ranks `refine_factor`·k candidates
     with the exact vectors (IndexRefineFlat), which is what brings its recall back up.
     use_gpu: "auto" puts every shard's indexes on a GPU when FAISS sees one; "never" keeps them on CPU.
+    rerank_factor: when the descriptors end in a sketch of the PCA residual (`reduction.sketch`), the
+    index returns rerank_factor·k_close close candidates, re-ranked by the sketched estimate of the
+    exact distance (step_ray.mining.neighbours.rerank_with_sketch); ignored without a sketch.
     """
 
     k_close: int = 5
@@ -30,6 +33,7 @@ class MiningConfig:
     pq_m: int = 16
     pq_bits: int = 8
     refine_factor: int = 4
+    rerank_factor: int = 4
     train_sample: int = 65_536  # vectors used to fit the IVF k-means and the PQ codebooks
     num_shards: int = 1
     query_batch: int = 4096
@@ -53,6 +57,8 @@ class MiningConfig:
             raise ValueError(f"pq_bits must be in [1, 16], got {self.pq_bits}")
         if self.refine_factor < 1:
             raise ValueError(f"refine_factor must be >= 1, got {self.refine_factor}")
+        if self.rerank_factor < 1:
+            raise ValueError(f"rerank_factor must be >= 1, got {self.rerank_factor}")
         if self.train_sample < 1:
             raise ValueError(f"train_sample must be >= 1, got {self.train_sample}")
         if self.num_shards < 1:

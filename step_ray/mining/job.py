@@ -46,14 +46,16 @@ def _descriptor_metadata(descriptors: str) -> bytes:
     return storage.read_bytes(uri) if storage.exists(uri) else b""
 
 
-def _descriptors_have_residual(descriptors: str) -> bool:
+def _descriptor_layout(descriptors: str) -> tuple[bool, int]:
+    """(residual column?, sketch width) of the descriptors, from their metadata's reduction."""
     raw = _descriptor_metadata(descriptors)
     if not raw:
-        return False
+        return False, 0
     try:
-        return bool(json.loads(raw).get("reduction", {}).get("residual", False))
+        reduction = json.loads(raw).get("reduction", {})
     except ValueError:
-        return False
+        return False, 0
+    return bool(reduction.get("residual", False)), int(reduction.get("sketch", 0))
 
 
 def _done(cfg: MineTripletsConfig, digest: str) -> bool:
@@ -90,9 +92,10 @@ def mine_triplets(cfg: MineTripletsConfig) -> str:
     if cfg.mining.num_shards > 1:
         init_ray()  # RAY_ADDRESS, when set, names the cluster; else a local instance on 127.0.0.1
     start = time.perf_counter()
-    # A PCA reduction with `residual` writes the residual norm as its last column: mined asymmetrically.
-    residual = _descriptors_have_residual(cfg.descriptors)
-    neighbours = mine_neighbours(descriptors, cfg.mining, residual_column=residual)
+    # A PCA reduction with `residual` writes the residual norm after its components (mined
+    # asymmetrically) and, with `sketch`, the residual's CountSketch after that (used to re-rank).
+    residual, sketch = _descriptor_layout(cfg.descriptors)
+    neighbours = mine_neighbours(descriptors, cfg.mining, residual_column=residual, sketch_width=sketch)
     mine_s = time.perf_counter() - start
     neighbours.save(neighbours_uri(cfg.output), image_ids)
     metadata = {
@@ -101,6 +104,8 @@ def mine_triplets(cfg: MineTripletsConfig) -> str:
         "num_images": len(image_ids),
         "descriptor_dim": int(descriptors.shape[1]),
         "residual_column": residual,
+        "sketch_width": sketch,
+        "rerank_seconds": neighbours.info.get("rerank_seconds"),
         "gpu": gpu_wanted(cfg.mining),
         "read_seconds": round(read_s, 3),
         "mine_seconds": round(mine_s, 3),

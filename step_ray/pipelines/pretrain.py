@@ -29,7 +29,7 @@ from step_ray.pipelines.results import StageResult, TrainResult
 from step_ray.recipes.stage1 import Stage1Config, Stage1Inputs, Stage1Recipe
 from step_ray.style.encode import encode, load_encoder
 from step_ray.style.gram import exact_distance_matrix
-from step_ray.style.pipeline import StyleStatsConfig, compute_style_stats, read_descriptors
+from step_ray.style.pipeline import StyleStatsConfig, compute_style_stats, read_descriptor_rows
 from step_ray.style.vgg import load_vgg
 
 
@@ -105,8 +105,7 @@ def prepare_inputs(cfg: PretrainConfig) -> tuple[Stage1Inputs, dict[str, str]]:
     mine_triplets(dataclasses.replace(mine_cfg, output=mine_out))
     print(f"[pretrain] triplet mining: {mine_out} ({time.perf_counter() - t0:.1f}s)", flush=True)
 
-    ids, _, table = read_descriptors(style_out)
-    table = table.assign(image_id=ids) if "image_id" not in table else table
+    table = read_descriptor_rows(style_out)
     neighbours = load_neighbours(mine_out)
     train_rows = table[table["split"] == "train"].set_index("image_id").loc[list(neighbours.image_ids)]
     val_rows = table[table["split"] == cfg.val_split].sort_values("image_id")

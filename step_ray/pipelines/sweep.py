@@ -36,6 +36,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from step_ray import storage
+from step_ray.cluster import check_shared_storage, dataset_location
 from step_ray.config import ConfigError, config_from_dict, config_to_yaml, dotted_to_tree, merge_trees
 from step_ray.engine.launch import wants_gpu
 from step_ray.eval.ablation_table import write_results
@@ -285,6 +286,18 @@ def check_sweep(sweep: SweepConfig) -> None:
             raise ConfigError(f"variant {variant} starts from a pre-trained encoder: set trial.encoder_checkpoint")
 
 
+def shared_paths(sweep: SweepConfig) -> dict[str, str]:
+    """The local paths a sweep's trials read or write wherever Tune places them: the experiment folder,
+    and each variant's dataset and starting checkpoints (for check_shared_storage)."""
+    paths = {"storage_path": sweep.storage_path}
+    for variant in sweep.variants:
+        cfg = trial_config(sweep, variant, sweep.seeds[0])
+        paths.update({f"{variant}: {k}": v for k, v in dataset_location(cfg.data).items()})
+        for name in ("encoder_checkpoint", "stage2_checkpoint"):
+            paths[f"{variant}: {name}"] = getattr(cfg, name, "")
+    return paths
+
+
 def trial_status(sweep: SweepConfig, metrics: dict | None, error: Any) -> str:
     """TERMINATED: trained and evaluated (its final report came); ERROR; STOPPED: ended early by ASHA;
     UNFINISHED: interrupted before its end (resume=true runs it again)."""
@@ -394,6 +407,8 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
                    "error": str(t.get_error() or "")[-300:] if t.status == "ERROR" else ""} for t in analysis.trials]
     else:
         check_sweep(sweep)
+        if ray.is_initialized():  # else Tune starts a local, single-node Ray: nothing to share
+            check_shared_storage(shared_paths(sweep))
         if storage.is_s3(sweep.storage_path):
             storage.check_writable(sweep.storage_path, "storage_path")
         else:

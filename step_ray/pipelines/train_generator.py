@@ -16,7 +16,7 @@ from step_ray import storage
 from step_ray.config import ConfigError
 from step_ray.data.pix2pix import BadImageError, DataConfig, list_split, load_pair, load_split, to_tensor
 from step_ray.data.scan import PairedSplits, prepare_paired_splits
-from step_ray.engine.launch import checkpoint_uri
+from step_ray.engine.launch import WorkersLostError, checkpoint_uri
 from step_ray.engine.loop import train
 from step_ray.engine.monitor import MonitorConfig, RunMonitor, sample_grid
 from step_ray.engine.settings import RunSettings
@@ -184,7 +184,13 @@ def run_train_generator(cfg: TrainGeneratorConfig, callbacks: tuple = ()) -> Tra
 
     def stage(name: str, train_cfg: GeneratorTrainConfig) -> str:
         stage_run = dataclasses.replace(run, name=f"{name}-{run.name}" if run.name else "")
-        result, run_uri, _ = train_generator_stage(train_cfg, stage_run, inputs, name, callbacks, job=cfg)
+        try:
+            result, run_uri, _ = train_generator_stage(train_cfg, stage_run, inputs, name, callbacks, job=cfg)
+        except WorkersLostError as lost:
+            # this job names its stage runs <stage>-<run.name>: run.name as the user gave it (already on
+            # their command line) resumes them, and without one each stage resumes its newest run
+            lost.resume_settings = ("run.resume=true",)
+            raise
         stages.append(StageResult(name, checkpoint_uri(result.checkpoint, stage_run), run_uri, result.metrics or {}))
         print(f"[train_generator] {name} done: {stages[-1].checkpoint}", flush=True)
         return stages[-1].checkpoint

@@ -22,6 +22,7 @@ _EXPORTS = {
     "StyleStatsConfig": "pipeline",
     "compute_style_stats": "pipeline",
     "read_descriptors": "pipeline",
+    "read_descriptor_rows": "pipeline",
     "read_metadata": "pipeline",
 }
 

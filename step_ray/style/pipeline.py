@@ -36,7 +36,7 @@ import resource
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple, Sequence
+from typing import Literal, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -45,7 +45,8 @@ import pyarrow.parquet as pq
 import torch
 
 from step_ray import storage
-from step_ray.cluster import init_ray
+from step_ray.cluster import (PreflightError, alive_nodes, check_shared_storage, copies_that_fit, describe_nodes,
+                              even_share, init_ray)
 from step_ray.config import config_to_dict
 from step_ray.data.pix2pix import (
     BadImageError,
@@ -232,24 +233,32 @@ class ResourcePlan:
         return "cuda" if self.use_gpu else "cpu"
 
 
-def plan_resources(cfg: StyleStatsConfig, cluster: dict[str, float]) -> ResourcePlan:
-    """Actor count, CPUs and threads per actor for this cluster; decode tasks always keep room to run
-    (an actor pool holding every CPU would starve its own input)."""
-    cpus, gpus = float(cluster.get("CPU", 0)), int(cluster.get("GPU", 0))
+def plan_resources(cfg: StyleStatsConfig, nodes: Sequence[Mapping[str, float]] | Mapping[str, float]) -> ResourcePlan:
+    """Actor count, CPUs and threads per actor for these nodes (each alive node's resources; one mapping
+    is a single-node cluster). Ray places each actor whole on one node, so the actors are sized to pack
+    onto the nodes together, not from the cluster's total (1.75 CPUs per actor on two 1-CPU nodes waited
+    forever); and decode tasks always keep room to run, `decode_cpus` free on one node (an actor pool
+    holding every CPU would starve its own input)."""
+    nodes = [nodes] if isinstance(nodes, Mapping) else list(nodes)
+    gpus = int(sum(n.get("GPU", 0) for n in nodes))
     if cfg.use_gpu == "always" and gpus == 0:
-        raise RuntimeError("use_gpu=always but the Ray cluster has no GPU")
+        raise PreflightError("use_gpu=always but the Ray cluster has no GPU")
     use_gpu = cfg.use_gpu == "always" or (cfg.use_gpu == "auto" and gpus > 0)
     actors = cfg.num_actors
-    if use_gpu and actors > gpus:
-        log.warning("num_actors=%d but the cluster has %d GPUs: using %d actors", actors, gpus, gpus)
-        actors = gpus
-    spare = (cpus - cfg.decode_cpus) / actors
+    if use_gpu:
+        gpu_slots = copies_that_fit({"GPU": 1}, nodes)  # a GPU actor holds one whole GPU
+        if actors > gpu_slots:
+            log.warning("num_actors=%d but the cluster has %d GPUs: using %d actors", actors, gpu_slots, gpu_slots)
+            actors = gpu_slots
+    spare = even_share(nodes, actors, "CPU", alongside={"GPU": 1} if use_gpu else None, reserve=cfg.decode_cpus)
     if spare <= 0:
-        raise RuntimeError(f"the cluster's {cpus:g} CPUs leave nothing for {actors} actors after decode_cpus")
+        raise PreflightError(f"style statistics: no room on the nodes for {actors} actor(s) beside decode_cpus="
+                             f"{cfg.decode_cpus:g} (the Ray cluster has {describe_nodes(nodes)})")
     wanted = cfg.cpus_per_actor or (1.0 if use_gpu else spare)
     per_actor = min(wanted, spare)
     if per_actor < wanted:
-        log.info("cpus_per_actor %.3g -> %.3g so decode tasks can run beside %d actors", wanted, per_actor, actors)
+        log.info("cpus_per_actor %.3g -> %.3g so %d actors fit on %s with room for decode tasks",
+                 wanted, per_actor, actors, describe_nodes(nodes))
     threads = cfg.torch_threads or max(1, round(per_actor))
     return ResourcePlan(use_gpu=use_gpu, num_actors=actors, cpus_per_actor=per_actor, torch_threads=threads)
 
@@ -564,17 +573,19 @@ def compute_style_stats(cfg: StyleStatsConfig) -> str:
 
 def _compute(cfg: StyleStatsConfig, root: str, uris: list[str], key: str, weight_source: str,
              not_read: list[tuple[str, str]] = ()) -> str:
-    import ray
-
     output = cfg.output
-    plan = plan_resources(cfg, ray.cluster_resources())
+    # Decode tasks read the images and the actors the reduction wherever Ray places them.
+    check_shared_storage({"data.root": root, "output": output})
+    plan = plan_resources(cfg, alive_nodes())
     style_ids = read_style_ids(root)
     channels = layer_channels(cfg.vgg.arch, cfg.vgg.layers)
     input_dim = descriptor_size(channels)
 
     start = time.perf_counter()
     reduction, fit_seconds, fit = _fit_reduction(cfg, uris, style_ids, plan, input_dim)
-    reduction_uri = storage.join(output, REDUCTION_FILE)
+    # Absolute, as the actors read it: a relative path would be resolved in each actor's own working
+    # directory (Ray's session folder, on another node).
+    reduction_uri = storage.join(output if storage.is_s3(output) else storage.resolve(output)[1], REDUCTION_FILE)
     reduction.save(reduction_uri)
 
     writer = _ResultWriter(output, reduction.output_dim, cfg.rows_per_file, cfg.rows_per_group)
@@ -702,16 +713,29 @@ def format_summary(summary: dict) -> str:
     )
 
 
-def read_descriptors(output_uri: str) -> StyleDescriptors:
-    """All descriptors of a run, sorted by image id: (ids, [n, d] float32, DataFrame of the rest)."""
+_ROW_COLUMNS = ["image_id", "path", "split", "style_id"]
+
+
+def _read_rows(output_uri: str, columns: list[str]) -> pa.Table:
     fs, base = storage.resolve(output_uri)
     folder = f"{base}/{DESCRIPTORS_DIR}"
     if fs.get_file_info(folder).type != pafs.FileType.Directory:
         raise FileNotFoundError(f"no style descriptors under {output_uri} (run compute_style_stats first)")
-    table = pq.read_table(folder, filesystem=fs).sort_by("image_id")
+    return pq.read_table(folder, filesystem=fs, columns=columns).sort_by("image_id")
+
+
+def read_descriptors(output_uri: str) -> StyleDescriptors:
+    """All descriptors of a run, sorted by image id: (ids, [n, d] float32, DataFrame of the rest)."""
+    table = _read_rows(output_uri, _ROW_COLUMNS + ["descriptor"])
     descriptors = _descriptor_matrix(table["descriptor"])
-    frame = table.select(["image_id", "path", "split", "style_id"]).to_pandas()
+    frame = table.select(_ROW_COLUMNS).to_pandas()
     return StyleDescriptors(ids=frame["image_id"].tolist(), descriptors=descriptors, table=frame)
+
+
+def read_descriptor_rows(output_uri: str) -> "pandas.DataFrame":  # noqa: F821
+    """The rows of a run without their descriptors (image_id, path, split, style_id), sorted by image id:
+    what stage 1 needs, without reading the descriptor column (34 KB per image with the default sketch)."""
+    return _read_rows(output_uri, _ROW_COLUMNS).to_pandas()
 
 
 def read_errors(output_uri: str) -> "pandas.DataFrame":  # noqa: F821
