@@ -94,6 +94,32 @@ def even_share(nodes: Sequence[Mapping[str, float]], count: int, resource: str =
     return math.floor(best * _RESOURCE_STEPS + 1e-6) / _RESOURCE_STEPS
 
 
+def groups_that_fit(group: Sequence[Mapping[str, float]], nodes: Sequence[Mapping[str, float]],
+                    limit: int = 1 << 16) -> int:
+    """How many copies of a group of bundles (e.g. a Tune trial: its own process and its training workers)
+    the nodes hold at once, every bundle whole on one node. First-fit with the largest bundles first, which
+    may place fewer than an optimal packing could, never more: a count Ray can always place."""
+    free = [dict(n) for n in nodes]
+    order = sorted(({k: v for k, v in b.items() if v > 0} for b in group), key=lambda b: -sum(b.values()))
+    if not any(order):
+        return limit
+    count = 0
+    while count < limit:
+        taken = []
+        for bundle in order:
+            node = next((n for n in free if all(n.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items())), None)
+            if node is None:
+                for n, b in taken:  # this copy does not fit whole: give back what it took
+                    for k, v in b.items():
+                        n[k] += v
+                return count
+            for k, v in bundle.items():
+                node[k] = node.get(k, 0.0) - v
+            taken.append((node, bundle))
+        count += 1
+    return count
+
+
 def describe_nodes(nodes: Sequence[Mapping[str, float]], resources: Sequence[str] = ("CPU", "GPU")) -> str:
     """`2 nodes of 1 CPU 0 GPU`, `3 nodes: 1 of 8 CPU 0 GPU, 2 of 4 CPU 1 GPU`: the cluster in an error line."""
     kinds = Counter(" ".join(f"{n.get(r, 0.0):g} {r}" for r in resources) for n in nodes)

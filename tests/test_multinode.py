@@ -108,6 +108,27 @@ def test_style_actors_are_sized_to_pack_onto_the_nodes():
     assert even_share([{"CPU": 2.0}], 3) == pytest.approx(0.6666)  # rounded down: Ray keeps 4 decimals
 
 
+def test_sweep_trials_are_counted_per_node(monkeypatch):
+    """A Tune trial is its process plus its workers, each whole on one node: concurrency counts what the
+    nodes hold, not the cluster's total CPUs, and a trial whose workers fit nowhere is refused."""
+    from step_ray.cluster import groups_that_fit
+    from step_ray.pipelines import sweep as sweep_module
+
+    small = [{"CPU": 1.0}] * 4
+    trial = [{"CPU": 0.125}, {"CPU": 0.625}]
+    assert int(4.0 // 0.75) == 5 and groups_that_fit(trial, small) == 4  # the total says 5: one worker a node
+    gpus = [{"CPU": 8.0, "GPU": 1.0}] * 2
+    assert groups_that_fit([{"CPU": 1.0}] + [{"CPU": 1.0, "GPU": 1.0}] * 2, gpus) == 1  # its 2 GPUs on 2 nodes
+    assert groups_that_fit([{"CPU": 1.0}, {"CPU": 1.5}], [ONE_CPU_NODE] * 2) == 0
+    assert groups_that_fit([{"CPU": 0.0}], small, limit=7) == 7  # asks for nothing: the limit
+
+    cfg = sweep_module.SweepConfig(variants=("bicycle_v2",), trial_cpus=0.125,
+                                   trial={"run": {"num_workers": 1, "cpus_per_worker": 0.625}})
+    assert sweep_module.trial_bundles(cfg) == [{"CPU": 0.125}, {"CPU": 0.625, "GPU": 0.0}]
+    monkeypatch.setattr(sweep_module, "alive_nodes", lambda: small)
+    assert sweep_module.default_concurrency(cfg) == 4
+
+
 def test_node_loss_wait_is_cut_into_ray_start_rounds(monkeypatch):
     """run.node_loss_wait_s in rounds of Ray's 60 s start timeout (or the user's own), and the resume
     command a job prints: the job's arguments with the run's resume settings in place of earlier ones."""

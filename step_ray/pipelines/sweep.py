@@ -36,7 +36,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from step_ray import storage
-from step_ray.cluster import check_shared_storage, dataset_location
+from step_ray.cluster import alive_nodes, check_placement, check_shared_storage, dataset_location, groups_that_fit
 from step_ray.config import ConfigError, config_from_dict, config_to_yaml, dotted_to_tree, merge_trees
 from step_ray.engine.launch import wants_gpu
 from step_ray.eval.ablation_table import write_results
@@ -212,16 +212,20 @@ def run_trial(params: dict[str, Any], sweep: SweepConfig, experiment: str) -> No
 # the driver
 
 
-def default_concurrency(sweep: SweepConfig) -> int:
-    """Trials that fit at once: each needs trial_cpus plus its workers' CPUs (or its workers' GPUs).
-    Without this cap Tune would start trial processes until no CPU is left for their workers."""
+def trial_bundles(sweep: SweepConfig) -> list[dict[str, float]]:
+    """What one trial holds while it trains: its own process (trial_cpus) and its run's workers, each
+    placed whole on some node."""
     run = trial_config(sweep, sweep.variants[0], sweep.seeds[0]).run
-    resources = ray.cluster_resources()
-    per_trial_cpus = sweep.trial_cpus + run.num_workers * run.cpus_per_worker
-    fit = int(resources.get("CPU", 1) // per_trial_cpus) if per_trial_cpus else 1 << 30
-    if wants_gpu(run):
-        fit = min(fit, int(resources.get("GPU", 0) // run.num_workers))
-    return max(1, fit)
+    worker = {"CPU": run.cpus_per_worker, "GPU": 1.0 if wants_gpu(run) else 0.0}
+    return [{"CPU": sweep.trial_cpus}] + [worker] * run.num_workers
+
+
+def default_concurrency(sweep: SweepConfig) -> int:
+    """Trials that fit at once on the alive nodes, each with its process and its workers (trial_bundles),
+    every one whole on one node: counted per node, since the cluster's total CPUs would count fractions of
+    nodes no worker can use. Without this cap Tune would start trial processes until no CPU is left for
+    their workers. At least 1; a trial that fits nowhere is refused by run_sweep (check_placement)."""
+    return max(1, groups_that_fit(trial_bundles(sweep), alive_nodes()))
 
 
 def _tuner(sweep: SweepConfig, experiment: str):
@@ -409,6 +413,11 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
         check_sweep(sweep)
         if ray.is_initialized():  # else Tune starts a local, single-node Ray: nothing to share
             check_shared_storage(shared_paths(sweep))
+            # One trial's workers must fit on the nodes, each whole on one, or every trial waits for ever.
+            process, *workers = trial_bundles(sweep)
+            check_placement("trial process (trial_cpus)", process)
+            if workers:
+                check_placement(f"a trial's run.num_workers={len(workers)} workers", workers[0], len(workers))
         if storage.is_s3(sweep.storage_path):
             storage.check_writable(sweep.storage_path, "storage_path")
         else:
