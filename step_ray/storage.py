@@ -58,6 +58,13 @@ def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(text))
 
 
+def absolute(uri: str | os.PathLike) -> str:
+    """An s3:// URI as it is; a local path made absolute the way `resolve` makes it: what a process
+    elsewhere (a Ray worker in its own working directory, on another node) can use."""
+    text = str(uri)
+    return text if is_s3(text) else resolve(text)[1]
+
+
 def join(base: str | os.PathLike, *parts: str) -> str:
     text = str(base)
     if is_s3(text):

@@ -76,8 +76,7 @@ def run_folder(run: RunSettings, name: str) -> str:
     path. A relative one (the default storage_path "runs") would be resolved by each worker against its
     own working directory, inside Ray's session folder, where its TensorBoard files and sample grids were
     lost. `run` itself keeps the path as the user set it (the saved config shows that)."""
-    folder = storage.join(run.storage_path, name)
-    return folder if storage.is_s3(folder) else storage.resolve(folder)[1]
+    return storage.absolute(storage.join(run.storage_path, name))
 
 
 # Ray Train's own setting and default (ray.train.v2._internal.constants): how long one start of the worker

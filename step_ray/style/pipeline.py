@@ -585,7 +585,7 @@ def _compute(cfg: StyleStatsConfig, root: str, uris: list[str], key: str, weight
     reduction, fit_seconds, fit = _fit_reduction(cfg, uris, style_ids, plan, input_dim)
     # Absolute, as the actors read it: a relative path would be resolved in each actor's own working
     # directory (Ray's session folder, on another node).
-    reduction_uri = storage.join(output if storage.is_s3(output) else storage.resolve(output)[1], REDUCTION_FILE)
+    reduction_uri = storage.join(storage.absolute(output), REDUCTION_FILE)
     reduction.save(reduction_uri)
 
     writer = _ResultWriter(output, reduction.output_dim, cfg.rows_per_file, cfg.rows_per_group)
