@@ -111,9 +111,10 @@ def test_vgg_gram_sketch_tracks_the_exact_style_distance(facades_root):
 
 
 def test_stem_bank_gives_the_codes_of_the_images_and_their_mirrors():
-    """Stage 1's bank of frozen-stem outputs: E(bank[i, 0], from_stem) is E(image i), bank[i, 1] its mirror;
-    the conv encoder has no frozen stem, and a bank over budget is not built."""
-    from step_ray.recipes.stage1 import stem_outputs
+    """Stage 1's bank of frozen-stem outputs: E(lookup(i, 0), from_stem) is E(image i), lookup(i, 1) its
+    mirror; rows are computed on first use, once; a bank smaller than the set keeps its first rows and
+    computes the rest at every use, with the same values; the conv encoder has no frozen stem."""
+    from step_ray.recipes.stage1 import StemBank, stem_bank
     from step_ray.style.encode import build_encoder
 
     class Store:
@@ -126,12 +127,25 @@ def test_stem_bank_gives_the_codes_of_the_images_and_their_mirrors():
     x = torch.rand(5, 3, 32, 32) * 2 - 1
     e = build_encoder(EncoderConfig(backbone="vgg_gram", sketch_channels=8)).eval()
     e.fit_input_statistics(x)
-    bank = stem_outputs(e, Store(x), 64, "cpu", batch=2)
+    rows, zeros, ones = np.arange(5), np.zeros(5, np.int64), np.ones(5, np.int64)
+    bank = stem_bank(e, Store(x), 64, "cpu")
+    assert bank.capacity == 5 and bank.forwards == 0  # nothing computed before it is asked for
     with torch.no_grad():
-        torch.testing.assert_close(e(bank[:, 0], from_stem=True), e(x), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(e(bank[:, 1], from_stem=True), e(x.flip(3)), rtol=1e-5, atol=1e-5)
-    assert stem_outputs(e, Store(x), 0, "cpu") is None
+        torch.testing.assert_close(e(bank.lookup(rows, zeros), from_stem=True), e(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(e(bank.lookup(rows, ones), from_stem=True), e(x.flip(3)), rtol=1e-5, atol=1e-5)
+    assert bank.forwards == 10  # each image and its mirror once, however often they are looked up
+    # A budget for 2 of the 5 images (and their mirrors): rows 0-1 kept, 2-4 computed at every use.
+    small = StemBank(e.frozen_stem, Store(x), 2, "cpu")
+    mirror = np.array([0, 1, 0, 1, 1])
+    with torch.no_grad():
+        torch.testing.assert_close(small.lookup(rows, mirror), bank.lookup(rows, mirror), rtol=1e-5, atol=1e-5)
+        first = small.forwards
+        small.lookup(rows, mirror)
+    assert first == 2 * 2 + 3 and small.forwards == first + 3
+    assert "holds 2 of 5 training images" in small.shortfall("train.stem_cache_mb", 1)
+    assert bank.shortfall("train.stem_cache_mb", 64) is None
+    assert stem_bank(e, Store(x), 0, "cpu") is None
     conv = StyleEncoder(EncoderConfig(base_channels=8, block_channels=(8,)))
-    assert stem_outputs(conv, Store(x), 64, "cpu") is None
+    assert stem_bank(conv, Store(x), 64, "cpu") is None
     with pytest.raises(ValueError, match="frozen stem"):
         conv(x, from_stem=True)

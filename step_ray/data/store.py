@@ -87,6 +87,15 @@ class ImageStore:
     def __getstate__(self):  # a pickled copy (a spawned process) cannot share the mapping: it reads itself
         return {**self.__dict__, "capacity": 0, "shared": None}
 
+    def shortfall(self, setting: str, budget_mb: int) -> str | None:
+        """One line for the user when the cache cannot hold every row (None when it can): what happens
+        instead and the budget that would hold them all."""
+        if self.capacity >= len(self.paths):
+            return None
+        needed = -(-len(self.paths) * self.arrays * self.side * self.side * 3 // 2**20)
+        return (f"the image cache holds {self.capacity:,} of {len(self.paths):,} training images ({setting}={budget_mb}); "
+                f"the other {len(self.paths) - self.capacity:,} are decoded at every use; {setting}={needed} would hold them all")
+
     def cached_rows(self) -> int:
         return self.shared.filled() if self.shared is not None else 0
 

@@ -14,7 +14,8 @@ class MiningConfig:
     """How the k_c nearest and k_f furthest images of every anchor are found.
 
     index: "flat" is exact (brute force inside FAISS); "ivf" and "ivfpq" are approximate and meant for
-    large n. `nlist` 0 picks ~4·sqrt(shard size) lists. The far side probes at least enough lists to hold
+    large n; "auto" (the default) is flat while a shard holds at most `auto_flat_max` images and ivf
+    beyond, where exact search grows as n² (137k images: ~19 TFLOP, minutes on a CPU; ivf: n·nprobe). `nlist` 0 picks ~4·sqrt(shard size) lists. The far side probes at least enough lists to hold
     2·(k_far + 1) vectors on average (`far_nprobe` 0 = that automatic value, never below `nprobe`).
     ivfpq stores `pq_m` sub-quantizer codes of `pq_bits` bits and re-ranks `refine_factor`·k candidates
     with the exact vectors (IndexRefineFlat), which is what brings its recall back up.
@@ -26,9 +27,13 @@ class MiningConfig:
 
     k_close: int = 5
     k_far: int = 13
-    index: Literal["flat", "ivf", "ivfpq"] = "flat"
+    index: Literal["auto", "flat", "ivf", "ivfpq"] = "auto"
+    auto_flat_max: int = 20_000
     nlist: int = 0
-    nprobe: int = 16
+    # 137k real-VGG synthetic descriptors, nlist 1,481, 500 anchors against exhaustive search: nprobe 16
+    # gave close recall 0.912 / far precision 0.799, 32: 0.948 / 0.958, 64: 0.955 / 0.994, 128: 0.956 /
+    # 0.996 (BENCHMARKS.md, "At scale"); 64 costs ~0.8 ms a query there.
+    nprobe: int = 64
     far_nprobe: int = 0
     pq_m: int = 16
     pq_bits: int = 8
@@ -66,6 +71,12 @@ class MiningConfig:
         if self.query_batch < 1:
             raise ValueError(f"query_batch must be >= 1, got {self.query_batch}")
 
+    def resolved_index(self, shard_size: int) -> str:
+        """The index a shard of `shard_size` images gets: `index`, with "auto" settled by size."""
+        if self.index != "auto":
+            return self.index
+        return "flat" if shard_size <= self.auto_flat_max else "ivf"
+
     def check_database_size(self, n: int) -> None:
         """The close and far sets exclude the anchor itself, so both need n - 1 other images."""
         if n - 1 < max(self.k_close, self.k_far):
@@ -80,8 +91,8 @@ class MiningConfig:
 class MineTripletsConfig:
     """The mining job: style-statistics output in, close/far neighbour lists (Parquet) out.
 
-    `descriptors` is the output folder of the style-statistics job (local or s3://), read through
-    `step_ray.style.pipeline.read_descriptors`; only rows of `split` are mined. `output` receives
+    `descriptors` is the output folder of the style-statistics job (local or s3://), streamed one row
+    group at a time (`step_ray.mining.job.read_for_mining`); only rows of `split` are mined. `output` receives
     `neighbours.parquet` and `metadata.json`; an output written with the same config hash is kept.
     """
 
@@ -89,9 +100,16 @@ class MineTripletsConfig:
     output: str = ""
     split: str = "train"
     mining: MiningConfig = field(default_factory=MiningConfig)
+    # The residual sketches (4·reduction.sketch bytes an image: 32 KB at the default, 4.5 GB at 137k images)
+    # are re-ranked from memory while they fit in `sketch_memory_mb`, else from a file in `spill_dir` (a
+    # local folder; empty: the system's temporary folder), read ~5× slower (BENCHMARKS.md, "At scale").
+    sketch_memory_mb: int = 4096
+    spill_dir: str = ""
 
     def __post_init__(self):
         if not self.descriptors:
             raise ValueError("descriptors (the style-statistics output folder) must be set")
         if not self.output:
             raise ValueError("output must be set")
+        if self.sketch_memory_mb < 0:
+            raise ValueError(f"sketch_memory_mb must be >= 0 (0: always on disk), got {self.sketch_memory_mb}")

@@ -105,6 +105,7 @@ class ShardIndex:
         self.first_id = int(first_id)
         self.size, self.dim = x.shape
         self.norms = (x.astype(np.float64) ** 2).sum(1).astype(np.float32)
+        self.kind = cfg.resolved_index(self.size)
         self.on_gpu = gpu_wanted(cfg) if use_gpu is None else bool(use_gpu and faiss_gpu_count() > 0)
         if self.on_gpu and max(cfg.k_close, cfg.k_far) > MAX_K:
             raise ValueError(f"k_close={cfg.k_close}, k_far={cfg.k_far}: a FAISS GPU index returns at most {MAX_K} "
@@ -136,7 +137,7 @@ class ShardIndex:
         return self.vectors[np.sort(rng.choice(self.size, self.cfg.train_sample, replace=False))]
 
     def _build(self) -> tuple[faiss.Index, faiss.Index]:
-        x, kind = self.vectors, self.cfg.index
+        x, kind = self.vectors, self.kind
         augmented = augment_database(x, self.norms)
         if kind == "flat":
             near = faiss.IndexFlatL2(self.dim)
@@ -210,7 +211,7 @@ class ShardIndex:
     # -- searching -------------------------------------------------------------------------------------
 
     def _search(self, index: faiss.Index, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if self.cfg.index == "ivfpq":
+        if self.kind == "ivfpq":
             factor = self.cfg.refine_factor
             if self.on_gpu:  # the GPU base index returns at most MAX_K candidates
                 factor = max(1, min(factor, MAX_K // k))

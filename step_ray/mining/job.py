@@ -8,19 +8,23 @@ and the descriptors' own metadata.json, so recomputed descriptors invalidate old
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
+import tempfile
 import time
 
 import numpy as np
+import pyarrow.compute as pc
 
 from step_ray import storage
 from step_ray.cluster import init_ray
 from step_ray.config import config_to_dict
 from step_ray.mining.config import MineTripletsConfig
 from step_ray.mining.index import gpu_wanted
-from step_ray.mining.neighbours import Neighbours, mine_neighbours
+from step_ray.mining.neighbours import Neighbours, SketchRows, mine_neighbours
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,7 @@ def config_hash(cfg: MineTripletsConfig, descriptor_metadata: bytes) -> str:
     """Hash of what determines the result (not where it is written)."""
     tree = config_to_dict(cfg)
     tree.pop("output")
+    tree.pop("spill_dir")  # where the sketches wait on disk, never the answer
     tree["mining"].pop("query_batch")  # batching changes speed, never the answer
     text = json.dumps(tree, sort_keys=True)
     return hashlib.sha256(text.encode() + b"\0" + descriptor_metadata).hexdigest()[:16]
@@ -70,8 +75,6 @@ def _done(cfg: MineTripletsConfig, digest: str) -> bool:
 
 def mine_triplets(cfg: MineTripletsConfig) -> str:
     """Mine close and far sets for the `split` rows of the descriptor table; returns the output folder."""
-    from step_ray.style.pipeline import read_descriptors  # deferred: it imports torch, which mining's Ray tasks (they import this package) must not load
-
     storage.check_readable(cfg.descriptors, "descriptors")
     storage.check_writable(cfg.output)
     digest = config_hash(cfg, _descriptor_metadata(cfg.descriptors))
@@ -79,33 +82,29 @@ def mine_triplets(cfg: MineTripletsConfig) -> str:
         log.info("neighbours at %s are up to date (config hash %s); skipping", cfg.output, digest)
         return cfg.output
 
-    start = time.perf_counter()
-    image_ids, descriptors, table = read_descriptors(cfg.descriptors)
-    # `table` is the pandas frame read_descriptors documents (image_id, path, split, style_id), row-aligned.
-    keep = np.nonzero(np.asarray(table["split"]).astype(str) == cfg.split)[0]
-    if len(keep) == 0:
-        raise ValueError(f"{cfg.descriptors} holds no rows of split '{cfg.split}'")
-    image_ids = [image_ids[i] for i in keep]
-    descriptors = np.ascontiguousarray(descriptors[keep], dtype=np.float32)
-    read_s = time.perf_counter() - start
-
-    if cfg.mining.num_shards > 1:
-        init_ray()  # RAY_ADDRESS, when set, names the cluster; else a local instance on 127.0.0.1
-    start = time.perf_counter()
     # A PCA reduction with `residual` writes the residual norm after its components (mined
     # asymmetrically) and, with `sketch`, the residual's CountSketch after that (used to re-rank).
-    residual, sketch = _descriptor_layout(cfg.descriptors)
-    neighbours = mine_neighbours(descriptors, cfg.mining, residual_column=residual, sketch_width=sketch)
-    mine_s = time.perf_counter() - start
+    residual, sketch_width = _descriptor_layout(cfg.descriptors)
+    with tempfile.TemporaryDirectory(prefix="step_ray_mining_", dir=cfg.spill_dir or None) as spill:
+        start = time.perf_counter()
+        image_ids, search, sketch = read_for_mining(cfg.descriptors, cfg.split, sketch_width,
+                                                    os.path.join(spill, "sketch.f32"), cfg.sketch_memory_mb)
+        read_s = time.perf_counter() - start
+        if cfg.mining.num_shards > 1:
+            init_ray()  # RAY_ADDRESS, when set, names the cluster; else a local instance on 127.0.0.1
+        start = time.perf_counter()
+        neighbours = mine_neighbours(search, cfg.mining, residual_column=residual, sketch=sketch)
+        mine_s = time.perf_counter() - start
     neighbours.save(neighbours_uri(cfg.output), image_ids)
     metadata = {
         "config": config_to_dict(cfg),
         "config_hash": digest,
         "num_images": len(image_ids),
-        "descriptor_dim": int(descriptors.shape[1]),
+        "descriptor_dim": int(search.shape[1] + sketch_width),
         "residual_column": residual,
-        "sketch_width": sketch,
+        "sketch_width": sketch_width,
         "rerank_seconds": neighbours.info.get("rerank_seconds"),
+        "sketches_kept": "" if sketch is None else ("on disk" if isinstance(sketch.source, str) else "in memory"),
         "gpu": gpu_wanted(cfg.mining),
         "read_seconds": round(read_s, 3),
         "mine_seconds": round(mine_s, 3),
@@ -115,6 +114,42 @@ def mine_triplets(cfg: MineTripletsConfig) -> str:
     storage.write_bytes(storage.join(cfg.output, METADATA_FILE), json.dumps(metadata, indent=1).encode())
     log.info("mined %d images in %.1f s -> %s", len(image_ids), mine_s, cfg.output)
     return cfg.output
+
+
+def read_for_mining(descriptors: str, split: str, sketch_width: int, spill_path: str, sketch_memory_mb: int = 0):
+    """The `split` rows of a style-statistics run, streamed one row group at a time: (image ids sorted,
+    the searched columns [n, d+1] in memory in that order, the residual sketches, or None without a
+    sketch). Memory: ~4·(d+1) bytes an image (1 KB at PCA-256) plus one row group, however many images;
+    the sketches (4·m bytes an image) too while they fit in `sketch_memory_mb`, else they go to a file at
+    `spill_path`. Either way they come back as SketchRows in the ids' order."""
+    from step_ray.style.pipeline import descriptor_matrix, descriptor_row_count, iter_descriptor_batches  # deferred: torch (mine_triplets)
+
+    total = descriptor_row_count(descriptors)
+    in_memory = total * sketch_width * 4 <= sketch_memory_mb * 2**20
+    kept = np.empty((total, sketch_width), np.float32) if sketch_width and in_memory else None
+    ids: list[str] = []
+    search = None
+    with open(spill_path, "wb") if sketch_width and not in_memory else contextlib.nullcontext() as spill:
+        for batch in iter_descriptor_batches(descriptors, ["image_id", "split", "descriptor"]):
+            keep = pc.equal(batch["split"], split)
+            rows = descriptor_matrix(batch["descriptor"].filter(keep))
+            if not len(rows):
+                continue
+            width = rows.shape[1] - sketch_width
+            if search is None:
+                search = np.empty((total, width), np.float32)
+            search[len(ids) : len(ids) + len(rows)] = rows[:, :width]
+            if kept is not None:
+                kept[len(ids) : len(ids) + len(rows)] = rows[:, width:]
+            elif sketch_width:
+                spill.write(np.ascontiguousarray(rows[:, width:]).tobytes())
+            ids.extend(batch["image_id"].filter(keep).to_pylist())
+    if not ids:
+        raise ValueError(f"{descriptors} holds no rows of split '{split}'")
+    order = np.argsort(np.asarray(ids, dtype=object), kind="stable")  # read_descriptors' order: by image id
+    search = search[: len(ids)][order]
+    sketch = SketchRows(kept if kept is not None else spill_path, sketch_width, order) if sketch_width else None
+    return [ids[i] for i in order], search, sketch
 
 
 def load_neighbours(output: str) -> Neighbours:

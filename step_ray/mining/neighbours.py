@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -92,20 +93,32 @@ class Neighbours:
     def save(self, uri: str, image_ids: Sequence[str] | None = None) -> str:
         """One Parquet file at `uri` (local or s3://), written whole (never a half-written file)."""
         sink = io.BytesIO()
-        pq.write_table(self.to_table(image_ids), sink, compression="zstd")
+        # row groups of 8,192 anchors (~70 MB at k_f = 700), so that load() reads a bounded piece at a time
+        pq.write_table(self.to_table(image_ids), sink, compression="zstd", row_group_size=8192)
         storage.write_bytes(uri, sink.getvalue())
         return str(uri)
 
     @classmethod
     def from_table(cls, table: pa.Table) -> "Neighbours":
-        table = table.sort_by("row")
-        if not np.array_equal(table.column("row").to_numpy(), np.arange(table.num_rows)):
-            raise ValueError("neighbour table rows are not 0..n-1")
+        # Without copies beyond the one a column needs (n·(k_c + k_f)·12 bytes: 1.2 GB at 137k images and
+        # k_f = 700; a sort, a combine and an astype each used to add another): save() writes rows in
+        # order, so the table is sorted only when it is not.
+        rows = table.column("row").to_numpy()
+        if not np.array_equal(rows, np.arange(table.num_rows)):
+            table = table.sort_by("row")
+            if not np.array_equal(table.column("row").to_numpy(), np.arange(table.num_rows)):
+                raise ValueError("neighbour table rows are not 0..n-1")
 
         def matrix(name: str, dtype) -> np.ndarray:
-            col = table.column(name).combine_chunks()
-            width = col.type.list_size
-            return col.flatten().to_numpy(zero_copy_only=False).astype(dtype).reshape(-1, width)
+            column = table.column(name)
+            width = column.type.list_size
+            out = np.empty((table.num_rows, width), dtype)
+            start = 0
+            for chunk in column.chunks:  # each row group's values straight into the one array
+                values = chunk.flatten().to_numpy(zero_copy_only=False)
+                out[start : start + len(chunk)] = values.reshape(-1, width)
+                start += len(chunk)
+            return out
 
         return cls(
             close_ids=matrix("close_ids", np.int64),
@@ -117,9 +130,29 @@ class Neighbours:
 
     @classmethod
     def load(cls, uri: str) -> "Neighbours":
+        """Read one row group and one column at a time into the arrays: memory n·(k_c + k_f)·12 bytes
+        plus one group, where reading the whole table first held it twice (4 GB at 137k, k_f = 700)."""
         storage.check_readable(uri, "neighbours file")
         fs, path = storage.resolve(uri)
-        return cls.from_table(pq.read_table(path, filesystem=fs))
+        with fs.open_input_file(path) as stream:
+            parquet = pq.ParquetFile(stream)
+            rows = parquet.read(columns=["row"]).column("row").to_numpy()
+            if not np.array_equal(rows, np.arange(len(rows))):  # not as save() writes: the general path
+                return cls.from_table(parquet.read())
+            ids = parquet.read(columns=["image_id"]).column("image_id").to_pylist()
+            arrays = {}
+            for name, dtype in (("close_ids", np.int64), ("close_dist", np.float32), ("far_ids", np.int64),
+                                ("far_dist", np.float32)):
+                width = parquet.schema_arrow.field(name).type.list_size
+                out, start = np.empty((len(rows), width), dtype), 0
+                for group in range(parquet.num_row_groups):
+                    column = parquet.read_row_group(group, columns=[name]).column(name)
+                    for chunk in column.chunks:
+                        out[start : start + len(chunk)] = chunk.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+                        start += len(chunk)
+                arrays[name] = out
+        pa.default_memory_pool().release_unused()
+        return cls(**arrays, image_ids=ids)
 
 
 def _merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int, furthest: bool):
@@ -255,37 +288,93 @@ def _mine_sharded(x: np.ndarray, cfg: MiningConfig, info: dict, query_rows: np.n
             ray.kill(actor)
 
 
-def rerank_with_sketch(descriptors: np.ndarray, sketch_width: int, anchors_ids: np.ndarray, k: int,
+class SketchRows:
+    """Residual sketches in the order mining wants them, read from where they are kept: `rows[i]` is the
+    row, in `source`, of row i. `source` is an [N, width] array in memory or the path of a float32 file.
+
+    From a file, rows are read with positioned reads (runs of consecutive file rows in one read) into
+    memory the caller owns, never mapped: the mining driver's memory stays at the search columns (~1 KB an
+    image) plus one re-ranking block, whatever n, while the sketches (32 KB an image at the default width)
+    stay in the file and the page cache (~25 µs a row here against ~4 in memory; a memory map per block
+    cost ~8 page faults a row and left the mapped pages in the resident set while it lasted)."""
+
+    def __init__(self, source: "str | np.ndarray", width: int, rows: np.ndarray):
+        self.source, self.width = source, int(width)
+        self.rows = np.asarray(rows, np.int64)
+        self.shape = (len(self.rows), self.width)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index) -> np.ndarray:
+        wanted = self.rows[index]
+        if not isinstance(self.source, str):
+            return self.source[wanted]
+        order = np.argsort(wanted, kind="stable")
+        ordered = wanted[order]
+        out = np.empty((len(ordered), self.width), np.float32)
+        if not len(ordered):
+            return out
+        row_bytes = self.width * 4
+        starts = np.concatenate([[0], np.nonzero(np.diff(ordered) != 1)[0] + 1, [len(ordered)]])
+        with open(self.source, "rb", buffering=0) as handle:
+            for start, stop in zip(starts[:-1], starts[1:]):
+                target = memoryview(out[start:stop]).cast("B")
+                offset, done = int(ordered[start]) * row_bytes, 0
+                while done < target.nbytes:  # one read returns at most ~2 GB on Linux
+                    got = os.preadv(handle.fileno(), [target[done:]], offset + done)
+                    if got <= 0:
+                        raise OSError(f"{self.source}: short read of sketch rows {ordered[start]}..{ordered[stop - 1]}")
+                    done += got
+        if np.array_equal(order, np.arange(len(order))):  # asked in file order (the usual case): no reorder copy
+            return out
+        result = np.empty_like(out)
+        result[order] = out
+        return result
+
+
+def rerank_with_sketch(search: np.ndarray, sketch, anchors_ids: np.ndarray, k: int,
                        furthest: bool, block_bytes: int = 256 << 20) -> tuple[np.ndarray, np.ndarray]:
     """Re-rank every anchor's candidate ids by the sketched estimate of the exact style distance.
 
-    Rows of `descriptors` are [y (d), ρ^½, s (sketch_width)] (step_ray.style.reduce with `residual` and
-    `sketch`): ‖x_a − x_b‖² = ‖y_a − y_b‖² + ρ_a + ρ_b − 2 r_a·r_b, and the CountSketch gives r_a·r_b ≈
-    s_a·s_b without bias. `anchors_ids` [n, K] holds candidate ids of anchor rows 0..n-1 (-1 = none);
-    returns the best k of each row (ascending, or descending when `furthest`) and their estimates.
+    Rows of `search` are [y (d), ρ^½] and rows of `sketch` (an array or SketchRows, indexed by rows)
+    the CountSketch s of the same images' residuals (step_ray.style.reduce with `residual` and `sketch`):
+    ‖x_a − x_b‖² = ‖y_a − y_b‖² + ρ_a + ρ_b − 2 r_a·r_b, and the CountSketch gives r_a·r_b ≈ s_a·s_b
+    without bias. `anchors_ids` [n, K] holds candidate ids of anchor rows 0..n-1 (-1 = none); returns the
+    best k of each row (ascending, or descending when `furthest`) and their estimates. Sketch rows are
+    fetched a block of anchors at a time (each distinct row once), `block_bytes` of them at most.
     """
     import torch  # here, in the driver: the shard actors import this module and must not load torch
 
-    x = torch.from_numpy(np.ascontiguousarray(descriptors, dtype=np.float32))
-    d = x.shape[1] - 1 - sketch_width
+    x = torch.from_numpy(np.ascontiguousarray(search, dtype=np.float32))
+    d = x.shape[1] - 1
     if d < 1:
-        raise ValueError(f"descriptors of width {x.shape[1]} cannot hold a sketch of {sketch_width} and a residual")
-    cand = torch.from_numpy(np.ascontiguousarray(anchors_ids, dtype=np.int64))
+        raise ValueError(f"search rows of width {x.shape[1]} cannot hold a residual after the components")
+    if len(sketch) != len(x):
+        raise ValueError(f"{len(sketch)} sketch rows for {len(x)} search rows")
+    width_m = sketch.shape[1]
+    cand = np.ascontiguousarray(anchors_ids, dtype=np.int64)
     n, width = cand.shape
     if width < k:
         raise ValueError(f"{width} candidates per anchor cannot give {k} neighbours")
-    y, rho, sketch = x[:, :d], x[:, d].double().square().float(), x[:, d + 1 :]
+    y, rho = x[:, :d], x[:, d].double().square().float()
     out_ids = np.empty((n, k), np.int64)
     out_dist = np.empty((n, k), np.float32)
-    block = max(1, block_bytes // max(1, width * x.shape[1] * 4))
+    block = max(1, block_bytes // max(1, (width + 1) * width_m * 4))
     fill = -torch.inf if furthest else torch.inf
     for start in range(0, n, block):
         stop = min(n, start + block)
-        ids = cand[start:stop]
+        ids = torch.from_numpy(cand[start:stop])
         safe = ids.clamp_min(0)
         rows = torch.arange(start, stop)
+        needed, where = np.unique(np.concatenate([safe.numpy().reshape(-1), rows.numpy()]), return_inverse=True)
+        fetched = torch.from_numpy(np.ascontiguousarray(sketch[needed], dtype=np.float32))
+        if not torch.isfinite(fetched).all():
+            raise ValueError("descriptor sketches contain NaN or inf")
+        local = torch.from_numpy(where)
+        cand_s, anchor_s = fetched[local[: safe.numel()].view(safe.shape)], fetched[local[safe.numel():]]
         est = (y[safe] - y[rows, None]).square().sum(-1) + rho[rows, None] + rho[safe]
-        est -= 2.0 * torch.einsum("bkm,bm->bk", sketch[safe], sketch[rows])
+        est -= 2.0 * torch.einsum("bkm,bm->bk", cand_s, anchor_s)
         est = est.clamp_min(0.0).masked_fill(ids < 0, fill)
         top = torch.topk(est, k, dim=1, largest=furthest).indices
         out_ids[start:stop] = torch.gather(ids, 1, top).numpy()
@@ -294,7 +383,7 @@ def rerank_with_sketch(descriptors: np.ndarray, sketch_width: int, anchors_ids: 
 
 
 def mine_neighbours(descriptors: np.ndarray, cfg: MiningConfig = MiningConfig(),
-                    residual_column: bool = False, sketch_width: int = 0) -> Neighbours:
+                    residual_column: bool = False, sketch_width: int = 0, sketch=None) -> Neighbours:
     """Every row's k_close nearest and k_far furthest other rows under squared L2 (METHOD §3).
 
     One in-process index pair when `num_shards` is 1; `num_shards` Ray actors otherwise.
@@ -305,19 +394,28 @@ def mine_neighbours(descriptors: np.ndarray, cfg: MiningConfig = MiningConfig(),
     after the residual norm. The index searches the columns before them, for `cfg.rerank_factor`·k_close
     close candidates, which `rerank_with_sketch` re-ranks (the close distances reported are its
     estimates); the far set stays as the residual-corrected search ranks it.
+    `sketch`: the sketches kept apart instead (an [n, m] array or SketchRows, as the mining job
+    reads them), `descriptors` then holding only the searched columns; sketch_width is its width.
     """
     x = np.ascontiguousarray(descriptors, dtype=np.float32)
     if x.ndim != 2:
         raise ValueError(f"descriptors must be a [n, d] array, got shape {x.shape}")
     if not np.isfinite(x).all():
         raise ValueError("descriptors contain NaN or inf")
+    if sketch is not None:
+        if sketch_width not in (0, sketch.shape[1]):
+            raise ValueError(f"sketch_width={sketch_width} but the sketches kept apart are {sketch.shape[1]} wide")
+        sketch_width = sketch.shape[1]
+        if len(sketch) != len(x):
+            raise ValueError(f"{len(sketch)} sketch rows for {len(x)} descriptor rows")
     if sketch_width and not residual_column:
         raise ValueError("a residual sketch is re-ranked with the residual norm: it needs residual_column")
-    if sketch_width < 0 or (residual_column and x.shape[1] < 2 + sketch_width):
+    inline = sketch_width if sketch is None else 0
+    if sketch_width < 0 or (residual_column and x.shape[1] < 2 + inline):
         raise ValueError(f"descriptors of width {x.shape[1]} cannot hold a sketch of {sketch_width} and a residual")
-    full = x
-    if sketch_width:
-        x = np.ascontiguousarray(x[:, : x.shape[1] - sketch_width])
+    if inline:
+        sketch = x[:, x.shape[1] - inline :]
+        x = np.ascontiguousarray(x[:, : x.shape[1] - inline])
     queries = x
     if residual_column:
         queries = x.copy()
@@ -329,11 +427,13 @@ def mine_neighbours(descriptors: np.ndarray, cfg: MiningConfig = MiningConfig(),
         # GPU index returns); the configured k's are what the re-ranking keeps.
         cap = len(x) - 1 if not gpu_wanted(cfg) else min(len(x) - 1, MAX_K)
         search_cfg = dataclasses.replace(cfg, k_close=max(cfg.k_close, min(cap, cfg.rerank_factor * cfg.k_close)))
+    index = cfg.resolved_index(-(-len(x) // cfg.num_shards))
     log.info(
         "mining %d x %d: index=%s shards=%d k_close=%d k_far=%d gpu=%s",
-        *x.shape, cfg.index, cfg.num_shards, cfg.k_close, cfg.k_far, gpu_wanted(cfg),
+        *x.shape, index if index == cfg.index else f"{index} ({cfg.index})", cfg.num_shards, cfg.k_close,
+        cfg.k_far, gpu_wanted(cfg),
     )
-    info: dict = {"num_images": len(x), "dim": x.shape[1], "index": cfg.index, "num_shards": cfg.num_shards,
+    info: dict = {"num_images": len(x), "dim": x.shape[1], "index": index, "num_shards": cfg.num_shards,
                   "residual_column": bool(residual_column), "sketch_width": int(sketch_width)}
     if cfg.num_shards == 1:
         parts = _mine_in_process(x, search_cfg, queries)
@@ -347,7 +447,7 @@ def mine_neighbours(descriptors: np.ndarray, cfg: MiningConfig = MiningConfig(),
         # The close set only: the residual-corrected far set is already ≥ 0.997 precise on real VGG
         # descriptors (BENCHMARKS.md), and its rerank_factor·k_far candidates would cost 2.6× the close ones.
         started = time.perf_counter()
-        close = rerank_with_sketch(full, sketch_width, parts[0], cfg.k_close, furthest=False)
+        close = rerank_with_sketch(x, sketch, parts[0], cfg.k_close, furthest=False)
         parts = (*close, parts[2], parts[3])
         info["rerank_seconds"] = round(time.perf_counter() - started, 3)
         info["close_candidates"] = search_cfg.k_close

@@ -86,25 +86,33 @@ def _cached_matrix(uri: str, compute) -> np.ndarray:
     return value
 
 
-def prepare_inputs(cfg: PretrainConfig) -> tuple[Stage1Inputs, dict[str, str]]:
-    """Steps 1 and 2 (cached by config hash) and the validation ground truth."""
+def style_step(cfg: PretrainConfig) -> tuple[str, DataConfig]:
+    """Step 1, style statistics (cached by config hash): their folder, and the dataset with its root resolved."""
     data = cfg.data
-    root = data.prepare()
-    data = dataclasses.replace(data, root=root)
-    cache = cfg.resolved_cache_dir()
+    data = dataclasses.replace(data, root=data.prepare())
     # The dataset location is part of the hash, and so is everything that changes the descriptors.
     style_cfg = dataclasses.replace(cfg.style, data=data, splits=tuple(sorted({"train", cfg.val_split})))
-    style_out = storage.join(cache, f"style-{config_hash(style_cfg)}")
+    style_out = storage.join(cfg.resolved_cache_dir(), f"style-{config_hash(style_cfg)}")
     t0 = time.perf_counter()
     compute_style_stats(dataclasses.replace(style_cfg, output=style_out))
     print(f"[pretrain] style statistics: {style_out} ({time.perf_counter() - t0:.1f}s)", flush=True)
+    return style_out, data
 
-    mine_cfg = MineTripletsConfig(descriptors=style_out, output=storage.join(cache, "mining"), split="train", mining=cfg.mining)
-    mine_out = storage.join(cache, f"mining-{config_hash(mine_cfg)}")
+
+def mining_step(cfg: PretrainConfig, style_out: str) -> str:
+    """Step 2, triplet mining of the training rows (cached by config hash): the neighbours' folder."""
+    mine_cfg = MineTripletsConfig(descriptors=style_out, output=storage.join(cfg.resolved_cache_dir(), "mining"),
+                                  split="train", mining=cfg.mining)
+    mine_out = storage.join(cfg.resolved_cache_dir(), f"mining-{config_hash(mine_cfg)}")
     t0 = time.perf_counter()
     mine_triplets(dataclasses.replace(mine_cfg, output=mine_out))
     print(f"[pretrain] triplet mining: {mine_out} ({time.perf_counter() - t0:.1f}s)", flush=True)
+    return mine_out
 
+
+def stage1_inputs(cfg: PretrainConfig, data: DataConfig, style_out: str, mine_out: str) -> Stage1Inputs:
+    """What stage 1 trains on: the mined training rows and the validation ground truth (exact style
+    distances between the validation images, cached beside the descriptors)."""
     table = read_descriptor_rows(style_out)
     neighbours = load_neighbours(mine_out)
     train_rows = table[table["split"] == "train"].set_index("image_id").loc[list(neighbours.image_ids)]
@@ -117,7 +125,7 @@ def prepare_inputs(cfg: PretrainConfig) -> tuple[Stage1Inputs, dict[str, str]]:
     val_distances = _cached_matrix(exact_uri, lambda: exact_val_distances(cfg.style, val_paths, data))
     print(f"[pretrain] exact validation distances: {exact_uri} ({time.perf_counter() - t0:.1f}s)", flush=True)
     meta = json.loads(storage.read_bytes(storage.join(style_out, "metadata.json")))
-    inputs = Stage1Inputs(
+    return Stage1Inputs(
         data=data,
         train_paths=list(train_rows["path"]),
         train_style_ids=train_rows["style_id"].to_numpy(np.int64),
@@ -128,7 +136,13 @@ def prepare_inputs(cfg: PretrainConfig) -> tuple[Stage1Inputs, dict[str, str]]:
         val_distances=val_distances,
         weight_source=str(meta.get("vgg", {}).get("weight_source", "")),
     )
-    return inputs, {"style_stats": style_out, "mining": mine_out}
+
+
+def prepare_inputs(cfg: PretrainConfig) -> tuple[Stage1Inputs, dict[str, str]]:
+    """Steps 1 and 2 (cached by config hash) and the validation ground truth."""
+    style_out, data = style_step(cfg)
+    mine_out = mining_step(cfg, style_out)
+    return stage1_inputs(cfg, data, style_out, mine_out), {"style_stats": style_out, "mining": mine_out}
 
 
 def report_outputs(cfg: PretrainConfig, inputs: Stage1Inputs, result, run_uri: str, steps: dict[str, str],

@@ -495,6 +495,9 @@ class GeneratorRecipe(Recipe):
             apply_activation_checkpointing(cfg, self.nets, self.vgg)
         self.store = pair_store(inputs.train_paths, inputs.data, cfg.image_cache_mb, cfg.resolved_load_size(inputs.data.image_size))
         if w.rank == 0:
+            shortfall = self.store.shortfall("train.image_cache_mb", cfg.image_cache_mb)
+            if shortfall:
+                print(f"[{self.name}] {shortfall}", flush=True)
             rows = np.arange(min(cfg.val_images, len(inputs.val_paths)))
             self.val_a, self.val_b = pair_store(inputs.val_paths, inputs.data, 0).batch(rows)
             self.other = other_style_rows(inputs.val_style_ids[rows], cfg.seed)

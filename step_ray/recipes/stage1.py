@@ -48,9 +48,10 @@ class Stage1Config(LoopConfig):
     knn_reference: int = 2000  # train images encoded as the k-NN reference set
     val_triplets: int = 2000  # held-out triplets whose order is checked against exact distances
     fit_images: int = 512  # encoder.backbone=vgg_gram: training images its feature centring is fitted on
-    # vgg_gram: the frozen stem's outputs for every training image and its mirror image, computed once,
-    # when they fit in this many MB (then a step trains the head alone: the same numbers, far faster);
-    # 0 or too small: the VGG runs in every step
+    # vgg_gram: the frozen stem's outputs for training images and their mirror images (21 KB an image at
+    # the default sketch), computed on first use and kept for as many images as fit in this many MB
+    # (a step then trains the head alone: the same numbers, far faster); images beyond it, or all with 0,
+    # go through the frozen VGG at every use. Stage 1 says once when the bank cannot hold the set.
     stem_cache_mb: int = 2048
 
     def __post_init__(self):
@@ -167,9 +168,13 @@ class Stage1Recipe(Recipe):
         if "sampler" in state:  # checks the checkpoint was made for these neighbours
             self.sampler.load_state_dict(state["sampler"])
         self.store = target_store(inputs.train_paths, inputs.data, cfg.image_cache_mb)
-        self.stem_bank = stem_outputs(unwrap(self.model), self.store, cfg.stem_cache_mb, w.device)
+        self.stem_bank = stem_bank(unwrap(self.model), self.store, cfg.stem_cache_mb, w.device)
         if w.rank != 0:
             return
+        shortfalls = [self.store.shortfall("train.image_cache_mb", cfg.image_cache_mb),
+                      self.stem_bank.shortfall("train.stem_cache_mb", cfg.stem_cache_mb) if self.stem_bank else None]
+        for line in filter(None, shortfalls):
+            print(f"[stage1] {line}", flush=True)
         self.val_images = target_store(inputs.val_paths, inputs.data, 0).batch(range(len(inputs.val_paths)))
         self.triplets = held_out_triplets(inputs.val_distances, cfg.val_triplets, cfg.seed)
         if self.stem_bank is not None:
@@ -202,9 +207,9 @@ class Stage1Recipe(Recipe):
         rows, x = batch
         if self.stem_bank is not None:  # each image its own flip (a flip keeps the style), from the bank
             mirror = (torch.rand(len(rows)) < 0.5).long() if cfg.flip else torch.zeros(len(rows), dtype=torch.long)
+            stem = self.stem_bank.lookup(rows, mirror)
             with amp.autocast():
-                bank = self.stem_bank
-                z = self.model(bank[torch.as_tensor(rows, device=bank.device), mirror.to(bank.device)], from_stem=True)
+                z = self.model(stem, from_stem=True)
         else:
             x = x.to(w.device, non_blocking=True)
             if cfg.flip:
@@ -228,7 +233,7 @@ class Stage1Recipe(Recipe):
         net = unwrap(self.model)
         if self.stem_bank is not None:  # the frozen stem's outputs, computed once: validation costs only the head
             z_val = encode_batches(net, self.val_stem, w.device, from_stem=True)
-            z_ref = encode_batches(net, self.stem_bank[self.ref_rows, 0], w.device, from_stem=True) if self.labelled else None
+            z_ref = encode_batches(net, self.stem_bank.lookup(self.ref_rows), w.device, from_stem=True) if self.labelled else None
         else:
             z_val = encode_batches(net, self.val_images, w.device)
             z_ref = encode_batches(net, self.store.batch(self.ref_rows), w.device) if self.labelled else None
@@ -252,21 +257,77 @@ class Stage1Recipe(Recipe):
         return parts + [f"{k} {m[k]:.3f}" for k in ("val_knn_acc", "val_triplet_acc", "val_rank_corr") if k in m]
 
 
-@torch.no_grad()
-def stem_outputs(encoder, store, budget_mb: int, device, batch: int = 64) -> torch.Tensor | None:
-    """[n, 2, d]: the frozen stem's output for every training image (index 0) and its mirror image (1),
-    or None when E has no frozen stem or the bank would not fit in budget_mb."""
+class StemBank:
+    """The frozen stem's outputs for training images (orientation 0) and their mirror images (1), computed
+    the first time a row is used and kept for rows 0 .. capacity-1 (`stem_bank` sizes it from a budget).
+
+    Filled on use rather than before the first step, so a step budget costs stem forwards for the rows it
+    draws, not for the whole set (137k images: ~270k VGG forwards up front on a CPU). Rows beyond the
+    capacity go through the frozen stem at every use, only in the orientation asked for."""
+
+    def __init__(self, stem: torch.nn.Module, store, capacity: int, device):
+        self.stem, self.store, self.device = stem, store, torch.device(device)
+        self.size = len(store.paths)
+        self.capacity = int(min(self.size, capacity))
+        self.values = torch.empty(self.capacity, 2, stem.out_features, device=self.device)
+        self.filled = torch.zeros(self.capacity, dtype=torch.bool)
+        self.forwards = 0  # images put through the stem (mirrors counted): what the bank has cost so far
+
+    @staticmethod
+    def row_bytes(stem: torch.nn.Module) -> int:
+        return 2 * stem.out_features * 4
+
+    def shortfall(self, setting: str, budget_mb: int) -> str | None:
+        """One line for the user when the bank cannot hold every row (None when it can), as
+        ImageStore.shortfall says it for decoded images."""
+        if self.capacity >= self.size:
+            return None
+        needed = -(-self.size * self.row_bytes(self.stem) // 2**20)
+        return (f"the stem bank holds {self.capacity:,} of {self.size:,} training images ({setting}={budget_mb}); "
+                f"the other {self.size - self.capacity:,} go through the frozen VGG at every use; "
+                f"{setting}={needed} would hold them all")
+
+    @torch.no_grad()
+    def _stem(self, rows: np.ndarray, batch: int = 64) -> torch.Tensor:
+        """[len(rows), 2, d]: the stem's output for each row and its mirror."""
+        out = torch.empty(len(rows), 2, self.stem.out_features, device=self.device)
+        for i in range(0, len(rows), batch):
+            x = self.store.batch(rows[i : i + batch]).to(self.device)
+            out[i : i + len(x), 0], out[i : i + len(x), 1] = self.stem(x), self.stem(x.flip(3))
+            self.forwards += 2 * len(x)
+        return out
+
+    @torch.no_grad()
+    def lookup(self, rows, mirror=None) -> torch.Tensor:
+        """[len(rows), d]: row i's output in orientation mirror[i] (0: as read, 1: mirrored; default 0)."""
+        rows = np.asarray(rows, np.int64)
+        mirror = torch.zeros(len(rows), dtype=torch.long) if mirror is None else torch.as_tensor(mirror).long().cpu()
+        cached = rows < self.capacity
+        todo = np.unique(rows[cached])
+        todo = todo[~self.filled[torch.from_numpy(todo)].numpy()] if len(todo) else todo
+        if len(todo):
+            self.values[torch.from_numpy(todo)] = self._stem(todo)
+            self.filled[torch.from_numpy(todo)] = True
+        out = torch.empty(len(rows), self.stem.out_features, device=self.device)
+        where = torch.from_numpy(np.nonzero(cached)[0])
+        if len(where):
+            out[where] = self.values[torch.from_numpy(rows[cached]), mirror[where]]
+        rest = np.nonzero(~cached)[0]
+        if len(rest):
+            images = self.store.batch(rows[rest]).to(self.device)
+            flip = mirror[torch.from_numpy(rest)].bool().to(self.device)
+            images = torch.where(flip[:, None, None, None], images.flip(3), images)
+            out[torch.from_numpy(rest)] = torch.cat([self.stem(images[i : i + 64]) for i in range(0, len(images), 64)])
+            self.forwards += len(rest)
+        return out
+
+
+def stem_bank(encoder, store, budget_mb: int, device) -> StemBank | None:
+    """A StemBank for E's frozen stem, or None when E has none (the conv encoder) or budget_mb is 0."""
     stem = encoder.frozen_stem
-    if stem is None:
+    if stem is None or budget_mb <= 0:
         return None
-    n = len(store.paths)
-    if n * 2 * stem.out_features * 4 > budget_mb * 2**20:
-        return None
-    out = torch.empty(n, 2, stem.out_features, device=device)
-    for i in range(0, n, batch):
-        x = store.batch(range(i, min(n, i + batch))).to(device)
-        out[i : i + len(x), 0], out[i : i + len(x), 1] = stem(x), stem(x.flip(3))
-    return out
+    return StemBank(stem, store, budget_mb * 2**20 // StemBank.row_bytes(stem), device)
 
 
 def neighbours_grid(m, val_images: torch.Tensor, z_val: np.ndarray, exact: np.ndarray) -> np.ndarray:

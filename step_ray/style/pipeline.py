@@ -449,7 +449,7 @@ class _ResultWriter:
         return pa.concat_tables(self.errors).to_pandas()
 
 
-def _descriptor_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+def descriptor_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     dim = column.type.list_size
@@ -525,16 +525,19 @@ def _fit_reduction(cfg, uris, style_ids, plan, input_dim: int) -> tuple[Reductio
     rng = np.random.default_rng(cfg.reduction.seed)
     count = min(cfg.reduction.fit_sample, len(uris))
     sample_uris = sorted(uris[i] for i in rng.choice(len(uris), size=count, replace=False))
-    parts, rows, tables = [], [], []
+    # One [count, D] array filled as blocks arrive (1.2 MB a row for VGG-16): a list of blocks
+    # concatenated at the end held the sample twice.
+    sample = np.empty((count, input_dim), np.float32)
+    filled, rows, tables = 0, [], []
     for table in _stream(_descriptor_dataset(cfg, sample_uris, style_ids, plan, reduction_uri=None)):
         good = good_rows(table)
         if good.num_rows:
-            parts.append(_descriptor_matrix(good["descriptor"]))
+            sample[filled : filled + good.num_rows] = descriptor_matrix(good["descriptor"])
+            filled += good.num_rows
             rows.append(good.drop_columns(["descriptor"]))
         tables.append(table.drop_columns(["descriptor"]))
         del table, good
-    sample = np.concatenate(parts, axis=0) if parts else np.zeros((0, input_dim), np.float32)
-    del parts
+    sample = sample[:filled]
     if len(sample) <= cfg.reduction.dim:
         raise DatasetError(
             f"PCA to {cfg.reduction.dim} dims needs more than {cfg.reduction.dim} readable sample images, got "
@@ -727,9 +730,34 @@ def _read_rows(output_uri: str, columns: list[str]) -> pa.Table:
 def read_descriptors(output_uri: str) -> StyleDescriptors:
     """All descriptors of a run, sorted by image id: (ids, [n, d] float32, DataFrame of the rest)."""
     table = _read_rows(output_uri, _ROW_COLUMNS + ["descriptor"])
-    descriptors = _descriptor_matrix(table["descriptor"])
+    descriptors = descriptor_matrix(table["descriptor"])
     frame = table.select(_ROW_COLUMNS).to_pandas()
     return StyleDescriptors(ids=frame["image_id"].tolist(), descriptors=descriptors, table=frame)
+
+
+def descriptor_row_count(output_uri: str) -> int:
+    """Rows of a run's descriptor files, from their Parquet footers (nothing else is read)."""
+    fs, base = storage.resolve(output_uri)
+    return sum(pq.ParquetFile(fs.open_input_file(path)).metadata.num_rows for path in _descriptor_files(fs, base))
+
+
+def iter_descriptor_batches(output_uri: str, columns: Sequence[str] = (*_ROW_COLUMNS, "descriptor")):
+    """A run's rows as pyarrow RecordBatches, one row group at a time, in file order (not sorted): what
+    a reader that must not hold every descriptor at once (the mining job at scale) streams through."""
+    fs, base = storage.resolve(output_uri)
+    for path in _descriptor_files(fs, base):
+        with fs.open_input_file(path) as stream:
+            parquet = pq.ParquetFile(stream)
+            for group in range(parquet.num_row_groups):
+                yield from parquet.read_row_group(group, columns=list(columns)).to_batches()
+
+
+def _descriptor_files(fs, base: str) -> list[str]:
+    folder = f"{base}/{DESCRIPTORS_DIR}"
+    if fs.get_file_info(folder).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"no style descriptors under {base} (run compute_style_stats first)")
+    infos = fs.get_file_info(pafs.FileSelector(folder))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
 
 
 def read_descriptor_rows(output_uri: str) -> "pandas.DataFrame":  # noqa: F821

@@ -245,11 +245,16 @@ class Reduction:
                 parts.append(self._sketch_residual(x, y))
             return torch.cat(parts, dim=-1)
 
-    def transform(self, x: np.ndarray) -> np.ndarray:
-        """[N, D] -> [N, d] float32."""
+    def transform(self, x: np.ndarray, chunk_rows: int = 128) -> np.ndarray:
+        """[N, D] -> [N, d] float32, `chunk_rows` rows at a time: transform_tensor's temporaries (the
+        centred rows, their float64 squares, the sketch's signed copy) are several times the rows' own
+        size, so 2,048 full descriptors in one call took ~12 GB on top of the 2.5 GB they occupy."""
         x = np.asarray(x, dtype=np.float32)
         squeeze = x.ndim == 1
-        out = self.transform_tensor(torch.from_numpy(np.atleast_2d(x))).numpy()
+        x = np.atleast_2d(x)
+        out = np.empty((len(x), self.output_dim), np.float32)
+        for start in range(0, len(x), chunk_rows):
+            out[start : start + chunk_rows] = self.transform_tensor(torch.from_numpy(x[start : start + chunk_rows])).numpy()
         return out[0] if squeeze else out
 
     def describe(self) -> dict:
