@@ -248,11 +248,31 @@ class StepRecorder:
         Path(self.out).write_text(json.dumps(self.report, indent=1))
 
 
+def exhaustive_truth(search: np.ndarray, sketch, rows: np.ndarray, k_close: int, k_far: int, residual: bool):
+    """The k_close nearest and k_far furthest of each anchor row over all rows, by the sketch-estimated
+    distance ‖y_a − y_b‖² + ρ_a + ρ_b − 2 s_a·s_b (without a sketch: the reduced distance)."""
+    import torch
+
+    n = len(search)
+    y = torch.from_numpy(search[:, :-1] if residual else search)
+    rho = torch.from_numpy(search[:, -1].astype(np.float64) ** 2).float() if residual else torch.zeros(n)
+    a_sketch = torch.from_numpy(sketch[rows]) if sketch is not None else None
+    dist = torch.empty(len(rows), n)
+    for start in range(0, n, 8192):
+        stop = min(n, start + 8192)
+        d = torch.cdist(y[rows], y[start:stop]).square() + rho[rows, None] + rho[None, start:stop]
+        if a_sketch is not None:
+            d -= 2.0 * a_sketch @ torch.from_numpy(sketch[np.arange(start, stop)]).T
+        dist[:, start:stop] = d
+    dist[torch.arange(len(rows)), torch.from_numpy(rows)] = torch.nan
+    close = torch.topk(torch.nan_to_num(dist, nan=torch.inf), k_close, largest=False).indices.numpy()
+    far = torch.topk(torch.nan_to_num(dist, nan=-torch.inf), k_far, largest=True).indices.numpy()
+    return close, far
+
+
 def mining_recall(style_out: str, mine_out: str, anchors: int, seed: int, spill: str) -> dict:
     """Close recall and far precision of the mined sets on sampled anchors, against an exhaustive search
     of the same stored descriptors by the sketch-estimated distance ‖y_a − y_b‖² + ρ_a + ρ_b − 2 s_a·s_b."""
-    import torch
-
     from step_ray.mining import close_recall, far_precision, load_neighbours
     from step_ray.mining.job import _descriptor_layout, read_for_mining
 
@@ -261,25 +281,59 @@ def mining_recall(style_out: str, mine_out: str, anchors: int, seed: int, spill:
     ids, search, sketch = read_for_mining(style_out, "train", width, os.path.join(spill, "recall_sketch.f32"))
     if list(mined.image_ids) != ids:
         raise RuntimeError("mined rows and descriptor rows are not in the same order")
-    n = len(ids)
-    rows = np.sort(np.random.default_rng(seed).choice(n, min(anchors, n), replace=False))
-    y = torch.from_numpy(search[:, :-1] if residual else search)
-    rho = torch.from_numpy(search[:, -1].astype(np.float64) ** 2).float() if residual else torch.zeros(n)
-    a_sketch = torch.from_numpy(sketch[rows]) if width else None
-    dist = torch.empty(len(rows), n)
-    block = 8192
-    for start in range(0, n, block):
-        stop = min(n, start + block)
-        d = torch.cdist(y[rows], y[start:stop]).square() + rho[rows, None] + rho[None, start:stop]
-        if width:
-            d -= 2.0 * a_sketch @ torch.from_numpy(sketch[np.arange(start, stop)]).T
-        dist[:, start:stop] = d
-    dist[torch.arange(len(rows)), torch.from_numpy(rows)] = torch.nan
-    close = torch.topk(torch.nan_to_num(dist, nan=torch.inf), mined.k_close, largest=False).indices.numpy()
-    far = torch.topk(torch.nan_to_num(dist, nan=-torch.inf), mined.k_far, largest=True).indices.numpy()
+    rows = np.sort(np.random.default_rng(seed).choice(len(ids), min(anchors, len(ids)), replace=False))
+    close, far = exhaustive_truth(search, sketch, rows, mined.k_close, mined.k_far, residual)
     return {"recall_anchors": int(len(rows)), "close_recall": round(close_recall(mined.close_ids[rows], close), 4),
             "far_precision": round(far_precision(mined.far_ids[rows], far), 4),
             "truth": "exhaustive search of the stored descriptors (sketch-estimated distance)"}
+
+
+def nprobe_sweep(style_out: str, values: list[int], anchors: int, k_close: int, k_far: int, rerank_factor: int,
+                 out: str) -> list[dict]:
+    """IVF recall against exhaustive search for each nprobe (far_nprobe the same), on sampled anchors:
+    the index built as mining builds it, the close candidates re-ranked by the sketch as mining does.
+
+        python benchmarks/scale.py nprobe <style output folder> OUT.json 16 32 64 128
+    """
+    from step_ray.mining import MiningConfig, close_recall, far_precision
+    from step_ray.mining.index import ShardIndex
+    from step_ray.mining.job import _descriptor_layout, read_for_mining
+
+    residual, width = _descriptor_layout(style_out)
+    with tempfile.TemporaryDirectory() as spill:
+        ids, search, sketch = read_for_mining(style_out, "train", width, os.path.join(spill, "s.f32"))
+        rows = np.sort(np.random.default_rng(0).choice(len(ids), min(anchors, len(ids)), replace=False))
+        true_close, true_far = exhaustive_truth(search, sketch, rows, k_close, k_far, residual)
+        queries = search.copy()
+        if residual:
+            queries[:, -1] = 0.0
+        results = []
+        for nprobe in values:
+            cfg = MiningConfig(k_close=k_close * rerank_factor, k_far=k_far, index="ivf", nprobe=nprobe, far_nprobe=nprobe)
+            started = time.perf_counter()
+            shard = ShardIndex(search, 0, cfg)
+            build = time.perf_counter() - started
+            started = time.perf_counter()
+            candidates, _ = shard.search_close(queries[rows], rows, cfg.k_close)
+            far, _ = shard.search_far(queries[rows], rows, k_far)
+            per_query = (time.perf_counter() - started) / len(rows)
+            # re-ranked by the sketch estimate, as mining's rerank_with_sketch does for every anchor
+            close = []
+            for anchor, cand in zip(rows, candidates):
+                est = ((search[cand, :-1] - search[anchor, :-1]) ** 2).sum(1) + search[cand, -1].astype(np.float64) ** 2 \
+                    + float(search[anchor, -1]) ** 2
+                if sketch is not None:
+                    est = est - 2.0 * sketch[cand] @ sketch[np.array([anchor])][0]
+                close.append(cand[np.argsort(est, kind="stable")[:k_close]])
+            close = np.array(close)
+            results.append({"nprobe": nprobe, "nlist": int(shard.near.nlist), "build_seconds": round(build, 1),
+                            "search_ms_per_query": round(per_query * 1e3, 2),
+                            "close_recall": round(close_recall(close, true_close), 4),
+                            "far_precision": round(far_precision(far, true_far), 4)})
+            print(results[-1], flush=True)
+    Path(out).write_text(json.dumps({"style_output": style_out, "n": len(ids), "anchors": len(rows), "k_close": k_close,
+                                     "k_far": k_far, "runs": results}, indent=1))
+    return results
 
 
 def main() -> None:
@@ -457,10 +511,11 @@ def plot(paths: list[str], out: str) -> None:
         axes[1].loglog(n, [max(p[1]["peak_rss_mb"].values()) for p in points], "o-", color=line.get_color(), label=step)
         axes[1].loglog(n, [max(p[1]["peak_private_mb"].values()) for p in points], "o:", color=line.get_color())
     ref = np.array([min(r["n"] for r in reports), max(r["n"] for r in reports)], float)
-    first = reports[0]["steps"].get("style_statistics")
-    if first:
-        axes[0].loglog(ref, first["seconds"] * ref / ref[0], "k--", lw=0.8, label="linear in n")
-    axes[0].set(xlabel="training images n", ylabel="seconds", title="wall time per step (32 px, 2-core VM)")
+    last = reports[-1]["steps"].get("style_statistics")
+    if last:  # through the largest point: the small ones carry the PCA sample pass's fixed cost
+        axes[0].loglog(ref, last["seconds"] * ref / ref[1], "k--", lw=0.8, label="linear in n")
+    axes[0].set(xlabel="training images n", ylabel="seconds",
+                title="wall time per step (32 px, 2-core VM)\nstage 1 and generator: fixed step budgets")
     axes[1].set(xlabel="training images n", ylabel="MB", title="peak memory of the largest process\n(solid: RSS; dotted: private)")
     axes[1].axhline(6 * 1024, color="r", lw=0.8, ls="--")
     for ax in axes:
@@ -471,11 +526,15 @@ def plot(paths: list[str], out: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] in ("plot", "table"):
-        # python benchmarks/scale.py plot OUT.png RESULT.json ... | table RESULT.json ...
+    if len(sys.argv) > 1 and sys.argv[1] in ("plot", "table", "nprobe"):
+        # python benchmarks/scale.py plot OUT.png RESULT.json ... | table RESULT.json ... |
+        #                            nprobe STYLE_OUTPUT OUT.json NPROBE ...
         if sys.argv[1] == "plot":
             plot(sys.argv[3:], sys.argv[2])
-        else:
+        elif sys.argv[1] == "table":
             print(cost_table(sys.argv[2:]))
+        else:
+            nprobe_sweep(sys.argv[2], [int(v) for v in sys.argv[4:]], anchors=500, k_close=5, k_far=700,
+                         rerank_factor=4, out=sys.argv[3])
     else:
         main()
