@@ -98,8 +98,8 @@ def test_mining_streams_the_descriptors_and_keeps_the_sketches_on_disk(small_gro
     np.testing.assert_allclose(streamed.close_dist, whole.close_dist, rtol=1e-5)
 
     out = tmp_path / "mining"
-    mine_triplets(MineTripletsConfig(descriptors=small_groups_output, output=str(out), mining=cfg,
-                                     spill_dir=str(spill), sketch_memory_mb=0))
+    spilling = MiningConfig(k_close=5, k_far=13, spill_dir=str(spill), sketch_memory_mb=0)
+    mine_triplets(MineTripletsConfig(descriptors=small_groups_output, output=str(out), mining=spilling))
     np.testing.assert_array_equal(load_neighbours(str(out)).close_ids, whole.close_ids)
     assert json.loads((out / "metadata.json").read_text())["sketches_kept"] == "on disk"
     assert os.listdir(spill) == ["s.f32"]  # the job's own spill folder is gone with the job

@@ -31,7 +31,7 @@ class MiningConfig:
     auto_flat_max: int = 20_000
     nlist: int = 0
     # 137k real-VGG synthetic descriptors, nlist 1,481, 500 anchors against exhaustive search: nprobe 16
-    # gave close recall 0.912 / far precision 0.799, 32: 0.948 / 0.958, 64: 0.955 / 0.994, 128: 0.956 /
+    # gave close recall 0.912 / far precision 0.799, 32: 0.948 / 0.958, 64: 0.955 / 0.994, 128: 0.957 /
     # 0.996 (BENCHMARKS.md, "At scale"); 64 costs ~0.8 ms a query there.
     nprobe: int = 64
     far_nprobe: int = 0
@@ -44,8 +44,17 @@ class MiningConfig:
     query_batch: int = 4096
     use_gpu: Literal["auto", "never"] = "auto"
     seed: int = 0
+    # The residual sketches (4·reduction.sketch bytes an image: 32 KB at the default, 4.5 GB at 137k images)
+    # are re-ranked from memory while they fit in `sketch_memory_mb`, else from a file in `spill_dir` (a
+    # local folder; empty: the system's temporary folder), read back with positioned reads (at 50k the
+    # re-ranking took 72 s from disk, 87 s from memory on a busier machine: its arithmetic dominates, not
+    # the reads; BENCHMARKS.md, "At scale"). Neither changes the neighbours.
+    sketch_memory_mb: int = 4096
+    spill_dir: str = ""
 
     def __post_init__(self):
+        if self.sketch_memory_mb < 0:
+            raise ValueError(f"sketch_memory_mb must be >= 0 (0: always on disk), got {self.sketch_memory_mb}")
         for name in ("k_close", "k_far"):
             value = getattr(self, name)
             if value < 1:
@@ -100,16 +109,10 @@ class MineTripletsConfig:
     output: str = ""
     split: str = "train"
     mining: MiningConfig = field(default_factory=MiningConfig)
-    # The residual sketches (4·reduction.sketch bytes an image: 32 KB at the default, 4.5 GB at 137k images)
-    # are re-ranked from memory while they fit in `sketch_memory_mb`, else from a file in `spill_dir` (a
-    # local folder; empty: the system's temporary folder), read ~5× slower (BENCHMARKS.md, "At scale").
-    sketch_memory_mb: int = 4096
-    spill_dir: str = ""
 
     def __post_init__(self):
         if not self.descriptors:
             raise ValueError("descriptors (the style-statistics output folder) must be set")
         if not self.output:
             raise ValueError("output must be set")
-        if self.sketch_memory_mb < 0:
-            raise ValueError(f"sketch_memory_mb must be >= 0 (0: always on disk), got {self.sketch_memory_mb}")
+

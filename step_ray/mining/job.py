@@ -40,8 +40,8 @@ def config_hash(cfg: MineTripletsConfig, descriptor_metadata: bytes) -> str:
     """Hash of what determines the result (not where it is written)."""
     tree = config_to_dict(cfg)
     tree.pop("output")
-    tree.pop("spill_dir")  # where the sketches wait on disk, never the answer
-    tree["mining"].pop("query_batch")  # batching changes speed, never the answer
+    for name in ("query_batch", "sketch_memory_mb", "spill_dir"):  # speed and memory, never the answer
+        tree["mining"].pop(name)
     text = json.dumps(tree, sort_keys=True)
     return hashlib.sha256(text.encode() + b"\0" + descriptor_metadata).hexdigest()[:16]
 
@@ -85,10 +85,10 @@ def mine_triplets(cfg: MineTripletsConfig) -> str:
     # A PCA reduction with `residual` writes the residual norm after its components (mined
     # asymmetrically) and, with `sketch`, the residual's CountSketch after that (used to re-rank).
     residual, sketch_width = _descriptor_layout(cfg.descriptors)
-    with tempfile.TemporaryDirectory(prefix="step_ray_mining_", dir=cfg.spill_dir or None) as spill:
+    with tempfile.TemporaryDirectory(prefix="step_ray_mining_", dir=cfg.mining.spill_dir or None) as spill:
         start = time.perf_counter()
         image_ids, search, sketch = read_for_mining(cfg.descriptors, cfg.split, sketch_width,
-                                                    os.path.join(spill, "sketch.f32"), cfg.sketch_memory_mb)
+                                                    os.path.join(spill, "sketch.f32"), cfg.mining.sketch_memory_mb)
         read_s = time.perf_counter() - start
         if cfg.mining.num_shards > 1:
             init_ray()  # RAY_ADDRESS, when set, names the cluster; else a local instance on 127.0.0.1
