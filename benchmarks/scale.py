@@ -69,23 +69,24 @@ def process_kind(proc: psutil.Process, driver: int) -> str | None:
     return f"ray system: {scripts[0] if scripts else exe}"
 
 
-def start_s3_server(work: str) -> str:
-    """A local S3-compatible server (moto, as the tests use) in its own process on 127.0.0.1; its URL.
-    The AWS variables are set before Ray starts, so every Ray worker reaches it too."""
+def start_s3_server(work: str) -> subprocess.Popen:
+    """A local S3-compatible server (moto, as the tests use) in its own process on 127.0.0.1 (the caller
+    stops it). The AWS variables are set before Ray starts, so every Ray worker reaches it too."""
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     log = open(os.path.join(work, "moto.log"), "w")
-    subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log,
+                              stderr=log)
     url = f"http://127.0.0.1:{port}"
     os.environ.update(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
                       AWS_DEFAULT_REGION="us-east-1")
     for _ in range(100):
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return url
+                return server
         except OSError:
             time.sleep(0.1)
     raise RuntimeError(f"the S3 server did not start on {url} (see {log.name})")
@@ -376,11 +377,11 @@ def main() -> None:
     cfg = load_config(PretrainConfig, CONFIG, overrides)
     started = time.perf_counter()
     generate_synthetic(data_dir, cfg.data.synthetic)
-    listing = None
+    listing = s3_server = None
     if args.s3:
         from step_ray.data.pix2pix import scan_folder
 
-        start_s3_server(work)
+        s3_server = start_s3_server(work)
         uploaded = upload_folder(data_dir, "scale", "data")
         cfg = load_config(PretrainConfig, CONFIG, [*overrides, "data.root=s3://scale/data"])
         overrides.append("data.root=s3://scale/data")
@@ -454,6 +455,8 @@ def main() -> None:
                         images_per_second=metrics.get("images_per_s"), val_psnr=metrics.get("val_psnr"))
     finally:
         sampler.stop()
+        if s3_server is not None:
+            s3_server.terminate()
         if cluster is not None:
             import ray
 
