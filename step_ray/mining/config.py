@@ -15,7 +15,8 @@ class MiningConfig:
 
     index: "flat" is exact (brute force inside FAISS); "ivf" and "ivfpq" are approximate and meant for
     large n; "auto" (the default) is flat while a shard holds at most `auto_flat_max` images and ivf
-    beyond, where exact search grows as n² (137k images: ~19 TFLOP, minutes on a CPU; ivf: n·nprobe). `nlist` 0 picks ~4·sqrt(shard size) lists. The far side probes at least enough lists to hold
+    beyond, where exact search grows as n² (137k images: ~19 TFLOP, minutes on a CPU; ivf: n·nprobe).
+    `nlist` 0 picks ~4·sqrt(shard size) lists. The far side probes at least enough lists to hold
     2·(k_far + 1) vectors on average (`far_nprobe` 0 = that automatic value, never below `nprobe`).
     ivfpq stores `pq_m` sub-quantizer codes of `pq_bits` bits and re-ranks `refine_factor`·k candidates
     with the exact vectors (IndexRefineFlat), which is what brings its recall back up.
@@ -115,4 +116,3 @@ class MineTripletsConfig:
             raise ValueError("descriptors (the style-statistics output folder) must be set")
         if not self.output:
             raise ValueError("output must be set")
-

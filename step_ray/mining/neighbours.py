@@ -109,24 +109,10 @@ class Neighbours:
             if not np.array_equal(table.column("row").to_numpy(), np.arange(table.num_rows)):
                 raise ValueError("neighbour table rows are not 0..n-1")
 
-        def matrix(name: str, dtype) -> np.ndarray:
-            column = table.column(name)
-            width = column.type.list_size
-            out = np.empty((table.num_rows, width), dtype)
-            start = 0
-            for chunk in column.chunks:  # each row group's values straight into the one array
-                values = chunk.flatten().to_numpy(zero_copy_only=False)
-                out[start : start + len(chunk)] = values.reshape(-1, width)
-                start += len(chunk)
-            return out
-
-        return cls(
-            close_ids=matrix("close_ids", np.int64),
-            close_dist=matrix("close_dist", np.float32),
-            far_ids=matrix("far_ids", np.int64),
-            far_dist=matrix("far_dist", np.float32),
-            image_ids=table.column("image_id").to_pylist(),
-        )
+        arrays = {name: _list_chunks_to_matrix(table.column(name).chunks, table.num_rows,
+                                               table.schema.field(name).type.list_size, dtype)
+                  for name, dtype in _MATRIX_COLUMNS}
+        return cls(**arrays, image_ids=table.column("image_id").to_pylist())
 
     @classmethod
     def load(cls, uri: str) -> "Neighbours":
@@ -140,19 +126,29 @@ class Neighbours:
             if not np.array_equal(rows, np.arange(len(rows))):  # not as save() writes: the general path
                 return cls.from_table(parquet.read())
             ids = parquet.read(columns=["image_id"]).column("image_id").to_pylist()
-            arrays = {}
-            for name, dtype in (("close_ids", np.int64), ("close_dist", np.float32), ("far_ids", np.int64),
-                                ("far_dist", np.float32)):
-                width = parquet.schema_arrow.field(name).type.list_size
-                out, start = np.empty((len(rows), width), dtype), 0
+
+            def chunks(name: str):  # the column one row group at a time
                 for group in range(parquet.num_row_groups):
-                    column = parquet.read_row_group(group, columns=[name]).column(name)
-                    for chunk in column.chunks:
-                        out[start : start + len(chunk)] = chunk.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
-                        start += len(chunk)
-                arrays[name] = out
+                    yield from parquet.read_row_group(group, columns=[name]).column(name).chunks
+
+            arrays = {name: _list_chunks_to_matrix(chunks(name), len(rows),
+                                                   parquet.schema_arrow.field(name).type.list_size, dtype)
+                      for name, dtype in _MATRIX_COLUMNS}
         pa.default_memory_pool().release_unused()
         return cls(**arrays, image_ids=ids)
+
+
+_MATRIX_COLUMNS = (("close_ids", np.int64), ("close_dist", np.float32), ("far_ids", np.int64), ("far_dist", np.float32))
+
+
+def _list_chunks_to_matrix(chunks, rows: int, width: int, dtype) -> np.ndarray:
+    """Fixed-size-list chunks, in row order, written straight into one [rows, width] array (no combined
+    copy of the column, no astype copy)."""
+    out, start = np.empty((rows, width), dtype), 0
+    for chunk in chunks:
+        out[start : start + len(chunk)] = chunk.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+        start += len(chunk)
+    return out
 
 
 def _merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int, furthest: bool):

@@ -720,11 +720,8 @@ _ROW_COLUMNS = ["image_id", "path", "split", "style_id"]
 
 
 def _read_rows(output_uri: str, columns: list[str]) -> pa.Table:
-    fs, base = storage.resolve(output_uri)
-    folder = f"{base}/{DESCRIPTORS_DIR}"
-    if fs.get_file_info(folder).type != pafs.FileType.Directory:
-        raise FileNotFoundError(f"no style descriptors under {output_uri} (run compute_style_stats first)")
-    return pq.read_table(folder, filesystem=fs, columns=columns).sort_by("image_id")
+    fs, files = _descriptor_files(output_uri)
+    return pq.read_table(files, filesystem=fs, columns=columns).sort_by("image_id")
 
 
 def read_descriptors(output_uri: str) -> StyleDescriptors:
@@ -737,27 +734,33 @@ def read_descriptors(output_uri: str) -> StyleDescriptors:
 
 def descriptor_row_count(output_uri: str) -> int:
     """Rows of a run's descriptor files, from their Parquet footers (nothing else is read)."""
-    fs, base = storage.resolve(output_uri)
-    return sum(pq.ParquetFile(fs.open_input_file(path)).metadata.num_rows for path in _descriptor_files(fs, base))
+    fs, files = _descriptor_files(output_uri)
+    total = 0
+    for path in files:
+        with fs.open_input_file(path) as stream:
+            total += pq.ParquetFile(stream).metadata.num_rows
+    return total
 
 
 def iter_descriptor_batches(output_uri: str, columns: Sequence[str] = (*_ROW_COLUMNS, "descriptor")):
     """A run's rows as pyarrow RecordBatches, one row group at a time, in file order (not sorted): what
     a reader that must not hold every descriptor at once (the mining job at scale) streams through."""
-    fs, base = storage.resolve(output_uri)
-    for path in _descriptor_files(fs, base):
+    fs, files = _descriptor_files(output_uri)
+    for path in files:
         with fs.open_input_file(path) as stream:
             parquet = pq.ParquetFile(stream)
             for group in range(parquet.num_row_groups):
                 yield from parquet.read_row_group(group, columns=list(columns)).to_batches()
 
 
-def _descriptor_files(fs, base: str) -> list[str]:
+def _descriptor_files(output_uri: str) -> tuple[pafs.FileSystem, list[str]]:
+    """The filesystem and the sorted Parquet files of a run's descriptors."""
+    fs, base = storage.resolve(output_uri)
     folder = f"{base}/{DESCRIPTORS_DIR}"
     if fs.get_file_info(folder).type != pafs.FileType.Directory:
-        raise FileNotFoundError(f"no style descriptors under {base} (run compute_style_stats first)")
+        raise FileNotFoundError(f"no style descriptors under {output_uri} (run compute_style_stats first)")
     infos = fs.get_file_info(pafs.FileSelector(folder))
-    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+    return fs, sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
 
 
 def read_descriptor_rows(output_uri: str) -> "pandas.DataFrame":  # noqa: F821
