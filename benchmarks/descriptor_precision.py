@@ -1,9 +1,9 @@
-"""Style descriptors in bf16/fp16 autocast against fp32: distance error and neighbour recall (METHOD §2-3).
+"""Style descriptors in bf16/fp16 autocast against fp32: distance error and neighbour recall (docs/method.md §2-3).
 
     python benchmarks/descriptor_precision.py --image-size 64 --json runs/bench_descriptor_precision.json
     python benchmarks/descriptor_precision.py --image-size 32 --images 16 --device cpu     # a quick smoke run
 
-The pipeline's own model (`step_ray.style.pipeline.StyleDescriptorModel`, real VGG-16, post-ReLU layers,
+The pipeline's own model (`step_ray.style.statistics.StyleDescriptorModel`, real VGG-16, post-ReLU layers,
 unreduced 305,888-number descriptors) computes every facades photo (train + val, 500 images) once per
 precision. Against fp32 it reports the relative error of all pairwise style distances, recall@k of each
 anchor's k_close = 5 nearest and precision of its k_far furthest (k_far = 13), i.e. the sets mining
@@ -40,7 +40,7 @@ def main(argv=None):
     import torch
 
     from step_ray.data.pix2pix import DataConfig, load_split
-    from step_ray.style.pipeline import StyleDescriptorModel
+    from step_ray.style.statistics import StyleDescriptorModel
     from step_ray.style.vgg import VGGConfig
 
     data = DataConfig(root=args.data, direction="BtoA", image_size=args.image_size)

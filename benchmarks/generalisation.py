@@ -1,4 +1,4 @@
-"""Generalisation (METHOD §9): one generator variant trained on facades with style encoders pre-trained on
+"""Generalisation (docs/method.md §9): one generator variant trained on facades with style encoders pre-trained on
 different datasets, one table. Each input is a sweep experiment folder (jobs/sweep.py: its trials.csv)
 whose trials differ only in `trial.encoder_checkpoint`, labelled by where that E was pre-trained:
 
@@ -30,7 +30,7 @@ from step_ray.data.pix2pix import DataConfig, list_split, load_target, to_tensor
 from step_ray.pipelines.pretrain import exact_val_distances
 from step_ray.recipes.stage1 import held_out_triplets, style_order_metrics
 from step_ray.style.encode import encode, load_encoder
-from step_ray.style.pipeline import StyleStatsConfig
+from step_ray.style.statistics import StyleStatsConfig
 
 COLUMNS = (("psnr", "PSNR ↑", 2), ("lpips", "LPIPS ↓", 3), ("psnr_other_style", "PSNR, another photo's code", 2),
            ("margin", "margin (dB) ↑", 3), ("diversity_refs", "div. refs ↑", 3), ("diversity_mapper", "div. samples ↑", 3))

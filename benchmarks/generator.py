@@ -43,7 +43,7 @@ def main(argv=None):
     from step_ray.data.synthetic import SyntheticConfig, generate_synthetic
     from step_ray.models import EncoderConfig, StyleEncoder
     from step_ray.checkpoints import save_checkpoint
-    from step_ray.pipelines.train_generator import TrainGeneratorConfig
+    from step_ray.pipelines.train_generator import GeneratorJobConfig
     from step_ray.data.scan import prepare_paired_splits
     from step_ray.pipelines.train_generator import train_generator_stage
 
@@ -54,7 +54,7 @@ def main(argv=None):
     ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False, configure_logging=False)
     rows = []
     for workers in args.workers:
-        cfg = load_config(TrainGeneratorConfig, None, [
+        cfg = load_config(GeneratorJobConfig, None, [
             f"data.root={tmp / 'data'}", f"data.image_size={args.image_size}", f"encoder_checkpoint={tmp / 'stage1'}",
             f"train.generator.num_downs={num_downs}", f"train.generator.base_channels={args.base_channels}",
             f"train.discriminator.base_channels={args.base_channels}", f"train.batch_size={args.batch}",

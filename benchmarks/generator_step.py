@@ -47,13 +47,13 @@ FACADES = ROOT.parent / "shared" / "data" / "facades"
 
 
 def variant_config(name: str, image_size: int, overrides: list[str]):
-    """The variant's resolved GeneratorTrainConfig at `image_size` (overrides: dotted train.* keys)."""
+    """The variant's resolved GeneratorTraining at `image_size` (overrides: dotted train.* keys)."""
     from step_ray.config import config_from_dict, dotted_to_tree, merge_trees, parse_override
-    from step_ray.recipes.generator import GeneratorTrainConfig, fit_to_image_size, resolve_reconstruction
+    from step_ray.recipes.generator import GeneratorTraining, fit_to_image_size, resolve_reconstruction
     from step_ray.recipes.variants import variant_base
 
     extra = dotted_to_tree(dict(parse_override(o) for o in overrides))
-    cfg = config_from_dict(GeneratorTrainConfig, merge_trees(variant_base(name)["train"], extra), where=name)
+    cfg = config_from_dict(GeneratorTraining, merge_trees(variant_base(name)["train"], extra), where=name)
     cfg = fit_to_image_size(cfg, image_size)
     cfg, _ = resolve_reconstruction(cfg)
     return cfg

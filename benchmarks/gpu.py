@@ -68,7 +68,7 @@ staging calls, this call) ~12-13 of the 15 device minutes.
 Dry run (`--dry-run`): every part, the same scripts and flags, on the CPU at tiny sizes (32 px; memory 64 px,
 its smallest, with 8-filter networks; 16 style images, the first 16 facades (`--images 16`); mining n = 64 and
 a 1,370-vector stand-in at d = 16 (PCA needs more samples than dimensions); stage 1 one epoch of 24 images with
-3 nearest / 8 furthest (`--set mining.k_far=8`: PretrainConfig's 700 needs more than 700 images); one
+3 nearest / 8 furthest (`--set mining.k_far=8`: PretrainJobConfig's 700 needs more than 700 images); one
 generator step (after one warm-up, plus the profiled one) with 8-filter networks), results in a temporary
 folder; tests/test_gpu_bench.py runs it. Nearly all of its time is fixed cost, not the sizes: ~20 fresh
 Python processes importing torch (~2-4 CPU-s each) and 5 Ray starts (~8-10 CPU-s each with their actors): ~190
@@ -111,7 +111,7 @@ DRY = {"style_images": 16, "style_side": 32, "precision_side": 32, "precision_im
        "stage1_val": 8, "stage1_side": 32, "stage1_epochs": 1, "stage1_batch": 4, "gen_side": 32, "gen_batch": 2,
        "gen_steps": 1, "gen_warmup": 1, "gen_images": 8, "gen_profile": True, "mem_sizes": [64], "mem_batches": [1],
        "mem_steps": 1, "mem_base_channels": 8,
-       # stage 1 on 24 images: PretrainConfig's k_far = 700 needs more than 700, so 3 nearest / 8 furthest;
+       # stage 1 on 24 images: PretrainJobConfig's k_far = 700 needs more than 700, so 3 nearest / 8 furthest;
        # one style actor, an 8-number reduction, the k-NN reference and the checked triplets cut to the set
        "stage1_set": ["mining.k_close=3", "mining.k_far=8", "style.num_actors=1", "style.reduction.dim=8",
                       "train.knn_reference=16", "train.val_triplets=50"]}

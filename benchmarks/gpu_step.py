@@ -304,9 +304,9 @@ def mining_overrides(n_train: int) -> list[str]:
     then half the images as the far set and at most a quarter as the close set."""
     import yaml
 
-    from step_ray.pipelines.pretrain import PretrainConfig
+    from step_ray.pipelines.pretrain import PretrainJobConfig
 
-    default = PretrainConfig().mining
+    default = PretrainJobConfig().mining
     mining = (yaml.safe_load((REPO / STAGE1_CONFIG).read_text()) or {}).get("mining") or {}
     k_close, k_far = int(mining.get("k_close", default.k_close)), int(mining.get("k_far", default.k_far))
     if n_train > max(k_close, k_far):
@@ -422,16 +422,16 @@ def variant_results(variant: str, log: Path, n_train: int, args) -> dict[str, An
 def ablation_rows(variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows step_ray.eval.ablation_table.write_results takes (as a sweep builds them)."""
     from step_ray.config import config_from_dict
-    from step_ray.pipelines.train_generator import TrainGeneratorConfig
+    from step_ray.pipelines.train_generator import GeneratorJobConfig
     from step_ray.recipes.variants import components, variant_base
 
     rows = []
     for v in variants:
         tree = v.get("config") or variant_base(v["variant"])
         try:
-            train = config_from_dict(TrainGeneratorConfig, tree, where=v["variant"]).train
+            train = config_from_dict(GeneratorJobConfig, tree, where=v["variant"]).train
         except Exception:  # a record from another tree: the variant's own settings still say what it switches on
-            train = config_from_dict(TrainGeneratorConfig, variant_base(v["variant"]), where=v["variant"]).train
+            train = config_from_dict(GeneratorJobConfig, variant_base(v["variant"]), where=v["variant"]).train
         evaluated = v.get("psnr") is not None
         row = {"trial_id": v["variant"], "variant": v["variant"], "family": v["family"], "version": v["version"], "seed": 0,
                "params": "{}", "status": "TERMINATED" if evaluated else "ERROR", "evaluated": evaluated,

@@ -59,7 +59,7 @@ def build_stage1(data: DataConfig, inputs, args):
     import ray.train.torch
 
     from step_ray.models import EncoderConfig
-    from step_ray.recipes.stage1 import Stage1Config, Stage1Inputs, Stage1Recipe
+    from step_ray.recipes.stage1 import Stage1Training, Stage1Inputs, Stage1Recipe
 
     ray.train.torch.prepare_model = lambda model, *a, **k: model  # no Ray Train session here: no DDP wrap
     n, rng = len(inputs.train_paths), np.random.default_rng(0)
@@ -69,16 +69,16 @@ def build_stage1(data: DataConfig, inputs, args):
     np.fill_diagonal(d, 0)
     s1 = Stage1Inputs(data, inputs.train_paths, np.full(n, -1), rng.integers(0, n, (n, 5)), rng.integers(0, n, (n, 50)),
                       inputs.val_paths[:m], np.full(m, -1), d)
-    cfg = Stage1Config(encoder=EncoderConfig(), batch_size=args.stage1_batch, image_cache_mb=0, val_triplets=50)
+    cfg = Stage1Training(encoder=EncoderConfig(), batch_size=args.stage1_batch, image_cache_mb=0, val_triplets=50)
     return Stage1Recipe(replace(cfg, monitor=replace(cfg.monitor, enabled=False)), s1)
 
 
 def build_generator(data: DataConfig, inputs, args):
     from step_ray.engine.settings import RunSettings
-    from step_ray.pipelines.train_generator import TrainGeneratorConfig, resolve_stage_config
+    from step_ray.pipelines.train_generator import GeneratorJobConfig, resolve_stage_config
     from step_ray.recipes.generator import GeneratorRecipe
 
-    cfg = load_config(TrainGeneratorConfig, None, [f"data.root={data.root}", f"data.image_size={data.image_size}",
+    cfg = load_config(GeneratorJobConfig, None, [f"data.root={data.root}", f"data.image_size={data.image_size}",
                                                     "data.direction=BtoA", "train.encoder_init=scratch",
                                                     "train.train_encoder=true", "train.vgg.weights=random",
                                                     "train.vgg_fallback=random_vgg",
@@ -89,10 +89,10 @@ def build_generator(data: DataConfig, inputs, args):
 
 
 def build_munit(data: DataConfig, inputs, args):
-    from step_ray.pipelines.train_munit import TrainMUNITConfig
+    from step_ray.pipelines.train_munit import MUNITJobConfig
     from step_ray.recipes.munit import MUNITRecipe
 
-    cfg = load_config(TrainMUNITConfig, None, [f"data.root={data.root}", f"data.image_size={data.image_size}",
+    cfg = load_config(MUNITJobConfig, None, [f"data.root={data.root}", f"data.image_size={data.image_size}",
                                                 "data.direction=BtoA", "train.image_cache_mb=0", "train.val_images=4",
                                                 "train.val_lpips=false", "train.monitor.enabled=false"])
     return MUNITRecipe(cfg.train, inputs)

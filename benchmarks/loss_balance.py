@@ -1,4 +1,4 @@
-"""The generator's loss terms on real batches: is λ_rec · VGG comparable to the GAN term? (METHOD §5)
+"""The generator's loss terms on real batches: is λ_rec · VGG comparable to the GAN term? (docs/method.md §5)
 
     python benchmarks/loss_balance.py --steps 40 --image-size 64 --json runs/bench_loss_balance.json
 
@@ -44,12 +44,12 @@ def main(argv=None):
     from step_ray.losses.perceptual import vgg_perceptual_loss
     from step_ray.style.vgg import load_vgg
     from step_ray.data.store import pair_store
-    from step_ray.recipes.generator import (GeneratorTrainConfig, build_networks, fit_to_image_size, freeze, make_optimizers,
+    from step_ray.recipes.generator import (GeneratorTraining, build_networks, fit_to_image_size, freeze, make_optimizers,
                                             train_step)
 
     torch.manual_seed(0)
     data = DataConfig(root=args.data, direction="BtoA", image_size=args.image_size)
-    cfg = fit_to_image_size(dataclasses.replace(GeneratorTrainConfig(), batch_size=args.batch), args.image_size)
+    cfg = fit_to_image_size(dataclasses.replace(GeneratorTraining(), batch_size=args.batch), args.image_size)
     nets = build_networks(cfg, "cpu")
     freeze(nets["encoder"])
     opt_g, opt_d = make_optimizers(cfg, nets, None, "cpu")

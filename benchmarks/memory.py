@@ -39,11 +39,11 @@ def one(size: int, mode: str, batch: int, steps: int, device: str, threads: int,
     from step_ray.style.vgg import VGGConfig, load_vgg
     from step_ray.losses.perceptual import OFFICIAL_LAYER_WEIGHTS
     from step_ray.engine.precision import MixedPrecision
-    from step_ray.recipes.generator import GeneratorTrainConfig, apply_activation_checkpointing, build_networks, make_optimizers, train_step
+    from step_ray.recipes.generator import GeneratorTraining, apply_activation_checkpointing, build_networks, make_optimizers, train_step
 
     torch.set_num_threads(threads)
     precision = next((p for p in ("bf16", "fp16") if p in mode), "fp32")
-    cfg = GeneratorTrainConfig(
+    cfg = GeneratorTraining(
         train_encoder=True, encoder=EncoderConfig(base_channels=base_channels),
         generator=GeneratorConfig(num_downs=NUM_DOWNS[size], base_channels=base_channels),
         discriminator=DiscriminatorConfig(base_channels=base_channels), vgg=VGGConfig(layer_weights=OFFICIAL_LAYER_WEIGHTS),

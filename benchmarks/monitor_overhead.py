@@ -29,10 +29,10 @@ def run_round(watched: bool, steps: int, folder: str, scalars_every: int = 1, gr
     import torch
 
     from step_ray.models import DiscriminatorConfig, EncoderConfig, GeneratorConfig
-    from step_ray.recipes.generator import GeneratorTrainConfig, build_networks, make_optimizers, train_step, training_grid
+    from step_ray.recipes.generator import GeneratorTraining, build_networks, make_optimizers, train_step, training_grid
     from step_ray.engine.monitor import IntervalMeter, RunMonitor
 
-    cfg = GeneratorTrainConfig(train_encoder=True, encoder=EncoderConfig(base_channels=32, block_channels=(64, 128)),
+    cfg = GeneratorTraining(train_encoder=True, encoder=EncoderConfig(base_channels=32, block_channels=(64, 128)),
                                generator=GeneratorConfig(num_downs=6, base_channels=32),
                                discriminator=DiscriminatorConfig(base_channels=32), lambda_vgg=0.0, lambda_l1=10.0)
     torch.manual_seed(0)

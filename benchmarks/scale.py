@@ -358,15 +358,15 @@ def main() -> None:
                         "generator_stage2"], help="the steps to measure (style statistics always runs: later steps "
                         "read its output, from the cache when there); the others keep their records in --json")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="another PretrainConfig override after configs/scale.yaml's; repeatable")
+                        help="another PretrainJobConfig override after configs/scale.yaml's; repeatable")
     args = parser.parse_args()
 
     from step_ray.cluster import init_ray
     from step_ray.config import load_config
     from step_ray.data.synthetic import generate_synthetic
-    from step_ray.pipelines.pretrain import PretrainConfig, mining_step, run_pretrain, stage1_inputs, style_step
-    from step_ray.pipelines.train_generator import TrainGeneratorConfig, run_train_generator
-    from step_ray.recipes.generator import GeneratorTrainConfig
+    from step_ray.pipelines.pretrain import PretrainJobConfig, mining_step, run_pretrain, stage1_inputs, style_step
+    from step_ray.pipelines.train_generator import GeneratorJobConfig, run_train_generator
+    from step_ray.recipes.generator import GeneratorTraining
 
     work = args.work or tempfile.mkdtemp(prefix="scale_")
     os.makedirs(work, exist_ok=True)
@@ -374,7 +374,7 @@ def main() -> None:
     overrides = [f"data.synthetic_dir={data_dir}", f"data.synthetic.num_train={args.n}", f"cache_dir={work}/cache",
                  f"run.storage_path={work}/runs", f"train.max_steps={args.stage1_steps}",
                  f"run.num_workers={args.workers}", *args.set]
-    cfg = load_config(PretrainConfig, CONFIG, overrides)
+    cfg = load_config(PretrainJobConfig, CONFIG, overrides)
     started = time.perf_counter()
     generate_synthetic(data_dir, cfg.data.synthetic)
     listing = s3_server = None
@@ -383,7 +383,7 @@ def main() -> None:
 
         s3_server = start_s3_server(work)
         uploaded = upload_folder(data_dir, "scale", "data")
-        cfg = load_config(PretrainConfig, CONFIG, [*overrides, "data.root=s3://scale/data"])
+        cfg = load_config(PretrainJobConfig, CONFIG, [*overrides, "data.root=s3://scale/data"])
         overrides.append("data.root=s3://scale/data")
         t0 = time.perf_counter()
         listed = len(scan_folder("s3://scale/data", "train").files)
@@ -434,7 +434,7 @@ def main() -> None:
             rec.run("validation_distances", stage1_inputs, cfg, data, style_out, mine_out)
         checkpoints = {}
         for encoder in (args.encoders if measured("stage1") else []):
-            enc_cfg = load_config(PretrainConfig, CONFIG, [*overrides, f"train.encoder.backbone={encoder}"])
+            enc_cfg = load_config(PretrainJobConfig, CONFIG, [*overrides, f"train.encoder.backbone={encoder}"])
             result = rec.run(f"stage1_{encoder}", run_pretrain, enc_cfg)
             checkpoints[encoder] = result.checkpoint
             metrics = result.stages[-1].metrics  # one epoch within the step budget: the last is the best
@@ -445,10 +445,10 @@ def main() -> None:
                                                         "untrained_val_triplet_acc", "untrained_val_knn_acc")})
         if args.generator_steps and measured("generator_stage2"):
             encoder = args.encoders[0]
-            gen_cfg = TrainGeneratorConfig(
+            gen_cfg = GeneratorJobConfig(
                 encoder_checkpoint=checkpoints[encoder], data=data, stage2_epochs=1, stage3_epochs=0,
-                train=GeneratorTrainConfig(max_steps=args.generator_steps), train_mapper=False, evaluate=False,
-                run=dataclasses.replace(TrainGeneratorConfig().run, storage_path=f"{work}/runs", num_workers=args.workers))
+                train=GeneratorTraining(max_steps=args.generator_steps), train_mapper=False, evaluate=False,
+                run=dataclasses.replace(GeneratorJobConfig().run, storage_path=f"{work}/runs", num_workers=args.workers))
             result = rec.run("generator_stage2", run_train_generator, gen_cfg)
             metrics = result.stages[-1].metrics
             rec.quality("generator_stage2", encoder=encoder, steps=args.generator_steps,

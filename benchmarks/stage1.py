@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=12)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="another PretrainConfig override (e.g. mining.k_far=8: the default 700 needs more "
+                        help="another PretrainJobConfig override (e.g. mining.k_far=8: the default 700 needs more "
                              "than 700 training images), after the ones above; repeatable")
     parser.add_argument("--out", default="benchmarks/results/stage1.json")
     parser.add_argument("--keep-work", action="store_true", help="keep the temporary folder (images, cache, runs)")
@@ -42,7 +42,7 @@ def main() -> None:
     import torch
 
     from step_ray.config import load_config
-    from step_ray.pipelines.pretrain import PretrainConfig, prepare_inputs
+    from step_ray.pipelines.pretrain import PretrainJobConfig, prepare_inputs
     from step_ray.engine.loop import train
     from step_ray.recipes.stage1 import Stage1Recipe
 
@@ -60,11 +60,11 @@ def main() -> None:
         f"train.batch_size={args.batch_size}",
         *args.set,
     ]
-    inputs, _ = prepare_inputs(load_config(PretrainConfig, None, base))
+    inputs, _ = prepare_inputs(load_config(PretrainJobConfig, None, base))
     gpus = int(ray.cluster_resources().get("GPU", 0))
     rows = []
     for workers in args.workers:
-        cfg = load_config(PretrainConfig, None, base + [f"run.storage_path={work}/runs", f"run.num_workers={workers}",
+        cfg = load_config(PretrainJobConfig, None, base + [f"run.storage_path={work}/runs", f"run.num_workers={workers}",
                                                         f"run.name=bench-{workers}w"])
         started = time.perf_counter()
         result, _ = train(Stage1Recipe(cfg.train, inputs, job=cfg), cfg.run)

@@ -6,7 +6,7 @@
 The conv encoder trained from scratch reaches 0.65 / 0.44 held-out (triplet-order accuracy / rank
 correlation) after 100 epochs on the 400 photos, and 0.72 / 0.63 even when regressed onto the PCA codes
 directly (benchmarks/stage1_fit.py, stage1_distill.py). This script separates the two things a stage-1
-encoder must get right: the *signal* (do triplets mined as METHOD §3 says determine the global order?) and
+encoder must get right: the *signal* (do triplets mined as docs/method.md §3 says determine the global order?) and
 the *representation* (which image features let a small head reach it?). Every head here is an 8-dim linear
 map (plus bias) trained with the stage-1 loss (margin 0.1, L2 0.01, Adam 1e-3, β (0, 0.99); for the
 32-channel sketch also lr 1e-4, and margin 0.01 with L2 0.001: configs/facades.yaml's choice) on features

@@ -8,7 +8,7 @@ Every `--every` stage-3 steps, on 64 val pairs: PSNR of G_ema(A, E(B)) (what val
 G_ema(A, E_ema(B)) where an E_ema exists, of the live G(A, E(B)), the margin over another photo's code,
 mean z² of E's val codes and how far they moved from the stage-2 codes (relative L2).
 
-Candidates (METHOD §5 leaves them open): `base` (today: E in G's optimiser at G's lr 1e-3, β (0, 0.99));
+Candidates (docs/method.md §5 leaves them open): `base` (today: E in G's optimiser at G's lr 1e-3, β (0, 0.99));
 `e_lr_0.1` (E's group at a tenth of G's lr); `z_l2` (mean z² penalty 0.01 anchoring the codes' scale);
 `encoder_ema` (an E_ema beside G_ema, the pair evaluated together); `frozen` (stage 2 continued: the
 reference a working stage 3 should at least match).
@@ -28,7 +28,7 @@ from step_ray import storage
 from step_ray.data.pix2pix import DataConfig, list_split
 from step_ray.data.store import pair_store
 from step_ray.eval.metrics import other_style_rows, psnr
-from step_ray.recipes.generator import (GeneratorTrainConfig, build_networks, ema_decay_at, fit_to_image_size, freeze,
+from step_ray.recipes.generator import (GeneratorTraining, build_networks, ema_decay_at, fit_to_image_size, freeze,
                                         make_optimizers, train_step, update_ema)
 from step_ray.style.encode import encoder_config_of, load_encoder
 from step_ray.style.vgg import load_vgg
@@ -70,7 +70,7 @@ def main() -> None:
     started = time.perf_counter()
     torch.manual_seed(0)
     data = DataConfig(root=args.data, direction="BtoA", image_size=args.image_size)
-    cfg2 = fit_to_image_size(GeneratorTrainConfig(encoder=encoder_config_of(args.encoder), batch_size=args.batch),
+    cfg2 = fit_to_image_size(GeneratorTraining(encoder=encoder_config_of(args.encoder), batch_size=args.batch),
                              args.image_size)
     nets = build_networks(cfg2, "cpu")
     nets["encoder"].load_state_dict(load_encoder(args.encoder).state_dict())

@@ -54,7 +54,7 @@ def naive_loop(root: str, side: int, dim: int, seed: int) -> dict:
     import torch
 
     from step_ray.data.pix2pix import DataConfig, list_split
-    from step_ray.style.pipeline import StyleStatsConfig, descriptors_in_process
+    from step_ray.style.statistics import StyleStatsConfig, descriptors_in_process
     from step_ray.style.reduce import Reduction, ReductionConfig
     from step_ray.style.gram import descriptor_size
     from step_ray.style.vgg import load_vgg
@@ -80,7 +80,7 @@ def naive_loop(root: str, side: int, dim: int, seed: int) -> dict:
 
 def ray_run(root: str, side: int, dim: int, seed: int, workers: int, batch_size: int, output: str, use_gpu: str) -> dict:
     from step_ray.data.pix2pix import DataConfig
-    from step_ray.style.pipeline import StyleStatsConfig, compute_style_stats, read_descriptors, read_metadata
+    from step_ray.style.statistics import StyleStatsConfig, compute_style_stats, read_descriptors, read_metadata
     from step_ray.style.reduce import ReductionConfig
 
     cfg = StyleStatsConfig(

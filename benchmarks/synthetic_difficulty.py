@@ -13,7 +13,7 @@ plus the options below. It reports, on the val images against the train images (
   distance stage 1 mines its triplets by: whether the style distance itself separates the styles.
 * `trained` (with --train-epochs N > 0): an in-process stage 1 on the same set — exact-descriptor close
   (k_close nearest) and far (k_far furthest) sets, the TripletSampler, the triplet loss and the optimiser
-  of Stage1Config's defaults, flips — k-NN after every epoch. The job mines on PCA-reduced descriptors with
+  of Stage1Training's defaults, flips — k-NN after every epoch. The job mines on PCA-reduced descriptors with
   FAISS on Ray and seeds E through the engine; this is the same recipe without Ray, to iterate on a
   design in minutes (its numbers are close to the job's, not equal).
 
@@ -39,9 +39,9 @@ from step_ray.data.synthetic import SyntheticConfig, generate_synthetic
 from step_ray.engine.distributed import random_flip
 from step_ray.losses import triplet_loss
 from step_ray.mining import TripletSampler
-from step_ray.pipelines.pretrain import PretrainConfig
+from step_ray.pipelines.pretrain import PretrainJobConfig
 from step_ray.models import StyleEncoder
-from step_ray.recipes.stage1 import Stage1Config, encode_batches, knn_accuracy, knn_vote_accuracy
+from step_ray.recipes.stage1 import Stage1Training, encode_batches, knn_accuracy, knn_vote_accuracy
 from step_ray.style.gram import descriptors_from_images
 from step_ray.style.vgg import VGGConfig, load_vgg
 
@@ -50,7 +50,7 @@ def untrained_knn(train_x, train_y, val_x, val_y, seeds, k: int) -> list[float]:
     out = []
     for seed in seeds:
         torch.manual_seed(seed)
-        net = StyleEncoder(Stage1Config().encoder)
+        net = StyleEncoder(Stage1Training().encoder)
         out.append(knn_accuracy(encode_batches(net, val_x, "cpu"), val_y, encode_batches(net, train_x, "cpu"), train_y, k))
     return out
 
@@ -66,7 +66,7 @@ def sq_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def train_stage1(train_x, train_y, val_x, val_y, d_train: np.ndarray, epochs: int, k_close: int, k_far: int,
                  seed: int, k: int, max_steps: int = 0, lr: float = 0.0) -> list[dict]:
-    cfg = Stage1Config(seed=seed, optim=dataclasses.replace(Stage1Config().optim, lr=lr) if lr else Stage1Config().optim)
+    cfg = Stage1Training(seed=seed, optim=dataclasses.replace(Stage1Training().optim, lr=lr) if lr else Stage1Training().optim)
     d = d_train.copy()
     np.fill_diagonal(d, np.inf)
     close = np.argsort(d, 1)[:, :k_close]
@@ -136,7 +136,7 @@ def measure(cfg: SyntheticConfig, seeds=(0, 1, 2), k: int = 5, train_epochs: int
     if train_epochs > 0:
         d_train = sq_distances(dtr, dtr)
         del dtr, dva
-        default_far = PretrainConfig().mining.k_far  # the job's: 700 of 800
+        default_far = PretrainJobConfig().mining.k_far  # the job's: 700 of 800
         far = k_far or (default_far if default_far < len(train_y) else len(train_y) // 2)
         out["trained"] = train_stage1(train_x, train_y, val_x, val_y, d_train, train_epochs, k_close, far, train_seed, k,
                                       max_steps, lr)
@@ -157,7 +157,7 @@ def main(argv=None) -> None:
     parser.add_argument("--k-far", type=int, default=0,
                         help="0: jobs/pretrain.py's (700), or half the train set where that is too many")
     parser.add_argument("--train-seed", type=int, default=0)
-    parser.add_argument("--lr", type=float, default=0.0, help="0: Stage1Config's default")
+    parser.add_argument("--lr", type=float, default=0.0, help="0: Stage1Training's default")
     parser.add_argument("--json", default="", help="also write the result here")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))

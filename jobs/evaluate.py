@@ -1,7 +1,7 @@
 """Evaluate any stage-2/3 checkpoint (local or s3://): PSNR, LPIPS, diversity, mapper coverage, pictures.
 
     python jobs/evaluate.py checkpoint=runs/stage3-.../checkpoint_epoch0009 data.root=../shared/data/facades \
-        data.direction=BtoA data.image_size=64 method="StEP (ours)"
+        data.direction=BtoA data.image_size=64
     python jobs/evaluate.py checkpoint=s3://bucket/runs/stage3-.../checkpoint_epoch0009 output=s3://bucket/eval/x
 
 Writes metrics.json, table_row.md, transfer.png, interpolation.png, sampling.png (with a mapper) and

@@ -13,14 +13,14 @@ import logging
 
 from step_ray.cluster import init_ray
 from step_ray.config import job_config
-from step_ray.mining import MineTripletsConfig, mine_triplets
+from step_ray.mining import MineTripletsJobConfig, mine_triplets
 from step_ray.preflight import check_data_root, fail_fast
 
 
 @fail_fast
 def main(argv=None) -> str:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cfg = job_config(MineTripletsConfig, argv, description=__doc__)
+    cfg = job_config(MineTripletsJobConfig, argv, description=__doc__)
     check_data_root(cfg.descriptors, "descriptors")
     if cfg.mining.num_shards > 1:
         init_ray()  # the driver reads descriptors and writes neighbours: shard actors get arrays, not paths

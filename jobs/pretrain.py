@@ -11,14 +11,14 @@ from step_ray.cluster import init_ray
 from step_ray.config import job_config
 from step_ray.preflight import (check_data_root, check_resources, check_shared_storage, check_storage, check_weights,
                                 dataset_location, fail_fast)
-from step_ray.pipelines.pretrain import PretrainConfig, run_pretrain
+from step_ray.pipelines.pretrain import PretrainJobConfig, run_pretrain
 
 
 @fail_fast
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = ["run.resume=true" if a == "--resume" else a for a in argv]
-    cfg = job_config(PretrainConfig, argv, description=__doc__)
+    cfg = job_config(PretrainJobConfig, argv, description=__doc__)
     check_storage(cfg.run, "stage1")
     check_data_root(cfg.data.root, "data.root")
     check_weights(vgg=cfg.style.vgg)

@@ -1,4 +1,4 @@
-"""Style descriptors of every target image of a pix2pix dataset (METHOD §2), with Ray Data.
+"""Style descriptors of every target image of a pix2pix dataset (docs/method.md §2), with Ray Data.
 
     python jobs/style_stats.py                                   # built-in synthetic data, local Ray
     python jobs/style_stats.py data.root=s3://bucket/facades data.direction=BtoA data.image_size=256 \
@@ -14,7 +14,7 @@ import logging
 
 from step_ray.config import job_config
 from step_ray.preflight import check_data_root, check_weights, fail_fast
-from step_ray.style.pipeline import StyleStatsConfig, compute_style_stats, format_summary, read_metadata
+from step_ray.style.statistics import StyleStatsConfig, compute_style_stats, format_summary, read_metadata
 
 
 @fail_fast

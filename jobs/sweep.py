@@ -8,7 +8,7 @@ ending in the paper's ablation table (results.md / results.csv / results.png in 
     python jobs/sweep.py name=sweep-20261125-120000 resume=true   # continue an interrupted sweep (same config)
     python jobs/sweep.py name=sweep-20261125-120000 table_only=true   # rebuild the table
 
-`trial.*` are the TrainGeneratorConfig settings every trial gets (over its variant's preset), e.g.
+`trial.*` are the GeneratorJobConfig settings every trial gets (over its variant's preset), e.g.
 trial.stage2_epochs=5 trial.run.num_workers=2 trial.data.root=s3://bucket/facades.
 """
 import sys
@@ -16,14 +16,14 @@ import sys
 from step_ray.cluster import init_ray
 from step_ray.config import job_config
 from step_ray.preflight import fail_fast
-from step_ray.pipelines.sweep import SweepConfig, run_sweep
+from step_ray.pipelines.sweep import SweepJobConfig, run_sweep
 
 
 @fail_fast
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = ["resume=true" if a == "--resume" else a for a in argv]
-    cfg = job_config(SweepConfig, argv, description=__doc__)
+    cfg = job_config(SweepJobConfig, argv, description=__doc__)
     # A cluster address (RAY_ADDRESS, set by `ray job submit`) is joined; otherwise a local instance starts.
     # table_only reads Tune's saved experiment and needs no Ray (nor does it disturb a sweep running beside it).
     if not cfg.table_only:

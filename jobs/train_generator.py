@@ -1,5 +1,5 @@
 """Stages 2 and 3 of StEP from a stage-1 checkpoint, then the IMLE mapper and the evaluation; or any
-baseline/ablation of METHOD §7 with --variant (bicycle_v0..v3, munitp_v1..v3, ours_v1..v4).
+baseline/ablation of docs/method.md §7 with --variant (bicycle_v0..v3, munitp_v1..v3, ours_v1..v4).
 
     python jobs/train_generator.py encoder_checkpoint=runs/stage1-.../checkpoint_epoch0009
     python jobs/train_generator.py --config configs/facades_generator.yaml run.num_workers=2
@@ -17,7 +17,7 @@ from step_ray.cluster import init_ray
 from step_ray.config import job_config
 from step_ray.preflight import (check_checkpoint, check_data_root, check_resources, check_shared_storage, check_storage,
                                 check_weights, dataset_location, fail_fast)
-from step_ray.pipelines.train_generator import TrainGeneratorConfig, run_train_generator
+from step_ray.pipelines.train_generator import GeneratorJobConfig, run_train_generator
 from step_ray.recipes.variants import VARIANTS, variant_base
 
 
@@ -53,7 +53,7 @@ def main(argv=None):
         print(f"config error: variant {variant} has its own trainer: python jobs/train_{VARIANTS[variant].recipe}.py",
               file=sys.stderr)
         raise SystemExit(2)
-    cfg = job_config(TrainGeneratorConfig, argv, description=__doc__, base=variant_base(variant) if variant else None)
+    cfg = job_config(GeneratorJobConfig, argv, description=__doc__, base=variant_base(variant) if variant else None)
     if not (cfg.encoder_checkpoint or cfg.stage2_checkpoint or cfg.train.encoder_init == "scratch"):
         print("config error: set encoder_checkpoint=<stage-1 checkpoint folder, local or s3://> "
               "(or stage2_checkpoint=<stage-2 checkpoint> to run stage 3 only)", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""The multi-domain disentangled style model (METHOD §7, seed 004): a domain-conditioned neural spline flow
+"""The multi-domain disentangled style model (docs/method.md §7, seed 004): a domain-conditioned neural spline flow
 for latent styles, a per-domain style encoder, L_uni (latent and reference styles in one space) and
 L_smooth (a smooth encoder), then its evaluation (grids, diversity per domain, unification, smoothness).
 
@@ -14,14 +14,14 @@ from step_ray.config import job_config
 from step_ray.eval.metrics import LPIPSConfig
 from step_ray.preflight import (check_data_root, check_resources, check_shared_storage, check_storage, check_weights,
                                 dataset_location, fail_fast)
-from step_ray.pipelines.train_multidomain import TrainMultiDomainConfig, run_train_multidomain
+from step_ray.pipelines.train_multidomain import MultiDomainJobConfig, run_train_multidomain
 
 
 @fail_fast
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = ["run.resume=true" if a == "--resume" else a for a in argv]
-    cfg = job_config(TrainMultiDomainConfig, argv, description=__doc__)
+    cfg = job_config(MultiDomainJobConfig, argv, description=__doc__)
     check_storage(cfg.run, "multidomain")
     check_data_root(cfg.data.root)
     check_weights(lpips=LPIPSConfig())

@@ -1,4 +1,4 @@
-"""MUNIT (unpaired content/style translation, METHOD §7) on a pix2pix-layout set used without its pairs,
+"""MUNIT (unpaired content/style translation, docs/method.md §7) on a pix2pix-layout set used without its pairs,
 then its evaluation (example-guided transfer, random-style sampling, LPIPS diversity, PSNR/LPIPS with the
 true B's style where pairs exist).
 
@@ -14,14 +14,14 @@ from step_ray.config import job_config
 from step_ray.eval.metrics import LPIPSConfig
 from step_ray.preflight import (check_data_root, check_resources, check_shared_storage, check_storage, check_weights,
                                 dataset_location, fail_fast)
-from step_ray.pipelines.train_munit import TrainMUNITConfig, run_train_munit
+from step_ray.pipelines.train_munit import MUNITJobConfig, run_train_munit
 
 
 @fail_fast
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = ["run.resume=true" if a == "--resume" else a for a in argv]
-    cfg = job_config(TrainMUNITConfig, argv, description=__doc__)
+    cfg = job_config(MUNITJobConfig, argv, description=__doc__)
     check_storage(cfg.run, "munit")
     check_data_root(cfg.data.root)
     check_weights(vgg=cfg.train.vgg if cfg.train.weights.vgg else None, lpips=LPIPSConfig())

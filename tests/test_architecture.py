@@ -16,7 +16,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "step_ray"
 # lowest first; a module may import its own layer and the ones before it
-LAYERS = ("config", "storage", "weights", "metrics", "cluster", "checkpoints", "data", "models", "style", "mining",
+LAYERS = ("config", "storage", "weights", "prometheus", "cluster", "checkpoints", "data", "models", "style", "mining",
           "losses", "eval", "engine", "recipes", "pipelines", "preflight")
 
 
@@ -117,35 +117,35 @@ def test_loop_settings_are_defined_once_and_shared():
     from dataclasses import fields
 
     from step_ray.engine.settings import LoopConfig
-    from step_ray.recipes.generator import GeneratorTrainConfig
-    from step_ray.recipes.multidomain import MultiDomainTrainConfig
-    from step_ray.recipes.munit import MUNITTrainConfig
-    from step_ray.recipes.stage1 import Stage1Config
+    from step_ray.recipes.generator import GeneratorTraining
+    from step_ray.recipes.multidomain import MultiDomainTraining
+    from step_ray.recipes.munit import MUNITTraining
+    from step_ray.recipes.stage1 import Stage1Training
 
     loop = {f.name for f in fields(LoopConfig)}
-    for cls in (Stage1Config, GeneratorTrainConfig, MUNITTrainConfig, MultiDomainTrainConfig):
+    for cls in (Stage1Training, GeneratorTraining, MUNITTraining, MultiDomainTraining):
         assert issubclass(cls, LoopConfig) and loop <= {f.name for f in fields(cls)}, cls
     # the official defaults differ per method, and stay each method's own
-    assert (Stage1Config().batch_size, MUNITTrainConfig().batch_size, GeneratorTrainConfig().batch_size) == (12, 1, 8)
+    assert (Stage1Training().batch_size, MUNITTraining().batch_size, GeneratorTraining().batch_size) == (12, 1, 8)
 
 
 def test_settings_a_job_decides_are_refused_not_overwritten():
     from step_ray.config import ConfigError, load_config
-    from step_ray.pipelines.pretrain import PretrainConfig
-    from step_ray.pipelines.train_generator import TrainGeneratorConfig
+    from step_ray.pipelines.pretrain import PretrainJobConfig
+    from step_ray.pipelines.train_generator import GeneratorJobConfig
 
     for setting, hint in (("train.max_epochs=3", "stage2_epochs"), ("train.decay_epochs=2", "stage3_decay_epochs"),
                           ("train.init_checkpoint=x", "stage2_checkpoint"), ("train.encoder_checkpoint=x", "top level"),
                           ("train.train_encoder=true", "joint stage"), ("eval.checkpoint=x", "jobs/evaluate.py"),
                           ("eval.split=test", "val_split")):
         with pytest.raises(ConfigError, match=hint):
-            load_config(TrainGeneratorConfig, None, [setting])
+            load_config(GeneratorJobConfig, None, [setting])
     # a baseline's joint stage trains E by its preset, and evaluation can be switched off with settings left
-    load_config(TrainGeneratorConfig, None, ["train.encoder_init=scratch", "train.train_encoder=true"])
-    load_config(TrainGeneratorConfig, None, ["evaluate=false", "eval.split=test"])
+    load_config(GeneratorJobConfig, None, ["train.encoder_init=scratch", "train.train_encoder=true"])
+    load_config(GeneratorJobConfig, None, ["evaluate=false", "eval.split=test"])
     with pytest.raises(ConfigError, match="reads its dataset from `data`"):
-        load_config(PretrainConfig, None, ["style.data.root=/somewhere"])
-    assert load_config(PretrainConfig, None, ["data.root=/somewhere"]).data.root == "/somewhere"
+        load_config(PretrainJobConfig, None, ["style.data.root=/somewhere"])
+    assert load_config(PretrainJobConfig, None, ["data.root=/somewhere"]).data.root == "/somewhere"
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -190,7 +190,7 @@ def _secret() -> str:
 PROBE = """
 import time, ray
 ray.init()
-from step_ray import metrics as M
+from step_ray import prometheus as M
 
 @ray.remote(num_cpus=0)
 class Trainer:  # stands in for a Ray Train worker: metrics recorded inside an actor
@@ -262,7 +262,7 @@ def test_step_ray_metrics_reach_the_prometheus_endpoint(head):
     assert not missing, (f"not exported: {sorted(missing)}\njob logs:\n{logs[-3000:]}\nendpoint (step_ray lines):\n"
                          + "\n".join(line for line in text.splitlines() if "step_ray" in line))
     # every metric step_ray defines is the one Prometheus sees, with Ray's prefix
-    from step_ray.metrics import METRICS, exported_name
+    from step_ray.prometheus import METRICS, exported_name
 
     exported = {exported_name(n) + ("_total" if METRICS[n][0] == "counter" else "") for n in METRICS}
     assert {n for n in wanted if "step_ray" in n} <= exported

@@ -5,7 +5,7 @@ import torch
 from step_ray.config import ConfigError, load_config
 from step_ray.losses import embedding_l2_penalty, triplet_loss
 from step_ray.models import EncoderConfig, StyleEncoder
-from step_ray.recipes.stage1 import Stage1Config, held_out_triplets, knn_accuracy
+from step_ray.recipes.stage1 import Stage1Training, held_out_triplets, knn_accuracy
 
 
 def test_encoder_shapes_and_official_widths():
@@ -61,8 +61,8 @@ def test_knn_accuracy_and_held_out_triplets():
 
 def test_stage1_config_checks():
     with pytest.raises(ConfigError, match="batch_size must be >= 1"):
-        load_config(Stage1Config, None, ["batch_size=0"])
-    assert load_config(Stage1Config, None, ["encoder.nz=16"]).encoder.nz == 16
+        load_config(Stage1Training, None, ["batch_size=0"])
+    assert load_config(Stage1Training, None, ["encoder.nz=16"]).encoder.nz == 16
 
 
 def _facades_photos(root, count=24, side=64):

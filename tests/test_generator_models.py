@@ -9,7 +9,7 @@ from step_ray.models import (DiscriminatorConfig, EncoderConfig, GeneratorConfig
                              StyleMapper, UNetGenerator)
 from step_ray.models.discriminator import MinibatchStdDev
 from step_ray.style.vgg import VGGConfig, load_vgg
-from step_ray.recipes.generator import GeneratorTrainConfig, build_networks, ema_decay_at, freeze, lr_factor, make_optimizers, train_step, update_ema
+from step_ray.recipes.generator import GeneratorTraining, build_networks, ema_decay_at, freeze, lr_factor, make_optimizers, train_step, update_ema
 from step_ray.eval.metrics import other_style_rows
 
 TINY_G = GeneratorConfig(num_downs=5, base_channels=8)
@@ -97,7 +97,7 @@ def test_perceptual_loss_known_values():
 
 
 def _tiny_cfg(**kw):
-    return GeneratorTrainConfig(encoder=TINY_E, generator=TINY_G, discriminator=TINY_D,
+    return GeneratorTraining(encoder=TINY_E, generator=TINY_G, discriminator=TINY_D,
                                 vgg=VGGConfig(layers=("conv1_2", "conv2_2"), layer_weights=(0.5, 1.0)), batch_size=4, **kw)
 
 
@@ -159,7 +159,7 @@ def test_other_style_rows():
 
 def test_config_rejects_mismatched_nz():
     with pytest.raises(ValueError, match="nz"):
-        GeneratorTrainConfig(generator=GeneratorConfig(nz=4))
+        GeneratorTraining(generator=GeneratorConfig(nz=4))
 
 
 def test_defaults_fit_the_image_size_and_steps_discriminator():
@@ -167,7 +167,7 @@ def test_defaults_fit_the_image_size_and_steps_discriminator():
     default job runs at any side divisible by 4 (the README's 32-px command included)."""
     from step_ray.recipes.generator import fit_to_image_size
 
-    cfg = GeneratorTrainConfig()
+    cfg = GeneratorTraining()
     assert (cfg.discriminator.base_channels, cfg.discriminator.num_scales) == (32, 3)
     for side, downs, layers in ((32, 5, 1), (64, 6, 2), (256, 6, 3)):
         fitted = fit_to_image_size(cfg, side)
@@ -196,7 +196,7 @@ def test_random_crop_takes_the_same_window_from_a_and_b(tmp_path):
     (tmp_path / "train").mkdir()
     Image.fromarray(np.concatenate([half, half], 1)).save(tmp_path / "train" / "x.png")  # A == B
     data = DataConfig(root=str(tmp_path), image_size=32)
-    cfg = GeneratorTrainConfig()
+    cfg = GeneratorTraining()
     assert cfg.random_crop and cfg.resolved_load_size(32) == 36 and cfg.resolved_load_size(256) == 286
     assert dataclasses.replace(cfg, random_crop=False).resolved_load_size(32) == 32
     store = pair_store([str(tmp_path / "train" / "x.png")], data, 16, load_size=36)
@@ -212,7 +212,7 @@ def test_reconstruction_falls_back_to_l1_only_without_a_pretrained_vgg(monkeypat
     from step_ray.losses.perceptual import OFFICIAL_SCALE
     from step_ray.recipes.generator import resolve_reconstruction
 
-    cfg = GeneratorTrainConfig()
+    cfg = GeneratorTraining()
     assert cfg.vgg_scale == pytest.approx(0.1 * 255 * 0.226, rel=1e-3) and cfg.vgg_scale == OFFICIAL_SCALE
     kept, note = resolve_reconstruction(cfg)
     assert kept is cfg and note.startswith("VGG x 0.02") and "pretrained:" in note
@@ -260,7 +260,7 @@ def test_mapper_codes_stream_a_seeded_subset_of_b_images(tmp_path, monkeypatch):
 
 
 def test_the_vgg_term_weighs_like_the_gan_term_on_real_batches():
-    """METHOD §5: at the official magnitude (activation scale 5.76 on torchvision's VGG) λ_rec · VGG is of
+    """docs/method.md §5: at the official magnitude (activation scale 5.76 on torchvision's VGG) λ_rec · VGG is of
     the GAN term's order on real photos (benchmarks/loss_balance.py: 4-6x over 40 steps); at the scale 0.1
     used before it was ~1/800 of it, too weak to steer G."""
     from pathlib import Path
@@ -275,7 +275,7 @@ def test_the_vgg_term_weighs_like_the_gan_term_on_real_batches():
     split = load_split(DataConfig(root=str(facades), direction="BtoA", image_size=64), "train", limit=8)
     a, b = to_tensor(split.a), to_tensor(split.b)
     torch.manual_seed(0)
-    cfg = fit_to_image_size(GeneratorTrainConfig(), 64)
+    cfg = fit_to_image_size(GeneratorTraining(), 64)
     nets = build_networks(cfg, "cpu")
     vgg = load_vgg(cfg.vgg)
     assert vgg.pretrained, vgg.weight_source

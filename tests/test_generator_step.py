@@ -13,19 +13,19 @@ import torch
 from step_ray.config import config_from_dict
 from step_ray.engine.settings import OptimConfig
 from step_ray.models import DiscriminatorConfig, PatchDiscriminator
-from step_ray.recipes.generator import (GeneratorTrainConfig, build_networks, ema_generator, fit_to_image_size,
+from step_ray.recipes.generator import (GeneratorTraining, build_networks, ema_generator, fit_to_image_size,
                                         make_optimizers, train_step)
 from step_ray.recipes.variants import variant_base
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
-def variant(name: str, side: int = 32, **extra) -> GeneratorTrainConfig:
+def variant(name: str, side: int = 32, **extra) -> GeneratorTraining:
     tree = {**variant_base(name)["train"], "lambda_vgg": 0.0, "lambda_l1": 10.0, **extra}
-    return fit_to_image_size(config_from_dict(GeneratorTrainConfig, tree), side)
+    return fit_to_image_size(config_from_dict(GeneratorTraining, tree), side)
 
 
-def small(cfg: GeneratorTrainConfig) -> GeneratorTrainConfig:
+def small(cfg: GeneratorTraining) -> GeneratorTraining:
     return dataclasses.replace(cfg, generator=dataclasses.replace(cfg.generator, base_channels=8),
                                discriminator=dataclasses.replace(cfg.discriminator, base_channels=8))
 

@@ -45,9 +45,9 @@ def _upload(folder: str, uri: str) -> str:
 
 
 def _cfg(root, storage_path, *extra):
-    from step_ray.pipelines.train_generator import TrainGeneratorConfig
+    from step_ray.pipelines.train_generator import GeneratorJobConfig
 
-    return load_config(TrainGeneratorConfig, None, [f"data.root={root}", f"run.storage_path={storage_path}", *TINY, *extra])
+    return load_config(GeneratorJobConfig, None, [f"data.root={root}", f"run.storage_path={storage_path}", *TINY, *extra])
 
 
 def _tensors(path) -> dict:

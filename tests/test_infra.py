@@ -1,6 +1,6 @@
 """infra/: every file parses, and the cross-references hold: one image whose Ray is this repository's,
 entrypoints that name existing files with valid config overrides, dashboard queries over metric names
-that exist (step_ray's in step_ray/metrics.py, Ray's in Ray's source), one bucket prefix everywhere."""
+that exist (step_ray's in step_ray/prometheus.py, Ray's in Ray's source), one bucket prefix everywhere."""
 import json
 import re
 import shlex
@@ -103,14 +103,14 @@ def test_one_image_built_on_this_ray(raycluster, rayjob):
 
 def test_rayjob_entrypoint_is_a_valid_pretrain_command(rayjob):
     from step_ray.config import load_config
-    from step_ray.pipelines.pretrain import PretrainConfig
+    from step_ray.pipelines.pretrain import PretrainJobConfig
 
     argv = shlex.split(rayjob["spec"]["entrypoint"])
     assert argv[0] == "python"
     script = argv[1]
     assert script.startswith(IMAGE_IN_POD + "/")
     assert (REPO / script[len(IMAGE_IN_POD) + 1:]).is_file(), script
-    cfg = load_config(PretrainConfig, None, argv[2:])  # unknown keys / wrong types would raise
+    cfg = load_config(PretrainJobConfig, None, argv[2:])  # unknown keys / wrong types would raise
     assert cfg.run.storage_path.startswith("s3://YOUR_BUCKET/step_ray/")
     assert cfg.data.root.startswith("s3://YOUR_BUCKET/step_ray/")
     yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"])
@@ -125,12 +125,12 @@ def _exprs():
 def test_dashboard_queries_metrics_that_exist():
     import ray
 
-    from step_ray.metrics import METRICS, exported_name
+    from step_ray.prometheus import METRICS, exported_name
 
     ours = {exported_name(n) + ("_total" if kind == "counter" else ""): n for n, (kind, _, _) in METRICS.items()}
     names = {n for e in _exprs() for n in re.findall(r"\b(ray_[a-z0-9_]+)\b", e)}
     step_ray = {n for n in names if n.startswith("ray_step_ray_")}
-    assert step_ray == set(ours), f"dashboard vs step_ray/metrics.py: {sorted(step_ray ^ set(ours))}"
+    assert step_ray == set(ours), f"dashboard vs step_ray/prometheus.py: {sorted(step_ray ^ set(ours))}"
     reporter = (Path(ray.__file__).parent / "dashboard/modules/reporter/reporter_agent.py").read_text()
     for n in names - step_ray:  # Ray's node metrics, defined in its reporter agent
         assert f'"{n[len("ray_"):]}"' in reporter, n

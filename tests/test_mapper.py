@@ -4,7 +4,8 @@ import torch
 
 from step_ray.models import MapperConfig
 from step_ray.eval.generator_eval import load_mapper
-from step_ray.recipes.mapper import IMLEConfig, imle_objective, save_mapper, train_mapper
+from step_ray.losses.imle import imle_objective
+from step_ray.pipelines.mapper import IMLEConfig, save_mapper, train_mapper
 
 
 def _mixture(k=6, n=480, dim=8, seed=0):

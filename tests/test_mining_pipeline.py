@@ -11,7 +11,7 @@ import torch
 from step_ray import storage
 from step_ray.data.pix2pix import DataConfig, load_split, to_tensor
 from step_ray.mining import (
-    MineTripletsConfig,
+    MineTripletsJobConfig,
     MiningConfig,
     TripletSampler,
     close_recall,
@@ -41,7 +41,7 @@ def test_recall_against_exact_reference_on_synthetic_images(synthetic_descriptor
 
     full, style_ids = synthetic_descriptors
     n = len(full)
-    # PCA fitted on a sample and applied to all: the pipeline's way (METHOD §2). Its default sample (512)
+    # PCA fitted on a sample and applied to all: the pipeline's way (docs/method.md §2). Its default sample (512)
     # holds all 96 images here. Measured 2026-12-01 with the real VGG-16: PCA-64 on all 96 recall 0.965,
     # far precision 0.992; PCA-32 fitted on only 64 of them 0.817 / 0.912 (a random VGG gave 0.990 / 0.991
     # there: its descriptors are nearly low-rank, the real ones are not, so the fit sample matters).
@@ -74,7 +74,7 @@ def test_random_projection_recall_is_measured_not_assumed(synthetic_descriptors)
 
 @pytest.fixture(scope="module")
 def style_stats_output(ray_session, synthetic_root, tmp_path_factory):
-    from step_ray.style.pipeline import StyleStatsConfig, compute_style_stats
+    from step_ray.style.statistics import StyleStatsConfig, compute_style_stats
     from step_ray.style.reduce import ReductionConfig
 
     out = tmp_path_factory.mktemp("style_stats")
@@ -91,7 +91,7 @@ def style_stats_output(ray_session, synthetic_root, tmp_path_factory):
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_mine_triplets_job_reads_style_stats_and_skips_done_work(where, style_stats_output, tmp_path, request):
-    from step_ray.style.pipeline import read_descriptors
+    from step_ray.style.statistics import read_descriptors
 
     if where == "s3":
         bucket = request.getfixturevalue("s3_bucket")
@@ -103,7 +103,7 @@ def test_mine_triplets_job_reads_style_stats_and_skips_done_work(where, style_st
     else:
         descriptors, output = style_stats_output, str(tmp_path / "mining")
 
-    cfg = MineTripletsConfig(descriptors=descriptors, output=output, mining=MiningConfig(k_close=5, k_far=13))
+    cfg = MineTripletsJobConfig(descriptors=descriptors, output=output, mining=MiningConfig(k_close=5, k_far=13))
     assert mine_triplets(cfg) == output
     neighbours = load_neighbours(output)
     ids, _, table = read_descriptors(style_stats_output)
@@ -117,7 +117,7 @@ def test_mine_triplets_job_reads_style_stats_and_skips_done_work(where, style_st
     # Same config: skipped (metadata untouched). A changed mining config: redone.
     assert mine_triplets(cfg) == output
     assert json.loads(storage.read_bytes(meta_uri)) == first
-    changed = MineTripletsConfig(descriptors=descriptors, output=output, mining=MiningConfig(k_close=3, k_far=20))
+    changed = MineTripletsJobConfig(descriptors=descriptors, output=output, mining=MiningConfig(k_close=3, k_far=20))
     mine_triplets(changed)
     second = json.loads(storage.read_bytes(meta_uri))
     assert second["config_hash"] != first["config_hash"]
@@ -137,4 +137,4 @@ def test_mine_triplets_job_entry_point(style_stats_output, tmp_path):
     out = job.main([f"descriptors={style_stats_output}", f"output={tmp_path / 'm'}", "split=val", "mining.k_far=20"])
     assert load_neighbours(out).far_ids.shape == (32, 20)
     with pytest.raises(ValueError, match="no rows of split"):
-        mine_triplets(MineTripletsConfig(descriptors=style_stats_output, output=str(tmp_path / "x"), split="test"))
+        mine_triplets(MineTripletsJobConfig(descriptors=style_stats_output, output=str(tmp_path / "x"), split="test"))

@@ -94,10 +94,10 @@ def test_activation_checkpointing_matches_the_plain_path():
 
 
 def test_generator_step_with_checkpointing_equals_plain():
-    from step_ray.recipes.generator import GeneratorTrainConfig, apply_activation_checkpointing, build_networks, make_optimizers, train_step
+    from step_ray.recipes.generator import GeneratorTraining, apply_activation_checkpointing, build_networks, make_optimizers, train_step
     from step_ray.models import DiscriminatorConfig
 
-    cfg = GeneratorTrainConfig(encoder=EncoderConfig(base_channels=8, block_channels=(8, 16)),
+    cfg = GeneratorTraining(encoder=EncoderConfig(base_channels=8, block_channels=(8, 16)),
                                generator=GeneratorConfig(num_downs=5, base_channels=8),
                                discriminator=DiscriminatorConfig(base_channels=8, n_layers=1), lambda_vgg=0.0,
                                lambda_l1=10.0, train_encoder=True)
@@ -120,7 +120,7 @@ def test_vgg_segment_recompute_matches_and_discriminator_bodies_are_wrapped():
     from step_ray.losses import vgg_perceptual_loss
     from step_ray.models import DiscriminatorConfig
     from step_ray.style.vgg import VGGConfig, load_vgg
-    from step_ray.recipes.generator import GeneratorTrainConfig, apply_activation_checkpointing, build_networks
+    from step_ray.recipes.generator import GeneratorTraining, apply_activation_checkpointing, build_networks
 
     vgg = load_vgg(VGGConfig(layers=("conv1_2", "conv2_2", "conv3_2"), layer_weights=(1.0, 1.0, 1.0)))
     real = torch.rand(2, 3, 32, 32) * 2 - 1
@@ -133,7 +133,7 @@ def test_vgg_segment_recompute_matches_and_discriminator_bodies_are_wrapped():
         grads.append((loss.item(), fake.grad.clone()))
     assert grads[1][0] == pytest.approx(grads[0][0], rel=1e-6)
     torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-5, atol=1e-8)
-    cfg = GeneratorTrainConfig(encoder=EncoderConfig(base_channels=8, block_channels=(8, 16)),
+    cfg = GeneratorTraining(encoder=EncoderConfig(base_channels=8, block_channels=(8, 16)),
                                generator=GeneratorConfig(num_downs=5, base_channels=8),
                                discriminator=DiscriminatorConfig(base_channels=8, n_layers=1), train_encoder=True)
     nets = build_networks(cfg, "cpu")

@@ -1,4 +1,4 @@
-"""Multi-domain disentangled style model losses (METHOD §7): tiny CPU checks against hand-computed values."""
+"""Multi-domain disentangled style model losses (docs/method.md §7): tiny CPU checks against hand-computed values."""
 from __future__ import annotations
 
 import math

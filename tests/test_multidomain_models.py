@@ -1,4 +1,4 @@
-"""The multi-domain disentangled style model's networks (METHOD §7, seed 004): CPU, tiny configs, 32x32."""
+"""The multi-domain disentangled style model's networks (docs/method.md §7, seed 004): CPU, tiny configs, 32x32."""
 import dataclasses
 import io
 

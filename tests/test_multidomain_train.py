@@ -11,11 +11,11 @@ import yaml
 from step_ray.config import load_config
 from step_ray.losses.multidomain import MultiDomainLossWeights
 from step_ray.models.multidomain import MultiDomainConfig, build_multidomain
-from step_ray.recipes.multidomain import MultiDomainTrainConfig, make_optimizers, multidomain_step
+from step_ray.recipes.multidomain import MultiDomainTraining, make_optimizers, multidomain_step
 
 TINY_MODEL = MultiDomainConfig(num_domains=3, style_dim=8, dim=8, max_dim=32, n_down=2, n_bottleneck=1, encoder_down=3,
                                flow_hidden=(16, 16), style_disc_hidden=(16,))
-TINY = MultiDomainTrainConfig(model=TINY_MODEL, batch_size=4)
+TINY = MultiDomainTraining(model=TINY_MODEL, batch_size=4)
 
 
 @pytest.fixture(autouse=True)
@@ -92,7 +92,7 @@ def test_unification_accuracy_reads_chance_and_separation():
 
 
 def test_multidomain_job_trains_resumes_and_evaluates(ray_session, synthetic_root, tmp_path):
-    from step_ray.pipelines.train_multidomain import TrainMultiDomainConfig, run_train_multidomain
+    from step_ray.pipelines.train_multidomain import MultiDomainJobConfig, run_train_multidomain
     from step_ray.eval.multidomain_eval import load_multidomain
 
     # data.root: the shared fixture is read as it is, never regenerated with other settings
@@ -101,10 +101,10 @@ def test_multidomain_job_trains_resumes_and_evaluates(ray_session, synthetic_roo
                  "train.model.dim=8", "train.model.max_dim=32", "train.model.n_bottleneck=1", "train.model.encoder_down=3",
                  "train.model.flow_hidden=[16, 16]", "train.model.style_disc_hidden=[16]", "train.batch_size=8",
                  "train.val_images=16", "eval_inputs=4", "eval_styles=3"]
-    first = run_train_multidomain(load_config(TrainMultiDomainConfig, None, [*overrides, "train.max_epochs=1",
+    first = run_train_multidomain(load_config(MultiDomainJobConfig, None, [*overrides, "train.max_epochs=1",
                                                                              "train.max_steps=2", "evaluate=false",
                                                                              "train.nonfinite.inject_at_steps=[0]"]))
-    out = run_train_multidomain(load_config(TrainMultiDomainConfig, None, [*overrides, "train.max_epochs=2",
+    out = run_train_multidomain(load_config(MultiDomainJobConfig, None, [*overrides, "train.max_epochs=2",
                                                                            "train.max_steps=4", "run.resume=true"]))
     assert out.details["domains"] == ["stripes", "checks", "dots", "blotches"]
     assert Path(first.checkpoint).parent == Path(out.checkpoint).parent

@@ -33,7 +33,7 @@ from step_ray.engine.launch import START_TIMEOUT_ENV, WorkersLostError, start_ro
 from step_ray.engine.settings import RunSettings
 from step_ray.preflight import (SHARED_STORAGE_ENV, PreflightError, check_placement, check_resources,
                                 check_shared_storage)
-from step_ray.style.pipeline import StyleStatsConfig, compute_style_stats, plan_resources, read_metadata
+from step_ray.style.statistics import StyleStatsConfig, compute_style_stats, plan_resources, read_metadata
 from step_ray.style.reduce import ReductionConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore:NO PRETRAINED:RuntimeWarning")
@@ -122,7 +122,7 @@ def test_sweep_trials_are_counted_per_node(monkeypatch):
     assert groups_that_fit([{"CPU": 1.0}, {"CPU": 1.5}], [ONE_CPU_NODE] * 2) == 0
     assert groups_that_fit([{"CPU": 0.0}], small, limit=7) == 7  # asks for nothing: the limit
 
-    cfg = sweep_module.SweepConfig(variants=("bicycle_v2",), trial_cpus=0.125,
+    cfg = sweep_module.SweepJobConfig(variants=("bicycle_v2",), trial_cpus=0.125,
                                    trial={"run": {"num_workers": 1, "cpus_per_worker": 0.625}})
     assert sweep_module.trial_bundles(cfg) == [{"CPU": 0.125}, {"CPU": 0.625, "GPU": 0.0}]
     monkeypatch.setattr(sweep_module, "alive_nodes", lambda: small)
@@ -264,10 +264,10 @@ def test_run_folder_is_absolute_with_a_relative_storage_path(two_nodes, declared
     they land in <cwd>/runs/<run>, which is what the job prints; the saved config keeps `runs`."""
     from test_pretrain import TINY  # the same tiny stage 1, so the session's cached statistics are reused
 
-    from step_ray.pipelines.pretrain import PretrainConfig, run_pretrain
+    from step_ray.pipelines.pretrain import PretrainJobConfig, run_pretrain
 
     monkeypatch.chdir(tmp_path)
-    cfg = load_config(PretrainConfig, None, [f"data.root={synthetic_root}", f"cache_dir={stage1_cache}", *TINY,
+    cfg = load_config(PretrainJobConfig, None, [f"data.root={synthetic_root}", f"cache_dir={stage1_cache}", *TINY,
                                              "run.storage_path=runs", "train.max_epochs=1"])
     out = run_pretrain(cfg)
     run_dir = Path(out.summary).parent
@@ -298,10 +298,10 @@ def test_stage1_trains_one_worker_per_node_with_equal_weights(two_nodes, declare
     from test_pretrain import TINY
 
     from step_ray.engine.distributed import parameters_sha256
-    from step_ray.pipelines.pretrain import PretrainConfig, run_pretrain
+    from step_ray.pipelines.pretrain import PretrainJobConfig, run_pretrain
     from step_ray.style.encode import load_encoder
 
-    cfg = load_config(PretrainConfig, None, [f"data.root={synthetic_root}", f"cache_dir={stage1_cache}", *TINY,
+    cfg = load_config(PretrainJobConfig, None, [f"data.root={synthetic_root}", f"cache_dir={stage1_cache}", *TINY,
                                              f"run.storage_path={tmp_path}", "run.num_workers=2", "train.max_epochs=1",
                                              "train.monitor.enabled=false"])
     out = run_pretrain(cfg)
@@ -322,14 +322,14 @@ def test_generator_stage_trains_one_worker_per_node(two_nodes, declared_shared, 
     from step_ray.checkpoints import save_checkpoint
     from step_ray.data.scan import prepare_paired_splits
     from step_ray.models import EncoderConfig, StyleEncoder
-    from step_ray.pipelines.train_generator import TrainGeneratorConfig, train_generator_stage
+    from step_ray.pipelines.train_generator import GeneratorJobConfig, train_generator_stage
 
     encoder = tmp_path / "stage1" / "checkpoint_epoch0000"
     torch.manual_seed(1)
     save_checkpoint(encoder, {"encoder": StyleEncoder(EncoderConfig(base_channels=8, block_channels=(8, 16)))}, {},
                     {"epoch": 1}, {"method": "stage1", "run": {},
                                    "recipe": {"encoder": {"base_channels": 8, "block_channels": [8, 16]}}})
-    cfg = load_config(TrainGeneratorConfig, None, [f"data.root={synthetic_root}", f"encoder_checkpoint={encoder}", *TINY2,
+    cfg = load_config(GeneratorJobConfig, None, [f"data.root={synthetic_root}", f"encoder_checkpoint={encoder}", *TINY2,
                                                    f"run.storage_path={tmp_path / 'runs'}", "run.num_workers=2"])
     result, _, _ = train_generator_stage(replace(cfg.train, encoder_checkpoint=str(encoder), max_epochs=1, max_steps=2),
                                          cfg.run, prepare_paired_splits(cfg.data), "stage2")

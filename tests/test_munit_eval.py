@@ -1,4 +1,4 @@
-"""MUNIT evaluation (METHOD §9 for a two-generator model): numbers, pictures, files. CPU, tiny networks."""
+"""MUNIT evaluation (docs/method.md §9 for a two-generator model): numbers, pictures, files. CPU, tiny networks."""
 import json
 import math
 import warnings

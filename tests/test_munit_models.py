@@ -1,4 +1,4 @@
-"""MUNIT building blocks (METHOD §7): networks and losses, CPU, tiny configs."""
+"""MUNIT building blocks (docs/method.md §7): networks and losses, CPU, tiny configs."""
 import dataclasses
 import io
 import warnings

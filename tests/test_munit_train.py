@@ -10,9 +10,9 @@ import torch
 from step_ray.config import load_config
 from step_ray.losses.munit import MUNITLossWeights
 from step_ray.models.munit import MUNITConfig, munit_discriminator_config
-from step_ray.recipes.munit import MUNITTrainConfig, build_munit, make_munit_optimizers, munit_step
+from step_ray.recipes.munit import MUNITTraining, build_munit, make_munit_optimizers, munit_step
 
-TINY = MUNITTrainConfig(model=MUNITConfig(dim=8, mlp_dim=16, n_res=1, style_dim=4),
+TINY = MUNITTraining(model=MUNITConfig(dim=8, mlp_dim=16, n_res=1, style_dim=4),
                         discriminator=munit_discriminator_config(base_channels=8, n_layers=1, num_scales=2))
 
 
@@ -73,7 +73,7 @@ def test_a_nan_loss_skips_the_update_or_flags_a_rollback():
 
 
 def test_munit_job_trains_resumes_and_evaluates(ray_session, synthetic_root, tmp_path):
-    from step_ray.pipelines.train_munit import TrainMUNITConfig, run_train_munit
+    from step_ray.pipelines.train_munit import MUNITJobConfig, run_train_munit
     from step_ray.eval.munit_eval import load_munit
 
     overrides = [f"data.root={synthetic_root}", "data.image_size=32", f"run.storage_path={tmp_path / 'runs'}", "run.name=m",
@@ -81,9 +81,9 @@ def test_munit_job_trains_resumes_and_evaluates(ray_session, synthetic_root, tmp
                  "train.model.style_dim=4", "train.discriminator.base_channels=8", "train.discriminator.n_layers=1",
                  "train.discriminator.num_scales=2", "train.batch_size=8", "train.val_images=8", "eval_inputs=4",
                  "eval_styles=3"]
-    first = run_train_munit(load_config(TrainMUNITConfig, None, [*overrides, "train.max_epochs=1", "train.max_steps=3",
+    first = run_train_munit(load_config(MUNITJobConfig, None, [*overrides, "train.max_epochs=1", "train.max_steps=3",
                                                                  "train.nonfinite.inject_at_steps=[1]", "evaluate=false"]))
-    out = run_train_munit(load_config(TrainMUNITConfig, None, [*overrides, "train.max_epochs=2", "train.max_steps=6",
+    out = run_train_munit(load_config(MUNITJobConfig, None, [*overrides, "train.max_epochs=2", "train.max_steps=6",
                                                                "run.resume=true"]))
     assert Path(first.checkpoint).parent == Path(out.checkpoint).parent  # the same run, continued
     state = json.loads((Path(out.checkpoint) / "state.json").read_text())

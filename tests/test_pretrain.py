@@ -9,7 +9,7 @@ import torch
 from step_ray import storage
 from step_ray.config import load_config
 from step_ray.style.encode import encode, load_encoder
-from step_ray.pipelines.pretrain import PretrainConfig, run_pretrain
+from step_ray.pipelines.pretrain import PretrainJobConfig, run_pretrain
 
 TINY = [
     "data.image_size=32",
@@ -28,7 +28,7 @@ TINY = [
 
 
 def _cfg(root, cache, *extra):
-    return load_config(PretrainConfig, None, [f"data.root={root}", f"cache_dir={cache}", *TINY, *extra])
+    return load_config(PretrainJobConfig, None, [f"data.root={root}", f"cache_dir={cache}", *TINY, *extra])
 
 
 def _weights(checkpoint: str) -> dict:

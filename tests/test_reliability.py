@@ -66,9 +66,9 @@ def _assert_whole_history(state: dict, epochs: int, steps_per_epoch: int = STEPS
 @pytest.fixture(scope="module")
 def stage1(ray_session, synthetic_root, stage1_cache):
     """Stage 1's config and inputs (style statistics and triplets: the session's, computed once)."""
-    from step_ray.pipelines.pretrain import PretrainConfig, prepare_inputs
+    from step_ray.pipelines.pretrain import PretrainJobConfig, prepare_inputs
 
-    cfg = load_config(PretrainConfig, None, [f"data.root={synthetic_root}", f"cache_dir={stage1_cache}", *TINY1])
+    cfg = load_config(PretrainJobConfig, None, [f"data.root={synthetic_root}", f"cache_dir={stage1_cache}", *TINY1])
     inputs, _ = prepare_inputs(cfg)
     return cfg, inputs, stage1_cache
 
@@ -216,7 +216,7 @@ def test_stage1_job_killed_then_resumed(stage1, ray_session, tmp_path):
 def stage2(ray_session, synthetic_root, tmp_path_factory):
     from step_ray.models import EncoderConfig, StyleEncoder
     from step_ray.checkpoints import save_checkpoint
-    from step_ray.pipelines.train_generator import TrainGeneratorConfig
+    from step_ray.pipelines.train_generator import GeneratorJobConfig
     from step_ray.data.scan import prepare_paired_splits
 
     tmp = tmp_path_factory.mktemp("reliability2")
@@ -225,7 +225,7 @@ def stage2(ray_session, synthetic_root, tmp_path_factory):
     save_checkpoint(encoder, {"encoder": StyleEncoder(EncoderConfig(base_channels=8, block_channels=(8, 16)))}, {},
                     {"epoch": 1}, {"method": "stage1", "run": {}, "recipe": {"encoder": {"base_channels": 8, "block_channels": [8, 16]}}})
     args = [f"data.root={synthetic_root}", f"encoder_checkpoint={encoder}", *TINY2]
-    cfg = load_config(TrainGeneratorConfig, None, args)
+    cfg = load_config(GeneratorJobConfig, None, args)
     return cfg, prepare_paired_splits(cfg.data), args
 
 
@@ -253,7 +253,7 @@ def test_stage2_worker_killed_restarts_from_last_checkpoint(stage2, tmp_path):
 
 
 def test_stage2_job_killed_then_resumed(stage2, ray_session, tmp_path):
-    from step_ray.pipelines.train_generator import TrainGeneratorConfig, run_train_generator
+    from step_ray.pipelines.train_generator import GeneratorJobConfig, run_train_generator
 
     _, _, base = stage2
     args = [*base, f"run.storage_path={tmp_path}", "run.name=job", "stage2_epochs=4", "stage3_epochs=0",
@@ -265,7 +265,7 @@ def test_stage2_job_killed_then_resumed(stage2, ray_session, tmp_path):
     proc.wait(timeout=600)
     assert killer.result == proc.pid and proc.returncode == -9, (tmp_path / "job.log").read_text()[-3000:]
     time.sleep(2)
-    out = run_train_generator(load_config(TrainGeneratorConfig, None, [*args, "run.resume=true"]))
+    out = run_train_generator(load_config(GeneratorJobConfig, None, [*args, "run.resume=true"]))
     state = _state(out.stage("stage2").checkpoint)
     _assert_whole_history(state, 4)
     assert len(state["restarts"]) == 1 and state["restarts"][0]["epoch"] >= 2, state["restarts"]
@@ -299,7 +299,7 @@ def test_bad_files_reported_and_every_good_file_used_once_per_epoch(stage1, stag
     from step_ray.mining import TripletSampler
     from step_ray.engine.loop import epoch_batches
     from step_ray.data.scan import prepare_paired_splits
-    from step_ray.pipelines.pretrain import PretrainConfig, prepare_inputs
+    from step_ray.pipelines.pretrain import PretrainJobConfig, prepare_inputs
 
     root = tmp_path / "salted"
     expected = _salted(synthetic_root, root)
@@ -323,10 +323,10 @@ def test_bad_files_reported_and_every_good_file_used_once_per_epoch(stage1, stag
     assert _state(result.checkpoint.path)["step"] == int(np.ceil(len(good) / 8))
 
     # stage 1: the style-statistics pipeline's report, and the triplet sampler's anchors
-    cfg1 = load_config(PretrainConfig, None, [f"data.root={root}", f"cache_dir={tmp_path / 'cache'}", *TINY1])
+    cfg1 = load_config(PretrainJobConfig, None, [f"data.root={root}", f"cache_dir={tmp_path / 'cache'}", *TINY1])
     inputs1, steps = prepare_inputs(cfg1)
     assert sorted(Path(p).name for p in inputs1.train_paths) == sorted(Path(p).name for p in good)
-    from step_ray.style.pipeline import read_errors
+    from step_ray.style.statistics import read_errors
 
     errors = read_errors(steps["style_stats"])
     assert {Path(p).name for p in errors["path"]} == set(expected)
@@ -364,7 +364,7 @@ SECRET = "wrong-secret-do-not-print-0123456789"
 
 
 @pytest.mark.parametrize("job,args,message", [
-    ("pretrain.py", ["train.lr=0.1"], "unknown config key 'lr' for Stage1Config"),
+    ("pretrain.py", ["train.lr=0.1"], "unknown config key 'lr' for Stage1Training"),
     ("pretrain.py", ["train.batch_size=twelve"], "expected an integer, got 'twelve'"),
     ("pretrain.py", ["run.use_gpu=always"], "error: run.use_gpu=always needs 1 GPUs; the Ray cluster has 0"),
     ("pretrain.py", ["run.num_workers=8"], "error: run.num_workers=8 x run.cpus_per_worker=1.0 needs 8 CPUs; the Ray cluster has 2"),

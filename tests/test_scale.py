@@ -16,7 +16,7 @@ import pytest
 
 from step_ray import storage
 from step_ray.data.pix2pix import DataConfig
-from step_ray.mining import MineTripletsConfig, MiningConfig, load_neighbours, mine_neighbours, mine_triplets
+from step_ray.mining import MineTripletsJobConfig, MiningConfig, load_neighbours, mine_neighbours, mine_triplets
 from step_ray.mining.job import read_for_mining
 from step_ray.mining.neighbours import SketchRows
 
@@ -56,7 +56,7 @@ def test_reduction_transform_memory_is_bounded_by_its_chunk_not_by_the_rows():
 def small_groups_output(ray_session, synthetic_root, tmp_path_factory):
     """Style statistics of the 96 + 32 synthetic images written as several files of several row groups,
     with the default residual sketch."""
-    from step_ray.style.pipeline import StyleStatsConfig, compute_style_stats
+    from step_ray.style.statistics import StyleStatsConfig, compute_style_stats
     from step_ray.style.reduce import ReductionConfig
 
     cfg = StyleStatsConfig(data=DataConfig(root=str(synthetic_root), image_size=32),
@@ -72,7 +72,7 @@ def test_mining_streams_the_descriptors_and_keeps_the_sketches_on_disk(small_gro
     """The mining job used to read every descriptor row into memory (34 KB an image: 4.6 GB at 137k); it
     now streams row groups, keeps only the searched columns, and re-ranks from sketches in a file. Same
     neighbours as mining the whole matrix in memory."""
-    from step_ray.style.pipeline import iter_descriptor_batches, read_descriptors
+    from step_ray.style.statistics import iter_descriptor_batches, read_descriptors
 
     assert len(list(iter_descriptor_batches(small_groups_output, ["image_id"]))) >= 6  # streamed in pieces
     ids, full, table = read_descriptors(small_groups_output)
@@ -99,7 +99,7 @@ def test_mining_streams_the_descriptors_and_keeps_the_sketches_on_disk(small_gro
 
     out = tmp_path / "mining"
     spilling = MiningConfig(k_close=5, k_far=13, spill_dir=str(spill), sketch_memory_mb=0)
-    mine_triplets(MineTripletsConfig(descriptors=small_groups_output, output=str(out), mining=spilling))
+    mine_triplets(MineTripletsJobConfig(descriptors=small_groups_output, output=str(out), mining=spilling))
     np.testing.assert_array_equal(load_neighbours(str(out)).close_ids, whole.close_ids)
     assert json.loads((out / "metadata.json").read_text())["sketches_kept"] == "on disk"
     assert os.listdir(spill) == ["s.f32"]  # the job's own spill folder is gone with the job

@@ -15,7 +15,7 @@ from step_ray.data.pix2pix import DataConfig, list_split
 from step_ray.data.store import pair_store
 from step_ray.eval.metrics import psnr
 from step_ray.models import DiscriminatorConfig, EncoderConfig, GeneratorConfig
-from step_ray.recipes.generator import GeneratorTrainConfig, build_networks, freeze, make_optimizers, train_step
+from step_ray.recipes.generator import GeneratorTraining, build_networks, freeze, make_optimizers, train_step
 
 
 def _codes_and_margin(nets, a, b, other):
@@ -31,7 +31,7 @@ def _codes_and_margin(nets, a, b, other):
 def after_stage2(facades_root, tmp_path):
     torch.manual_seed(0)
     data = DataConfig(root=str(facades_root), direction="BtoA", image_size=32)
-    cfg = GeneratorTrainConfig(
+    cfg = GeneratorTraining(
         encoder=EncoderConfig(base_channels=16, block_channels=(32, 32)),
         generator=GeneratorConfig(num_downs=5, base_channels=16),
         discriminator=DiscriminatorConfig(base_channels=8, num_scales=1, n_layers=1),
@@ -68,7 +68,7 @@ def _stage3(after_stage2, scale: float, steps: int = 30):
 def test_stage3_keeps_g_using_the_style_code(after_stage2):
     *_, margin2 = after_stage2
     assert margin2 > 0.05, margin2  # stage 2 taught G to use z: the photo's own code beats another's
-    moved, margin = _stage3(after_stage2, GeneratorTrainConfig().encoder_lr_scale)
+    moved, margin = _stage3(after_stage2, GeneratorTraining().encoder_lr_scale)
     assert margin > 0.5 * margin2, (margin, margin2)
     moved_fast, margin_fast = _stage3(after_stage2, 1.0)
     # the cause, shown: at G's learning rate E's codes run away from the ones G_ema learned

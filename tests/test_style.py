@@ -24,7 +24,7 @@ def vgg16():
 
 
 def _reference_distance(features_a, features_b, layer_weights):
-    """METHOD §2 as written, in float64: Σ_l w_l / (4 N² M²) Σ_ij (G(a) − G(x))², G = F Fᵀ."""
+    """docs/method.md §2 as written, in float64: Σ_l w_l / (4 N² M²) Σ_ij (G(a) − G(x))², G = F Fᵀ."""
     total = torch.zeros(features_a[0].shape[0], dtype=torch.float64)
     for w, fa, fb in zip(layer_weights, features_a, features_b):
         n, c, h, wd = fa.shape
@@ -51,7 +51,7 @@ def test_descriptor_distance_equals_style_distance_on_random_features():
     via_descriptor = _descriptor_sq_distance(fa, fb, weights)
     assert exact.shape == (5,) and (exact > 0).all()
     assert torch.allclose(via_descriptor, exact, rtol=1e-4, atol=0)
-    # The official normalisation is METHOD's formula with layer weights w·4/N² (module docstring of gram.py).
+    # The official normalisation is the formula of docs/method.md §2 with layer weights w·4/N² (module docstring of gram.py).
     as_method = _reference_distance(fa, fb, [w * 4.0 / s[1] ** 2 for w, s in zip(weights, shapes)])
     assert torch.allclose(exact.double(), as_method, rtol=1e-4, atol=0)
     # Symmetric upper triangle: C(C+1)/2 numbers per layer.

@@ -52,7 +52,7 @@ def _trial_folders(experiment: Path) -> dict[str, dict]:
 
 def test_sweep_interrupted_resumed_and_tabled(ray_session, synthetic_root, stage1_checkpoint, tmp_path):
     from step_ray.config import load_config
-    from step_ray.pipelines.sweep import SweepConfig, run_sweep
+    from step_ray.pipelines.sweep import SweepJobConfig, run_sweep
 
     storage_path = tmp_path / "sweeps"
     settings = {"name": "abl", "storage_path": str(storage_path), "variants": ["bicycle_v2", "ours_v4"], "seeds": [0],
@@ -99,7 +99,7 @@ def test_sweep_interrupted_resumed_and_tabled(ray_session, synthetic_root, stage
     assert "partial: 1 of 2 trials unfinished" in partial and "UNFINISHED" in partial
 
     # 2. resume: the finished trial is kept, the other runs again and finishes
-    cfg = load_config(SweepConfig, config_file, ["resume=true"])
+    cfg = load_config(SweepJobConfig, config_file, ["resume=true"])
     out = run_sweep(cfg)
     after = _trial_folders(experiment)
     assert after[finished_first[0]]["starts"] == 1  # not rerun
@@ -132,12 +132,12 @@ def test_sweep_interrupted_resumed_and_tabled(ray_session, synthetic_root, stage
     assert Path(out.tables["curves_png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # 4. the table is rebuilt from the saved experiment alone
-    again = run_sweep(load_config(SweepConfig, config_file, ["table_only=true"]))
+    again = run_sweep(load_config(SweepJobConfig, config_file, ["table_only=true"]))
     assert [r["psnr"] for r in again.rows] == [r["psnr"] for r in out.rows] or \
         sorted(r["psnr"] for r in again.rows) == sorted(r["psnr"] for r in out.rows)
     assert {r["trial_id"]: r["seconds_to_lpips"] for r in again.rows} == {r["trial_id"]: r["seconds_to_lpips"] for r in out.rows}
     # ... and with a target nobody reached, from the saved epoch reports (nothing is trained again)
-    unreached = run_sweep(load_config(SweepConfig, config_file, ["table_only=true", "lpips_target=0.000001"]))
+    unreached = run_sweep(load_config(SweepJobConfig, config_file, ["table_only=true", "lpips_target=0.000001"]))
     kept_again = next(r for r in unreached.rows if r["trial_id"] == finished_first[0])
     assert kept_again["seconds_to_lpips"] != kept_again["seconds_to_lpips"]  # nan: its epochs never reached it
     assert "not reached" in Path(unreached.tables["md"]).read_text()
@@ -145,29 +145,29 @@ def test_sweep_interrupted_resumed_and_tabled(ray_session, synthetic_root, stage
 
 def test_munit_is_a_sweep_variant_with_its_own_config(tmp_path):
     from step_ray.config import ConfigError
-    from step_ray.pipelines.train_munit import TrainMUNITConfig
-    from step_ray.pipelines.sweep import SweepConfig, check_sweep, trial_config
+    from step_ray.pipelines.train_munit import MUNITJobConfig
+    from step_ray.pipelines.sweep import SweepJobConfig, check_sweep, trial_config
 
-    sweep = SweepConfig(variants=("munit", "bicycle_v2"), trial={"data": {"image_size": 32}, "stage2_epochs": 1},
+    sweep = SweepJobConfig(variants=("munit", "bicycle_v2"), trial={"data": {"image_size": 32}, "stage2_epochs": 1},
                         munit_trial={"train": {"max_epochs": 3, "discriminator": {"n_layers": 1, "num_scales": 2}}})
     cfg = trial_config(sweep, "munit", 7)
-    assert isinstance(cfg, TrainMUNITConfig) and cfg.data.image_size == 32 and cfg.train.max_epochs == 3
+    assert isinstance(cfg, MUNITJobConfig) and cfg.data.image_size == 32 and cfg.train.max_epochs == 3
     assert cfg.train.seed == 7 and cfg.train.weights.x == 10.0  # the official weights
     check_sweep(sweep)
-    too_deep = SweepConfig(variants=("munit",), trial={"data": {"image_size": 32}})  # the official D needs 192 px
+    too_deep = SweepJobConfig(variants=("munit",), trial={"data": {"image_size": 32}})  # the official D needs 192 px
     with pytest.raises(ConfigError, match="discriminator"):
         check_sweep(too_deep)
 
 
 def test_multidomain_variants_in_a_sweep():
-    from step_ray.pipelines.train_multidomain import TrainMultiDomainConfig
-    from step_ray.pipelines.sweep import SweepConfig, check_sweep, trial_config
+    from step_ray.pipelines.train_multidomain import MultiDomainJobConfig
+    from step_ray.pipelines.sweep import SweepJobConfig, check_sweep, trial_config
     from step_ray.recipes.variants import components
 
-    sweep = SweepConfig(variants=("multidomain", "multidomain_plain"), trial={"data": {"image_size": 32}},
+    sweep = SweepJobConfig(variants=("multidomain", "multidomain_plain"), trial={"data": {"image_size": 32}},
                         multidomain_trial={"train": {"max_epochs": 2}})
     full, plain = trial_config(sweep, "multidomain", 3), trial_config(sweep, "multidomain_plain", 3)
-    assert isinstance(full, TrainMultiDomainConfig) and full.data.image_size == 32 and full.train.seed == 3
+    assert isinstance(full, MultiDomainJobConfig) and full.data.image_size == 32 and full.train.seed == 3
     assert (full.train.weights.uni, full.train.weights.smooth) == (1.0, 1.0)
     assert (plain.train.weights.uni, plain.train.weights.smooth) == (0.0, 0.0) and plain.train.max_epochs == 2
     assert components(full.train)["random_z"] and components(full.train)["encoder"] == "scratch"
@@ -197,9 +197,9 @@ def test_asha_and_concurrency_settings(ray_session, tmp_path):
     from ray.tune.schedulers import ASHAScheduler
 
     from step_ray.config import ConfigError
-    from step_ray.pipelines.sweep import SweepConfig, _tuner, check_sweep, default_concurrency
+    from step_ray.pipelines.sweep import SweepJobConfig, _tuner, check_sweep, default_concurrency
 
-    sweep = SweepConfig(name="a", storage_path=str(tmp_path), variants=("bicycle_v2",), seeds=(0, 1), asha=True,
+    sweep = SweepJobConfig(name="a", storage_path=str(tmp_path), variants=("bicycle_v2",), seeds=(0, 1), asha=True,
                         search_space=str(REPO / "configs" / "sweeps" / "loss_weights.yaml"),
                         trial={"stage2_epochs": 2, "stage3_epochs": 3})
     tuner = _tuner(sweep, str(tmp_path / "a"))
@@ -207,17 +207,17 @@ def test_asha_and_concurrency_settings(ray_session, tmp_path):
     assert isinstance(tc.scheduler, ASHAScheduler) and tc.metric == "val_psnr" and tc.mode == "max"
     assert tc.max_concurrent_trials == default_concurrency(sweep) == 1  # 2 CPUs: a trial process + its worker
     with pytest.raises(ConfigError, match="trial.encoder_checkpoint"):  # a pre-trained variant needs its stage-1 E
-        check_sweep(SweepConfig(variants=("ours_v4",)))
+        check_sweep(SweepJobConfig(variants=("ours_v4",)))
     with pytest.raises(ValueError, match="resume"):
-        SweepConfig(resume=True)
+        SweepJobConfig(resume=True)
 
 
 def test_relative_paths_become_absolute_for_the_trials(tmp_path, monkeypatch):
     """Tune runs a trial in its own working directory: a relative path given to the sweep must not reach it."""
-    from step_ray.pipelines.sweep import SweepConfig, absolute_paths
+    from step_ray.pipelines.sweep import SweepJobConfig, absolute_paths
 
     monkeypatch.chdir(tmp_path)
-    sweep = absolute_paths(SweepConfig(storage_path="runs/sweeps", trial={"encoder_checkpoint": "runs/s1/ckpt",
+    sweep = absolute_paths(SweepJobConfig(storage_path="runs/sweeps", trial={"encoder_checkpoint": "runs/s1/ckpt",
                                                                          "data": {"root": "s3://b/facades"}},
                                        munit_trial={"data": {"root": "data/x"}}))
     assert sweep.storage_path == str(tmp_path / "runs" / "sweeps")

@@ -149,7 +149,7 @@ def test_duplicate_stems_are_one_error_naming_both(tmp_path):
 def test_the_ray_data_pipeline_agrees(ray_session, user_dataset, tmp_path):
     """Ids and splits from the listed path (not the link's target), the entries not read in errors.csv and
     the summary, and the 16-bit image's descriptor not an outlier."""
-    from step_ray.style.pipeline import StyleStatsConfig, compute_style_stats, format_summary, read_descriptors, read_errors, read_metadata
+    from step_ray.style.statistics import StyleStatsConfig, compute_style_stats, format_summary, read_descriptors, read_errors, read_metadata
     from step_ray.style.reduce import ReductionConfig
 
     cfg = StyleStatsConfig(data=DataConfig(root=str(user_dataset), image_size=SIDE), output=str(tmp_path / "out"),

@@ -1,4 +1,4 @@
-"""The baselines and ablations of METHOD §7: which loss terms each variant computes, and what it trains."""
+"""The baselines and ablations of docs/method.md §7: which loss terms each variant computes, and what it trains."""
 import socket
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 from step_ray.config import load_config
 from step_ray.style.vgg import load_vgg
 from step_ray.recipes.generator import D_TERMS, G_TERMS, build_networks, freeze, make_optimizers, train_step
-from step_ray.pipelines.train_generator import TrainGeneratorConfig
+from step_ray.pipelines.train_generator import GeneratorJobConfig
 from step_ray.recipes.variants import VARIANTS, components, variant_base
 
 TINY = [
@@ -17,7 +17,7 @@ TINY = [
     "train.vgg.layers=[conv1_2, conv2_2]", "train.vgg.layer_weights=[0.5, 1.0]", "train.batch_size=4",
 ]
 
-# Written out from METHOD §7, not derived from the code: what each variant must compute.
+# Written out from docs/method.md §7, not derived from the code: what each variant must compute.
 REC = {"vgg"}
 EXPECTED_G = {
     "bicycle_v0": {"gan_g", "l1", "kl", "gan_random", "latent"},
@@ -43,7 +43,7 @@ def test_the_variant_list_is_the_papers():
 
 
 def _cfg(name):
-    return load_config(TrainGeneratorConfig, None, TINY, base=variant_base(name)).train
+    return load_config(GeneratorJobConfig, None, TINY, base=variant_base(name)).train
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_G))
@@ -125,11 +125,11 @@ def test_unknown_variant_and_impossible_settings():
     with pytest.raises(KeyError, match="known: bicycle_v0"):
         variant_base("bicycle_v9")
     with pytest.raises(ValueError, match="variational"):
-        load_config(TrainGeneratorConfig, None, [*TINY, "train.lambda_kl=0.1"])
+        load_config(GeneratorJobConfig, None, [*TINY, "train.lambda_kl=0.1"])
     with pytest.raises(ValueError, match="train_encoder"):
-        load_config(TrainGeneratorConfig, None, [*TINY, "train.encoder_init=scratch"])
+        load_config(GeneratorJobConfig, None, [*TINY, "train.encoder_init=scratch"])
     # a variant is a preset: the command line still wins
-    cfg = load_config(TrainGeneratorConfig, None, [*TINY, "train.lambda_kl=0.05"], base=variant_base("bicycle_v1")).train
+    cfg = load_config(GeneratorJobConfig, None, [*TINY, "train.lambda_kl=0.05"], base=variant_base("bicycle_v1")).train
     assert cfg.lambda_kl == 0.05 and cfg.encoder.variational and cfg.encoder.base_channels == 8
     assert VARIANTS["bicycle_v1"].train["lambda_kl"] == 0.01  # the preset itself is untouched
 
@@ -200,9 +200,9 @@ def test_train_generator_job_variant_switch(capsys):
 
 
 def test_steps_discriminator_for_its_variants_bicycleganss_for_v0():
-    """METHOD §5: StEP's D has 32 filters and 3 scales; BicycleGAN v0 keeps its official D (64, 2 scales,
+    """docs/method.md §5: StEP's D has 32 filters and 3 scales; BicycleGAN v0 keeps its official D (64, 2 scales,
     no minibatch statistic), so v1 ("BicycleGAN with StEP's networks") differs from v0 in D as well."""
     for name in EXPECTED_G:
-        d = load_config(TrainGeneratorConfig, None, [], base=variant_base(name)).train.discriminator
+        d = load_config(GeneratorJobConfig, None, [], base=variant_base(name)).train.discriminator
         expected = (64, 2, False) if name == "bicycle_v0" else (32, 3, True)
         assert (d.base_channels, d.num_scales, d.minibatch_stddev) == expected, name

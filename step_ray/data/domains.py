@@ -1,4 +1,4 @@
-"""Images with a domain label, for the multi-domain style model (METHOD §7).
+"""Images with a domain label, for the multi-domain style model (docs/method.md §7).
 
 Two sources:
 * the synthetic style set (`root` empty, generated into `synthetic_dir` when missing): the target side B of

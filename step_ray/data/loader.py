@@ -1,4 +1,4 @@
-"""Batches loaded ahead of the step: the one input pipeline of every recipe.
+"""Batches loaded ahead of the step: how every recipe loads its batches.
 
 A recipe's `batches` describes an epoch's steps (row indices, crop windows, reference rows: every random
 choice already drawn, in the training process, from the epoch's seeded streams) and its `load` turns one

@@ -1,6 +1,6 @@
 """Check every file of a split once, before training: which images are usable, and why the others are not.
 
-Stage 1 gets this from its style-statistics pipeline (Ray Data, `errors.csv`). The generator stages and
+Stage 1 gets this from its style-statistics step (Ray Data, `errors.csv`). The generator stages and
 MUNIT read their images inside the training loop, where a bad file would stop a worker hours in; so their
 drivers scan the split first, decoding every file in a thread pool (not in Ray tasks: inside a Tune trial
 every CPU may be held by trials, and a task waiting for one would never start). Bad files are reported by path and reason and

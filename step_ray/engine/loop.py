@@ -50,7 +50,7 @@ from step_ray.engine.launch import fit, resume_folder
 from step_ray.engine.monitor import EpochMeter, IntervalMeter, RunMonitor
 from step_ray.engine.precision import MixedPrecision
 from step_ray.engine.settings import LoopConfig, RunSettings
-from step_ray.metrics import record_epoch
+from step_ray.prometheus import record_epoch
 
 
 def epoch_batches(n: int, batch_size: int, seed, rank: int, world: int) -> list:

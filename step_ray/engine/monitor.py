@@ -4,7 +4,7 @@ Rank 0 of each stage owns one `RunMonitor`. The training loop hands it numbers a
 images; a background thread writes them as TensorBoard event files under `<run folder>/tensorboard`
 and the grids also as PNGs under `<run folder>/samples/` (next to the checkpoint folders), so the step
 never waits on disk or S3. On S3 the thread writes the events locally and copies the folder up after
-each batch of writes. The same scalars go to the Ray dashboard through `step_ray.metrics`.
+each batch of writes. The same scalars go to the Ray dashboard through `step_ray.prometheus`.
 
     tensorboard --logdir runs/            # every stage of every run, side by side
 """

@@ -1,4 +1,4 @@
-"""The results of a sweep as the paper's ablation table (METHOD §7, §9): Markdown, CSV and a plot.
+"""The results of a sweep as the paper's ablation table (docs/method.md §7, §9): Markdown, CSV and a plot.
 
 Input: one row per trial (variant, seed, sampled settings, status, which parts the variant switches on,
 and its numbers). Output, in the experiment folder (local or s3://):

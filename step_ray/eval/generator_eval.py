@@ -1,4 +1,4 @@
-"""The paper's evaluation of one generator checkpoint (METHOD §9): numbers, pictures, a table row.
+"""The paper's evaluation of one generator checkpoint (docs/method.md §9): numbers, pictures, a table row.
 
 `evaluate(cfg)` takes any stage-2/3 checkpoint (local or s3://) and, on the validation split:
 * reconstruction: B̂ = G(A, E(B)) against B, PSNR and LPIPS; and the same with B' of another style
@@ -40,7 +40,7 @@ TABLE_HEADER = ("| method | PSNR ↑ | LPIPS ↓ | PSNR other style | diversity 
 @dataclass(frozen=True)
 class EvalConfig:
     checkpoint: str = ""  # a stage-2 or stage-3 checkpoint folder, local or s3://
-    mapper: str = ""  # a mapper folder (step_ray.recipes.mapper.save_mapper); empty: <run folder>/mapper if present
+    mapper: str = ""  # a mapper folder (step_ray.pipelines.mapper.save_mapper); empty: <run folder>/mapper if present
     data: DataConfig = field(default_factory=DataConfig)
     split: str = "val"
     num_inputs: int = 100
@@ -49,7 +49,7 @@ class EvalConfig:
     use_ema: bool = True  # G_ema's weights (the official choice) when the checkpoint has them
     lpips: LPIPSConfig = field(default_factory=LPIPSConfig)
     output: str = ""  # empty: <checkpoint>/eval
-    method: str = "StEP (ours)"
+    method: str = ""  # the table row's label; empty: the variant preset the checkpoint was trained from
     grid_inputs: int = 6
     grid_references: int = 6
     interpolation_steps: int = 8
@@ -65,7 +65,7 @@ class EvalConfig:
 
 
 def load_mapper(uri: str) -> StyleMapper:
-    """The IMLE mapper saved by step_ray.recipes.mapper.save_mapper (local or s3://), in eval mode."""
+    """The IMLE mapper saved by step_ray.pipelines.mapper.save_mapper (local or s3://), in eval mode."""
     folder, tmp = local_checkpoint_dir(uri)
     try:
         mapper = StyleMapper(recipe_section(read_record(folder), "mapper", MapperConfig))
@@ -183,8 +183,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
     train_tree = {k: v for k, v in tree.items() if k != "_weights"}
     vgg_cfg = config_from_dict(VGGConfig, train_tree.get("vgg", {}), where="vgg")
+    label = cfg.method or train_tree.get("variant") or "generator (no variant preset)"
     record = {
-        "method": cfg.method,
+        "method": label,
         "checkpoint": cfg.checkpoint,
         "generator_weights": tree["_weights"],
         "mapper": mapper_uri or None,
@@ -197,7 +198,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "eval_config": config_to_dict(cfg),
         "train_config": train_tree,
     }
-    row = table_row(cfg.method, m, lp.weight_source)
+    row = table_row(label, m, lp.weight_source)
     storage.write_bytes(tag("metrics.json"), json.dumps(record, indent=1, default=float).encode())
     storage.write_bytes(tag("table_row.md"), f"{TABLE_HEADER}\n{row}\n".encode())
     record["table_row"] = row

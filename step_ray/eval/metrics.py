@@ -1,4 +1,4 @@
-"""The paper's numbers (METHOD §9): PSNR, LPIPS (AlexNet) and diversity (mean pairwise LPIPS).
+"""The paper's numbers (docs/method.md §9): PSNR, LPIPS (AlexNet) and diversity (mean pairwise LPIPS).
 
 LPIPS is the `lpips` package's AlexNet model. Its linear layers ship inside the package (no download);
 the AlexNet trunk is loaded by `step_ray.weights`: a configured file, the torch hub cache
@@ -118,7 +118,7 @@ def pairwise_lpips(model, images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def diversity(model, outputs: torch.Tensor) -> float:
-    """METHOD §9: outputs [N inputs, S styles, C, H, W] -> mean over inputs of the mean pairwise LPIPS."""
+    """docs/method.md §9: outputs [N inputs, S styles, C, H, W] -> mean over inputs of the mean pairwise LPIPS."""
     if outputs.dim() != 5 or outputs.shape[1] < 2:
         raise ValueError(f"diversity needs outputs [N, S>=2, C, H, W], got {tuple(outputs.shape)}")
     return float(torch.stack([pairwise_lpips(model, o) for o in outputs]).mean())

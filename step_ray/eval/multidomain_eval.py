@@ -1,8 +1,8 @@
-"""Evaluation of the multi-domain style model (METHOD §7 and §9).
+"""Evaluation of the multi-domain style model (docs/method.md §7 and §9).
 
 * pictures per domain: latent-guided (inputs × flow samples of each domain) and reference-guided
   (inputs × reference images of each domain) grids;
-* LPIPS diversity per domain (METHOD §9's protocol with flow samples as styles);
+* LPIPS diversity per domain (docs/method.md §9's protocol with flow samples as styles);
 * unification: how well a small classifier tells latent styles f(z; θ_u) from reference styles E_u(x) of
   the same domain, on held-out codes (accuracy ≈ 0.5: one shared space; ≈ 1: two separable spaces);
 * smoothness: along a straight line between two reference styles of one domain, the LPIPS between

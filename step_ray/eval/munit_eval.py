@@ -1,4 +1,4 @@
-"""Evaluation of a MUNIT model (two generators, domains A and B) with the paper's protocol (METHOD §9).
+"""Evaluation of a MUNIT model (two generators, domains A and B) with the paper's protocol (docs/method.md §9).
 
 A→B translation of x_a with style s is ``gen_b.decode(gen_a.encode(x_a)[0], s)``. On the validation split:
 * "psnr", "lpips": A→B with the true B's style code, ``gen_b.encode(b)[1]``, against b (paired data only);
@@ -86,7 +86,7 @@ def _diversity(gen_a, gen_b, a: Tensor, styles: Tensor, lpips_model, batch_size:
 def evaluate_munit_models(gen_a, gen_b, a: Tensor, b: Tensor, lpips_model, *, num_inputs: int = 100,
                           num_styles: int = 16, seed: int = 0, batch_size: int = 32,
                           paired: bool = True) -> dict[str, float]:
-    """METHOD §9's numbers for a MUNIT model on val images a (domain A) and b (domain B), [-1, 1] NCHW;
+    """docs/method.md §9's numbers for a MUNIT model on val images a (domain A) and b (domain B), [-1, 1] NCHW;
     a[i] and b[i] are a pair when `paired` (otherwise the paired-only keys, `PAIRED_KEYS`, are left out).
     MUNIT has no batch norm or dropout, so the generators' train/eval mode does not change the numbers."""
     if num_styles < 2 or num_inputs < 1:

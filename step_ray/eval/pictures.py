@@ -1,4 +1,4 @@
-"""Pictures of a generator (METHOD §9): style transfer, sampling and interpolation grids."""
+"""Pictures of a generator (docs/method.md §9): style transfer, sampling and interpolation grids."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Least-squares GAN losses (METHOD §5) over multi-scale discriminator outputs.
+"""Least-squares GAN losses (docs/method.md §5) over multi-scale discriminator outputs.
 
 Each takes the list of patch-logit maps a `PatchDiscriminator` returns; per scale the squared error is
 averaged over patches and batch, and the scales are summed (pix2pixHD / BicycleGAN convention).

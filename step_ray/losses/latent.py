@@ -1,4 +1,4 @@
-"""Losses on style codes for the baselines (METHOD §7): the VAE's KL term and cLR-GAN's latent regression.
+"""Losses on style codes for the baselines (docs/method.md §7): the VAE's KL term and cLR-GAN's latent regression.
 
 The L2 penalty on z (the v3 variants' replacement for KL) is `embedding_l2_penalty` from stage 1.
 """

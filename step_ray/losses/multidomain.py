@@ -1,4 +1,4 @@
-"""Losses of the multi-domain disentangled style model (METHOD §7, seed 004; StarGAN v2 family).
+"""Losses of the multi-domain disentangled style model (docs/method.md §7, seed 004; StarGAN v2 family).
 
 Pure functions of tensors (and of callables passed in) returning (loss, dict of floats for logging); they do
 not know the network classes. Notation, per target domain u (the caller selects the domain's output branch):
@@ -204,7 +204,7 @@ def augment_for_smoothness(x: torch.Tensor, generator: torch.Generator | None = 
 # --------------------------------------------------------------------------------------------- weights
 @dataclass(frozen=True)
 class MultiDomainLossWeights:
-    """λ of each term (METHOD §7: StarGAN v2's defaults, λ_uni = λ_smooth = 1). `ds` is λ_ds's initial
+    """λ of each term (docs/method.md §7: StarGAN v2's defaults, λ_uni = λ_smooth = 1). `ds` is λ_ds's initial
     value; it decays linearly to 0 over `ds_decay_steps` generator steps (StarGAN v2's ds_iter = 100k).
     `smooth_margin` is α of L_smooth: the seed gives no number, 0.1 is this project's choice (distances are
     unsquared Euclidean norms of the style codes). `r1` weights the discriminator's R1 penalty."""

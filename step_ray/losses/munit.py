@@ -1,4 +1,4 @@
-"""MUNIT's generator-side losses (Huang et al. 2018; METHOD §7): pure functions returning (loss, logs).
+"""MUNIT's generator-side losses (Huang et al. 2018; docs/method.md §7): pure functions returning (loss, logs).
 
 The adversarial terms are the project's LSGAN losses (step_ray.losses.gan) on an unconditional
 `PatchDiscriminator`, called as D(None, image). Official MUNIT sums them over scales the same way; its D

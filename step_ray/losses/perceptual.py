@@ -1,10 +1,10 @@
-"""Reconstruction losses for the generator (METHOD §5): the VGG perceptual loss and the L1 fallback.
+"""Reconstruction losses for the generator (docs/method.md §5): the VGG perceptual loss and the L1 fallback.
 
 The perceptual loss uses the same `VGGFeatures` module as the style statistics (step_ray.style.vgg):
 official StEP takes the MSE of VGG-16 activations scaled by 0.1 at five layers with weights
 1/32, 1/16, 1/8, 1/4, 1. The target's features carry no gradient.
 
-Scale (METHOD §5): the official network is the Caffe VGG-16 fed BGR values in 0–255 minus the means, so
+Scale (docs/method.md §5): the official network is the Caffe VGG-16 fed BGR values in 0–255 minus the means, so
 its activations are about 255·σ ≈ 57.6 times those of torchvision's weights on ImageNet-normalised
 inputs (σ ≈ 0.226, the mean of the normalisation's stds). Scaling by 0.1 alone would make the loss
 ≈ 57.6² ≈ 3,300 times weaker than the official one; `OFFICIAL_SCALE` = 0.1 × 57.6 matches its magnitude.

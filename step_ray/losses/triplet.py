@@ -1,4 +1,4 @@
-"""Stage-1 losses (METHOD §4): triplet margin loss on squared distances plus an L2 penalty on z."""
+"""Stage-1 losses (docs/method.md §4): triplet margin loss on squared distances plus an L2 penalty on z."""
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,5 @@
-"""Triplet mining (METHOD §3): close and far sets under the style distance with sharded FAISS indexes."""
-from step_ray.mining.config import MAX_K, MineTripletsConfig, MiningConfig
+"""Triplet mining (docs/method.md §3): close and far sets under the style distance with sharded FAISS indexes."""
+from step_ray.mining.config import MAX_K, MineTripletsJobConfig, MiningConfig
 from step_ray.mining.exact import ExactAccumulator, array_chunks, close_recall, exact_neighbours, far_precision
 from step_ray.mining.index import ShardIndex, faiss_gpu_count
 from step_ray.mining.job import load_neighbours, mine_triplets
@@ -9,7 +9,7 @@ from step_ray.mining.sampler import TripletSampler
 __all__ = [
     "ExactAccumulator",
     "MAX_K",
-    "MineTripletsConfig",
+    "MineTripletsJobConfig",
     "MiningConfig",
     "Neighbours",
     "ShardIndex",

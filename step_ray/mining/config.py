@@ -1,4 +1,4 @@
-"""Configuration of triplet mining (METHOD §3): set sizes, FAISS index type, sharding, device."""
+"""Configuration of triplet mining (docs/method.md §3): set sizes, FAISS index type, sharding, device."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -98,7 +98,7 @@ class MiningConfig:
 
 
 @dataclass(frozen=True)
-class MineTripletsConfig:
+class MineTripletsJobConfig:
     """The mining job: style-statistics output in, close/far neighbour lists (Parquet) out.
 
     `descriptors` is the output folder of the style-statistics job (local or s3://), streamed one row

@@ -1,6 +1,6 @@
 """FAISS indexes of one database shard: an L2 index for nearest and an inner-product index for furthest.
 
-Furthest search with a nearest-neighbour library (METHOD §3): ‖q − x‖² = ‖q‖² − 2 q·x + ‖x‖², so the x
+Furthest search with a nearest-neighbour library (docs/method.md §3): ‖q − x‖² = ‖q‖² − 2 q·x + ‖x‖², so the x
 furthest from q maximise ⟨[q, 1], [−2x, ‖x‖²]⟩. The far index holds those augmented database vectors
 under METRIC_INNER_PRODUCT; a query's squared distance is its inner product plus ‖q‖².
 

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from step_ray import storage
 from step_ray.cluster import init_ray
 from step_ray.config import config_to_dict
-from step_ray.mining.config import MineTripletsConfig
+from step_ray.mining.config import MineTripletsJobConfig
 from step_ray.mining.index import gpu_wanted
 from step_ray.mining.neighbours import Neighbours, SketchRows, mine_neighbours
 
@@ -36,7 +36,7 @@ def neighbours_uri(output: str) -> str:
     return storage.join(output, NEIGHBOURS_FILE)
 
 
-def config_hash(cfg: MineTripletsConfig, descriptor_metadata: bytes) -> str:
+def config_hash(cfg: MineTripletsJobConfig, descriptor_metadata: bytes) -> str:
     """Hash of what determines the result (not where it is written)."""
     tree = config_to_dict(cfg)
     tree.pop("output")
@@ -63,7 +63,7 @@ def _descriptor_layout(descriptors: str) -> tuple[bool, int]:
     return bool(reduction.get("residual", False)), int(reduction.get("sketch", 0))
 
 
-def _done(cfg: MineTripletsConfig, digest: str) -> bool:
+def _done(cfg: MineTripletsJobConfig, digest: str) -> bool:
     meta_uri = storage.join(cfg.output, METADATA_FILE)
     if not (storage.exists(meta_uri) and storage.exists(neighbours_uri(cfg.output))):
         return False
@@ -73,7 +73,7 @@ def _done(cfg: MineTripletsConfig, digest: str) -> bool:
         return False
 
 
-def mine_triplets(cfg: MineTripletsConfig) -> str:
+def mine_triplets(cfg: MineTripletsJobConfig) -> str:
     """Mine close and far sets for the `split` rows of the descriptor table; returns the output folder."""
     storage.check_readable(cfg.descriptors, "descriptors")
     storage.check_writable(cfg.output)
@@ -122,7 +122,7 @@ def read_for_mining(descriptors: str, split: str, sketch_width: int, spill_path:
     sketch). Memory: ~4·(d+1) bytes an image (1 KB at PCA-256) plus one row group, however many images;
     the sketches (4·m bytes an image) too while they fit in `sketch_memory_mb`, else they go to a file at
     `spill_path`. Either way they come back as SketchRows in the ids' order."""
-    from step_ray.style.pipeline import descriptor_matrix, descriptor_row_count, iter_descriptor_batches  # deferred: torch (mine_triplets)
+    from step_ray.style.statistics import descriptor_matrix, descriptor_row_count, iter_descriptor_batches  # deferred: torch (mine_triplets)
 
     total = descriptor_row_count(descriptors)
     in_memory = total * sketch_width * 4 <= sketch_memory_mb * 2**20

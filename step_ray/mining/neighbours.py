@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from step_ray import storage
 from step_ray.cluster import alive_nodes, check_placement, even_share
-from step_ray.metrics import record_mining_progress
+from step_ray.prometheus import record_mining_progress
 from step_ray.mining.config import MAX_K, MiningConfig
 from step_ray.mining.index import ShardIndex, gpu_wanted
 
@@ -380,7 +380,7 @@ def rerank_with_sketch(search: np.ndarray, sketch, anchors_ids: np.ndarray, k: i
 
 def mine_neighbours(descriptors: np.ndarray, cfg: MiningConfig = MiningConfig(),
                     residual_column: bool = False, sketch_width: int = 0, sketch=None) -> Neighbours:
-    """Every row's k_close nearest and k_far furthest other rows under squared L2 (METHOD §3).
+    """Every row's k_close nearest and k_far furthest other rows under squared L2 (docs/method.md §3).
 
     One in-process index pair when `num_shards` is 1; `num_shards` Ray actors otherwise.
     `residual_column`: the last column is a PCA residual norm ρ^½ (step_ray.style.reduce, `residual`);

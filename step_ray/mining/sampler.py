@@ -1,4 +1,4 @@
-"""(anchor, positive, negative) triplets per epoch from mined close and far sets (METHOD §3).
+"""(anchor, positive, negative) triplets per epoch from mined close and far sets (docs/method.md §3).
 
 Every anchor appears once per epoch across all ranks, in an order that is a fixed function of
 (seed, epoch); its positive is drawn uniformly from its close set and its negative uniformly from its far

@@ -1,4 +1,4 @@
-"""The conditional multi-scale PatchGAN discriminator D(A, B) (METHOD §5).
+"""The conditional multi-scale PatchGAN discriminator D(A, B) (docs/method.md §5).
 
 Each scale is a pix2pix NLayerDiscriminator on concat(A, B): 4x4 convs, instance norm, LeakyReLU 0.2,
 `n_layers` stride-2 convs, and (official StEP) a minibatch-standard-deviation channel before the last

@@ -1,4 +1,4 @@
-"""The style encoder E: image -> low-dimensional style code z (METHOD §4)."""
+"""The style encoder E: image -> low-dimensional style code z (docs/method.md §4)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,4 @@
-"""The generator G(A, z): the pix2pix U-Net with the style code z tiled and concatenated (METHOD §5).
+"""The generator G(A, z): the pix2pix U-Net with the style code z tiled and concatenated (docs/method.md §5).
 
 `z_injection="input"` concatenates z to the input image only (BicycleGAN's G_Unet_add_input);
 `"all"` concatenates it to the input of every encoder layer (BicycleGAN's G_Unet_add_all). The decoder

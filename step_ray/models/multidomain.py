@@ -1,4 +1,4 @@
-"""The multi-domain disentangled style model's networks (METHOD §7, seed 004; StarGAN v2 family). Plain
+"""The multi-domain disentangled style model's networks (docs/method.md §7, seed 004; StarGAN v2 family). Plain
 nn.Modules: no training logic (the losses live in step_ray.losses.multidomain, the loop elsewhere).
 
 - `StyleFlow`: the latent-style mapping. A conditional neural spline flow (zuko's `NSF`) whose spline

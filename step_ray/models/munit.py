@@ -1,4 +1,4 @@
-"""MUNIT's networks (Huang et al. 2018; METHOD §7, seeds 002/003): per domain, a content encoder, a style
+"""MUNIT's networks (Huang et al. 2018; docs/method.md §7, seeds 002/003): per domain, a content encoder, a style
 encoder and an AdaIN decoder. Plain nn.Modules; the two-domain training loop lives elsewhere.
 
 - `ContentEncoder`: 7x7 conv, `n_downsample` 4x4 stride-2 convs doubling the channels, `n_res` residual

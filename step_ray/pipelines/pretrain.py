@@ -24,31 +24,31 @@ from step_ray.engine.launch import best_checkpoint, checkpoint_uri
 from step_ray.engine.loop import train
 from step_ray.engine.settings import RunSettings
 from step_ray.eval.embedding import neighbour_grid, plot_embedding, save_png
-from step_ray.mining import MineTripletsConfig, MiningConfig, load_neighbours, mine_triplets
+from step_ray.mining import MineTripletsJobConfig, MiningConfig, load_neighbours, mine_triplets
 from step_ray.pipelines.results import StageResult, TrainResult
-from step_ray.recipes.stage1 import Stage1Config, Stage1Inputs, Stage1Recipe
+from step_ray.recipes.stage1 import Stage1Training, Stage1Inputs, Stage1Recipe
 from step_ray.style.encode import encode, load_encoder
 from step_ray.style.gram import exact_distance_matrix
-from step_ray.style.pipeline import StyleStatsConfig, compute_style_stats, read_descriptor_rows
+from step_ray.style.statistics import StyleStatsConfig, compute_style_stats, read_descriptor_rows
 from step_ray.style.vgg import load_vgg
 
 
 @dataclass(frozen=True)
-class PretrainConfig:
+class PretrainJobConfig:
     """`jobs/pretrain.py`: style stats, mining, stage-1 training, on the dataset `data` (spelt as in every job)."""
 
     data: DataConfig = field(default_factory=DataConfig)
     style: StyleStatsConfig = field(default_factory=StyleStatsConfig)  # the style_stats job's settings, less its data
-    # A large far set (METHOD §3): with 13 furthest of 800 images every negative comes from the one or
+    # A large far set (docs/method.md §3): with 13 furthest of 800 images every negative comes from the one or
     # two most distant styles, and nearby styles are never pushed apart. 700 of the default synthetic set's
     # 800 is everything but one style's worth (100) of nearest images, so every other style is a negative;
     # with 400 the two blotch styles, close in VGG space, never were (k-NN 0.91 against 0.96 after 10
     # epochs, benchmarks/synthetic_difficulty.py). MiningConfig itself keeps the official 13. Must stay <
     # the train size (configs/facades.yaml: 200 of 400).
     mining: MiningConfig = field(default_factory=lambda: MiningConfig(k_far=700))
-    # 12 epochs (Stage1Config's own default is 4): the synthetic styles share a palette, so an untrained E
+    # 12 epochs (Stage1Training's own default is 4): the synthetic styles share a palette, so an untrained E
     # cannot tell them apart and stage 1 has to learn them; at lr 1e-4 that takes ~600 steps (9 epochs).
-    train: Stage1Config = field(default_factory=lambda: Stage1Config(max_epochs=12))
+    train: Stage1Training = field(default_factory=lambda: Stage1Training(max_epochs=12))
     run: RunSettings = field(default_factory=RunSettings)
     cache_dir: str = ""  # outputs of the style and mining steps; empty: <run.storage_path>/cache
     val_split: str = "val"
@@ -86,7 +86,7 @@ def _cached_matrix(uri: str, compute) -> np.ndarray:
     return value
 
 
-def style_step(cfg: PretrainConfig) -> tuple[str, DataConfig]:
+def style_step(cfg: PretrainJobConfig) -> tuple[str, DataConfig]:
     """Step 1, style statistics (cached by config hash): their folder, and the dataset with its root resolved."""
     data = cfg.data
     data = dataclasses.replace(data, root=data.prepare())
@@ -99,9 +99,9 @@ def style_step(cfg: PretrainConfig) -> tuple[str, DataConfig]:
     return style_out, data
 
 
-def mining_step(cfg: PretrainConfig, style_out: str) -> str:
+def mining_step(cfg: PretrainJobConfig, style_out: str) -> str:
     """Step 2, triplet mining of the training rows (cached by config hash): the neighbours' folder."""
-    mine_cfg = MineTripletsConfig(descriptors=style_out, output=storage.join(cfg.resolved_cache_dir(), "mining"),
+    mine_cfg = MineTripletsJobConfig(descriptors=style_out, output=storage.join(cfg.resolved_cache_dir(), "mining"),
                                   split="train", mining=cfg.mining)
     mine_out = storage.join(cfg.resolved_cache_dir(), f"mining-{config_hash(mine_cfg)}")
     t0 = time.perf_counter()
@@ -110,7 +110,7 @@ def mining_step(cfg: PretrainConfig, style_out: str) -> str:
     return mine_out
 
 
-def stage1_inputs(cfg: PretrainConfig, data: DataConfig, style_out: str, mine_out: str) -> Stage1Inputs:
+def stage1_inputs(cfg: PretrainJobConfig, data: DataConfig, style_out: str, mine_out: str) -> Stage1Inputs:
     """What stage 1 trains on: the mined training rows and the validation ground truth (exact style
     distances between the validation images, cached beside the descriptors)."""
     table = read_descriptor_rows(style_out)
@@ -138,14 +138,14 @@ def stage1_inputs(cfg: PretrainConfig, data: DataConfig, style_out: str, mine_ou
     )
 
 
-def prepare_inputs(cfg: PretrainConfig) -> tuple[Stage1Inputs, dict[str, str]]:
+def prepare_inputs(cfg: PretrainJobConfig) -> tuple[Stage1Inputs, dict[str, str]]:
     """Steps 1 and 2 (cached by config hash) and the validation ground truth."""
     style_out, data = style_step(cfg)
     mine_out = mining_step(cfg, style_out)
     return stage1_inputs(cfg, data, style_out, mine_out), {"style_stats": style_out, "mining": mine_out}
 
 
-def report_outputs(cfg: PretrainConfig, inputs: Stage1Inputs, result, run_uri: str, steps: dict[str, str],
+def report_outputs(cfg: PretrainJobConfig, inputs: Stage1Inputs, result, run_uri: str, steps: dict[str, str],
                    best: str, best_metrics: dict[str, Any]) -> dict[str, str]:
     """metrics.json, embedding.png and neighbours.png beside the checkpoints, from the best checkpoint
     (`best`, whose reported metrics the picture's title gives)."""
@@ -200,7 +200,7 @@ def _history(checkpoint_uri: str) -> list[dict]:
     return json.loads(storage.read_bytes(storage.join(checkpoint_uri, STATE_FILE))).get("history", [])
 
 
-def run_pretrain(cfg: PretrainConfig) -> TrainResult:
+def run_pretrain(cfg: PretrainJobConfig) -> TrainResult:
     """Style statistics, mining, stage 1; the result's checkpoint is the best E (by run.checkpoint_metric),
     its summary the run's metrics.json, its outputs the embedding and neighbour pictures and the cached steps."""
     started = time.perf_counter()
@@ -225,4 +225,4 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
     return done
 
 
-__all__ = ["PretrainConfig", "run_pretrain", "config_to_yaml"]
+__all__ = ["PretrainJobConfig", "run_pretrain", "config_to_yaml"]

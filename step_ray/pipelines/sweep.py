@@ -1,4 +1,4 @@
-"""Ray Tune sweeps over the ablation grid (variants × seeds) and over loss weights (METHOD §7).
+"""Ray Tune sweeps over the ablation grid (variants × seeds) and over loss weights (docs/method.md §7).
 
 The driver (`run_sweep`) owns what a sweep is: the grid of variants and seeds, the sampled settings from
 a YAML search space, the scheduler (ASHA, optional), the resources and the experiment's storage (local
@@ -7,7 +7,7 @@ workers, its per-epoch reports forwarded to Tune, its evaluation reported once a
 sweep is continued with `resume=true` (Tuner.restore): finished trials are kept, not rerun; an
 unfinished one starts again and its stages continue from their own last checkpoints.
 
-Search space YAML (keys are TrainGeneratorConfig settings, dotted):
+Search space YAML (keys are GeneratorJobConfig settings, dotted):
 
     train.lambda_l1: {grid: [5, 10, 20]}            # every value, for every variant and seed
     train.lambda_z_l2: {loguniform: [0.001, 0.1]}   # num_samples draws per grid point
@@ -40,16 +40,16 @@ from step_ray.cluster import alive_nodes, check_placement, check_shared_storage,
 from step_ray.config import ConfigError, config_from_dict, config_to_yaml, dotted_to_tree, merge_trees
 from step_ray.engine.launch import wants_gpu
 from step_ray.eval.ablation_table import write_results
-from step_ray.pipelines.train_generator import TrainGeneratorConfig, run_train_generator
-from step_ray.pipelines.train_multidomain import TrainMultiDomainConfig, run_train_multidomain
-from step_ray.pipelines.train_munit import TrainMUNITConfig, run_train_munit
+from step_ray.pipelines.train_generator import GeneratorJobConfig, run_train_generator
+from step_ray.pipelines.train_multidomain import MultiDomainJobConfig, run_train_multidomain
+from step_ray.pipelines.train_munit import MUNITJobConfig, run_train_munit
 from step_ray.recipes.variants import VARIANTS, components, get_variant, variant_base
 
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 
 
 @dataclass(frozen=True)
-class SweepConfig:
+class SweepJobConfig:
     """`jobs/sweep.py`: which trials, how they are scheduled, where the experiment lives."""
 
     name: str = ""  # experiment folder; empty: sweep-<UTC time> (resume=true needs the name)
@@ -59,10 +59,10 @@ class SweepConfig:
     seeds: tuple[int, ...] = (0,)
     search_space: str = ""  # YAML file of sampled/gridded settings (see the module docstring); empty: none
     num_samples: int = 1  # draws of the sampled settings per (variant, seed, grid point)
-    trial: dict[str, Any] = field(default_factory=dict)  # TrainGeneratorConfig settings every trial gets
-    munit_trial: dict[str, Any] = field(default_factory=dict)  # TrainMUNITConfig settings of the `munit` variant
+    trial: dict[str, Any] = field(default_factory=dict)  # GeneratorJobConfig settings every trial gets
+    munit_trial: dict[str, Any] = field(default_factory=dict)  # MUNITJobConfig settings of the `munit` variant
                                                                # (its data and val_split default to trial's)
-    multidomain_trial: dict[str, Any] = field(default_factory=dict)  # TrainMultiDomainConfig settings of the
+    multidomain_trial: dict[str, Any] = field(default_factory=dict)  # MultiDomainJobConfig settings of the
                                                                      # multidomain variants (image_size from trial's)
     asha: bool = False  # ASHA early stopping on the per-epoch `asha_metric`
     asha_metric: str = "val_psnr"
@@ -141,7 +141,7 @@ def representative_values(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class TrialPipeline:
-    """How a sweep runs a variant of one recipe: its job config, its pipeline, the SweepConfig field with
+    """How a sweep runs a variant of one recipe: its job config, its pipeline, the SweepJobConfig field with
     its settings, what it takes from `trial` (the generator variants' settings), and the evaluation
     metric that stands for "diversity of sampled outputs" in the table (each samples styles its own way)."""
 
@@ -161,15 +161,15 @@ def _multidomain_shared(trial: dict[str, Any]) -> dict[str, Any]:  # its own dom
 
 
 PIPELINES: dict[str, TrialPipeline] = {
-    "generator": TrialPipeline(TrainGeneratorConfig, run_train_generator, "trial", lambda trial: {}),
-    "munit": TrialPipeline(TrainMUNITConfig, run_train_munit, "munit_trial", _munit_shared, "diversity_random"),
-    "multidomain": TrialPipeline(TrainMultiDomainConfig, run_train_multidomain, "multidomain_trial", _multidomain_shared,
+    "generator": TrialPipeline(GeneratorJobConfig, run_train_generator, "trial", lambda trial: {}),
+    "munit": TrialPipeline(MUNITJobConfig, run_train_munit, "munit_trial", _munit_shared, "diversity_random"),
+    "multidomain": TrialPipeline(MultiDomainJobConfig, run_train_multidomain, "multidomain_trial", _multidomain_shared,
                                  "diversity_latent"),
 }
 
 
-def trial_config(sweep: SweepConfig, variant: str, seed: int, values: dict[str, Any] | None = None):
-    """The job config of one trial (TrainGeneratorConfig, TrainMUNITConfig or TrainMultiDomainConfig, per the
+def trial_config(sweep: SweepJobConfig, variant: str, seed: int, values: dict[str, Any] | None = None):
+    """The job config of one trial (GeneratorJobConfig, MUNITJobConfig or MultiDomainJobConfig, per the
     variant's recipe), without its storage (the trial sets that): defaults <- variant <- the sweep's settings
     <- sampled values <- train.seed."""
     spec = PIPELINES[get_variant(variant).recipe]
@@ -178,11 +178,11 @@ def trial_config(sweep: SweepConfig, variant: str, seed: int, values: dict[str, 
     return config_from_dict(spec.config, tree, where=f"{spec.settings_field}[{variant}, seed {seed}]")
 
 
-def experiment_uri(sweep: SweepConfig) -> str:
+def experiment_uri(sweep: SweepJobConfig) -> str:
     return storage.join(sweep.storage_path, sweep.name)
 
 
-def run_trial(params: dict[str, Any], sweep: SweepConfig, experiment: str) -> None:
+def run_trial(params: dict[str, Any], sweep: SweepJobConfig, experiment: str) -> None:
     """One trial: train the variant (stages forward their epoch reports to Tune), evaluate, report once."""
     variant, seed, values = params["variant"], int(params["seed"]), dict(params.get("params") or {})
     trial_id = ray.tune.get_context().get_trial_id()
@@ -194,7 +194,7 @@ def run_trial(params: dict[str, Any], sweep: SweepConfig, experiment: str) -> No
     spec = PIPELINES[get_variant(variant).recipe]
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, storage_path=storage.join(folder, "runs"),
                                                            name=f"{variant}-seed{seed}"))
-    if isinstance(cfg, TrainGeneratorConfig):  # the evaluation's row is named after the variant
+    if isinstance(cfg, GeneratorJobConfig):  # the evaluation's row is named after the variant
         cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, method=variant))
     out = spec.run(cfg, callbacks=(TuneReportCallback(),))
     metrics = {k: v for k, v in (out.eval_metrics or {}).items() if isinstance(v, (int, float))}
@@ -212,7 +212,7 @@ def run_trial(params: dict[str, Any], sweep: SweepConfig, experiment: str) -> No
 # the driver
 
 
-def trial_bundles(sweep: SweepConfig) -> list[dict[str, float]]:
+def trial_bundles(sweep: SweepJobConfig) -> list[dict[str, float]]:
     """What one trial holds while it trains: its own process (trial_cpus) and its run's workers, each
     placed whole on some node."""
     run = trial_config(sweep, sweep.variants[0], sweep.seeds[0]).run
@@ -220,7 +220,7 @@ def trial_bundles(sweep: SweepConfig) -> list[dict[str, float]]:
     return [{"CPU": sweep.trial_cpus}] + [worker] * run.num_workers
 
 
-def default_concurrency(sweep: SweepConfig) -> int:
+def default_concurrency(sweep: SweepJobConfig) -> int:
     """Trials that fit at once on the alive nodes, each with its process and its workers (trial_bundles),
     every one whole on one node: counted per node, since the cluster's total CPUs would count fractions of
     nodes no worker can use. Without this cap Tune would start trial processes until no CPU is left for
@@ -228,7 +228,7 @@ def default_concurrency(sweep: SweepConfig) -> int:
     return max(1, groups_that_fit(trial_bundles(sweep), alive_nodes()))
 
 
-def _tuner(sweep: SweepConfig, experiment: str):
+def _tuner(sweep: SweepJobConfig, experiment: str):
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep, experiment=experiment),
                                     {"CPU": sweep.trial_cpus})
     fs, root = storage.resolve(sweep.storage_path)
@@ -272,16 +272,16 @@ def _tuner(sweep: SweepConfig, experiment: str):
     )
 
 
-def check_sweep(sweep: SweepConfig) -> None:
+def check_sweep(sweep: SweepJobConfig) -> None:
     """Every (variant, sampled setting) builds a valid config before anything is launched."""
     if "method" in (sweep.trial.get("eval") or {}):
         raise ConfigError("trial.eval.method: a sweep names each evaluation after its variant")
     values = representative_values(read_search_space(sweep.search_space))
     for variant in sweep.variants:
         cfg = trial_config(sweep, variant, sweep.seeds[0], values)
-        if isinstance(cfg, TrainMultiDomainConfig):
+        if isinstance(cfg, MultiDomainJobConfig):
             continue  # its config checks the image size itself
-        if isinstance(cfg, TrainMUNITConfig):
+        if isinstance(cfg, MUNITJobConfig):
             if cfg.data.image_size < cfg.train.discriminator.min_side():
                 raise ConfigError(f"munit: data.image_size={cfg.data.image_size} is below its discriminator's minimum "
                                   f"{cfg.train.discriminator.min_side()}: set munit_trial.train.discriminator.n_layers/num_scales")
@@ -290,7 +290,7 @@ def check_sweep(sweep: SweepConfig) -> None:
             raise ConfigError(f"variant {variant} starts from a pre-trained encoder: set trial.encoder_checkpoint")
 
 
-def shared_paths(sweep: SweepConfig) -> dict[str, str]:
+def shared_paths(sweep: SweepJobConfig) -> dict[str, str]:
     """The local paths a sweep's trials read or write wherever Tune places them: the experiment folder,
     and each variant's dataset and starting checkpoints (for check_shared_storage)."""
     paths = {"storage_path": sweep.storage_path}
@@ -302,7 +302,7 @@ def shared_paths(sweep: SweepConfig) -> dict[str, str]:
     return paths
 
 
-def trial_status(sweep: SweepConfig, metrics: dict | None, error: Any) -> str:
+def trial_status(sweep: SweepJobConfig, metrics: dict | None, error: Any) -> str:
     """TERMINATED: trained and evaluated (its final report came); ERROR; STOPPED: ended early by ASHA;
     UNFINISHED: interrupted before its end (resume=true runs it again)."""
     if error:
@@ -334,7 +334,7 @@ def seconds_to_lpips(history: list[dict[str, Any]], target: float) -> float | No
     return next((h["time_total_s"] for h in history if h["val_lpips"] <= target), float("nan"))
 
 
-def trial_rows(sweep: SweepConfig, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def trial_rows(sweep: SweepJobConfig, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The results table's input: per trial {config, metrics (its last report), status, trial_id, history
     (its epoch reports, for the time to `lpips_target`)}."""
     rows = []
@@ -360,7 +360,7 @@ def trial_rows(sweep: SweepConfig, trials: list[dict[str, Any]]) -> list[dict[st
 PATH_KEYS = ("encoder_checkpoint", "stage2_checkpoint", "data.root", "data.synthetic_dir")
 
 
-def absolute_paths(sweep: SweepConfig) -> SweepConfig:
+def absolute_paths(sweep: SweepJobConfig) -> SweepJobConfig:
     """Local paths made absolute in the driver: Tune runs each trial in its own working directory, where a
     relative checkpoint or data path would not exist (and the default synthetic set would be generated
     again). s3:// URIs are left alone."""
@@ -393,7 +393,7 @@ class SweepResult:
     tables: dict[str, str]  # md, csv, trials_csv, png: the written results
 
 
-def run_sweep(sweep: SweepConfig) -> SweepResult:
+def run_sweep(sweep: SweepJobConfig) -> SweepResult:
     """Run (or resume) the sweep, then write the results table.
     `table_only=true` rebuilds the table of an existing experiment from Tune's saved state."""
     if not sweep.name:

@@ -22,13 +22,13 @@ from step_ray.engine.monitor import MonitorConfig, RunMonitor, sample_grid
 from step_ray.engine.settings import RunSettings
 from step_ray.pipelines.results import StageResult, TrainResult
 from step_ray.eval.generator_eval import EvalConfig, evaluate, load_generator
-from step_ray.recipes.generator import GeneratorRecipe, GeneratorTrainConfig, fit_to_image_size, resolve_reconstruction
-from step_ray.recipes.mapper import IMLEConfig, save_mapper, train_mapper
+from step_ray.recipes.generator import GeneratorRecipe, GeneratorTraining, fit_to_image_size, resolve_reconstruction
+from step_ray.pipelines.mapper import IMLEConfig, save_mapper, train_mapper
 from step_ray.style.encode import encode, encoder_config_of, load_encoder
 
 
-def resolve_stage_config(cfg: GeneratorTrainConfig, run: RunSettings, inputs: PairedSplits, stage: str
-                         ) -> tuple[GeneratorTrainConfig, str]:
+def resolve_stage_config(cfg: GeneratorTraining, run: RunSettings, inputs: PairedSplits, stage: str
+                         ) -> tuple[GeneratorTraining, str]:
     """The config one generator stage trains with, and its reconstruction line: E's settings from the
     checkpoint E comes from (so the saved config.yaml describes the networks in the checkpoint exactly),
     the "for the image size" settings resolved, the reconstruction term chosen (resolve_reconstruction).
@@ -50,7 +50,7 @@ def resolve_stage_config(cfg: GeneratorTrainConfig, run: RunSettings, inputs: Pa
     return cfg, reconstruction
 
 
-def train_generator_stage(cfg: GeneratorTrainConfig, run: RunSettings, inputs: PairedSplits, stage: str,
+def train_generator_stage(cfg: GeneratorTraining, run: RunSettings, inputs: PairedSplits, stage: str,
                           callbacks: tuple = (), job: Any = None):
     """One generator stage (stage2: E frozen; stage3: E and G from a stage-2 checkpoint; joint: a baseline's
     E from scratch) on Ray Train. Returns (ray.train.Result, run folder URI, the resolved config)."""
@@ -86,7 +86,7 @@ _STAGE_DECIDES = {
 
 
 @dataclass(frozen=True)
-class TrainGeneratorConfig:
+class GeneratorJobConfig:
     """`jobs/train_generator.py`: stage 2 (E frozen) then stage 3 (E and G) from a stage-1 checkpoint,
     then the mapper and the evaluation. `train` holds the settings both stages share."""
 
@@ -94,7 +94,7 @@ class TrainGeneratorConfig:
     stage2_checkpoint: str = ""  # set: skip stage 2 and start stage 3 from this stage-2 checkpoint
     data: DataConfig = field(default_factory=DataConfig)
     val_split: str = "val"
-    train: GeneratorTrainConfig = field(default_factory=GeneratorTrainConfig)
+    train: GeneratorTraining = field(default_factory=GeneratorTraining)
     stage2_epochs: int = 10
     stage3_epochs: int = 10
     stage3_decay_epochs: int = 0  # stage 3's last N epochs decay the lr linearly to 0
@@ -106,7 +106,7 @@ class TrainGeneratorConfig:
 
     def __post_init__(self):
         # nothing a user sets is overwritten: the settings this job decides per stage are refused, by name
-        defaults = GeneratorTrainConfig()
+        defaults = GeneratorTraining()
         for name, instead in _STAGE_DECIDES.items():
             if getattr(self.train, name) != getattr(defaults, name):
                 raise ConfigError(f"train.{name} is decided per stage by train_generator; set {instead}")
@@ -168,7 +168,7 @@ def monitor_mapper(run_folder: str, checkpoint: str, mapper, info: dict, data: D
     monitor.close()
 
 
-def run_train_generator(cfg: TrainGeneratorConfig, callbacks: tuple = ()) -> TrainResult:
+def run_train_generator(cfg: GeneratorJobConfig, callbacks: tuple = ()) -> TrainResult:
     """Stage 2 then stage 3 (or a baseline's joint stage), the mapper, the evaluation. `callbacks` go to
     every stage's TorchTrainer (a sweep forwards the epoch reports to Tune)."""
     started = time.perf_counter()
@@ -182,7 +182,7 @@ def run_train_generator(cfg: TrainGeneratorConfig, callbacks: tuple = ()) -> Tra
     if cfg.stage3_epochs and not scratch and not (cfg.stage2_epochs or cfg.stage2_checkpoint):
         raise ValueError("stage 3 starts from stage 2: set stage2_epochs >= 1 or stage2_checkpoint")
 
-    def stage(name: str, train_cfg: GeneratorTrainConfig) -> str:
+    def stage(name: str, train_cfg: GeneratorTraining) -> str:
         stage_run = dataclasses.replace(run, name=f"{name}-{run.name}" if run.name else "")
         try:
             result, run_uri, _ = train_generator_stage(train_cfg, stage_run, inputs, name, callbacks, job=cfg)

@@ -13,7 +13,7 @@ from step_ray.engine.loop import train
 from step_ray.engine.settings import RunSettings
 from step_ray.pipelines.results import StageResult, TrainResult
 from step_ray.eval.multidomain_eval import evaluate_multidomain, load_multidomain
-from step_ray.recipes.multidomain import MultiDomainRecipe, MultiDomainTrainConfig
+from step_ray.recipes.multidomain import MultiDomainRecipe, MultiDomainTraining
 
 
 @dataclass(frozen=True)
@@ -23,12 +23,12 @@ class MultiDomainRunSettings(RunSettings):
 
 
 @dataclass(frozen=True)
-class TrainMultiDomainConfig:
+class MultiDomainJobConfig:
     """`jobs/train_multidomain.py`: train on N >= 2 domains, then evaluate (grids, diversity, unification, smoothness)."""
 
     data: DomainDataConfig = field(default_factory=DomainDataConfig)
     val_split: str = "val"
-    train: MultiDomainTrainConfig = field(default_factory=MultiDomainTrainConfig)
+    train: MultiDomainTraining = field(default_factory=MultiDomainTraining)
     run: MultiDomainRunSettings = field(default_factory=MultiDomainRunSettings)
     evaluate: bool = True
     eval_inputs: int = 32
@@ -38,7 +38,7 @@ class TrainMultiDomainConfig:
         self.train.model.check_image_size(self.data.image_size)
 
 
-def run_train_multidomain(cfg: TrainMultiDomainConfig, callbacks: tuple = ()) -> TrainResult:
+def run_train_multidomain(cfg: MultiDomainJobConfig, callbacks: tuple = ()) -> TrainResult:
     """Train on the domains of `data`, then evaluate the last checkpoint."""
     started = time.perf_counter()
     train_images, val_images = list_domain_split(cfg.data, "train"), list_domain_split(cfg.data, cfg.val_split)

@@ -14,16 +14,16 @@ from step_ray.eval.metrics import LPIPSConfig
 from step_ray.eval.munit_eval import evaluate_munit, load_munit
 from step_ray.pipelines.results import StageResult, TrainResult
 from step_ray.pipelines.train_generator import GeneratorRunSettings
-from step_ray.recipes.munit import MUNITRecipe, MUNITTrainConfig
+from step_ray.recipes.munit import MUNITRecipe, MUNITTraining
 
 
 @dataclass(frozen=True)
-class TrainMUNITConfig:
+class MUNITJobConfig:
     """`jobs/train_munit.py`: MUNIT on a pix2pix-layout set used unpaired, then its evaluation."""
 
     data: DataConfig = field(default_factory=DataConfig)
     val_split: str = "val"
-    train: MUNITTrainConfig = field(default_factory=MUNITTrainConfig)
+    train: MUNITTraining = field(default_factory=MUNITTraining)
     run: GeneratorRunSettings = field(default_factory=GeneratorRunSettings)  # best checkpoints by val_psnr
     evaluate: bool = True
     eval_inputs: int = 100
@@ -33,7 +33,7 @@ class TrainMUNITConfig:
         self.train.model.check_image_size(self.data.image_size)
 
 
-def run_train_munit(cfg: TrainMUNITConfig, callbacks: tuple = ()) -> TrainResult:
+def run_train_munit(cfg: MUNITJobConfig, callbacks: tuple = ()) -> TrainResult:
     """Train, then evaluate the last checkpoint."""
     started = time.perf_counter()
     inputs = prepare_paired_splits(cfg.data, cfg.val_split)

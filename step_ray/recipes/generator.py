@@ -1,4 +1,4 @@
-"""Stages 2 and 3 (METHOD §5) and every baseline of §7 as one recipe: G(A, z) with E, D and an EMA of G.
+"""Stages 2 and 3 (docs/method.md §5) and every baseline of §7 as one recipe: G(A, z) with E, D and an EMA of G.
 
     L_G = λ_gan · LSGAN_G(D(A, B̂)) + λ_vgg · VGG(B, B̂) + λ_l1 · |B − B̂|,   B̂ = G(A, z),  z = E(B)
           + λ_kl · KL(q(z|B) ‖ N(0, I))                  (a variational E: z = μ + σ·ε, BicycleGAN's cVAE)
@@ -59,7 +59,7 @@ D_TERMS = ("loss_d", "loss_d_random")
 
 
 @dataclass(frozen=True)
-class GeneratorTrainConfig(LoopConfig):
+class GeneratorTraining(LoopConfig):
     """One generator stage. Defaults: official StEP (LSGAN 1, λ_rec = 0.02 VGG, Adam 1e-3 β (0, 0.99), EMA 0.999)."""
 
     variant: str = ""  # the step_ray.recipes.variants preset this config was built on (a record; "" for none)
@@ -69,7 +69,7 @@ class GeneratorTrainConfig(LoopConfig):
     encoder_init: Literal["checkpoint", "scratch"] = "checkpoint"  # scratch: the baselines' E, trained with G from random init
     encoder: EncoderConfig = field(default_factory=EncoderConfig)  # filled in from the checkpoint E comes from
     generator: GeneratorConfig = field(default_factory=lambda: GeneratorConfig(num_downs=0))  # 0: for the image size
-    # StEP's D (METHOD §5): 32 filters, 3 scales; n_layers 0 = 3, or fewer where the image is too small
+    # StEP's D (docs/method.md §5): 32 filters, 3 scales; n_layers 0 = 3, or fewer where the image is too small
     discriminator: DiscriminatorConfig = field(default_factory=lambda: DiscriminatorConfig(base_channels=32, num_scales=3,
                                                                                           n_layers=0))
     vgg: VGGConfig = field(default_factory=lambda: VGGConfig(layer_weights=OFFICIAL_LAYER_WEIGHTS))
@@ -80,7 +80,7 @@ class GeneratorTrainConfig(LoopConfig):
     vgg_scale: float = OFFICIAL_SCALE  # activations × this before the MSE: the official 0.1 on Caffe-scale ones (≈ 5.76)
     lambda_l1: float = 0.0
     # Without pretrained VGG weights a perceptual loss on a random VGG steers G nowhere: "l1" trains with
-    # lambda_vgg=0, lambda_l1=fallback_lambda_l1 instead (METHOD §5), printed and saved; "random_vgg" keeps
+    # lambda_vgg=0, lambda_l1=fallback_lambda_l1 instead (docs/method.md §5), printed and saved; "random_vgg" keeps
     # the loss on the random VGG (a labelled contrast).
     vgg_fallback: Literal["l1", "random_vgg"] = "l1"
     fallback_lambda_l1: float = 10.0
@@ -148,13 +148,13 @@ class GeneratorTrainConfig(LoopConfig):
         return size
 
 
-def fit_to_image_size(cfg: GeneratorTrainConfig, side: int) -> GeneratorTrainConfig:
+def fit_to_image_size(cfg: GeneratorTraining, side: int) -> GeneratorTraining:
     """The config with its "for the image size" settings (generator.num_downs=0, discriminator.n_layers=0)
     resolved for `side`; the resolved values are what the run's config.yaml records."""
     return dataclasses.replace(cfg, generator=cfg.generator.fitted(side), discriminator=cfg.discriminator.fitted(side))
 
 
-def resolve_reconstruction(cfg: GeneratorTrainConfig) -> tuple[GeneratorTrainConfig, str]:
+def resolve_reconstruction(cfg: GeneratorTraining) -> tuple[GeneratorTraining, str]:
     """The reconstruction term this run trains with, and a line saying which and why.
 
     With a pretrained VGG (or no VGG term) the config is kept. With a random VGG and vgg_fallback=l1 the
@@ -177,12 +177,12 @@ def resolve_reconstruction(cfg: GeneratorTrainConfig) -> tuple[GeneratorTrainCon
 # the networks of one run and how a step changes them
 
 
-def uses_random_branch(cfg: GeneratorTrainConfig) -> bool:
+def uses_random_branch(cfg: GeneratorTraining) -> bool:
     """cLR-GAN's branch: outputs from random codes z_r ~ N(0, I)."""
     return cfg.lambda_gan_random > 0 or cfg.lambda_latent > 0
 
 
-def build_networks(cfg: GeneratorTrainConfig, device) -> dict[str, torch.nn.Module]:
+def build_networks(cfg: GeneratorTraining, device) -> dict[str, torch.nn.Module]:
     """G, D and E, with G_ema only when there is an EMA and D_r only when the random branch has its own D."""
     g = UNetGenerator(cfg.generator).to(device)
     nets = {"generator": g}
@@ -212,13 +212,13 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         e.copy_(b)
 
 
-def ema_decay_at(cfg: GeneratorTrainConfig, step: int) -> float:
+def ema_decay_at(cfg: GeneratorTraining, step: int) -> float:
     if cfg.ema_decay == 0:
         return 0.0
     return min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay
 
 
-def lr_factor(cfg: GeneratorTrainConfig, epoch: int) -> float:
+def lr_factor(cfg: GeneratorTraining, epoch: int) -> float:
     """Constant, then linear decay to 0 over the last `decay_epochs` epochs."""
     if not cfg.decay_epochs:
         return 1.0
@@ -226,7 +226,7 @@ def lr_factor(cfg: GeneratorTrainConfig, epoch: int) -> float:
     return 1.0 if epoch < start else max(0.0, 1.0 - (epoch - start + 1) / (cfg.decay_epochs + 1))
 
 
-def shares_target_features(cfg: GeneratorTrainConfig) -> bool:
+def shares_target_features(cfg: GeneratorTraining) -> bool:
     """Does E (a vgg_gram E) read the very VGG layers the perceptual loss compares? Then one VGG pass over
     B per step gives the loss its targets and E its input (its VGG stem is frozen in every stage)."""
     e, v = cfg.encoder, cfg.vgg
@@ -234,7 +234,7 @@ def shares_target_features(cfg: GeneratorTrainConfig) -> bool:
             and (e.vgg_arch, tuple(e.vgg_layers), e.vgg_weights) == (v.arch, tuple(v.layers), v.weights))
 
 
-def target_features(cfg: GeneratorTrainConfig, vgg, real: torch.Tensor):
+def target_features(cfg: GeneratorTraining, vgg, real: torch.Tensor):
     """VGG(B) without gradients, once per step: the targets of every perceptual term (direct and cycle)."""
     if not cfg.lambda_vgg:
         return None
@@ -242,7 +242,7 @@ def target_features(cfg: GeneratorTrainConfig, vgg, real: torch.Tensor):
         return vgg(real)
 
 
-def reconstruction_loss(cfg: GeneratorTrainConfig, fake: torch.Tensor, real: torch.Tensor, vgg, real_features=None
+def reconstruction_loss(cfg: GeneratorTraining, fake: torch.Tensor, real: torch.Tensor, vgg, real_features=None
                         ) -> tuple[torch.Tensor, dict]:
     """λ_vgg · VGG(B, B̂) + λ_l1 · |B − B̂| (either may be off); `real_features`: VGG(B) when already computed."""
     total, logs = fake.new_zeros(()).float(), {}
@@ -258,7 +258,7 @@ def reconstruction_loss(cfg: GeneratorTrainConfig, fake: torch.Tensor, real: tor
     return total, logs
 
 
-def encode_style(cfg: GeneratorTrainConfig, encoder, b: torch.Tensor, features=None):
+def encode_style(cfg: GeneratorTraining, encoder, b: torch.Tensor, features=None):
     """(z, mean, logvar) of E(B): a variational E gives the reparameterised sample μ + σ·ε (logvar for the
     KL term), a deterministic one its code (logvar None). E's graph is kept only when E trains.
     `features`: VGG(B) already computed, for a vgg_gram E on the same layers (shares_target_features)."""
@@ -273,7 +273,7 @@ def encode_style(cfg: GeneratorTrainConfig, encoder, b: torch.Tensor, features=N
         return z, z, None
 
 
-def discriminator_loss(cfg: GeneratorTrainConfig, nets: dict, a, b, fake, fake_random, random_real=None
+def discriminator_loss(cfg: GeneratorTraining, nets: dict, a, b, fake, fake_random, random_real=None
                        ) -> tuple[torch.Tensor, dict]:
     """LSGAN_D on (A, B) against (A, B̂), and for the random branch (on D_r) a real pair — `random_real`,
     BicycleGAN's second half with split_batch, else (A, B) — against (A, G(A, z_r))."""
@@ -292,7 +292,7 @@ def discriminator_loss(cfg: GeneratorTrainConfig, nets: dict, a, b, fake, fake_r
     return total, logs
 
 
-def generator_loss(cfg: GeneratorTrainConfig, nets: dict, a, b, style, fake, z_random, fake_random, vgg,
+def generator_loss(cfg: GeneratorTraining, nets: dict, a, b, style, fake, z_random, fake_random, vgg,
                    real_features=None) -> tuple[torch.Tensor, dict]:
     """L_G (and E's loss) from the switched-on terms; `style` = encode_style(...) of B, `real_features`
     = target_features(...) of B (None: computed where needed)."""
@@ -309,7 +309,7 @@ def generator_loss(cfg: GeneratorTrainConfig, nets: dict, a, b, style, fake, z_r
         terms.append((cfg.lambda_z_l2, (penalty, {"z_l2": float(penalty.detach())})))
     if cfg.lambda_cycle:
         # pairs (A_i, B_i) and (A_{i-1}, B_{i-1}): u_i = G(A_i, z_{i-1}) carries the partner's style, so
-        # E(u_{i+1}) ≈ z_i must rebuild B_i from A_i (METHOD §7, MUNIT-p)
+        # E(u_{i+1}) ≈ z_i must rebuild B_i from A_i (docs/method.md §7, MUNIT-p)
         swapped = g(a, torch.roll(z, 1, 0))
         z_back = e(swapped)
         loss, _ = reconstruction_loss(cfg, g(a, torch.roll(z_back, -1, 0)), b, vgg, real_features)
@@ -327,7 +327,7 @@ def generator_loss(cfg: GeneratorTrainConfig, nets: dict, a, b, style, fake, z_r
     return total, logs
 
 
-def train_step(cfg: GeneratorTrainConfig, nets: dict, opt_g, opt_d, a: torch.Tensor, b: torch.Tensor, vgg,
+def train_step(cfg: GeneratorTraining, nets: dict, opt_g, opt_d, a: torch.Tensor, b: torch.Tensor, vgg,
                step: int, amp: MixedPrecision | None = None, guard: NonFiniteGuard | None = None,
                state: dict | None = None) -> dict[str, float] | None:
     """One D step then one G step (E too when it trains). Gradients are averaged over workers by hand.
@@ -374,7 +374,7 @@ def train_step(cfg: GeneratorTrainConfig, nets: dict, opt_g, opt_d, a: torch.Ten
     return {**logs, **g_logs} if ok else None
 
 
-def apply_activation_checkpointing(cfg: GeneratorTrainConfig, nets: dict, vgg=None) -> None:
+def apply_activation_checkpointing(cfg: GeneratorTraining, nets: dict, vgg=None) -> None:
     """Recompute in backward instead of storing: G's down/up blocks, E's residual blocks (when E trains),
     each discriminator scale's conv body, and the VGG segments between the perceptual loss's layers."""
     g = nets["generator"]
@@ -389,7 +389,7 @@ def apply_activation_checkpointing(cfg: GeneratorTrainConfig, nets: dict, vgg=No
         vgg.recompute_in_backward = True
 
 
-def make_optimizers(cfg: GeneratorTrainConfig, nets: dict, init_folder: str | None, device):
+def make_optimizers(cfg: GeneratorTraining, nets: dict, init_folder: str | None, device):
     """Adam for G (+ E in stage 3) and D. A fresh stage 3 continues stage 2's G and D optimiser states
     and adds E to G's optimiser as a second parameter group."""
     opt_g = cfg.optim_g.build(nets["generator"].parameters())
@@ -410,7 +410,7 @@ def make_optimizers(cfg: GeneratorTrainConfig, nets: dict, init_folder: str | No
     return opt_g, opt_d
 
 
-def perceptual_vgg(cfg: GeneratorTrainConfig, nets: dict, device):
+def perceptual_vgg(cfg: GeneratorTraining, nets: dict, device):
     """The perceptual loss's VGG: E's own frozen one when they share it (shares_target_features), else a
     second one loaded for the loss; None without a VGG term."""
     if not cfg.lambda_vgg:
@@ -426,7 +426,7 @@ def freeze(module: torch.nn.Module) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def validate(cfg: GeneratorTrainConfig, g_ema, encoder, a: torch.Tensor, b: torch.Tensor, other: np.ndarray, device,
+def validate(cfg: GeneratorTraining, g_ema, encoder, a: torch.Tensor, b: torch.Tensor, other: np.ndarray, device,
              lpips_model=None) -> dict[str, float]:
     """PSNR of G_ema(A, E(B)) against B, and of G_ema(A, E(B')) with B' of another style; with an LPIPS
     model, also LPIPS of G_ema(A, E(B)) against B."""
@@ -456,7 +456,7 @@ class GeneratorRecipe(Recipe):
     stage-2 checkpoint) or joint (a baseline's E from scratch, with G). `cfg` is already resolved for the
     image size and the reconstruction term (the pipeline's `resolve_stage_config`)."""
 
-    cfg: GeneratorTrainConfig
+    cfg: GeneratorTraining
     inputs: PairedSplits
     name: str = "stage2"
     reconstruction: str = ""  # which reconstruction term trains, and why: saved in every checkpoint's state
@@ -545,7 +545,7 @@ class GeneratorRecipe(Recipe):
             [f"val_lpips {m['val_lpips']:.3f}"] if "val_lpips" in m else [])
 
 
-def training_grid(cfg: GeneratorTrainConfig, nets: dict, val_a: torch.Tensor, val_b: torch.Tensor, device) -> np.ndarray:
+def training_grid(cfg: GeneratorTraining, nets: dict, val_a: torch.Tensor, val_b: torch.Tensor, device) -> np.ndarray:
     """The fixed-seed grid of a generator stage: the same val inputs × the same reference styles, plus
     codes sampled from a Gaussian fitted to E's codes of the validation images (no mapper exists yet)."""
     m = cfg.monitor

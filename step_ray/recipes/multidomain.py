@@ -1,4 +1,4 @@
-"""The multi-domain disentangled style model (METHOD §7, seed 004; StarGAN v2 family), under the project's
+"""The multi-domain disentangled style model (docs/method.md §7, seed 004; StarGAN v2 family), under the project's
 Ray Train conventions.
 
 A conditional neural spline flow f(z; θ_u) (zuko; θ_u = MLP(u)) maps Gaussian noise to domain u's style
@@ -38,8 +38,8 @@ from step_ray.models.multidomain import MultiDomainConfig, build_multidomain
 
 
 @dataclass(frozen=True)
-class MultiDomainTrainConfig(LoopConfig):
-    """StarGAN v2's defaults where the seed gives none (METHOD §7): Adam 1e-4 β (0, 0.99), weight decay 1e-4,
+class MultiDomainTraining(LoopConfig):
+    """StarGAN v2's defaults where the seed gives none (docs/method.md §7): Adam 1e-4 β (0, 0.99), weight decay 1e-4,
     the mapping (here the flow) at 1e-6, λ_sty = λ_cyc = λ_ds = 1 (λ_ds decayed), R1 1, λ_uni = λ_smooth = 1."""
 
     model: MultiDomainConfig = field(default_factory=MultiDomainConfig)
@@ -60,7 +60,7 @@ class MultiDomainTrainConfig(LoopConfig):
             raise ValueError("flow_lr must be > 0")
 
 
-def make_optimizers(cfg: MultiDomainTrainConfig, nets: dict) -> dict[str, torch.optim.Optimizer]:
+def make_optimizers(cfg: MultiDomainTraining, nets: dict) -> dict[str, torch.optim.Optimizer]:
     o = cfg.optim
     return {
         "optimizer_g": o.build(nets["generator"].parameters()),
@@ -101,7 +101,7 @@ def _g_terms(cfg, nets, step, x_real, y_org, y_trg, s_trg, s_trg2, latent: bool,
         terms["cyc"] = cycle_loss(g(x_fake, e(x_real, y_org)), x_real)
     if latent and w.uni and x_ref is not None:
         # both sides move: the flow's styles towards "reference", E's reference styles towards "latent"
-        # (the seed pulls E's codes to the flow's; METHOD asks only that the two be indistinguishable)
+        # (the seed pulls E's codes to the flow's; docs/method.md asks only that the two be indistinguishable)
         ds_net = nets["style_discriminator"]
         terms["uni"] = unification_g_loss(ds_net(s_trg, y_trg), ds_net(e(x_ref, y_trg), y_trg))
     if latent and w.smooth:
@@ -111,7 +111,7 @@ def _g_terms(cfg, nets, step, x_real, y_org, y_trg, s_trg, s_trg2, latent: bool,
     return generator_objective(w, step, terms)
 
 
-def multidomain_step(cfg: MultiDomainTrainConfig, nets: dict, opts: dict, x_real: torch.Tensor, y_org: torch.Tensor,
+def multidomain_step(cfg: MultiDomainTraining, nets: dict, opts: dict, x_real: torch.Tensor, y_org: torch.Tensor,
                      x_ref: torch.Tensor, x_ref2: torch.Tensor, y_trg: torch.Tensor, step: int,
                      guard: NonFiniteGuard | None = None, state: dict | None = None) -> dict[str, float] | None:
     """One training iteration: D (latent, reference) [+ D_s], G + flow + E (latent), G (reference).
@@ -162,7 +162,7 @@ def multidomain_step(cfg: MultiDomainTrainConfig, nets: dict, opts: dict, x_real
 
 
 @torch.no_grad()
-def validate_multidomain(cfg: MultiDomainTrainConfig, nets: dict, x: torch.Tensor, y: torch.Tensor, seed: int, device) -> dict[str, float]:
+def validate_multidomain(cfg: MultiDomainTraining, nets: dict, x: torch.Tensor, y: torch.Tensor, seed: int, device) -> dict[str, float]:
     """Cheap per-epoch numbers: how far latent styles are from reference styles of the same domain
     (mean distance of each latent style to its nearest reference style, against reference-to-reference),
     and how much G's output moves with the style (mean |G(x, s1) − G(x, s2)|)."""
@@ -194,7 +194,7 @@ class MultiDomainRecipe(Recipe):
     """G, the style encoder, the flow, D and D_s; each step StarGAN v2's four updates on a batch of real
     images, random target domains and two reference images of each target domain."""
 
-    cfg: MultiDomainTrainConfig
+    cfg: MultiDomainTraining
     data: DomainDataConfig
     train_images: DomainImages
     val_images: DomainImages

@@ -1,4 +1,4 @@
-"""MUNIT (METHOD §7, unpaired): two auto-encoders whose content codes are shared between the domains
+"""MUNIT (docs/method.md §7, unpaired): two auto-encoders whose content codes are shared between the domains
 and whose style codes are not, trained under the project's Ray Train conventions.
 
     L_G = λ_gan (LSGAN_G(D_a(x_ba)) + LSGAN_G(D_b(x_ab))) + λ_x (|x̂_a − x_a| + |x̂_b − x_b|)
@@ -43,8 +43,8 @@ from step_ray.style.vgg import VGGConfig, load_vgg
 
 
 @dataclass(frozen=True)
-class MUNITTrainConfig(LoopConfig):
-    """Official edges2shoes defaults (METHOD §7): Adam 1e-4 β (0.5, 0.999), weight decay 1e-4, lr halved every
+class MUNITTraining(LoopConfig):
+    """Official edges2shoes defaults (docs/method.md §7): Adam 1e-4 β (0.5, 0.999), weight decay 1e-4, lr halved every
     100k iterations, batch 1, λ_x 10, λ_c = λ_s = 1, λ_cyc = λ_vgg = 0, LSGAN 1."""
 
     model: MUNITConfig = field(default_factory=MUNITConfig)
@@ -63,7 +63,7 @@ class MUNITTrainConfig(LoopConfig):
             raise ValueError("lr_halve_every must be >= 1")
 
 
-def build_munit(cfg: MUNITTrainConfig, device) -> dict[str, torch.nn.Module]:
+def build_munit(cfg: MUNITTraining, device) -> dict[str, torch.nn.Module]:
     """gen_a / gen_b: each domain's content encoder, style encoder and decoder; dis_a / dis_b: MUNIT's
     Gaussian-initialised multi-scale LSGAN discriminators (unconditional)."""
     return {
@@ -74,7 +74,7 @@ def build_munit(cfg: MUNITTrainConfig, device) -> dict[str, torch.nn.Module]:
     }
 
 
-def make_munit_optimizers(cfg: MUNITTrainConfig, nets: dict):
+def make_munit_optimizers(cfg: MUNITTraining, nets: dict):
     opt_gen = cfg.optim.build(itertools.chain(nets["gen_a"].parameters(), nets["gen_b"].parameters()))
     opt_dis = cfg.optim.build(itertools.chain(nets["dis_a"].parameters(), nets["dis_b"].parameters()))
     return opt_gen, opt_dis
@@ -87,7 +87,7 @@ def _both(first, second):
     return la + lb, logs
 
 
-def munit_step(cfg: MUNITTrainConfig, nets: dict, opt_gen, opt_dis, x_a: torch.Tensor, x_b: torch.Tensor, vgg=None,
+def munit_step(cfg: MUNITTraining, nets: dict, opt_gen, opt_dis, x_a: torch.Tensor, x_b: torch.Tensor, vgg=None,
                amp: MixedPrecision | None = None, guard: NonFiniteGuard | None = None,
                state: dict | None = None) -> dict[str, float] | None:
     """One D update then one G update (MUNIT's dis_update / gen_update). Only the terms with a weight > 0
@@ -184,7 +184,7 @@ class MUNITRecipe(Recipe):
     """Both auto-encoders and both Ds; unpaired batches: the A side and the B side of a step come from two
     independent permutations, each image used once per epoch on each side."""
 
-    cfg: MUNITTrainConfig
+    cfg: MUNITTraining
     inputs: PairedSplits
     job: Any = None
     name: str = "munit"
@@ -244,7 +244,7 @@ class MUNITRecipe(Recipe):
 
 
 @torch.no_grad()
-def munit_grid(cfg: MUNITTrainConfig, nets: dict, val_a: torch.Tensor, val_b: torch.Tensor, device) -> np.ndarray:
+def munit_grid(cfg: MUNITTraining, nets: dict, val_a: torch.Tensor, val_b: torch.Tensor, device) -> np.ndarray:
     """Fixed val inputs × fixed B references (example-guided), then fixed random styles."""
     m = cfg.monitor
     rng = np.random.default_rng(m.seed)

@@ -1,4 +1,4 @@
-"""Stage 1 (METHOD §4) as a recipe: the style encoder E trained on mined triplets.
+"""Stage 1 (docs/method.md §4) as a recipe: the style encoder E trained on mined triplets.
 
 Each step encodes a batch of (anchor, positive, negative) target images and takes one triplet-loss step;
 rank 0 validates by how well distances between E's codes order held-out triplets as the exact style
@@ -32,7 +32,7 @@ from step_ray.style.encode import build_encoder
 
 
 @dataclass(frozen=True)
-class Stage1Config(LoopConfig):
+class Stage1Training(LoopConfig):
     """Encoder training. Official StEP: α = 0.1, λ = 0.01, batch 12, Adam 1e-3, β = (0, 0.99)."""
 
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
@@ -137,7 +137,7 @@ def validation_metrics(z_val: np.ndarray, inputs: Stage1Inputs, triplets: np.nda
 class Stage1Recipe(Recipe):
     """E, its optimiser, triplet batches from the sampler, the triplet step, the ordering validation."""
 
-    cfg: Stage1Config
+    cfg: Stage1Training
     inputs: Stage1Inputs
     job: Any = None  # the job's whole config, saved with every checkpoint
     name: str = "stage1"

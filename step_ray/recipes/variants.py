@@ -1,9 +1,9 @@
-"""The paper's baselines and ablations (METHOD §7) as named, versioned settings of the one generator trainer.
+"""The paper's baselines and ablations (docs/method.md §7) as named, versioned settings of the one generator trainer.
 
-A variant is a partial `GeneratorTrainConfig` (the `train` section of `TrainGeneratorConfig`): it switches
+A variant is a partial `GeneratorTraining` (the `train` section of `GeneratorJobConfig`): it switches
 loss terms (λ = 0 is off) and model parts (a variational E, a second D, E from scratch or pre-trained).
 `jobs/train_generator.py --variant NAME` lays it under the YAML file and the command line, and the name
-is recorded as `train.variant` in every checkpoint's config.yaml. The defaults of `GeneratorTrainConfig`
+is recorded as `train.variant` in every checkpoint's config.yaml. The defaults of `GeneratorTraining`
 are `ours_v4`, the final StEP model (LSGAN + λ_rec · reconstruction).
 
 Loss terms per variant (log names of step_ray.recipes.generator.G_TERMS; "rec" is vgg or l1):
@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
-# the random-z branch and BicycleGAN's weights for it (METHOD §7: λ_GAN2 = 1, λ_z = 0.5), λ_kl = 0.01
+# the random-z branch and BicycleGAN's weights for it (docs/method.md §7: λ_GAN2 = 1, λ_z = 0.5), λ_kl = 0.01
 _RANDOM_Z = {"lambda_gan_random": 1.0, "lambda_latent": 0.5}
 _VAE = {"encoder": {"variational": True}, "lambda_kl": 0.01}
 _L2_ON_Z = {"lambda_z_l2": 0.01}
@@ -46,7 +46,7 @@ class Variant:
     family: str  # the row group of the ablation table
     version: str
     summary: str
-    train: Mapping[str, Any] = field(default_factory=dict)  # a partial GeneratorTrainConfig (MUNIT: MUNITTrainConfig)
+    train: Mapping[str, Any] = field(default_factory=dict)  # a partial GeneratorTraining (MUNIT: MUNITTraining)
     recipe: Literal["generator", "munit", "multidomain"] = "generator"  # which recipe trains it (its pipeline:
                                                                         # step_ray.pipelines.sweep.PIPELINES)
 
@@ -99,8 +99,8 @@ def get_variant(name: str) -> Variant:
 
 
 def variant_base(name: str) -> dict[str, Any]:
-    """The variant as a base layer for `load_config(TrainGeneratorConfig, ..., base=...)` (for MUNIT:
-    `TrainMUNITConfig`, which has no variant record)."""
+    """The variant as a base layer for `load_config(GeneratorJobConfig, ..., base=...)` (for MUNIT:
+    `MUNITJobConfig`, which has no variant record)."""
     variant = get_variant(name)
     if variant.recipe != "generator":
         return {"train": dict(variant.train)}
@@ -108,7 +108,7 @@ def variant_base(name: str) -> dict[str, Any]:
 
 
 def components(train) -> dict[str, Any]:
-    """What a resolved GeneratorTrainConfig (or MUNITTrainConfig) switches on: the ablation table's columns."""
+    """What a resolved GeneratorTraining (or MUNITTraining) switches on: the ablation table's columns."""
     if hasattr(train, "flow_lr"):  # the multi-domain model: flow latent styles, cycle, E from scratch
         return {"encoder": "scratch", "vae": False, "kl": False, "l2_z": False, "cycle": train.weights.cyc > 0,
                 "random_z": True, "rec": "–"}

@@ -1,5 +1,5 @@
-"""Style statistics (METHOD §2): VGG features, Gram matrices, the exact style distance, its descriptor
-form, descriptor reduction, and the Ray Data pipeline that computes descriptors for a whole dataset.
+"""Style statistics (docs/method.md §2): VGG features, Gram matrices, the exact style distance, its descriptor
+form, descriptor reduction, and the Ray Data job that computes descriptors for a whole dataset (statistics.py).
 
 Names are imported on first use (PEP 562): Ray task workers import `step_ray.style.stages` through this
 package and must not pay for torch, which the other modules need.
@@ -19,11 +19,11 @@ _EXPORTS = {
     "exact_distance_matrix": "gram",
     "Reduction": "reduce",
     "ReductionConfig": "reduce",
-    "StyleStatsConfig": "pipeline",
-    "compute_style_stats": "pipeline",
-    "read_descriptors": "pipeline",
-    "read_descriptor_rows": "pipeline",
-    "read_metadata": "pipeline",
+    "StyleStatsConfig": "statistics",
+    "compute_style_stats": "statistics",
+    "read_descriptors": "statistics",
+    "read_descriptor_rows": "statistics",
+    "read_metadata": "statistics",
 }
 
 __all__ = sorted(_EXPORTS)

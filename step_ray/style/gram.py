@@ -1,6 +1,6 @@
-"""Gram matrices, the exact style distance of METHOD §2, and its descriptor form.
+"""Gram matrices, the exact style distance of docs/method.md §2, and its descriptor form.
 
-Normalisation (the official StEP code's convention, METHOD §2):
+Normalisation (the official StEP code's convention, docs/method.md §2):
 
     G_l = F_l F_lᵀ / (N_l · M_l)             F_l: N_l channels × M_l = H_l·W_l positions
     style_distance(a, x) = Σ_l w_l · mean_ij (G_l(a)_ij − G_l(x)_ij)²

