@@ -1,5 +1,4 @@
-"""The CPU's measured float32 ceiling, against which the style-statistics rates are read (BENCHMARKS.md,
-"Style statistics": why ≥ 3× the naive loop cannot be reached end to end on this machine).
+"""The CPU's measured float32 ceiling, against which the style-statistics rates are read.
 
     python benchmarks/cpu_peak.py
 
@@ -10,27 +9,18 @@ torch.utils.flop_counter, so an images/s figure converts into GFLOP/s and a shar
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
-import time
 import warnings
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import harness
 
 
 def matmul_gflops(n: int = 4096, repeats: int = 5) -> float:
+    """The best of `repeats` timed products (after one warm-up)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
+    return 2 * n**3 / min(harness.timed(lambda: a @ b, rounds=repeats)) / 1e9
 
 
 def descriptor_gflop(size: int) -> float:
@@ -50,13 +40,18 @@ def descriptor_gflop(size: int) -> float:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--json", default="", help="write the record (command, date, machine, figures) here")
     args = parser.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
-    out = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(), "load": list(os.getloadavg()),
-           "matmul_gflops": round(matmul_gflops(), 1), "descriptor_gflop_per_image": round(descriptor_gflop(args.size), 3),
-           "size": args.size}
-    print(json.dumps(out))
-    return out
+    figures = {
+        "matmul_gflops": round(matmul_gflops(), 1),
+        "descriptor_gflop_per_image": round(descriptor_gflop(args.size), 3),
+        "size": args.size,
+    }
+    print(figures)
+    rec = harness.record(figures)
+    harness.write(args.json, rec)
+    return rec
 
 
 if __name__ == "__main__":

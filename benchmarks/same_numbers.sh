@@ -5,7 +5,7 @@
 #
 #   benchmarks/same_numbers.sh OLD_TREE NEW_TREE [OUT_DIR]     (each tree: a checkout of this repository)
 #
-# The dataset key of the pretrain job is read from the tree (`data` now; `style.data` before 2026-12-01).
+# The dataset key of the pretrain job is read from each tree (`data`; older trees name it `style.data`).
 set -e
 PY=${PYTHON:-$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python}
 OUT=${3:-/tmp/same_numbers}

@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -41,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+
+import harness
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "scale.yaml"
 
@@ -150,9 +150,13 @@ class MemorySampler:
     def mark(self, step: str | None) -> dict:
         """Ends the current step's record (returned) and starts one for `step`."""
         with self.lock:
-            record = {"peak_rss_mb": dict(sorted(self.rss.items())), "peak_private_mb": dict(sorted(self.private.items())),
-                      "peak_total_rss_mb": round(self.total, 1), "peak_machine_used_mb": round(self.used, 1),
-                      "memory_samples": self.samples}
+            record = {
+                "peak_rss_mb": dict(sorted(self.rss.items())),
+                "peak_private_mb": dict(sorted(self.private.items())),
+                "peak_total_rss_mb": round(self.total, 1),
+                "peak_machine_used_mb": round(self.used, 1),
+                "memory_samples": self.samples,
+            }
             self.step, self.rss, self.private, self.total, self.used, self.samples = step, {}, {}, 0.0, 0.0, 0
         return record
 
@@ -234,19 +238,19 @@ class StepRecorder:
                   "disk_written_mb": round((psutil.disk_io_counters().write_bytes - disk0) / 2**20, 1),
                   "work_folder_growth_mb": round((folder_bytes(self.work) - folder0) / 2**20, 1),
                   "load_average": [round(v, 2) for v in os.getloadavg()]}
-        self.report["steps"][name] = record
+        self.report["figures"]["steps"][name] = record
         self.save()
         peak = max(record["peak_rss_mb"].items(), key=lambda kv: kv[1], default=("-", 0))
         print(f"[scale] {name}: {seconds:.1f} s, largest process {peak[0]} {peak[1]:.0f} MB", flush=True)
         return value
 
     def quality(self, name: str, **figures) -> None:
-        self.report["steps"][name].setdefault("quality", {}).update(figures)
+        self.report["figures"]["steps"][name].setdefault("quality", {}).update(figures)
         self.save()
 
     def save(self) -> None:
         Path(self.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(self.out).write_text(json.dumps(self.report, indent=1))
+        Path(self.out).write_text(json.dumps(self.report, indent=1))  # not harness.write: quietly, after every step
 
 
 def exhaustive_truth(search: np.ndarray, sketch, rows: np.ndarray, k_close: int, k_far: int, residual: bool):
@@ -310,7 +314,9 @@ def nprobe_sweep(style_out: str, values: list[int], anchors: int, k_close: int, 
             queries[:, -1] = 0.0
         results = []
         for nprobe in values:
-            cfg = MiningConfig(k_close=k_close * rerank_factor, k_far=k_far, index="ivf", nprobe=nprobe, far_nprobe=nprobe)
+            cfg = MiningConfig(
+                k_close=k_close * rerank_factor, k_far=k_far, index="ivf", nprobe=nprobe, far_nprobe=nprobe
+            )
             started = time.perf_counter()
             shard = ShardIndex(search, 0, cfg)
             build = time.perf_counter() - started
@@ -321,8 +327,11 @@ def nprobe_sweep(style_out: str, values: list[int], anchors: int, k_close: int, 
             # re-ranked by the sketch estimate, as mining's rerank_with_sketch does for every anchor
             close = []
             for anchor, cand in zip(rows, candidates):
-                est = ((search[cand, :-1] - search[anchor, :-1]) ** 2).sum(1) + search[cand, -1].astype(np.float64) ** 2 \
+                est = (
+                    ((search[cand, :-1] - search[anchor, :-1]) ** 2).sum(1)
+                    + search[cand, -1].astype(np.float64) ** 2
                     + float(search[anchor, -1]) ** 2
+                )
                 if sketch is not None:
                     est = est - 2.0 * sketch[cand] @ sketch[np.array([anchor])][0]
                 close.append(cand[np.argsort(est, kind="stable")[:k_close]])
@@ -337,10 +346,10 @@ def nprobe_sweep(style_out: str, values: list[int], anchors: int, k_close: int, 
     return results
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, required=True, help="training images")
-    parser.add_argument("--json", required=True)
+    parser.add_argument("--json", default="", help="write the record (command, date, machine, figures) here")
     parser.add_argument("--data", default="", help="where the synthetic set is (generated there if absent); "
                         "default <work>/data")
     parser.add_argument("--work", default="", help="cache and runs; default a temporary folder, removed after")
@@ -354,22 +363,27 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=0, help="run on a Ray cluster of this many 1-CPU nodes on "
                         "this machine (ray.cluster_utils.Cluster) instead of one local Ray")
     parser.add_argument("--workers", type=int, default=1, help="Ray Train workers of stage 1 and the generator")
-    parser.add_argument("--steps", nargs="+", default=["style_statistics", "mining", "validation_distances", "stage1",
-                        "generator_stage2"], help="the steps to measure (style statistics always runs: later steps "
-                        "read its output, from the cache when there); the others keep their records in --json")
+    parser.add_argument("--steps", nargs="+", default=list(MEASURED), help="the steps to measure (style statistics "
+                        "always runs: later steps read its output, from the cache when there); the others keep their "
+                        "records in --json")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="another PretrainJobConfig override after configs/scale.yaml's; repeatable")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if not args.json:
+        parser.error("--json is required: the record is written after every step")
+    return args
 
-    from step_ray.cluster import init_ray
+
+MEASURED = ("style_statistics", "mining", "validation_distances", "stage1", "generator_stage2")
+
+
+def prepare(args, work: str) -> tuple[object, list[str], dict | None, subprocess.Popen | None, float]:
+    """The pretrain config, its overrides, the synthetic set (generated, untimed) and, with --s3, the set
+    uploaded to a local S3 server and listed from there."""
     from step_ray.config import load_config
     from step_ray.data.synthetic import generate_synthetic
-    from step_ray.pipelines.pretrain import PretrainJobConfig, mining_step, run_pretrain, stage1_inputs, style_step
-    from step_ray.pipelines.train_generator import GeneratorJobConfig, run_train_generator
-    from step_ray.recipes.generator import GeneratorTraining
+    from step_ray.pipelines.pretrain import PretrainJobConfig
 
-    work = args.work or tempfile.mkdtemp(prefix="scale_")
-    os.makedirs(work, exist_ok=True)
     data_dir = args.data or os.path.join(work, "data")
     overrides = [f"data.synthetic_dir={data_dir}", f"data.synthetic.num_train={args.n}", f"cache_dir={work}/cache",
                  f"run.storage_path={work}/runs", f"train.max_steps={args.stage1_steps}",
@@ -377,34 +391,91 @@ def main() -> None:
     cfg = load_config(PretrainJobConfig, CONFIG, overrides)
     started = time.perf_counter()
     generate_synthetic(data_dir, cfg.data.synthetic)
-    listing = s3_server = None
-    if args.s3:
-        from step_ray.data.pix2pix import scan_folder
+    generation_s = time.perf_counter() - started
+    if not args.s3:
+        return cfg, overrides, None, None, generation_s
+    from step_ray.data.pix2pix import scan_folder
 
-        s3_server = start_s3_server(work)
-        uploaded = upload_folder(data_dir, "scale", "data")
-        cfg = load_config(PretrainJobConfig, CONFIG, [*overrides, "data.root=s3://scale/data"])
-        overrides.append("data.root=s3://scale/data")
-        t0 = time.perf_counter()
-        listed = len(scan_folder("s3://scale/data", "train").files)
-        listing = {"objects_uploaded": uploaded, "train_listed": listed, "list_seconds": round(time.perf_counter() - t0, 2)}
-    report = {
+    server = start_s3_server(work)
+    uploaded = upload_folder(data_dir, "scale", "data")
+    overrides.append("data.root=s3://scale/data")
+    cfg = load_config(PretrainJobConfig, CONFIG, overrides)
+    t0 = time.perf_counter()
+    listed = len(scan_folder("s3://scale/data", "train").files)
+    listing = {"objects_uploaded": uploaded, "train_listed": listed, "list_seconds": round(time.perf_counter() - t0, 2)}
+    return cfg, overrides, listing, server, generation_s
+
+
+def measure_steps(args, cfg, overrides: list[str], rec: "StepRecorder", work: str) -> None:
+    """The job's steps, each one measured that --steps names (the others run uncounted or from the cache)."""
+    from step_ray.config import load_config
+    from step_ray.pipelines.pretrain import PretrainJobConfig, mining_step, run_pretrain, stage1_inputs, style_step
+
+    def measured(step: str) -> bool:
+        return step in args.steps
+
+    if measured("style_statistics"):
+        style_out, data = rec.run("style_statistics", style_step, cfg)
+        meta = json.loads(Path(style_out, "metadata.json").read_text())
+        rec.quality("style_statistics", images=meta["summary"]["images"],
+                    images_per_second=meta["summary"]["images_per_second"],
+                    steady_images_per_second=meta["summary"]["steady_images_per_second"])
+    else:
+        style_out, data = style_step(cfg)
+    mine_out = rec.run("mining", mining_step, cfg, style_out) if measured("mining") else mining_step(cfg, style_out)
+    if measured("mining"):
+        mined = json.loads(Path(mine_out, "metadata.json").read_text())
+        with tempfile.TemporaryDirectory(dir=work) as spill:
+            recall = mining_recall(style_out, mine_out, args.recall_anchors, 0, spill)
+        rec.quality("mining", index=cfg.mining.resolved_index(args.n), nprobe=cfg.mining.nprobe,
+                    read_seconds=mined["read_seconds"], mine_seconds=mined["mine_seconds"],
+                    rerank_seconds=mined["rerank_seconds"], **recall)
+    if measured("validation_distances"):
+        rec.run("validation_distances", stage1_inputs, cfg, data, style_out, mine_out)
+    checkpoints = {}
+    for encoder in (args.encoders if measured("stage1") else []):
+        enc_cfg = load_config(PretrainJobConfig, CONFIG, [*overrides, f"train.encoder.backbone={encoder}"])
+        result = rec.run(f"stage1_{encoder}", run_pretrain, enc_cfg)
+        checkpoints[encoder] = result.checkpoint
+        metrics = result.stages[-1].metrics  # one epoch within the step budget: the last is the best
+        rate = metrics.get("images_per_s")
+        rec.quality(f"stage1_{encoder}", steps=args.stage1_steps, images_per_second=rate,
+                    epoch_seconds_projected=round(3 * args.n / rate, 1) if rate else None,
+                    **{k: metrics.get(k) for k in ("val_triplet_acc", "val_knn_acc", "val_rank_corr",
+                                                    "untrained_val_triplet_acc", "untrained_val_knn_acc")})
+    if args.generator_steps and measured("generator_stage2"):
+        generator_step(args, data, checkpoints[args.encoders[0]], rec, work)
+
+
+def generator_step(args, data, checkpoint: str, rec: "StepRecorder", work: str) -> None:
+    from step_ray.pipelines.train_generator import GeneratorJobConfig, run_train_generator
+    from step_ray.recipes.generator import GeneratorTraining
+
+    gen_cfg = GeneratorJobConfig(
+        encoder_checkpoint=checkpoint, data=data, stage2_epochs=1, stage3_epochs=0,
+        train=GeneratorTraining(max_steps=args.generator_steps), train_mapper=False, evaluate=False,
+        run=dataclasses.replace(GeneratorJobConfig().run, storage_path=f"{work}/runs", num_workers=args.workers))
+    result = rec.run("generator_stage2", run_train_generator, gen_cfg)
+    metrics = result.stages[-1].metrics
+    rec.quality("generator_stage2", encoder=args.encoders[0], steps=args.generator_steps,
+                images_per_second=metrics.get("images_per_s"), val_psnr=metrics.get("val_psnr"))
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    from step_ray.cluster import init_ray
+
+    work = args.work or tempfile.mkdtemp(prefix="scale_")
+    os.makedirs(work, exist_ok=True)
+    started = time.perf_counter()
+    cfg, overrides, listing, s3_server, generation_s = prepare(args, work)
+    report = harness.record({
         "n": args.n, "image_size": cfg.data.image_size, "val_images": cfg.data.synthetic.num_val,
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-                    "platform": platform.platform()},
-        "data_root": cfg.data.root or data_dir, "s3_listing": listing,
-        "generation_seconds": round(time.perf_counter() - started, 1),
-        "stage1_steps": args.stage1_steps, "generator_steps": args.generator_steps,
-        "config": str(CONFIG.relative_to(CONFIG.parents[1])), "overrides": overrides, "steps": {},
-        "ray_nodes": args.nodes or 1, "train_workers": args.workers,
-    }
-    if set(args.steps) != set(parser.get_default("steps")) and Path(args.json).exists():
-        kept = json.loads(Path(args.json).read_text())
-        report["steps"] = {k: v for k, v in kept["steps"].items() if not any(k.startswith(s) for s in args.steps)}
-        report["remeasured"] = {"steps": args.steps, "date": report["date"], "earlier_date": kept.get("date")}
-        report["date"] = kept.get("date")
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1), "data_root": cfg.data.root or args.data,
+        "s3_listing": listing, "generation_seconds": round(generation_s, 1), "stage1_steps": args.stage1_steps,
+        "generator_steps": args.generator_steps, "config": str(CONFIG.relative_to(CONFIG.parents[1])),
+        "overrides": overrides, "steps": {}, "ray_nodes": args.nodes or 1, "train_workers": args.workers})
+    keep_earlier(args, report)
     sampler = MemorySampler(args.interval, per_node=args.nodes > 1)
     rec = StepRecorder(sampler, work, report, args.json)
     cluster = None
@@ -413,46 +484,7 @@ def main() -> None:
             cluster = rec.run("ray_start", start_cluster, args.nodes)
         else:
             rec.run("ray_start", init_ray)
-        measured = (lambda step: step in args.steps)
-        if measured("style_statistics"):
-            style_out, data = rec.run("style_statistics", style_step, cfg)
-            meta = json.loads(Path(style_out, "metadata.json").read_text())
-            rec.quality("style_statistics", images=meta["summary"]["images"],
-                        images_per_second=meta["summary"]["images_per_second"],
-                        steady_images_per_second=meta["summary"]["steady_images_per_second"])
-        else:
-            style_out, data = style_step(cfg)
-        mine_out = rec.run("mining", mining_step, cfg, style_out) if measured("mining") else mining_step(cfg, style_out)
-        if measured("mining"):
-            mined = json.loads(Path(mine_out, "metadata.json").read_text())
-            with tempfile.TemporaryDirectory(dir=work) as spill:
-                recall = mining_recall(style_out, mine_out, args.recall_anchors, 0, spill)
-            rec.quality("mining", index=cfg.mining.resolved_index(args.n), nprobe=cfg.mining.nprobe,
-                        read_seconds=mined["read_seconds"], mine_seconds=mined["mine_seconds"],
-                        rerank_seconds=mined["rerank_seconds"], **recall)
-        if measured("validation_distances"):
-            rec.run("validation_distances", stage1_inputs, cfg, data, style_out, mine_out)
-        checkpoints = {}
-        for encoder in (args.encoders if measured("stage1") else []):
-            enc_cfg = load_config(PretrainJobConfig, CONFIG, [*overrides, f"train.encoder.backbone={encoder}"])
-            result = rec.run(f"stage1_{encoder}", run_pretrain, enc_cfg)
-            checkpoints[encoder] = result.checkpoint
-            metrics = result.stages[-1].metrics  # one epoch within the step budget: the last is the best
-            rate = metrics.get("images_per_s")
-            rec.quality(f"stage1_{encoder}", steps=args.stage1_steps, images_per_second=rate,
-                        epoch_seconds_projected=round(3 * args.n / rate, 1) if rate else None,
-                        **{k: metrics.get(k) for k in ("val_triplet_acc", "val_knn_acc", "val_rank_corr",
-                                                        "untrained_val_triplet_acc", "untrained_val_knn_acc")})
-        if args.generator_steps and measured("generator_stage2"):
-            encoder = args.encoders[0]
-            gen_cfg = GeneratorJobConfig(
-                encoder_checkpoint=checkpoints[encoder], data=data, stage2_epochs=1, stage3_epochs=0,
-                train=GeneratorTraining(max_steps=args.generator_steps), train_mapper=False, evaluate=False,
-                run=dataclasses.replace(GeneratorJobConfig().run, storage_path=f"{work}/runs", num_workers=args.workers))
-            result = rec.run("generator_stage2", run_train_generator, gen_cfg)
-            metrics = result.stages[-1].metrics
-            rec.quality("generator_stage2", encoder=encoder, steps=args.generator_steps,
-                        images_per_second=metrics.get("images_per_s"), val_psnr=metrics.get("val_psnr"))
+        measure_steps(args, cfg, overrides, rec, work)
     finally:
         sampler.stop()
         if s3_server is not None:
@@ -462,24 +494,42 @@ def main() -> None:
 
             ray.shutdown()
             cluster.shutdown()
-        report["seconds"] = round(time.perf_counter() - started, 1)
+        report["figures"]["seconds"] = round(time.perf_counter() - started, 1)
         rec.save()
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"[scale] n={args.n}: {report['seconds']:.0f} s in all -> {args.json}", flush=True)
+    print(f"[scale] n={args.n}: {report['figures']['seconds']:.0f} s in all -> {args.json}", flush=True)
+
+
+def keep_earlier(args, report: dict) -> None:
+    """Measuring only some steps: the other steps' records are kept from the earlier --json."""
+    if set(args.steps) == set(MEASURED) or not Path(args.json).exists():
+        return
+    kept = json.loads(Path(args.json).read_text())
+    earlier = kept.get("figures", kept)
+    report["figures"]["steps"] = {
+        k: v for k, v in earlier["steps"].items() if not any(k.startswith(s) for s in args.steps)
+    }
+    report["figures"]["remeasured"] = {"steps": args.steps, "date": report["date"], "earlier_date": kept.get("date")}
+    report["date"] = kept.get("date")
 
 
 STEPS = ("style_statistics", "mining", "validation_distances", "stage1_conv", "stage1_vgg_gram", "generator_stage2")
 
 
 def load_reports(paths: list[str]) -> list[dict]:
-    return sorted((json.loads(Path(p).read_text()) for p in paths), key=lambda r: r["n"])
+    """The figures of each record (records written before the shared record format hold them at the top)."""
+    reports = (json.loads(Path(p).read_text()) for p in paths)
+    return sorted((r.get("figures", r) for r in reports), key=lambda r: r["n"])
 
 
 def cost_table(paths: list[str]) -> str:
     """Markdown: one row per (n, step): seconds, the largest process's peak RSS and its private part, disk."""
-    lines = ["| n | step | seconds | largest process (peak RSS MB) | its private MB | driver RSS / private MB | disk written MB | quality |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| n | step | seconds | largest process (peak RSS MB) | its private MB | driver RSS / private MB "
+        "| disk written MB | quality |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for report in load_reports(paths):
         for step in STEPS:
             rec = report["steps"].get(step)
@@ -519,7 +569,11 @@ def plot(paths: list[str], out: str) -> None:
         axes[0].loglog(ref, last["seconds"] * ref / ref[1], "k--", lw=0.8, label="linear in n")
     axes[0].set(xlabel="training images n", ylabel="seconds",
                 title="wall time per step (32 px, 2-core VM)\nstage 1 and generator: fixed step budgets")
-    axes[1].set(xlabel="training images n", ylabel="MB", title="peak memory of the largest process\n(solid: RSS; dotted: private)")
+    axes[1].set(
+        xlabel="training images n",
+        ylabel="MB",
+        title="peak memory of the largest process\n(solid: RSS; dotted: private)",
+    )
     axes[1].axhline(6 * 1024, color="r", lw=0.8, ls="--")
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)

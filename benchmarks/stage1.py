@@ -6,24 +6,21 @@
 
 Style statistics and mining run once (cached); then the same encoder training runs with each worker
 count. The rate is the last epoch's (the first pays for decoding images into each worker's cache).
-Prints a Markdown table and writes it, with the machine and date, to --out.
+Prints a Markdown table; --json writes the record (command, date, machine, figures).
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shutil
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import harness
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-train", type=int, default=800)
     parser.add_argument("--num-val", type=int, default=96)
@@ -34,12 +31,11 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="another PretrainJobConfig override (e.g. mining.k_far=8: the default 700 needs more "
                              "than 700 training images), after the ones above; repeatable")
-    parser.add_argument("--out", default="benchmarks/results/stage1.json")
     parser.add_argument("--keep-work", action="store_true", help="keep the temporary folder (images, cache, runs)")
-    args = parser.parse_args()
+    parser.add_argument("--json", default="", help="write the record (command, date, machine, figures) here")
+    args = parser.parse_args(argv)
 
     import ray
-    import torch
 
     from step_ray.config import load_config
     from step_ray.pipelines.pretrain import PretrainJobConfig, prepare_inputs
@@ -64,8 +60,11 @@ def main() -> None:
     gpus = int(ray.cluster_resources().get("GPU", 0))
     rows = []
     for workers in args.workers:
-        cfg = load_config(PretrainJobConfig, None, base + [f"run.storage_path={work}/runs", f"run.num_workers={workers}",
-                                                        f"run.name=bench-{workers}w"])
+        cfg = load_config(
+            PretrainJobConfig,
+            None,
+            base + [f"run.storage_path={work}/runs", f"run.num_workers={workers}", f"run.name=bench-{workers}w"],
+        )
         started = time.perf_counter()
         result, _ = train(Stage1Recipe(cfg.train, inputs, job=cfg), cfg.run)
         wall = time.perf_counter() - started
@@ -77,28 +76,23 @@ def main() -> None:
                      "device": "gpu" if gpus else "cpu"})
         print(json.dumps(rows[-1]), flush=True)
     base_rate = rows[0]["triplets_per_s"]
-    lines = ["| workers | triplets/s | images/s | ratio to 1 worker | epoch s | val k-NN acc |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| workers | triplets/s | images/s | ratio to 1 worker | epoch s | val k-NN acc |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         lines.append(f"| {r['workers']} | {r['triplets_per_s']:.1f} | {r['images_per_s']:.1f} | "
                      f"{r['triplets_per_s'] / base_rate:.2f} | {r['epoch_seconds']:.1f} | "
                      + (f"{r['val_knn_acc']:.3f} |" if isinstance(r["val_knn_acc"], (int, float)) else "– |"))
-    report = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, GPUs: {gpus}",
-        "command": "python " + " ".join(sys.argv),
-        "overrides": args.set,
-        "rows": rows,
-        "table": "\n".join(lines),
-    }
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
     print("\n".join(lines))
+    rec = harness.record({"ray_gpus": gpus, "overrides": args.set, "rows": rows})
+    harness.write(args.json, rec)
     ray.shutdown()
     if args.keep_work:
         print(f"work folder kept: {work}")
     else:
         shutil.rmtree(work, ignore_errors=True)
+    return rec
 
 
 if __name__ == "__main__":

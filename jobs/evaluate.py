@@ -1,4 +1,4 @@
-"""Evaluate any stage-2/3 checkpoint (local or s3://): PSNR, LPIPS, diversity, mapper coverage, pictures.
+r"""Evaluate any stage-2/3 checkpoint (local or s3://): PSNR, LPIPS, diversity, mapper coverage, pictures.
 
     python jobs/evaluate.py checkpoint=runs/stage3-.../checkpoint_epoch0009 data.root=../shared/data/facades \
         data.direction=BtoA data.image_size=64

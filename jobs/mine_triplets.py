@@ -1,4 +1,4 @@
-"""Mine close and far sets from the style-statistics output (local or s3://).
+r"""Mine close and far sets from the style-statistics output (local or s3://).
 
     python jobs/mine_triplets.py descriptors=s3://bucket/style_stats output=s3://bucket/mining \
         mining.k_far=2048 mining.index=ivf mining.num_shards=4

@@ -1,4 +1,4 @@
-"""Style descriptors of every target image of a pix2pix dataset (docs/method.md §2), with Ray Data.
+r"""Style descriptors of every target image of a pix2pix dataset (docs/method.md §2), with Ray Data.
 
     python jobs/style_stats.py                                   # built-in synthetic data, local Ray
     python jobs/style_stats.py data.root=s3://bucket/facades data.direction=BtoA data.image_size=256 \

@@ -1,7 +1,8 @@
 """Ray Tune sweeps over StEP's baselines and ablations (variants × seeds) and over loss weights,
 ending in the paper's ablation table (results.md / results.csv / results.png in the experiment folder).
 
-    python jobs/sweep.py --config configs/sweeps/ablation_synthetic.yaml trial.encoder_checkpoint=runs/stage1-.../checkpoint_epoch0003
+    python jobs/sweep.py --config configs/sweeps/ablation_synthetic.yaml \\
+        trial.encoder_checkpoint=runs/stage1-.../checkpoint_epoch0003
     python jobs/sweep.py --config configs/sweeps/ablation_synthetic.yaml variants=[bicycle_v2,ours_v4] seeds=[0,1,2]
     python jobs/sweep.py variants=[ours_v4] search_space=configs/sweeps/loss_weights.yaml num_samples=4 asha=true \\
         trial.encoder_checkpoint=... storage_path=s3://bucket/sweeps

@@ -1,13 +1,16 @@
-"""Stages 2 and 3 of StEP from a stage-1 checkpoint, then the IMLE mapper and the evaluation; or any
+r"""Stages 2 and 3 of StEP from a stage-1 checkpoint, then the IMLE mapper and the evaluation; or any
 baseline/ablation of docs/method.md §7 with --variant (bicycle_v0..v3, munitp_v1..v3, ours_v1..v4).
 
     python jobs/train_generator.py encoder_checkpoint=runs/stage1-.../checkpoint_epoch0009
     python jobs/train_generator.py --config configs/facades_generator.yaml run.num_workers=2
     python jobs/train_generator.py encoder_checkpoint=s3://bucket/runs/stage1-.../checkpoint_epoch0009 \
         run.storage_path=s3://bucket/runs stage2_epochs=20 stage3_epochs=20 train.generator.z_injection=input
-    python jobs/train_generator.py stage2_checkpoint=runs/stage2-.../checkpoint_epoch0019   # stage 3 (+ mapper, eval) only
-    python jobs/train_generator.py --variant bicycle_v2 stage2_epochs=10 stage3_epochs=10   # a baseline: E from scratch
-    python jobs/train_generator.py --variant list                                            # the variants and their terms
+    # stage 3 (+ mapper, eval) only
+    python jobs/train_generator.py stage2_checkpoint=runs/stage2-.../checkpoint_epoch0019
+    # a baseline: E from scratch
+    python jobs/train_generator.py --variant bicycle_v2 stage2_epochs=10 stage3_epochs=10
+    # the variants and their terms
+    python jobs/train_generator.py --variant list
 
 A variant is a preset under the YAML file and the command line (which can change any of its settings).
 """

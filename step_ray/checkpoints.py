@@ -207,7 +207,8 @@ def _score(c: CheckpointInfo, metric: str) -> float | None:
     return float(v)
 
 
-def rank(checkpoints: Sequence[CheckpointInfo], metric: str | None = None, mode: str | None = None) -> list[CheckpointInfo]:
+def rank(checkpoints: Sequence[CheckpointInfo], metric: str | None = None,
+         mode: str | None = None) -> list[CheckpointInfo]:
     """Checkpoints that have `metric`, best first. Without `metric`: what the first checkpoint's run
     ranked by (its config.yaml's run.checkpoint_metric / checkpoint_mode), else val_triplet_acc or
     val_psnr (whichever is reported), max."""
@@ -321,8 +322,9 @@ def recipe_section(record: dict[str, Any], key: str, cls: type, where: str = "")
     return config_from_dict(cls, record["recipe"].get(key) or {}, where=where or key)
 
 
-def save_checkpoint(folder: str | Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
-                    state: dict[str, Any], record: dict[str, Any]) -> None:
+def save_checkpoint(folder: str | Path, modules: dict[str, torch.nn.Module],
+                    optimizers: dict[str, torch.optim.Optimizer], state: dict[str, Any],
+                    record: dict[str, Any]) -> None:
     """Write one checkpoint folder: `<name>.pt` per module and optimiser, state.json, config.yaml (`record`:
     see `run_record`)."""
     import torch  # deferred: the checkpoint CLI lists and pulls without loading torch
@@ -378,7 +380,8 @@ def verify_checkpoint(folder: str | Path, hashes: bool = True) -> bool:
     return True
 
 
-def load_checkpoint(folder: str | Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer] | None = None,
+def load_checkpoint(folder: str | Path, modules: dict[str, torch.nn.Module],
+                    optimizers: dict[str, torch.optim.Optimizer] | None = None,
                     map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load tensors (weights only, never arbitrary pickles) into modules/optimisers; return state.json.
     The files are checked against the checkpoint's manifest first."""

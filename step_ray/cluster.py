@@ -17,12 +17,14 @@ on a cluster of 1-CPU nodes, whatever the cluster's total. So resources are size
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections import Counter
 from typing import Mapping, Sequence
 
 from step_ray import storage
+from step_ray.config import verbose
 
 LOCALHOST = "127.0.0.1"
 _SINGLE_NODE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -36,17 +38,28 @@ def init_ray(**kwargs):
 
     if ray.is_initialized():
         return None
+    quiet = not verbose()
+    if quiet:
+        # Ray's INFO records (start-up, Ray Data's progress every few seconds) stay in the session's log
+        # files; the console keeps warnings, errors and step_ray's own lines (`--verbose`: everything).
+        kwargs.setdefault("logging_level", logging.WARNING)
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        return ray.init(address=address, log_to_driver=True, **kwargs)
-    os.environ.setdefault(_SINGLE_NODE, "0")  # read by the processes Ray starts
-    if os.environ[_SINGLE_NODE] == "0":
-        from ray._private import ray_constants
+        context = ray.init(address=address, log_to_driver=True, **kwargs)
+    else:
+        os.environ.setdefault(_SINGLE_NODE, "0")  # read by the processes Ray starts
+        if os.environ[_SINGLE_NODE] == "0":
+            from ray._private import ray_constants
 
-        ray_constants.ENABLE_RAY_CLUSTER = False  # read here when `ray` was imported before this call
-    # address="local": without it ray.init() joins the cluster recorded in ray_current_cluster.
-    return ray.init(address="local", _node_ip_address=LOCALHOST, dashboard_host=LOCALHOST, log_to_driver=True,
-                    **kwargs)
+            ray_constants.ENABLE_RAY_CLUSTER = False  # read here when `ray` was imported before this call
+        # address="local": without it ray.init() joins the cluster recorded in ray_current_cluster.
+        context = ray.init(address="local", _node_ip_address=LOCALHOST, dashboard_host=LOCALHOST,
+                           log_to_driver=True, **kwargs)
+    if quiet and context.dashboard_url:
+        print(f"[ray] {'joined ' + address if address else 'local instance'}, dashboard http://{context.dashboard_url}",
+              flush=True)
+    return context
 
 
 def alive_nodes() -> list[dict[str, float]]:

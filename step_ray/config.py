@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from pathlib import Path
@@ -215,11 +216,42 @@ def config_from_yaml(cls: type[T], text: str) -> T:
     return config_from_dict(cls, yaml.safe_load(text) or {}, where=cls.__name__)
 
 
+# Set by a job's `--verbose`: Ray's own INFO logs (Ray Train's per-report records, Ray Data's progress)
+# and the whole resolved config on the console. An environment variable, so that every process the job
+# starts on this machine sees it; it changes what is printed, never what is computed.
+VERBOSE_ENV = "STEP_RAY_VERBOSE"
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def changed_from_defaults(cfg: Any) -> list[str] | None:
+    """`key=value` for every leaf of `cfg` that differs from its class's defaults (None when the class has
+    no default instance)."""
+    try:
+        defaults = _flat(config_to_dict(type(cfg)()))
+    except (TypeError, ValueError, ConfigError):
+        return None
+    return [f"{k}={v}" for k, v in _flat(config_to_dict(cfg)).items() if defaults.get(k, object()) != v]
+
+
 def job_config(cls: type[T], argv: Sequence[str] | None = None, description: str = "",
                base: Mapping[str, Any] | None = None) -> T:
     """Command-line entry for jobs: `--config FILE` and any number of `key=value` overrides, over `base`.
 
-    Prints the resolved config at job start. Exits with one clear line on a config error.
+    Prints what the resolved config changes from the defaults at job start (the whole config with
+    `--verbose`, which also lets Ray's own logs through). Exits with one clear line on a config error.
     """
     import argparse
     import sys
@@ -227,6 +259,7 @@ def job_config(cls: type[T], argv: Sequence[str] | None = None, description: str
     parser = argparse.ArgumentParser(description=description or cls.__doc__)
     parser.add_argument("--config", help="YAML file with any subset of the config")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-3")
+    parser.add_argument("--verbose", action="store_true", help="the whole resolved config and Ray's own logs")
     args, unknown = parser.parse_known_args(argv)
     # `--train.lr=1e-3` and `--train.lr 1e-3` are accepted as overrides too.
     extra: list[str] = []
@@ -251,7 +284,14 @@ def job_config(cls: type[T], argv: Sequence[str] | None = None, description: str
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         raise SystemExit(2)
-    print(f"# {cls.__name__}\n{config_to_yaml(cfg)}", flush=True)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    changed = None if verbose() else changed_from_defaults(cfg)
+    if changed is None:
+        print(f"# {cls.__name__}\n{config_to_yaml(cfg)}", flush=True)
+    else:
+        print(f"[config] {cls.__name__}: {', '.join(changed) if changed else 'the defaults'} "
+              "(saved with every checkpoint; the whole config: --verbose)", flush=True)
     return cfg
 
 

@@ -92,8 +92,8 @@ def _held_by(ray) -> str:
 
         actors = [f"{a.get('ActorClassName') or a.get('Name')} ({a.get('State')})" for a in state.actors().values()
                   if a.get("State") not in ("DEAD",)]
-        groups = [f"{g.get('name') or pid[:8]} ({g.get('state')})" for pid, g in ray.util.placement_group_table().items()
-                  if g.get("state") not in ("REMOVED",)]
+        groups = [f"{g.get('name') or pid[:8]} ({g.get('state')})"
+                  for pid, g in ray.util.placement_group_table().items() if g.get("state") not in ("REMOVED",)]
         return f"actors {actors}, placement groups {groups}"
     except Exception as e:  # describing the leak must not hide it
         return f"(could not list them: {e!r})"
@@ -127,7 +127,7 @@ def _ray_resources_released(request):
 def synthetic_root(tmp_path_factory):
     """A small synthetic dataset shared by the session (8 styles, 32 px halves), in the hue design: every
     threshold the suite measured on it (test_style's recall, the generator and multi-domain runs) was
-    measured on that design, the default before issue 21. The default shared_palette design has its own
+    measured on that design, the earlier default. The default shared_palette design has its own
     tests in test_data.py (hard for an untrained encoder, separable by the exact VGG descriptors)."""
     from step_ray.data.synthetic import SyntheticConfig, generate_synthetic
 

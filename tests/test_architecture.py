@@ -52,7 +52,8 @@ def test_layers_import_downwards_only_and_without_circles():
     for path in PACKAGE.rglob("*.py"):
         mod = _module_name(path)
         for target, line, in_function, _ in _imports(path):
-            if _layer(mod) in LAYERS and _layer(target) in LAYERS and LAYERS.index(_layer(target)) > LAYERS.index(_layer(mod)):
+            if (_layer(mod) in LAYERS and _layer(target) in LAYERS
+                    and LAYERS.index(_layer(target)) > LAYERS.index(_layer(mod))):
                 upward.append(f"{mod}:{line} imports {target}")
             if not in_function:
                 graph.setdefault(mod, set()).add(target)
@@ -94,8 +95,8 @@ def test_jobs_are_thin_and_edit_no_sys_path():
         assert "sys.path" not in text, job
         tree = ast.parse(text)
         targets = {name for name, *_ in _imports(job)}
-        assert all(_layer(t) in ("pipelines", "preflight", "config", "cluster", "recipes", "style", "mining", "eval", "checkpoints")
-                   for t in targets), (job, targets)
+        assert all(_layer(t) in ("pipelines", "preflight", "config", "cluster", "recipes", "style", "mining", "eval",
+                                 "checkpoints") for t in targets), (job, targets)
         assert sum(isinstance(n, (ast.FunctionDef, ast.ClassDef)) for n in tree.body) <= 3, job
 
 
@@ -177,7 +178,8 @@ def _toy_recipe_classes():
             return {"optimizer": self.opt}
 
         def batches(self, w, epoch, streams):
-            return [(len(r), r) for r in epoch_batches(16, self.cfg.batch_size, [self.cfg.seed, epoch], w.rank, w.world)]
+            return [(len(r), r)
+                    for r in epoch_batches(16, self.cfg.batch_size, [self.cfg.seed, epoch], w.rank, w.world)]
 
         def step(self, w, rows, state, guard):
             x = torch.as_tensor(rows, dtype=torch.float32)[:, None] / 16

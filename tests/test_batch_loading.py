@@ -1,4 +1,4 @@
-"""Issue 22: batches loaded ahead of the step (step_ray.data.loader): the same batches and the same training
+"""Batches loaded ahead of the step (step_ray.data.loader): the same batches and the same training
 numbers with 0 and 2 loader workers, one image cache in shared memory within its budget, the loop's
 data_wait_share; and the loader workers forked inside a Ray Train worker."""
 from __future__ import annotations
@@ -53,7 +53,10 @@ def test_the_cache_is_one_shared_block_within_its_budget(tmp_path):
     row_mb = 2 * 12 * 12 * 3 / 2**20
     store = ImageStore(paths, _read, 12, budget_mb=4 * row_mb + 1e-9, arrays=2, crop=8)
     assert store.capacity == 4 and store.cached_rows() == 0
-    items = [(2, (np.array(r), store.windows(2, np.random.default_rng(i)))) for i, r in enumerate([[0, 5], [1, 6], [2, 7], [3, 8], [4, 9]])]
+    items = [
+        (2, (np.array(r), store.windows(2, np.random.default_rng(i))))
+        for i, r in enumerate([[0, 5], [1, 6], [2, 7], [3, 8], [4, 9]])
+    ]
     load = lambda b: store.batch(b[0], windows=b[1])  # noqa: E731
     in_process = [batch for _, batch in prefetch(items, load, 0)]
     assert store.cached_rows() == 4  # rows 0-3: the budget; rows 4-9 are decoded on every use
@@ -111,10 +114,11 @@ def test_a_generator_stage_trains_the_same_numbers_with_0_and_2_loader_workers(s
     from step_ray.recipes.generator import GeneratorRecipe
 
     cfg = load_config(GeneratorJobConfig, None, [
-        f"data.root={synthetic_root}", "data.image_size=32", "train.generator.num_downs=5", "train.generator.base_channels=8",
-        "train.discriminator.base_channels=8", "train.discriminator.n_layers=1", "train.lambda_vgg=0", "train.lambda_l1=10",
-        "train.batch_size=4", "train.val_images=4", "train.val_lpips=false", "train.encoder_init=scratch", "train.train_encoder=true",
-        "train.encoder.base_channels=8", "train.encoder.block_channels=[8, 16]", "train.monitor.enabled=false"])
+        f"data.root={synthetic_root}", "data.image_size=32", "train.generator.num_downs=5",
+        "train.generator.base_channels=8", "train.discriminator.base_channels=8", "train.discriminator.n_layers=1",
+        "train.lambda_vgg=0", "train.lambda_l1=10", "train.batch_size=4", "train.val_images=4", "train.val_lpips=false",
+        "train.encoder_init=scratch", "train.train_encoder=true", "train.encoder.base_channels=8",
+        "train.encoder.block_channels=[8, 16]", "train.monitor.enabled=false"])
     inputs = prepare_paired_splits(cfg.data)
     tcfg, reconstruction = resolve_stage_config(cfg.train, RunSettings(), inputs, "joint")
     assert tcfg.resolved_load_size(32) > 32  # random crops: their windows travel in the batch descriptions
@@ -162,7 +166,9 @@ def _toy_recipe():
             return {"optimizer": self.opt}
 
         def batches(self, w, epoch, streams):
-            return [(len(r), r) for r in epoch_batches(16, self.cfg.batch_size, [self.cfg.seed, epoch], w.rank, w.world)]
+            return [
+                (len(r), r) for r in epoch_batches(16, self.cfg.batch_size, [self.cfg.seed, epoch], w.rank, w.world)
+            ]
 
         def load(self, rows):
             import os

@@ -20,7 +20,8 @@ def _checkpoint(folder: Path, epoch: int, metrics: dict, run_metric="val_triplet
     history = [{"epoch": e, "train_loss": 1.0 / (e + 1)} for e in range(epoch)]
     history.append({"epoch": epoch, "step": 10 * (epoch + 1), "train_loss": 0.5, **metrics})
     (folder / "state.json").write_text(json.dumps({"epoch": epoch + 1, "history": history}))
-    (folder / "config.yaml").write_text(yaml.safe_dump({"run": {"checkpoint_metric": run_metric, "checkpoint_mode": mode}}))
+    (folder / "config.yaml").write_text(yaml.safe_dump({"run": {"checkpoint_metric": run_metric,
+                                                                "checkpoint_mode": mode}}))
     (folder / "encoder.pt").write_bytes(os.urandom(2048))
     write_manifest(folder)
 
@@ -65,7 +66,8 @@ def test_list_runs_local(runs):
 def test_best_by_metric_and_mode(runs):
     best = checkpoints.best_checkpoint(str(runs))  # the run's own metric: val_triplet_acc, max (NaN ignored)
     assert best.run == "stage1-20260102-000000" and best.epoch == 1
-    assert checkpoints.best_checkpoint(str(runs), "val_knn_acc", "max").uri.endswith("stage1-20260101-000000/checkpoint_epoch0002")
+    assert checkpoints.best_checkpoint(str(runs), "val_knn_acc", "max").uri.endswith(
+        "stage1-20260101-000000/checkpoint_epoch0002")
     assert checkpoints.best_checkpoint(str(runs), "val_knn_acc", "min").epoch == 0
     assert checkpoints.best_checkpoint(str(runs), "train_loss", "min").metrics["train_loss"] == 0.5
     with pytest.raises(checkpoints.CheckpointError, match="no_such_metric"):
@@ -74,7 +76,8 @@ def test_best_by_metric_and_mode(runs):
 
 def test_pull_local(runs, tmp_path):
     info, dest = checkpoints.pull(str(runs), tmp_path / "best")
-    assert info.epoch == 1 and sorted(p.name for p in Path(dest).iterdir()) == ["config.yaml", "encoder.pt", "manifest.json", "state.json"]
+    assert info.epoch == 1 and sorted(p.name for p in Path(dest).iterdir()) == ["config.yaml", "encoder.pt",
+                                                                                "manifest.json", "state.json"]
     with pytest.raises(checkpoints.CheckpointError, match="already holds files"):
         checkpoints.pull(str(runs), tmp_path / "best")
     # a checkpoint URI is pulled as it is, whatever the metric
@@ -170,12 +173,15 @@ def test_checkpoints_written_before_the_one_schema_still_load(tmp_path):
     torch.manual_seed(0)
     stage1 = tmp_path / "stage1" / "checkpoint_epoch0003"
     save_checkpoint(stage1, {"encoder": StyleEncoder(EncoderConfig(base_channels=8, block_channels=(8, 16)))}, {},
-                    {"epoch": 4}, {"train": {"encoder": enc_cfg, "margin": 0.1}, "run": {"checkpoint_metric": "val_knn_acc"}})
+                    {"epoch": 4},
+                    {"train": {"encoder": enc_cfg, "margin": 0.1}, "run": {"checkpoint_metric": "val_knn_acc"}})
     assert load_encoder(str(stage1)).cfg.block_channels == (8, 16)
     assert checkpoints.read_record(str(stage1))["run"]["checkpoint_metric"] == "val_knn_acc"
     gen_cfg = GeneratorConfig(num_downs=5, base_channels=8)
     stage2 = tmp_path / "stage2" / "checkpoint_epoch0000"
-    save_checkpoint(stage2, {"generator": UNetGenerator(gen_cfg), "encoder": StyleEncoder(EncoderConfig(**{**enc_cfg, "block_channels": (8, 16)}))},
-                    {}, {"epoch": 1}, {"generator": {"num_downs": 5, "base_channels": 8}, "encoder": enc_cfg, "lambda_vgg": 0.02})
+    save_checkpoint(stage2, {"generator": UNetGenerator(gen_cfg),
+                             "encoder": StyleEncoder(EncoderConfig(**{**enc_cfg, "block_channels": (8, 16)}))},
+                    {}, {"epoch": 1},
+                    {"generator": {"num_downs": 5, "base_channels": 8}, "encoder": enc_cfg, "lambda_vgg": 0.02})
     g, tree = load_generator(str(stage2))
     assert g.cfg.num_downs == 5 and tree["lambda_vgg"] == 0.02 and load_encoder(str(stage2)).cfg.base_channels == 8

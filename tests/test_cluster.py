@@ -41,7 +41,8 @@ def test_head_and_autoscaling_gpu_workers(cluster):
         assert 0 <= t["min_workers"] < t["max_workers"] <= cluster["max_workers"], name
         assert t["node_config"]["InstanceType"].startswith(("g", "p")), name
     for name, t in types.items():  # S3 through an instance profile on every node, never keys
-        assert re.fullmatch(r"arn:aws:iam::\d{12}:instance-profile/[\w+=,.@-]+", t["node_config"]["IamInstanceProfile"]["Arn"]), name
+        assert re.fullmatch(r"arn:aws:iam::\d{12}:instance-profile/[\w+=,.@-]+",
+                            t["node_config"]["IamInstanceProfile"]["Arn"]), name
     text = (REPO / "cluster.yaml").read_text()
     assert "AWS_SECRET_ACCESS_KEY" not in text and "aws_secret_access_key" not in text
 

@@ -70,7 +70,7 @@ def test_missing_config_file(tmp_path):
 def test_job_config_cli(capsys):
     cfg = job_config(Example, ["steps=7", "--optim.lr", "0.1", "--mode=b"])
     assert (cfg.steps, cfg.optim.lr, cfg.mode) == (7, 0.1, "b")
-    assert "steps: 7" in capsys.readouterr().out  # the resolved config is printed at job start
+    assert "steps=7" in capsys.readouterr().out  # what the resolved config changes is printed at job start
     with pytest.raises(SystemExit) as info:
         job_config(Example, ["nokey=1"])
     assert info.value.code == 2
@@ -85,3 +85,16 @@ class WithSectionDefaults:
 def test_partial_section_keeps_the_parents_defaults():
     cfg = load_config(WithSectionDefaults, None, ["optim.betas=[0.1, 0.2]"])
     assert cfg.optim.lr == 0.5 and cfg.optim.betas == (0.1, 0.2)
+
+
+def test_job_start_prints_what_differs_from_the_defaults_and_verbose_prints_all(capsys, monkeypatch):
+    from step_ray.config import VERBOSE_ENV, job_config, verbose
+
+    monkeypatch.setenv(VERBOSE_ENV, "0")  # restored after the test: --verbose sets it for the processes a job starts
+    cfg = job_config(Example, ["data.image_size=48", "--optim.lr", "0.5"])
+    out = capsys.readouterr().out
+    assert cfg.data.image_size == 48 and not verbose()
+    assert out.count("\n") == 1 and "data.image_size=48" in out and "optim.lr=0.5" in out, out
+    job_config(Example, ["--verbose"])
+    out = capsys.readouterr().out
+    assert verbose() and out.startswith("# Example") and "image_size:" in out

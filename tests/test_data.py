@@ -73,7 +73,7 @@ def test_shared_palette_styles_differ_only_in_pattern_and_light():
     assert {s.texture for s in styles} == {"stripes", "checks", "dots", "blotches"}
     assert len({(s.texture, s.frequency > 5) for s in styles}) == 8  # 4 kinds x (coarse, fine)
     assert len({round(s.light_angle, 6) for s in styles}) == 8
-    # the hue design (the default before issue 21) gives each style its own palette
+    # the hue design (the earlier default) gives each style its own palette
     assert len({make_styles(8, design="hue")[k].hues for k in range(8)}) == 8
 
 
@@ -132,13 +132,14 @@ def _untrained_knn(root, seeds=(0, 1, 2)) -> list[float]:
     for seed in seeds:
         torch.manual_seed(seed)
         encoder = StyleEncoder(EncoderConfig())
-        z_train, z_val = encode_batches(encoder, to_tensor(train.b), "cpu"), encode_batches(encoder, to_tensor(val.b), "cpu")
+        z_train, z_val = (encode_batches(encoder, to_tensor(train.b), "cpu"),
+                          encode_batches(encoder, to_tensor(val.b), "cpu"))
         out.append(knn_accuracy(z_val, val.style_ids, z_train, train.style_ids, k=5))
     return out
 
 
 def test_shared_palette_set_needs_learning(shared_palette_root, synthetic_root):
-    """Issue 21: a set stage 1 has to learn. The default design's styles (one palette; texture kind, scale,
+    """A set stage 1 has to learn. The default design's styles (one palette; texture kind, scale,
     angle and lighting differ) are not told apart by an untrained E's codes (val k-NN style accuracy,
     seeds 0-2: measured 0.30, 0.17, 0.28, chance 0.125), while the exact VGG-16 Gram descriptors, whose
     squared distance is the style distance stage 1 mines its triplets by, separate them (measured 1.000).

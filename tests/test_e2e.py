@@ -80,7 +80,8 @@ class PrivateHead:
         cmd = [RAY, "start", "--head", "--block", "--disable-usage-stats",
                "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}",
                "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-               f"--dashboard-agent-listen-port={self.agent_port}", f"--dashboard-agent-grpc-port={self.agent_grpc_port}",
+               f"--dashboard-agent-listen-port={self.agent_port}",
+               f"--dashboard-agent-grpc-port={self.agent_grpc_port}",
                f"--runtime-env-agent-port={self.runtime_env_port}", f"--ray-client-server-port={self.client_port}",
                f"--metrics-export-port={self.metrics_port}", "--num-cpus=2", "--num-gpus=0",
                f"--temp-dir={self.temp_dir}"]
@@ -127,7 +128,8 @@ class PrivateHead:
                 return status
             time.sleep(1.0)
         self.client.stop_job(job_id)
-        raise TimeoutError(f"job {job_id} still {status} after {timeout:.0f}s:\n{self.client.get_job_logs(job_id)[-4000:]}")
+        raise TimeoutError(f"job {job_id} still {status} after {timeout:.0f}s:\n"
+                           f"{self.client.get_job_logs(job_id)[-4000:]}")
 
     def scrape(self) -> str:
         with urllib.request.urlopen(self.metrics_url, timeout=10) as r:
@@ -251,7 +253,8 @@ def test_step_ray_metrics_reach_the_prometheus_endpoint(head):
             except OSError:  # the metrics agent starts a little after the dashboard
                 continue
             for name, (labels, value) in list(missing.items()):
-                if any(all(s.get(k) == v for k, v in labels.items()) and (value is None or s_value == pytest.approx(value))
+                if any(all(s.get(k) == v for k, v in labels.items())
+                       and (value is None or s_value == pytest.approx(value))
                        for s, s_value in _samples(text, name)):
                     del missing[name]
             if head.client.get_job_status(job) in ("FAILED", "STOPPED"):
@@ -301,6 +304,10 @@ def test_pretrain_job_submitted_end_to_end(head, s3_bucket, tmp_path):
 
     # what the job printed: its progress and where the checkpoint is
     assert "[stage1] epoch 1/1" in logs
+    # a quiet console: the epoch line once, none of Ray Train's per-report records (--verbose shows them),
+    # and the best checkpoint ranked by what the labelled set's picture shows
+    assert logs.count("[stage1] epoch 1/1") == 1, logs[-3000:]
+    assert "Reporting training result" not in logs and "best checkpoint by val_knn_acc" in logs, logs[-3000:]
     ckpt_lines = [line for line in logs.splitlines() if line.startswith("[pretrain] checkpoint")]
     assert ckpt_lines, logs[-3000:]
     checkpoint = ckpt_lines[-1].split()[-1]

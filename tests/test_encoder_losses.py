@@ -14,7 +14,8 @@ def test_encoder_shapes_and_official_widths():
     assert z.shape == (4, 8)
     convs = [m.out_channels for m in e.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs[0] == 64 and 256 in convs  # 3->64 stem, residual blocks up to 256
-    assert StyleEncoder(EncoderConfig(nz=3, block_channels=(16, 32), base_channels=8))(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    assert StyleEncoder(EncoderConfig(nz=3, block_channels=(16, 32), base_channels=8))(
+        torch.randn(2, 3, 32, 32)).shape == (2, 3)
 
 
 def test_variational_head():
@@ -76,7 +77,8 @@ def test_vgg_gram_encoder_keeps_the_vgg_out_of_its_state_and_follows_dtype():
 
     e = build_encoder(EncoderConfig(backbone="vgg_gram", sketch_channels=8, vgg_layers=("relu1_2", "relu2_2")))
     keys = set(e.state_dict())
-    assert keys == {"features.0.proj0", "features.0.proj1", "features.1.mean", "features.1.scale", "mean.weight", "mean.bias"}
+    assert keys == {"features.0.proj0", "features.0.proj1", "features.1.mean", "features.1.scale", "mean.weight",
+                    "mean.bias"}
     # trainable: the linear head only (the sketch is fixed, the VGG frozen and not a parameter at all)
     assert [n for n, p in e.named_parameters() if p.requires_grad] == ["mean.weight", "mean.bias"]
     e.double()  # _apply reaches the VGG held outside the module tree

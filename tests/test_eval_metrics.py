@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from step_ray.eval.metrics import (LPIPSConfig, diversity, load_lpips, lpips_distance, lpips_features, lpips_from_features,
-                                   pairwise_lpips, psnr)
+from step_ray.eval.metrics import (LPIPSConfig, diversity, load_lpips, lpips_distance, lpips_features,
+                                   lpips_from_features, pairwise_lpips, psnr)
 from step_ray.eval.pictures import interpolation_grid, sampling_grid, to_uint8, transfer_grid
 
 
@@ -56,7 +56,8 @@ def test_diversity_known_values(lp):
                                        for i in range(4) for j in range(i + 1, 4)])) for o in outs])
     assert diversity(lp, outs) == pytest.approx(expected, rel=1e-4)
     assert pairwise_lpips(lp, outs[0]).item() == pytest.approx(float(np.mean(
-        [lpips_distance(lp, outs[0][i:i + 1], outs[0][j:j + 1]).item() for i in range(4) for j in range(i + 1, 4)])), rel=1e-4)
+        [lpips_distance(lp, outs[0][i:i + 1], outs[0][j:j + 1]).item() for i in range(4) for j in range(i + 1, 4)])),
+        rel=1e-4)
     with pytest.raises(ValueError):
         diversity(lp, outs[:, :1])
 

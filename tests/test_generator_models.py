@@ -4,12 +4,14 @@ import dataclasses
 import pytest
 import torch
 
-from step_ray.losses import feature_matching_loss, l1_loss, lsgan_discriminator_loss, lsgan_generator_loss, vgg_perceptual_loss
+from step_ray.losses import (feature_matching_loss, l1_loss, lsgan_discriminator_loss, lsgan_generator_loss,
+                             vgg_perceptual_loss)
 from step_ray.models import (DiscriminatorConfig, EncoderConfig, GeneratorConfig, MapperConfig, PatchDiscriminator,
                              StyleMapper, UNetGenerator)
 from step_ray.models.discriminator import MinibatchStdDev
 from step_ray.style.vgg import VGGConfig, load_vgg
-from step_ray.recipes.generator import GeneratorTraining, build_networks, ema_decay_at, freeze, lr_factor, make_optimizers, train_step, update_ema
+from step_ray.recipes.generator import (GeneratorTraining, build_networks, ema_decay_at, freeze, lr_factor,
+                                        make_optimizers, train_step, update_ema)
 from step_ray.eval.metrics import other_style_rows
 
 TINY_G = GeneratorConfig(num_downs=5, base_channels=8)
@@ -48,7 +50,8 @@ def test_discriminator_scales(scales, layers):
 
 def test_discriminator_too_small_and_unconditional():
     with pytest.raises(ValueError, match="at least"):
-        PatchDiscriminator(DiscriminatorConfig(base_channels=8, n_layers=3, num_scales=3))(torch.randn(1, 3, 32, 32), torch.randn(1, 3, 32, 32))
+        PatchDiscriminator(DiscriminatorConfig(base_channels=8, n_layers=3, num_scales=3))(torch.randn(1, 3, 32, 32),
+                                                                                           torch.randn(1, 3, 32, 32))
     d = PatchDiscriminator(dataclasses.replace(TINY_D, a_channels=0))
     assert d(None, torch.randn(2, 3, 32, 32))[0].shape[1] == 1
 
@@ -62,9 +65,9 @@ def test_minibatch_std_is_per_group():
 
 def test_mapper_mlp():
     m = StyleMapper(MapperConfig())
-    linears = [l for l in m.net if isinstance(l, torch.nn.Linear)]
-    assert [l.out_features for l in linears] == [128, 128, 128, 8] and linears[0].in_features == 8
-    assert any(isinstance(l, torch.nn.Tanh) for l in m.net)
+    linears = [layer for layer in m.net if isinstance(layer, torch.nn.Linear)]
+    assert [layer.out_features for layer in linears] == [128, 128, 128, 8] and linears[0].in_features == 8
+    assert any(isinstance(layer, torch.nn.Tanh) for layer in m.net)
     assert m.sample(5).shape == (5, 8)
 
 
@@ -98,7 +101,8 @@ def test_perceptual_loss_known_values():
 
 def _tiny_cfg(**kw):
     return GeneratorTraining(encoder=TINY_E, generator=TINY_G, discriminator=TINY_D,
-                                vgg=VGGConfig(layers=("conv1_2", "conv2_2"), layer_weights=(0.5, 1.0)), batch_size=4, **kw)
+                             vgg=VGGConfig(layers=("conv1_2", "conv2_2"), layer_weights=(0.5, 1.0)), batch_size=4,
+                             **kw)
 
 
 def test_frozen_encoder_step_changes_g_and_d_only():
@@ -261,7 +265,7 @@ def test_mapper_codes_stream_a_seeded_subset_of_b_images(tmp_path, monkeypatch):
 
 def test_the_vgg_term_weighs_like_the_gan_term_on_real_batches():
     """docs/method.md §5: at the official magnitude (activation scale 5.76 on torchvision's VGG) λ_rec · VGG is of
-    the GAN term's order on real photos (benchmarks/loss_balance.py: 4-6x over 40 steps); at the scale 0.1
+    the GAN term's order on real photos (experiments/loss_balance.py: 4-6x over 40 steps); at the scale 0.1
     used before it was ~1/800 of it, too weak to steer G."""
     from pathlib import Path
 

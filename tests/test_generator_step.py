@@ -1,9 +1,11 @@
-"""The generator step does only the work its variant needs (issue 22): BicycleGAN v0 has the official
+"""The generator step does only the work its variant needs: BicycleGAN v0 has the official
 networks' shapes and splits its batch between the two branches as the official code does, a run without
 EMA builds no G_ema, Adam is fused, and the benchmark's by-part profile charges backward to its network."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from step_ray.recipes.generator import (GeneratorTraining, build_networks, ema_g
                                         make_optimizers, train_step)
 from step_ray.recipes.variants import variant_base
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+REPO = Path(__file__).resolve().parents[1]
 
 
 def variant(name: str, side: int = 32, **extra) -> GeneratorTraining:
@@ -60,7 +62,9 @@ def test_split_batch_gives_each_branch_half_the_batch():
     opt_g, opt_d = make_optimizers(cfg, nets, None, "cpu")
     seen = {name: [] for name in ("generator", "encoder", "discriminator", "discriminator_random")}
     for name, log in seen.items():
-        nets[name].register_forward_hook(lambda m, args, out, log=log: log.append([a.clone() for a in args if torch.is_tensor(a)]))
+        nets[name].register_forward_hook(
+            lambda m, args, out, log=log: log.append([a.clone() for a in args if torch.is_tensor(a)])
+        )
     a, b = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
     logs = train_step(cfg, nets, opt_g, opt_d, a, b, None, 0)
     assert {"loss_d", "loss_d_random", "l1", "kl", "latent"} <= set(logs)
@@ -116,28 +120,19 @@ def test_fused_adam_is_the_default_and_takes_the_same_step():
     torch.testing.assert_close(out[0], out[1], rtol=1e-5, atol=1e-6)
 
 
-def test_profile_parts_charge_backward_to_the_network():
+def test_profile_parts_charge_backward_to_the_network(tmp_path):
     """benchmarks/generator_step.py's attribution: a conv's backward counts for the module whose
     forward ran it, the optimiser's step for the optimiser."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from generator_step import label_parts, part_times
-
-    g, d = torch.nn.Conv2d(3, 64, 3, padding=1), torch.nn.Conv2d(64, 1, 3, padding=1)
-    nets = {"generator": g, "discriminator": d}
-    label_parts(nets, None)
-    opt = torch.optim.Adam([*g.parameters(), *d.parameters()])
-    x = torch.randn(4, 3, 64, 64)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        d(g(x)).square().mean().backward()
-        opt.step()
-    parts = part_times(prof.events(), 1)
-    events = prof.events()
-    backward = sum(e.self_cpu_time_total for e in events if e.name == "aten::convolution_backward") / 1000
+    out = tmp_path / "attribution.json"
+    subprocess.run([sys.executable, "benchmarks/generator_step.py", "--check-attribution", "--json", str(out)],
+                   cwd=REPO, check=True, capture_output=True, timeout=300)
+    record = json.loads(out.read_text())
+    assert {"command", "date", "machine", "figures"} <= set(record)
+    parts, figures = record["figures"]["parts_ms"], record["figures"]
+    backward = figures["convolution_backward_ms"]
     assert backward > 0 and parts["G"] + parts["D"] >= 0.9 * backward
     assert parts["optimiser"] > 0
-    total = sum(e.self_cpu_time_total for e in events) / 1000
-    assert sum(parts.values()) == pytest.approx(total, rel=1e-6)
+    assert sum(parts.values()) == pytest.approx(figures["total_ms"], rel=1e-6)
 
 
 def test_one_vgg_pass_over_b_serves_the_loss_and_a_vgg_gram_encoder(monkeypatch):

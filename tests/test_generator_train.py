@@ -34,7 +34,9 @@ def stage1_checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("stage1") / "checkpoint_epoch0000"
     torch.manual_seed(1)
     enc = StyleEncoder(EncoderConfig(base_channels=8, block_channels=(8, 16)))
-    save_checkpoint(folder, {"encoder": enc}, {}, {"epoch": 1}, {"method": "stage1", "run": {}, "recipe": {"encoder": {"base_channels": 8, "block_channels": [8, 16]}}})
+    save_checkpoint(folder, {"encoder": enc}, {}, {"epoch": 1},
+                    {"method": "stage1", "run": {},
+                     "recipe": {"encoder": {"base_channels": 8, "block_channels": [8, 16]}}})
     return str(folder)
 
 
@@ -47,7 +49,8 @@ def _upload(folder: str, uri: str) -> str:
 def _cfg(root, storage_path, *extra):
     from step_ray.pipelines.train_generator import GeneratorJobConfig
 
-    return load_config(GeneratorJobConfig, None, [f"data.root={root}", f"run.storage_path={storage_path}", *TINY, *extra])
+    return load_config(GeneratorJobConfig, None,
+                       [f"data.root={root}", f"run.storage_path={storage_path}", *TINY, *extra])
 
 
 def _tensors(path) -> dict:
@@ -69,7 +72,8 @@ def stage2_run(ray_session, synthetic_root, stage1_checkpoint, s3_server, tmp_pa
     inputs = prepare_paired_splits(cfg.data)
 
     def train(epochs, resume):  # 3 steps an epoch (a step budget), 2 epochs in all
-        return train_generator_stage(replace(cfg.train, encoder_checkpoint=enc_uri, max_epochs=epochs, max_steps=3 * epochs),
+        return train_generator_stage(replace(cfg.train, encoder_checkpoint=enc_uri, max_epochs=epochs,
+                                             max_steps=3 * epochs),
                                      replace(cfg.run, resume=resume), inputs, "stage2")
 
     _, run_uri, resolved = train(1, False)
@@ -126,7 +130,8 @@ def test_job_outputs(job_run):
     summary = json.loads(Path(out.summary).read_text())
     assert summary["config"]["stage3_epochs"] == 1
     # which reconstruction term trained, saved with the run and with every checkpoint (real VGG: no fallback)
-    assert summary["details"]["reconstruction"].startswith("VGG x 0.02 (activation scale 5.76") and "pretrained:" in summary["details"]["reconstruction"]
+    assert (summary["details"]["reconstruction"].startswith("VGG x 0.02 (activation scale 5.76")
+            and "pretrained:" in summary["details"]["reconstruction"])
     state = json.loads((Path(out.stage("stage3").checkpoint) / "state.json").read_text())
     assert state["reconstruction"] == summary["details"]["reconstruction"]
     record = json.loads((Path(out.outputs["eval"]) / "metrics.json").read_text())
@@ -148,7 +153,8 @@ def test_stage3_and_mapper_are_watched_in_tensorboard(job_run):
     run_folder = Path(out.stage("stage3").checkpoint).parent
     acc = EventAccumulator(str(run_folder / "tensorboard"), size_guidance={"scalars": 0, "images": 0}).Reload()
     scalars, images = set(acc.Tags()["scalars"]), set(acc.Tags()["images"])
-    assert {"stage3/train_loss_g", "stage3/train_loss_d", "stage3/images_per_s", "stage3/val_psnr", "mapper/loss"} <= scalars
+    assert {"stage3/train_loss_g", "stage3/train_loss_d", "stage3/images_per_s", "stage3/val_psnr",
+            "mapper/loss"} <= scalars
     assert {"stage3/samples", "mapper/samples_mapper"} <= images
     # 6 steps, 1 epoch: the per-epoch point at step 6 (scalars_every=20 is longer than the run)
     assert [e.step for e in acc.Scalars("stage3/val_psnr")] == [6]
@@ -169,7 +175,8 @@ def test_stage3_trained_the_encoder(job_run, stage2_run):
     assert "train_encoder: true" in (Path(out.stage("stage3").checkpoint) / "config.yaml").read_text()
     from step_ray.style.encode import load_encoder
 
-    assert load_encoder(out.stage("stage3").checkpoint).cfg.block_channels == (8, 16)  # stage-3 checkpoints work as encoders too
+    # stage-3 checkpoints work as encoders too
+    assert load_encoder(out.stage("stage3").checkpoint).cfg.block_channels == (8, 16)
 
 
 def test_evaluate_job_writes_to_s3(job_run, s3_bucket, synthetic_root):
@@ -177,8 +184,9 @@ def test_evaluate_job_writes_to_s3(job_run, s3_bucket, synthetic_root):
     from step_ray.data.pix2pix import DataConfig
 
     _, out = job_run
-    ev = EvalConfig(checkpoint=out.stage("stage3").checkpoint, data=DataConfig(root=str(synthetic_root), image_size=32), num_inputs=2,
-                    num_styles=3, output=f"s3://{s3_bucket}/eval", grid_inputs=2, grid_references=3, mapper_samples=50)
+    ev = EvalConfig(checkpoint=out.stage("stage3").checkpoint, data=DataConfig(root=str(synthetic_root), image_size=32),
+                    num_inputs=2, num_styles=3, output=f"s3://{s3_bucket}/eval", grid_inputs=2, grid_references=3,
+                    mapper_samples=50)
     record = evaluate(ev)
     assert record["mapper"] == out.outputs["mapper"]  # found beside the checkpoint
     assert storage.exists(f"s3://{s3_bucket}/eval/metrics.json") and storage.exists(f"s3://{s3_bucket}/eval/transfer.png")

@@ -69,7 +69,8 @@ def test_kuberay_manifests(raycluster, rayjob):
         assert g["template"]["spec"]["serviceAccountName"] == head["template"]["spec"]["serviceAccountName"]
     for spec in [head, *groups]:
         assert spec["rayStartParams"]["metrics-export-port"] == "8080"
-        assert any(p.get("name") == "metrics" and p["containerPort"] == 8080 for c in spec["template"]["spec"]["containers"] for p in c.get("ports", []))
+        assert any(p.get("name") == "metrics" and p["containerPort"] == 8080
+                   for c in spec["template"]["spec"]["containers"] for p in c.get("ports", []))
     assert head["serviceType"] == "ClusterIP"
     # the job runs on this cluster
     assert rayjob["spec"]["clusterSelector"]["ray.io/cluster"] == raycluster["metadata"]["name"]
@@ -78,7 +79,8 @@ def test_kuberay_manifests(raycluster, rayjob):
     assert "eks.amazonaws.com/role-arn" in sa["metadata"]["annotations"]
     # same GPU groups as cluster.yaml
     cluster = yaml.safe_load((REPO / "cluster.yaml").read_text())
-    gpu_types = sorted(t["resources"]["GPU"] for t in cluster["available_node_types"].values() if t["resources"].get("GPU"))
+    gpu_types = sorted(t["resources"]["GPU"] for t in cluster["available_node_types"].values()
+                       if t["resources"].get("GPU"))
     assert sorted(int(g["rayStartParams"]["num-gpus"]) for g in groups) == gpu_types
 
 

@@ -38,5 +38,6 @@ def test_mapper_covers_every_cluster(tmp_path):
 
 def test_mapper_config_and_max_codes():
     codes, _ = _mixture(n=200, dim=4)
-    mapper, info = train_mapper(codes, IMLEConfig(mapper=MapperConfig(nz=4, hidden=(16,)), epochs=2, max_codes=50), log_every=0)
+    mapper, info = train_mapper(codes, IMLEConfig(mapper=MapperConfig(nz=4, hidden=(16,)), epochs=2, max_codes=50),
+                                log_every=0)
     assert info["num_codes"] == 50 and mapper(torch.randn(3, 8)).shape == (3, 4)

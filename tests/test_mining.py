@@ -47,7 +47,8 @@ def random_data():
 def test_augmented_inner_product_is_distance_minus_query_norm(random_data):
     x, q = random_data[:200].astype(np.float64), random_data[200:230].astype(np.float64)
     norms = (x * x).sum(1)
-    ip = augment_queries(q.astype(np.float32)).astype(np.float64) @ augment_database(x.astype(np.float32), norms.astype(np.float32)).T.astype(np.float64)
+    ip = (augment_queries(q.astype(np.float32)).astype(np.float64)
+          @ augment_database(x.astype(np.float32), norms.astype(np.float32)).T.astype(np.float64))
     dist = ((q[:, None] - x[None]) ** 2).sum(-1)
     np.testing.assert_allclose(ip + (q * q).sum(1)[:, None], dist, rtol=1e-5, atol=1e-4)
 
@@ -211,7 +212,8 @@ def test_sampler_deterministic_and_sharded_by_rank(mined):
         merged[r::3] = p
     np.testing.assert_array_equal(merged[:n], a)
 
-    dropped = [TripletSampler(mined.close_ids, mined.far_ids, seed=3, rank=r, world_size=3, drop_last=True) for r in range(3)]
+    dropped = [TripletSampler(mined.close_ids, mined.far_ids, seed=3, rank=r, world_size=3, drop_last=True)
+               for r in range(3)]
     anchors = np.concatenate([s.epoch_triplets(5)[:, 0] for s in dropped])
     assert len(anchors) == len(set(anchors)) == 498
 

@@ -41,7 +41,7 @@ def test_recall_against_exact_reference_on_synthetic_images(synthetic_descriptor
 
     full, style_ids = synthetic_descriptors
     n = len(full)
-    # PCA fitted on a sample and applied to all: the pipeline's way (docs/method.md §2). Its default sample (512)
+    # PCA fitted on a sample and applied to all: the style statistics' way (docs/method.md §2). A sample of 512
     # holds all 96 images here. Measured 2026-12-01 with the real VGG-16: PCA-64 on all 96 recall 0.965,
     # far precision 0.992; PCA-32 fitted on only 64 of them 0.817 / 0.912 (a random VGG gave 0.990 / 0.991
     # there: its descriptors are nearly low-rank, the real ones are not, so the fit sample matters).
@@ -131,7 +131,8 @@ def test_mine_triplets_job_entry_point(style_stats_output, tmp_path):
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("mine_job", Path(__file__).resolve().parents[1] / "jobs" / "mine_triplets.py")
+    spec = importlib.util.spec_from_file_location("mine_job",
+                                                  Path(__file__).resolve().parents[1] / "jobs" / "mine_triplets.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
     out = job.main([f"descriptors={style_stats_output}", f"output={tmp_path / 'm'}", "split=val", "mining.k_far=20"])

@@ -23,7 +23,8 @@ def test_monitor_writes_scalars_images_and_pngs(tmp_path):
     monitor = RunMonitor(str(run), "stage2")
     started = time.perf_counter()
     for step in range(1, 51):
-        monitor.scalars(step, {"train_loss_g": 1.0 / step, "images_per_s": 10.0, "stage": "stage2", "bad": float("nan")})
+        monitor.scalars(step, {"train_loss_g": 1.0 / step, "images_per_s": 10.0, "stage": "stage2",
+                               "bad": float("nan")})
     enqueue_seconds = time.perf_counter() - started
     image = np.random.default_rng(0).integers(0, 255, (20, 30, 3), np.uint8)
     monitor.image("samples", 50, image, png_name="stage2_epoch0000.png")
@@ -94,7 +95,8 @@ def test_activation_checkpointing_matches_the_plain_path():
 
 
 def test_generator_step_with_checkpointing_equals_plain():
-    from step_ray.recipes.generator import GeneratorTraining, apply_activation_checkpointing, build_networks, make_optimizers, train_step
+    from step_ray.recipes.generator import (GeneratorTraining, apply_activation_checkpointing, build_networks,
+                                            make_optimizers, train_step)
     from step_ray.models import DiscriminatorConfig
 
     cfg = GeneratorTraining(encoder=EncoderConfig(base_channels=8, block_channels=(8, 16)),

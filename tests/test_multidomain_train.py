@@ -29,7 +29,8 @@ def one_thread():
 def _batch(seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(4, 3, 32, 32, generator=g) * 2 - 1
-    return x, torch.tensor([0, 0, 1, 2]), torch.rand(4, 3, 32, 32, generator=g) * 2 - 1, torch.rand(4, 3, 32, 32, generator=g) * 2 - 1, torch.tensor([1, 2, 0, 0])
+    return (x, torch.tensor([0, 0, 1, 2]), torch.rand(4, 3, 32, 32, generator=g) * 2 - 1,
+            torch.rand(4, 3, 32, 32, generator=g) * 2 - 1, torch.tensor([1, 2, 0, 0]))
 
 
 @pytest.mark.parametrize("uni, smooth", [(1.0, 1.0), (0.0, 0.0)])
@@ -98,7 +99,8 @@ def test_multidomain_job_trains_resumes_and_evaluates(ray_session, synthetic_roo
     # data.root: the shared fixture is read as it is, never regenerated with other settings
     overrides = [f"data.root={synthetic_root}", "data.image_size=32", f"run.storage_path={tmp_path / 'runs'}",
                  "run.name=md", "run.max_failures=0", "train.model.num_domains=4", "train.model.style_dim=8",
-                 "train.model.dim=8", "train.model.max_dim=32", "train.model.n_bottleneck=1", "train.model.encoder_down=3",
+                 "train.model.dim=8", "train.model.max_dim=32", "train.model.n_bottleneck=1",
+                 "train.model.encoder_down=3",
                  "train.model.flow_hidden=[16, 16]", "train.model.style_disc_hidden=[16]", "train.batch_size=8",
                  "train.val_images=16", "eval_inputs=4", "eval_styles=3"]
     first = run_train_multidomain(load_config(MultiDomainJobConfig, None, [*overrides, "train.max_epochs=1",
@@ -122,7 +124,8 @@ def test_multidomain_job_trains_resumes_and_evaluates(ray_session, synthetic_roo
     nets = load_multidomain(out.checkpoint)
     assert nets["flow"](torch.zeros(2, 8), torch.tensor([0, 3])).shape == (2, 8)
     samples = Path(out.checkpoint).parent / "samples"
-    assert (samples / "multidomain_epoch0001.png").is_file(), (out.checkpoint, sorted(p.name for p in Path(out.checkpoint).parent.rglob("*")))
+    assert (samples / "multidomain_epoch0001.png").is_file(), (
+        out.checkpoint, sorted(p.name for p in Path(out.checkpoint).parent.rglob("*")))
     # one checkpoint schema: the checkpoint CLI ranks this run by its own metric (val_style_gap, lower is better)
     from step_ray import checkpoints
 

@@ -3,7 +3,7 @@ custom resources node_a / node_b): style statistics complete with actors that fi
 refuses what no node can hold, init_ray does not join a cluster it was not given, run folders are
 absolute, local paths on more than one node need declaring shared, stage 1 and a generator stage train
 one worker per node with equal weights, mining shards run on both nodes, and a run that loses a node
-stops after run.node_loss_wait_s with the command that resumes it (issue 23).
+stops after run.node_loss_wait_s with the command that resumes it.
 
 One Ray instance at a time (the CI rule): the module's cluster replaces the session's instance while
 these tests run, the driver connected to it, and the session's instance is started again afterwards. The
@@ -251,7 +251,8 @@ def test_local_paths_on_two_nodes_need_declaring_shared(two_nodes, not_declared_
     root = tmp_path / "data"
     generate_synthetic(root, SyntheticConfig(num_styles=2, num_train=4, num_val=2, image_size=16))
     with pytest.raises(PreflightError, match=r"^data\.root=.* is a local path"):
-        compute_style_stats(StyleStatsConfig(data=DataConfig(root=str(root), image_size=16), output=str(tmp_path / "o")))
+        compute_style_stats(StyleStatsConfig(data=DataConfig(root=str(root), image_size=16),
+                                             output=str(tmp_path / "o")))
 
     monkeypatch.setenv(SHARED_STORAGE_ENV, "1")
     check_shared_storage({"run.storage_path": str(tmp_path / "runs"), "data.root": str(root)})

@@ -76,13 +76,14 @@ def test_munit_job_trains_resumes_and_evaluates(ray_session, synthetic_root, tmp
     from step_ray.pipelines.train_munit import MUNITJobConfig, run_train_munit
     from step_ray.eval.munit_eval import load_munit
 
-    overrides = [f"data.root={synthetic_root}", "data.image_size=32", f"run.storage_path={tmp_path / 'runs'}", "run.name=m",
-                 "run.max_failures=0", "train.model.dim=8", "train.model.mlp_dim=16", "train.model.n_res=1",
-                 "train.model.style_dim=4", "train.discriminator.base_channels=8", "train.discriminator.n_layers=1",
-                 "train.discriminator.num_scales=2", "train.batch_size=8", "train.val_images=8", "eval_inputs=4",
-                 "eval_styles=3"]
+    overrides = [f"data.root={synthetic_root}", "data.image_size=32", f"run.storage_path={tmp_path / 'runs'}",
+                 "run.name=m", "run.max_failures=0", "train.model.dim=8", "train.model.mlp_dim=16",
+                 "train.model.n_res=1", "train.model.style_dim=4", "train.discriminator.base_channels=8",
+                 "train.discriminator.n_layers=1", "train.discriminator.num_scales=2", "train.batch_size=8",
+                 "train.val_images=8", "eval_inputs=4", "eval_styles=3"]
     first = run_train_munit(load_config(MUNITJobConfig, None, [*overrides, "train.max_epochs=1", "train.max_steps=3",
-                                                                 "train.nonfinite.inject_at_steps=[1]", "evaluate=false"]))
+                                                                 "train.nonfinite.inject_at_steps=[1]",
+                                                                 "evaluate=false"]))
     out = run_train_munit(load_config(MUNITJobConfig, None, [*overrides, "train.max_epochs=2", "train.max_steps=6",
                                                                "run.resume=true"]))
     assert Path(first.checkpoint).parent == Path(out.checkpoint).parent  # the same run, continued

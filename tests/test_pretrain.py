@@ -31,6 +31,24 @@ def _cfg(root, cache, *extra):
     return load_config(PretrainJobConfig, None, [f"data.root={root}", f"cache_dir={cache}", *TINY, *extra])
 
 
+def test_best_checkpoint_metric_auto_follows_the_labels():
+    """run.checkpoint_metric=auto (the job's default): style-id k-NN on a labelled set, held-out triplet
+    order otherwise; a metric the user names is kept as it is."""
+    from types import SimpleNamespace
+
+    from step_ray.engine.settings import RunSettings
+    from step_ray.pipelines.pretrain import resolved_run
+
+    labelled = SimpleNamespace(train_style_ids=np.arange(4), val_style_ids=np.arange(3))
+    unlabelled = SimpleNamespace(train_style_ids=np.full(4, -1), val_style_ids=np.full(3, -1))
+    auto = PretrainJobConfig().run
+    assert auto.checkpoint_metric == "auto"
+    assert resolved_run(auto, labelled).checkpoint_metric == "val_knn_acc"
+    assert resolved_run(auto, unlabelled).checkpoint_metric == "val_triplet_acc"
+    named = RunSettings(checkpoint_metric="val_rank_corr", checkpoint_mode="max")
+    assert resolved_run(named, labelled) is named
+
+
 def _weights(checkpoint: str) -> dict:
     return {k: v.clone() for k, v in load_encoder(checkpoint).state_dict().items()}
 
@@ -52,19 +70,23 @@ def test_outputs_beside_the_checkpoint(resumed_run, synthetic_root):
     metrics = json.loads(Path(second.summary).read_text())
     assert [h["epoch"] for h in metrics["history"]] == [0, 1]  # no duplicated or skipped epoch
     final = metrics["final"]
-    for key in ("train_loss", "train_active_fraction", "images_per_s", "val_knn_acc", "val_triplet_acc", "val_rank_corr"):
+    for key in ("train_loss", "train_active_fraction", "images_per_s", "val_knn_acc", "val_triplet_acc",
+                "val_rank_corr"):
         assert np.isfinite(final[key]), key
     assert metrics["vgg_weights"].startswith(("random", "pretrained"))
-    assert Path(second.outputs["embedding"]).stat().st_size > 5000 and Path(second.outputs["neighbours"]).stat().st_size > 1000
+    assert (Path(second.outputs["embedding"]).stat().st_size > 5000
+            and Path(second.outputs["neighbours"]).stat().st_size > 1000)
     saved = (Path(second.checkpoint) / "config.yaml").read_text()
     assert "margin: 0.1" in saved and "storage_path" in saved  # the config travels with the checkpoint
     # the cached style statistics and mining were reused by the second call
-    assert first.outputs["style_stats"] == second.outputs["style_stats"] and first.outputs["mining"] == second.outputs["mining"]
+    assert (first.outputs["style_stats"] == second.outputs["style_stats"]
+            and first.outputs["mining"] == second.outputs["mining"])
 
 
 
 def test_stage1_is_watched_in_tensorboard(resumed_run):
-    """Scalars every `monitor.scalars_every` steps and per epoch, and the neighbour grid per epoch, across the resume."""
+    """Scalars every `monitor.scalars_every` steps and per epoch, and the neighbour grid per epoch, across the
+    resume."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     _, _, second = resumed_run
@@ -76,12 +98,14 @@ def test_stage1_is_watched_in_tensorboard(resumed_run):
     assert steps == sorted(steps) and {h["step"] for h in history} <= set(steps)
     assert [e.step for e in acc.Scalars("stage1/val_knn_acc")] == [h["step"] for h in history]
     assert len(acc.Images("stage1/neighbours")) == 2
-    assert sorted(p.name for p in (run_dir / "samples").glob("*.png")) == ["stage1_epoch0000.png", "stage1_epoch0001.png"]
+    assert sorted(p.name for p in (run_dir / "samples").glob("*.png")) == ["stage1_epoch0000.png",
+                                                                           "stage1_epoch0001.png"]
 
 
 def test_resume_equals_uninterrupted_run_on_s3(resumed_run, synthetic_root, s3_bucket):
     cache, _, resumed = resumed_run
-    straight = run_pretrain(_cfg(synthetic_root, cache, f"run.storage_path=s3://{s3_bucket}/runs", "train.max_epochs=2"))
+    straight = run_pretrain(_cfg(synthetic_root, cache, f"run.storage_path=s3://{s3_bucket}/runs",
+                                 "train.max_epochs=2"))
     assert straight.checkpoint.startswith(f"s3://{s3_bucket}/runs/stage1-")
     assert storage.exists(storage.join(straight.checkpoint, "encoder.pt"))
     assert storage.exists(straight.outputs["embedding"]) and storage.exists(straight.summary)

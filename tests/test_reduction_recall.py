@@ -1,10 +1,10 @@
-"""Mining recall of the descriptor reduction on real VGG-16 descriptors (issue 22, item 3).
+"""Mining recall of the descriptor reduction on real VGG-16 descriptors.
 
 The reduction `ReductionConfig` defaults to (PCA with the residual coordinate and a CountSketch of the
 residual that mining re-ranks with) must keep the exact close and far sets better than the plain PCA it
 replaced, and the sketch re-ranking better than the residual alone; the numbers behind the thresholds are
-in BENCHMARKS.md, "Choosing the reduction with the real VGG-16 (issue 22)" and "Re-ranking with a sketch
-of the residual" (benchmarks/mining_recall.py, benchmarks/mining_sketch.py). Small and fast: 192
+in experiments/README.md, "Choosing the reduction" and "Re-ranking with a sketch of the residual"
+(experiments/mining_recall.py, experiments/mining_sketch.py). Small and fast: 192
 synthetic images at 32 px (32 styles, design shared_palette), PCA fitted on 96 of them and applied to all.
 """
 from __future__ import annotations
@@ -56,7 +56,10 @@ def test_residual_pca_keeps_more_neighbours_than_plain_pca(real_descriptors, fit
     # Plain PCA (the old default) is the same fit without the last column.
     plain = mine_neighbours(reduced[:, :-1], cfg)
     res = mine_neighbours(reduced, cfg, residual_column=True)
-    plain_recall, plain_far = close_recall(plain.close_ids, exact.close_ids), far_precision(plain.far_ids, exact.far_ids)
+    plain_recall, plain_far = (
+        close_recall(plain.close_ids, exact.close_ids),
+        far_precision(plain.far_ids, exact.far_ids),
+    )
     recall, far = close_recall(res.close_ids, exact.close_ids), far_precision(res.far_ids, exact.far_ids)
     print(f"plain PCA-{DIM}: {plain_recall:.3f} / {plain_far:.3f}; with residual: {recall:.3f} / {far:.3f}")
     assert recall >= RECALL_MIN and far >= FAR_MIN

@@ -112,7 +112,8 @@ def test_stage1_nan_loss_fail_stops_with_finite_checkpoints(stage1, tmp_path):
     """An injected NaN loss with nonfinite.action=fail stops the run with one clear line; never a NaN
     checkpoint. (Skipping rides on the worker-kill run above, rolling back on the job-kill run below.)"""
     with pytest.raises(Exception, match="non-finite triplet loss at step 15 .epoch 1.: stopping"):
-        _train1(stage1, tmp_path, "fail", epochs=2, nonfinite=NonFiniteConfig(action="fail", inject_at_steps=(STEPS_PER_EPOCH + 3,)))
+        _train1(stage1, tmp_path, "fail", epochs=2,
+                nonfinite=NonFiniteConfig(action="fail", inject_at_steps=(STEPS_PER_EPOCH + 3,)))
     listed = checkpoints.list_checkpoints(str(tmp_path / "fail"))
     assert [c.epoch for c in listed] == [0]  # the last good one; nothing was written after the NaN
     from step_ray.style.encode import load_encoder
@@ -155,7 +156,8 @@ def test_stage1_s3_outage_during_checkpoint_upload(stage1, s3_bucket, capfd):
     watcher.join(timeout=30)
     final = checkpoints.list_checkpoints(run_uri)
     assert [c.epoch for c in final] == [0, 1, 2] and all(_complete(c.uri) for c in final)
-    assert seen and all(set(names) <= {"checkpoint_epoch0000", "checkpoint_epoch0001", "checkpoint_epoch0002"} for names in seen)
+    assert seen and all(set(names) <= {"checkpoint_epoch0000", "checkpoint_epoch0001", "checkpoint_epoch0002"}
+                        for names in seen)
     printed = capfd.readouterr()
     _assert_no_credentials(s3_bucket, printed.out + printed.err)
 
@@ -223,7 +225,9 @@ def stage2(ray_session, synthetic_root, tmp_path_factory):
     encoder = tmp / "stage1" / "checkpoint_epoch0000"
     torch.manual_seed(1)
     save_checkpoint(encoder, {"encoder": StyleEncoder(EncoderConfig(base_channels=8, block_channels=(8, 16)))}, {},
-                    {"epoch": 1}, {"method": "stage1", "run": {}, "recipe": {"encoder": {"base_channels": 8, "block_channels": [8, 16]}}})
+                    {"epoch": 1},
+                    {"method": "stage1", "run": {},
+                     "recipe": {"encoder": {"base_channels": 8, "block_channels": [8, 16]}}})
     args = [f"data.root={synthetic_root}", f"encoder_checkpoint={encoder}", *TINY2]
     cfg = load_config(GeneratorJobConfig, None, args)
     return cfg, prepare_paired_splits(cfg.data), args
@@ -234,7 +238,8 @@ def _train2(stage2, storage_path, name, epochs, max_failures=0, inputs=None, **t
 
     cfg, default_inputs, _ = stage2
     run = replace(cfg.run, storage_path=str(storage_path), name=name, max_failures=max_failures)
-    result, run_uri, _ = train_generator_stage(replace(cfg.train, encoder_checkpoint=cfg.encoder_checkpoint, max_epochs=epochs, **train),
+    result, run_uri, _ = train_generator_stage(replace(cfg.train, encoder_checkpoint=cfg.encoder_checkpoint,
+                                                       max_epochs=epochs, **train),
                                                run, inputs or default_inputs, "stage2")
     return result, run_uri
 
@@ -259,8 +264,8 @@ def test_stage2_job_killed_then_resumed(stage2, ray_session, tmp_path):
     args = [*base, f"run.storage_path={tmp_path}", "run.name=job", "stage2_epochs=4", "stage3_epochs=0",
             "train_mapper=false", "evaluate=false"]
     log = open(tmp_path / "job.log", "w")
-    proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "train_generator.py"), *args], env=_ray_env(ray_session),
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "train_generator.py"), *args],
+                            env=_ray_env(ray_session), stdout=log, stderr=subprocess.STDOUT)
     killer = _kill_job_when(proc, lambda: _registered(tmp_path / "stage2-job", "checkpoint_epoch0001"))
     proc.wait(timeout=600)
     assert killer.result == proc.pid and proc.returncode == -9, (tmp_path / "job.log").read_text()[-3000:]
@@ -367,7 +372,8 @@ SECRET = "wrong-secret-do-not-print-0123456789"
     ("pretrain.py", ["train.lr=0.1"], "unknown config key 'lr' for Stage1Training"),
     ("pretrain.py", ["train.batch_size=twelve"], "expected an integer, got 'twelve'"),
     ("pretrain.py", ["run.use_gpu=always"], "error: run.use_gpu=always needs 1 GPUs; the Ray cluster has 0"),
-    ("pretrain.py", ["run.num_workers=8"], "error: run.num_workers=8 x run.cpus_per_worker=1.0 needs 8 CPUs; the Ray cluster has 2"),
+    ("pretrain.py", ["run.num_workers=8"],
+     "error: run.num_workers=8 x run.cpus_per_worker=1.0 needs 8 CPUs; the Ray cluster has 2"),
     ("pretrain.py", ["--resume"], "error: run.resume=true: no earlier stage1 run under"),
     ("train_generator.py", ["encoder_checkpoint=/no/such/checkpoint_epoch0003"],
      "error: encoder_checkpoint /no/such/checkpoint_epoch0003 does not exist"),
@@ -395,7 +401,7 @@ def test_bad_config_or_command_fails_fast_with_one_line(job, args, message, ray_
 # security
 
 
-# The credentials check (issue 12.6) reads the S3 run of test_stage1_s3_outage_during_checkpoint_upload:
+# The credentials check reads the S3 run of test_stage1_s3_outage_during_checkpoint_upload:
 # a stage-1 run with monitoring on, stored on S3 (one Ray Train run less for the suite).
 
 
@@ -430,7 +436,8 @@ def test_local_ray_listens_on_localhost_only(tmp_path):
         "for c in psutil.net_connections('tcp'):\n"
         "    if c.status == 'LISTEN' and c.laddr.port in ports.values():\n"
         "        listening.setdefault(c.laddr.port, set()).add(c.laddr.ip)\n"
-        "print(json.dumps({'ports': ports, 'url': ctx.dashboard_url, 'listening': {str(k): sorted(v) for k, v in listening.items()}}))\n"
+        "print(json.dumps({'ports': ports, 'url': ctx.dashboard_url, "
+        "'listening': {str(k): sorted(v) for k, v in listening.items()}}))\n"
         "ray.shutdown()\n")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=240, cwd=REPO)

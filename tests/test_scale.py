@@ -36,7 +36,8 @@ def test_reduction_transform_memory_is_bounded_by_its_chunk_not_by_the_rows():
         torch.set_num_threads(1)
         D, rows = 100_000, 1024
         rng = np.random.default_rng(0)
-        r = Reduction(ReductionConfig(dim=16, fit_sample=64, sketch=512), D).fit(rng.standard_normal((64, D), dtype=np.float32))
+        r = Reduction(ReductionConfig(dim=16, fit_sample=64, sketch=512), D).fit(
+            rng.standard_normal((64, D), dtype=np.float32))
         x = rng.standard_normal((rows, D), dtype=np.float32)  # 400 MB
         reference = r.transform(x[:8])  # the projection and sketch matrices are built once, here
         before = peak_mb()

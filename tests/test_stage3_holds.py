@@ -57,7 +57,8 @@ def _stage3(after_stage2, scale: float, steps: int = 30):
     nets = copy.deepcopy(nets)
     nets["encoder"].requires_grad_(True).train()
     torch.manual_seed(1)
-    opt_g, opt_d = make_optimizers(cfg3, nets, stage2_folder, "cpu")  # as the recipe: stage 2's moments, E's group added
+    # as the recipe: stage 2's moments, E's group added
+    opt_g, opt_d = make_optimizers(cfg3, nets, stage2_folder, "cpu")
     rng = np.random.default_rng(1)
     for step in range(steps):
         train_step(cfg3, nets, opt_g, opt_d, *store.batch(rng.choice(96, 8, replace=False)), None, 60 + step)

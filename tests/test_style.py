@@ -51,7 +51,8 @@ def test_descriptor_distance_equals_style_distance_on_random_features():
     via_descriptor = _descriptor_sq_distance(fa, fb, weights)
     assert exact.shape == (5,) and (exact > 0).all()
     assert torch.allclose(via_descriptor, exact, rtol=1e-4, atol=0)
-    # The official normalisation is the formula of docs/method.md §2 with layer weights w·4/N² (module docstring of gram.py).
+    # The official normalisation is the formula of docs/method.md §2 with layer weights w·4/N² (module docstring of
+    # gram.py).
     as_method = _reference_distance(fa, fb, [w * 4.0 / s[1] ** 2 for w, s in zip(weights, shapes)])
     assert torch.allclose(exact.double(), as_method, rtol=1e-4, atol=0)
     # Symmetric upper triangle: C(C+1)/2 numbers per layer.

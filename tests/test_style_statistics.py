@@ -114,7 +114,8 @@ def test_metadata_records_weights_layers_and_summary(pipeline_run):
     assert meta["vgg"]["layer_weights"] == [1.0] * 5
     assert meta["vgg"]["descriptor_size"] == 305_888
     assert meta["image_size"] == 32 and meta["direction"] == "AtoB"
-    assert meta["reduction"] == {"method": "random", "input_dim": 305_888, "output_dim": 32, "seed": 3, "block_rows": 8192}
+    assert meta["reduction"] == {"method": "random", "input_dim": 305_888, "output_dim": 32, "seed": 3,
+                                 "block_rows": 8192}
     summary = meta["summary"]
     assert summary["images"] == 320 and summary["skipped"] == 4
     assert summary["images_per_second"] > 0 and summary["actors"] == 2 and summary["device"] == "cpu"
@@ -148,7 +149,8 @@ def test_same_config_is_not_recomputed(pipeline_run, dataset_with_bad_files):
     # What the descriptors depend on changes the fingerprint; resources and output location do not.
     ids = ["train/00000"]
     key = fingerprint(cfg, "random(seed=0)", ids)
-    assert fingerprint(_config(dataset_with_bad_files, "elsewhere", num_actors=1, batch_size=4), "random(seed=0)", ids) == key
+    assert fingerprint(_config(dataset_with_bad_files, "elsewhere", num_actors=1, batch_size=4), "random(seed=0)",
+                       ids) == key
     changed = _config(dataset_with_bad_files, output, reduction=ReductionConfig(method="random", dim=16, seed=3))
     assert fingerprint(changed, "random(seed=0)", ids) != key
     assert fingerprint(cfg, "pretrained:/x.pth", ids) != key
@@ -269,7 +271,8 @@ def test_result_writer_row_groups_and_files(tmp_path):
             "split": pa.array(["train"] * count),
             "style_id": pa.array(np.arange(start, start + count, dtype=np.int64)),
             "error": pa.array(["broken" if i in bad else "" for i in rows]),
-            "descriptor": _fixed_size_list(np.full((count, 4), 1.0, np.float32) * np.arange(start, start + count)[:, None]),
+            "descriptor": _fixed_size_list(np.full((count, 4), 1.0, np.float32)
+                                           * np.arange(start, start + count)[:, None]),
         }
         for name in WORKER_COLUMNS:
             columns[name] = pa.array(["w:1"] * count) if name == "worker" else pa.array(np.zeros(count))
@@ -282,7 +285,8 @@ def test_result_writer_row_groups_and_files(tmp_path):
     files = sorted((tmp_path / "descriptors").glob("*.parquet"))
     counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
     assert counts == [50, 50, 28] and writer.good == 128
-    groups = [pq.ParquetFile(f).metadata.row_group(g).num_rows for f in files for g in range(pq.ParquetFile(f).num_row_groups)]
+    groups = [pq.ParquetFile(f).metadata.row_group(g).num_rows
+              for f in files for g in range(pq.ParquetFile(f).num_row_groups)]
     assert max(groups) <= 20 and sum(groups) == 128
     assert writer.error_frame()["path"].tolist() == ["/d/train/00005.png", "/d/train/00077.png"]
     ids, descriptors, table = read_descriptors(str(tmp_path))
@@ -301,4 +305,5 @@ def test_vgg_features_are_torchvision_module_for_module():
             theirs = getattr(torchvision.models, arch)(weights=None).features
             ours = _vgg_features(arch)
         assert repr(ours) == repr(theirs)
-        assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+        assert ({k: v.shape for k, v in ours.state_dict().items()}
+                == {k: v.shape for k, v in theirs.state_dict().items()})

@@ -35,7 +35,9 @@ def stage1_checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sweep_stage1") / "checkpoint_epoch0000"
     torch.manual_seed(1)
     enc = StyleEncoder(EncoderConfig(base_channels=8, block_channels=(8, 16)))
-    save_checkpoint(folder, {"encoder": enc}, {}, {"epoch": 1}, {"method": "stage1", "run": {}, "recipe": {"encoder": {"base_channels": 8, "block_channels": [8, 16]}}})
+    save_checkpoint(folder, {"encoder": enc}, {}, {"epoch": 1},
+                    {"method": "stage1", "run": {},
+                     "recipe": {"encoder": {"base_channels": 8, "block_channels": [8, 16]}}})
     return str(folder)
 
 
@@ -87,7 +89,8 @@ def test_sweep_interrupted_resumed_and_tabled(ray_session, synthetic_root, stage
         try:  # Tune stops the running trial, saves the experiment state and tables what it has
             proc.wait(timeout=300)
         except subprocess.TimeoutExpired:
-            pytest.fail("the sweep did not stop within 300 s of SIGINT:\n" + (tmp_path / "sweep.log").read_text()[-3000:])
+            pytest.fail("the sweep did not stop within 300 s of SIGINT:\n"
+                        + (tmp_path / "sweep.log").read_text()[-3000:])
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -135,7 +138,8 @@ def test_sweep_interrupted_resumed_and_tabled(ray_session, synthetic_root, stage
     again = run_sweep(load_config(SweepJobConfig, config_file, ["table_only=true"]))
     assert [r["psnr"] for r in again.rows] == [r["psnr"] for r in out.rows] or \
         sorted(r["psnr"] for r in again.rows) == sorted(r["psnr"] for r in out.rows)
-    assert {r["trial_id"]: r["seconds_to_lpips"] for r in again.rows} == {r["trial_id"]: r["seconds_to_lpips"] for r in out.rows}
+    assert ({r["trial_id"]: r["seconds_to_lpips"] for r in again.rows}
+            == {r["trial_id"]: r["seconds_to_lpips"] for r in out.rows})
     # ... and with a target nobody reached, from the saved epoch reports (nothing is trained again)
     unreached = run_sweep(load_config(SweepJobConfig, config_file, ["table_only=true", "lpips_target=0.000001"]))
     kept_again = next(r for r in unreached.rows if r["trial_id"] == finished_first[0])
@@ -243,7 +247,8 @@ def test_seconds_to_lpips_reads_the_first_report_at_the_target():
     assert seconds_to_lpips(history, 0.0) is None and seconds_to_lpips([], 0.45) is None
 
     base = {"variant": "ours_v4", "family": "Ours", "version": "v4", "params": "{}", "status": "TERMINATED",
-            "encoder": "pre-trained", "vae": False, "kl": False, "l2_z": False, "cycle": False, "random_z": False, "rec": "VGG",
+            "encoder": "pre-trained", "vae": False, "kl": False, "l2_z": False, "cycle": False, "random_z": False,
+            "rec": "VGG",
             "seed": 0, "epochs": 4}
     rows = [{**base, "seconds_to_lpips": 90.0}, {**base, "seed": 1, "seconds_to_lpips": float("nan")}]
     md = markdown(aggregate(rows), rows, lpips_target=0.45)
@@ -252,14 +257,11 @@ def test_seconds_to_lpips_reads_the_first_report_at_the_target():
 
 
 def test_generalisation_table_reads_the_sweeps_trials_csv(tmp_path):
-    """benchmarks/generalisation.py reads the trials.csv a sweep writes (write_results), one row per sweep."""
-    import importlib.util
-
+    """The generalisation table (experiments/generalisation.py) reads the trials.csv a sweep writes
+    (write_results), one row per sweep."""
     from step_ray.eval.ablation_table import write_results
+    from step_ray.eval.generalisation import generalisation_table, read_trials
 
-    spec = importlib.util.spec_from_file_location("generalisation", REPO / "benchmarks" / "generalisation.py")
-    generalisation = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(generalisation)
     base = {"variant": "ours_v4", "family": "Ours", "version": "v4", "params": "{}", "status": "TERMINATED",
             "evaluated": True, "encoder": "pre-trained", "vae": False, "kl": False, "l2_z": False, "cycle": False,
             "random_z": False, "rec": "VGG", "epochs": 4, "lpips": 0.4, "diversity_refs": 0.1, "diversity_mapper": 0.12}
@@ -268,8 +270,8 @@ def test_generalisation_table_reads_the_sweeps_trials_csv(tmp_path):
                  "history": [{"time_total_s": 10.0, "val_lpips": 0.5}]} for seed, p in enumerate(psnr)]
         rows.append({**base, "variant": "bicycle_v0", "seed": 0, "psnr": 99.0, "psnr_other_style": 0.0})  # not read
         write_results(rows, str(tmp_path / name))
-    groups = [(name, generalisation.read_trials(str(tmp_path / name), "ours_v4")) for name in ("facades", "synthetic")]
+    groups = [(name, read_trials(str(tmp_path / name), "ours_v4")) for name in ("facades", "synthetic")]
     assert [len(trials) for _, trials in groups] == [2, 2]
-    text = generalisation.table(groups, "ours_v4")
+    text = generalisation_table(groups, "ours_v4")
     assert "| facades | 12.10 ± 0.10 |" in text and "| 0.300 ± 0.000 |" in text  # the margin: how much G uses z
     assert "| synthetic | 11.00 ± 0.00 |" in text and "| 0.000 ± 0.000 |" in text and text.count("| 0, 1 |") == 2

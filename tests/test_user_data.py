@@ -19,7 +19,8 @@ from step_ray.data.scan import scan_dataset_split
 
 ROOT = Path(__file__).resolve().parents[1]
 SIDE = 32
-PALETTE = np.array([[0, 0, 170], [255, 0, 0], [0, 255, 255], [255, 255, 0], [0, 85, 255]], np.uint8)  # facades-like labels
+# facades-like labels
+PALETTE = np.array([[0, 0, 170], [255, 0, 0], [0, 255, 255], [255, 255, 0], [0, 85, 255]], np.uint8)
 
 
 def _pair(seed: int, side: int = SIDE) -> np.ndarray:
@@ -30,7 +31,8 @@ def _pair(seed: int, side: int = SIDE) -> np.ndarray:
 def _smooth_pair(side: int = SIDE) -> np.ndarray:
     """Ramps (JPEG keeps them): red grows to the right, green downwards, the B half bluer."""
     y, x = np.mgrid[0:side, 0 : 2 * side]
-    return np.stack([x * 255 // (2 * side - 1), y * 255 // (side - 1), np.where(x >= side, 200, 30)], -1).astype(np.uint8)
+    return np.stack([x * 255 // (2 * side - 1), y * 255 // (side - 1), np.where(x >= side, 200, 30)],
+                    -1).astype(np.uint8)
 
 
 def _save(path: Path, array: np.ndarray, **kw) -> None:
@@ -77,7 +79,8 @@ def user_dataset(tmp_path_factory) -> Path:
 
 NOT_READ = {"broken.png": "broken symbolic link", "nested": "sub-folder", "x.tif": "extension .tif is not read",
             "y.gif": "extension .gif is not read", ".DS_Store": "hidden file"}
-IMAGES = {"p0", "p1", "p2", "p3", "p4", "p5", "link_neighbour", "link_val", "grey16", "bilevel", "rgba", "exif", "label"}
+IMAGES = {"p0", "p1", "p2", "p3", "p4", "p5", "link_neighbour", "link_val", "grey16", "bilevel", "rgba", "exif",
+          "label"}
 
 
 def _names(entries) -> dict[str, str]:
@@ -140,16 +143,18 @@ def test_duplicate_stems_are_one_error_naming_both(tmp_path):
     with pytest.raises(DatasetError, match=r"a\.jpg and .*a\.png share the image id 'train/a'"):
         scan_folder(str(tmp_path), "train")
     assert len(scan_folder(str(tmp_path), "val").files) == 1
-    proc = subprocess.run([sys.executable, "jobs/style_stats.py", f"data.root={tmp_path}", f"output={tmp_path / 'out'}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "jobs/style_stats.py", f"data.root={tmp_path}",
+                           f"output={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "a.jpg" in lines[0], proc.stderr
+    assert (proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ")
+            and "a.jpg" in lines[0]), proc.stderr
 
 
 def test_the_ray_data_pipeline_agrees(ray_session, user_dataset, tmp_path):
     """Ids and splits from the listed path (not the link's target), the entries not read in errors.csv and
     the summary, and the 16-bit image's descriptor not an outlier."""
-    from step_ray.style.statistics import StyleStatsConfig, compute_style_stats, format_summary, read_descriptors, read_errors, read_metadata
+    from step_ray.style.statistics import (StyleStatsConfig, compute_style_stats, format_summary, read_descriptors,
+                                           read_errors, read_metadata)
     from step_ray.style.reduce import ReductionConfig
 
     cfg = StyleStatsConfig(data=DataConfig(root=str(user_dataset), image_size=SIDE), output=str(tmp_path / "out"),
@@ -179,7 +184,8 @@ def test_the_ray_data_pipeline_agrees(ray_session, user_dataset, tmp_path):
 
 @pytest.mark.parametrize("job, args, words", [
     ("style_stats.py", ["data.root=/nonexistent/facades"], "/nonexistent/facades does not exist"),
-    ("mine_triplets.py", ["descriptors=/nonexistent/stats", "output=/tmp/never"], "descriptors /nonexistent/stats does not exist"),
+    ("mine_triplets.py", ["descriptors=/nonexistent/stats", "output=/tmp/never"],
+     "descriptors /nonexistent/stats does not exist"),
     ("evaluate.py", [], "set checkpoint="),
     ("sweep.py", ["variants=[nope]"], "unknown variant 'nope'"),
 ])
@@ -187,4 +193,5 @@ def test_every_job_fails_in_one_line(job, args, words):
     proc = subprocess.run([sys.executable, f"jobs/{job}", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert len(lines) == 1 and lines[0].startswith(("error: ", "config error: ")) and words in lines[0], proc.stderr[-2000:]
+    assert (len(lines) == 1 and lines[0].startswith(("error: ", "config error: "))
+            and words in lines[0]), proc.stderr[-2000:]

@@ -39,7 +39,8 @@ VAE = {"bicycle_v0", "bicycle_v1", "munitp_v1"}
 def test_the_variant_list_is_the_papers():
     from step_ray.recipes.variants import GENERATOR_VARIANTS
 
-    assert set(GENERATOR_VARIANTS) == set(EXPECTED_G) and set(VARIANTS) == set(EXPECTED_G) | {"munit", "multidomain", "multidomain_plain"}
+    assert set(GENERATOR_VARIANTS) == set(EXPECTED_G) and set(VARIANTS) == set(EXPECTED_G) | {"munit", "multidomain",
+                                                                                              "multidomain_plain"}
 
 
 def _cfg(name):
@@ -88,7 +89,8 @@ def test_latent_term_trains_g_not_e():
     a = torch.rand(2, 3, 32, 32)
     z = nets["encoder"](a).detach()  # E's only path to the loss is then the latent term
     z_r = torch.randn(2, cfg.generator.nz)
-    loss, logs = generator_loss(cfg, nets, a, a, (z, z, None), nets["generator"](a, z), z_r, nets["generator"](a, z_r), None)
+    loss, logs = generator_loss(cfg, nets, a, a, (z, z, None), nets["generator"](a, z), z_r, nets["generator"](a, z_r),
+                                None)
     assert set(logs) == {"l1", "latent", "loss_g"} and logs["latent"] > 0
     loss.backward()
     assert all(p.grad is None for p in nets["encoder"].parameters())
@@ -111,8 +113,9 @@ def test_cycle_pairs_each_image_with_its_own_recovered_code():
     import dataclasses
 
     base = _cfg("munitp_v2")
-    cfg = dataclasses.replace(base, lambda_gan=0.0, lambda_gan_random=0.0, lambda_latent=0.0, lambda_vgg=0.0, lambda_l1=1.0,
-                              generator=dataclasses.replace(base.generator, nz=3), encoder=dataclasses.replace(base.encoder, nz=3))
+    cfg = dataclasses.replace(base, lambda_gan=0.0, lambda_gan_random=0.0, lambda_latent=0.0, lambda_vgg=0.0,
+                              lambda_l1=1.0, generator=dataclasses.replace(base.generator, nz=3),
+                              encoder=dataclasses.replace(base.encoder, nz=3))
     b = torch.rand(5, 3, 1, 1).expand(5, 3, 4, 4).contiguous()
     a = torch.zeros_like(b)
     nets = {"generator": PaintCode(), "encoder": CodeIsImage()}
@@ -155,7 +158,8 @@ def _average_worker(rank, port, out):
     if rank == 1:
         unused(torch.ones(1, 2)).sum().backward()
     average_gradients(net, unused)
-    out.put((rank, net.weight.tolist(), net.weight.grad.tolist(), unused.bias.grad.tolist()))  # plain lists: no shared memory
+    # plain lists: no shared memory
+    out.put((rank, net.weight.tolist(), net.weight.grad.tolist(), unused.bias.grad.tolist()))
     dist.destroy_process_group()
 
 
@@ -180,7 +184,8 @@ def test_train_generator_job_variant_switch(capsys):
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("job_train_generator", Path(__file__).resolve().parents[1] / "jobs" / "train_generator.py")
+    spec = importlib.util.spec_from_file_location("job_train_generator",
+                                                  Path(__file__).resolve().parents[1] / "jobs" / "train_generator.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
     assert job.pop_variant(["a=1", "--variant", "ours_v2", "b=2"]) == ("ours_v2", ["a=1", "b=2"])

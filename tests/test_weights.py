@@ -53,7 +53,8 @@ def test_vgg16_is_torchvision_imagenet(no_torch_cache):
     assert torch.allclose(vgg.features[0].weight[0, 0], IMAGENET_CONV1_1, atol=1e-4)
     # all 13 convolutions in torchvision's layout, e.g. conv5_3 (features.28): 512 x 512 x 3 x 3
     state = weights.features_state_dict(source)
-    assert sorted(int(k.split(".")[1]) for k in state if k.endswith("weight")) == list(weights.FEATURE_CONV_INDICES["vgg16"])
+    assert (sorted(int(k.split(".")[1]) for k in state if k.endswith("weight"))
+            == list(weights.FEATURE_CONV_INDICES["vgg16"]))
     assert tuple(state["features.28.weight"].shape) == (512, 512, 3, 3)
     # the official layers are post-ReLU: non-negative feature maps
     with torch.inference_mode():
@@ -88,7 +89,8 @@ def test_lpips_real_alexnet_scores_a_shift_far_below_noise(no_torch_cache):
     random AlexNet trunk tells them apart much less well (measured: 16.5x against 2.6x here)."""
     x = _facades_targets()
     shifted = torch.roll(x, 1, dims=3)
-    noisy = (x + 0.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)  # σ 0.25 on [0, 1]
+    # σ 0.25 on [0, 1]
+    noisy = (x + 0.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
     real = load_lpips(LPIPSConfig())
     assert real.weight_source.startswith("alexnet pretrained:") and "alexnet.ckpt" in real.weight_source
     with pytest.warns(RuntimeWarning, match="RANDOM AlexNet"):
@@ -130,8 +132,8 @@ def test_a_tampered_or_truncated_file_is_refused_in_one_line(tmp_path):
         weights.find_weights("vgg16", str(tmp_path / "missing.pth"), "vgg.weights")
 
     # the job: one `error:` line naming the file, exit 2, before Ray starts
-    proc = subprocess.run([sys.executable, "jobs/style_stats.py", f"vgg.weights={tampered}", f"output={tmp_path / 'out'}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "jobs/style_stats.py", f"vgg.weights={tampered}",
+                           f"output={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith("error: ") and str(tampered) in errors[0], proc.stderr[-2000:]
@@ -148,7 +150,8 @@ def test_the_unpickler_admits_numpy_arrays_only():
     tree = {"a": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}}
     import io
 
-    assert np.array_equal(weights._NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(tree))).load()["a"]["kernel"], tree["a"]["kernel"])
+    assert np.array_equal(weights._NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(tree))).load()["a"]["kernel"],
+                          tree["a"]["kernel"])
     with pytest.raises(pickle.UnpicklingError, match="os.system|posix.system"):
         weights._NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(os.system))).load()
 
@@ -171,7 +174,8 @@ def test_the_random_fallback_runs_and_is_labelled(no_pretrained, capsys):
 
 
 def test_weights_command_prints_each_network_and_its_source():
-    proc = subprocess.run([sys.executable, "-m", "step_ray.weights"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "step_ray.weights"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.startswith(("vgg16", "alexnet"))}
     assert set(lines) == {"vgg16", "alexnet"}

@@ -69,7 +69,8 @@ def _folders(cfg: DomainDataConfig, split: str) -> DomainImages:
     infos = fs.get_file_info(pafs.FileSelector(base, recursive=False, allow_not_found=True))
     names = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
     if len(names) < 2:
-        raise DatasetError(f"{storage.join(cfg.root, split)}: expected one folder per domain (at least 2), found {names}")
+        raise DatasetError(f"{storage.join(cfg.root, split)}: expected one folder per domain (at least 2), "
+                           f"found {names}")
     paths, domains = [], []
     for d, name in enumerate(names):
         files = storage.list_files(storage.join(cfg.root, split, name), IMAGE_SUFFIXES)

@@ -127,7 +127,8 @@ def scan_folder(root: str, split: str) -> SplitListing:
             files.append(uri)
     if not files:
         raise DatasetError(f"dataset split folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})"
-                           + (f"; {len(skipped)} other entries, e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else ""))
+                           + (f"; {len(skipped)} other entries, e.g. {skipped[0][0]}: {skipped[0][1]}"
+                              if skipped else ""))
     by_id: dict[str, str] = {}
     for uri in files:
         ident = image_id(uri)

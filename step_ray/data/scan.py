@@ -3,8 +3,8 @@
 Stage 1 gets this from its style-statistics step (Ray Data, `errors.csv`). The generator stages and
 MUNIT read their images inside the training loop, where a bad file would stop a worker hours in; so their
 drivers scan the split first, decoding every file in a thread pool (not in Ray tasks: inside a Tune trial
-every CPU may be held by trials, and a task waiting for one would never start). Bad files are reported by path and reason and
-left out (`on_bad_image=skip`), or the first one stops the job (`fail`). A greyscale file is not bad: it is
+every CPU may be held by trials, and a task waiting for one would never start). Bad files are reported by path and
+reason and left out (`on_bad_image=skip`), or the first one stops the job (`fail`). A greyscale file is not bad: it is
 converted to RGB like any other mode.
 """
 from __future__ import annotations

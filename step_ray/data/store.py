@@ -56,7 +56,8 @@ class SharedRows:
         with self.lock:
             if self.states[slot] != _EMPTY:
                 return
-            fits = len(arrays) == self.shape[0] and all(a.shape == self.shape[1:] and a.dtype == np.uint8 for a in arrays)
+            fits = len(arrays) == self.shape[0] and all(a.shape == self.shape[1:] and a.dtype == np.uint8
+                                                        for a in arrays)
             self.states[slot] = _WRITING if fits else _UNCACHEABLE
         if not fits:
             return
@@ -93,8 +94,9 @@ class ImageStore:
         if self.capacity >= len(self.paths):
             return None
         needed = -(-len(self.paths) * self.arrays * self.side * self.side * 3 // 2**20)
-        return (f"the image cache holds {self.capacity:,} of {len(self.paths):,} training images ({setting}={budget_mb}); "
-                f"the other {len(self.paths) - self.capacity:,} are decoded at every use; {setting}={needed} would hold them all")
+        return (f"the image cache holds {self.capacity:,} of {len(self.paths):,} training images "
+                f"({setting}={budget_mb}); the other {len(self.paths) - self.capacity:,} are decoded at every use; "
+                f"{setting}={needed} would hold them all")
 
     def cached_rows(self) -> int:
         return self.shared.filled() if self.shared is not None else 0
@@ -127,7 +129,8 @@ class ImageStore:
         if self.side > self.crop:
             if windows is None:
                 if rng is None:
-                    raise ValueError("ImageStore.batch needs an rng or windows to crop images read larger than the crop")
+                    raise ValueError("ImageStore.batch needs an rng or windows to crop images read larger than "
+                                     "the crop")
                 windows = self.windows(len(items), rng)
             items = [tuple(a[y : y + self.crop, x : x + self.crop] for a in arrays)
                      for arrays, (y, x) in zip(items, windows)]

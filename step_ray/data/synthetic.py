@@ -14,8 +14,8 @@ models. Two designs (`SyntheticConfig.design`):
   frequency, and light strength. An untrained (random-init) StyleEncoder's codes do not tell these
   styles apart (val k-NN style accuracy 0.31-0.43 over seeds 0-5, 8 styles, 800 train / 160 val, chance
   0.125), while the exact VGG-16 Gram descriptors do (1.000), and `jobs/pretrain.py` lifts E to
-  0.97-1.00 in 12 epochs (`benchmarks/synthetic_difficulty.py`, tests/test_data.py).
-* `hue` (the default before issue 21): each style has its own palette (hue family) as well as its own
+  0.97-1.00 in 12 epochs (`experiments/synthetic_difficulty.py`, tests/test_data.py).
+* `hue` (the earlier default): each style has its own palette (hue family) as well as its own
   texture, lighting and noise. A random conv net sees hue at once (untrained k-NN 0.95-0.99), so this set
   tests plumbing, not learning. Kept byte-identical for the numbers measured on it.
 """
@@ -204,7 +204,8 @@ def render(labels: np.ndarray, style: Style, rng: np.random.Generator) -> np.nda
     size = labels.shape[0]
     hue_jitter = rng.uniform(-0.02, 0.02)
     palette = np.array(
-        [colorsys.hsv_to_rgb((h + hue_jitter) % 1.0, style.saturation, 0.45 + 0.15 * i) for i, h in enumerate(style.hues)]
+        [colorsys.hsv_to_rgb((h + hue_jitter) % 1.0, style.saturation, 0.45 + 0.15 * i)
+         for i, h in enumerate(style.hues)]
     )
     img = palette[labels % len(palette)]
     img = img * (1.0 + style.contrast * _texture(style, size, rng))[:, :, None]

@@ -113,12 +113,15 @@ class NonFiniteGuard:
     def remember(self, modules: dict[str, torch.nn.Module], optimizers: dict[str, Any], state: dict[str, Any]) -> None:
         if self.cfg.action != "rollback":
             return
-        to_cpu = lambda sd: {k: (v.detach().cpu().clone() if torch.is_tensor(v) else copy.deepcopy(v)) for k, v in sd.items()}
+        def to_cpu(sd):
+            return {k: (v.detach().cpu().clone() if torch.is_tensor(v) else copy.deepcopy(v)) for k, v in sd.items()}
+
         self._snapshot = ({k: to_cpu(unwrap(m).state_dict()) for k, m in modules.items()},
                           {k: copy.deepcopy(o.state_dict()) for k, o in optimizers.items()},
                           copy.deepcopy(state))
 
-    def restore(self, modules: dict[str, torch.nn.Module], optimizers: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+    def restore(self, modules: dict[str, torch.nn.Module], optimizers: dict[str, Any],
+                state: dict[str, Any]) -> dict[str, Any]:
         """The remembered modules, optimisers and state; the non-finite record carries on (one more rollback)."""
         assert self._snapshot is not None, "remember() before the first step"
         weights, opt_states, saved = self._snapshot

@@ -32,6 +32,7 @@ from ray.train.torch import TorchTrainer
 from step_ray import storage
 from step_ray.checkpoints import CheckpointError, epoch_from_name, list_checkpoints, local_checkpoint_dir
 from step_ray.cluster import alive_nodes, describe_nodes
+from step_ray.config import verbose
 from step_ray.engine.settings import RunSettings
 
 
@@ -67,7 +68,8 @@ def latest_run(storage_path: str, stage: str) -> str | None:
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=False, allow_not_found=True))
     except OSError:
         return None
-    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith(f"{stage}-"))
+    names = sorted(i.base_name for i in infos
+                   if i.type == pafs.FileType.Directory and i.base_name.startswith(f"{stage}-"))
     return names[-1] if names else None
 
 
@@ -127,9 +129,11 @@ class WorkersLostError(RuntimeError):
         # what continues this run: its folder by name (a new timestamped one otherwise). A pipeline that
         # names its runs itself replaces these (train_generator: `<stage>-<run.name>`).
         self.resume_settings: tuple[str, ...] = ("run.resume=true", f"run.name={self.name}")
-        last = f"last complete checkpoint {checkpoint}" if checkpoint else "no complete checkpoint yet (it restarts at epoch 0)"
-        super().__init__(f"{stage} run {self.name} stopped: Ray could not start its run.num_workers={run.num_workers} "
-                         f"workers within run.node_loss_wait_s={run.node_loss_wait_s:g} (a node left the cluster?), which "
+        last = (f"last complete checkpoint {checkpoint}" if checkpoint
+                else "no complete checkpoint yet (it restarts at epoch 0)")
+        super().__init__(f"{stage} run {self.name} stopped: Ray could not start its "
+                         f"run.num_workers={run.num_workers} workers within "
+                         f"run.node_loss_wait_s={run.node_loss_wait_s:g} (a node left the cluster?), which "
                          f"now has {nodes}; {last}")
 
     def resume_command(self, script: str, args: list[str]) -> str:
@@ -183,6 +187,11 @@ def make_trainer(loop, loop_config: dict, run: RunSettings, stage: str, callback
                 checkpoint_score_order=run.checkpoint_mode,
             ),
             callbacks=list(callbacks) or None,
+            # Ray Train's INFO records (a report's whole metrics dict, each checkpoint's path) only with
+            # --verbose; the print patch off, or each worker line reached the console twice (the print
+            # itself and its copy through Ray Train's logger)
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
     )
     return trainer, folder
@@ -217,11 +226,14 @@ def fit(loop, loop_config: dict, run: RunSettings, stage: str, callbacks: tuple 
                                        describe_nodes(alive_nodes())) from exc
             if attempt == run.storage_retries or not is_storage_failure(exc):
                 raise
-            first = next((line for line in str(exc).splitlines() if any(m in line for m in _STORAGE_FAILURES)), str(exc))
-            print(f"[{stage}] storage failure: {first.strip()[:300]}; resuming {name} from its last complete checkpoint "
-                  f"in {run.storage_retry_wait_s:g}s (retry {attempt + 1}/{run.storage_retries})", flush=True)
+            first = next((line for line in str(exc).splitlines() if any(m in line for m in _STORAGE_FAILURES)),
+                         str(exc))
+            print(f"[{stage}] storage failure: {first.strip()[:300]}; resuming {name} from its last complete "
+                  f"checkpoint in {run.storage_retry_wait_s:g}s (retry {attempt + 1}/{run.storage_retries})",
+                  flush=True)
             time.sleep(run.storage_retry_wait_s)
-            trainer, _ = make_trainer(loop, loop_config, dataclasses.replace(run, name=name, resume=True), stage, callbacks)
+            trainer, _ = make_trainer(loop, loop_config, dataclasses.replace(run, name=name, resume=True), stage,
+                                      callbacks)
     raise AssertionError("unreachable")
 
 

@@ -30,6 +30,7 @@ the next batch, and `loader_workers`.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import tempfile
@@ -42,6 +43,7 @@ import ray.train
 import torch
 
 from step_ray.checkpoints import load_checkpoint, run_record, save_checkpoint
+from step_ray.config import verbose
 from step_ray.data.loader import loader_cpus, prefetch, resolve_workers
 from step_ray.engine.distributed import (broadcast_object, gather_objects, parameters_sha256, seed_everything,
                                          worker_device)
@@ -202,11 +204,77 @@ def loader_workers_for(cfg: LoopConfig, rank: int, stage: str) -> int:
     return workers
 
 
+def _start(recipe: Recipe, w: Worker, modules: dict, loop_config: dict[str, Any]) -> tuple[dict, dict[str, Any]]:
+    """The optimisers and the loop state: fresh, or everything from our own checkpoint (a resume, or a
+    restart after a lost worker)."""
+    state: dict[str, Any] = {"stage": recipe.name, "epoch": 0, "step": 0, "best": None, "bad_epochs": 0,
+                             "history": [], "stopped": ""}
+    with resume_folder(loop_config) as folder:
+        if folder is not None:
+            optimizers = recipe.make_optimizers(w, modules)
+            scaler = {k: v for k, v in w.amp.stateful().items() if os.path.exists(os.path.join(folder, f"{k}.pt"))}
+            state = load_checkpoint(folder, modules, {**optimizers, **scaler}, map_location=w.device)
+            state.setdefault("bad_epochs", 0)
+            note_restart(state)
+        else:
+            optimizers = recipe.initialise(w, modules)
+    return optimizers, state
+
+
+def _steps(recipe: Recipe, w: Worker, state: dict[str, Any], guard: NonFiniteGuard, loaded, meter: EpochMeter,
+           interval: IntervalMeter, monitor: RunMonitor) -> None:
+    """One epoch's steps, until the batches or the step budget run out or a rollback is pending."""
+    cfg: LoopConfig = recipe.cfg
+    while not _budget_spent(cfg, state):
+        item = next(loaded, None)  # the time blocked here is the epoch's data wait
+        if item is None:
+            break
+        examples, batch = item
+        logs = recipe.step(w, batch, state, guard)
+        if guard.rollback_pending:
+            break
+        state["step"] += 1
+        if logs is None:  # a non-finite loss: that update was dropped
+            continue
+        meter.add(logs, examples)
+        interval.add(logs, examples)
+        if cfg.monitor.scalars_every and state["step"] % cfg.monitor.scalars_every == 0:
+            scalars = interval.take(w.world)
+            scalars["images_per_s"] *= recipe.images_per_example
+            monitor.scalars(state["step"], scalars)
+            record_epoch(recipe.name, {**scalars, "step": state["step"]}, rank=w.rank)  # the dashboard, between epochs
+
+
+def _validate(recipe: Recipe, w: Worker, state: dict[str, Any], metrics: dict[str, Any], loop_config: dict[str, Any],
+              monitor: RunMonitor) -> None:
+    """Rank 0, after an epoch: validation, the best-metric and patience bookkeeping, the epoch's console
+    line, the scalars and the sample grid."""
+    cfg: LoopConfig = recipe.cfg
+    metric, mode, epoch = loop_config["checkpoint_metric"], loop_config["checkpoint_mode"], state["epoch"]
+    metrics.update(recipe.validate(w, state))
+    score = metrics.get(metric)
+    if improves(score, state["best"], mode):
+        state["best"], state["bad_epochs"] = score, 0
+    else:
+        state["bad_epochs"] += 1
+    state["stopped"] = _patience_spent(cfg, state, metric)
+    state["history"].append(metrics)
+    print(" | ".join([f"[{recipe.name}] epoch {epoch + 1}/{cfg.max_epochs}", *recipe.progress(metrics)]), flush=True)
+    monitor.scalars(state["step"], {k: v for k, v in metrics.items() if k not in ("stage", "step")})
+    if cfg.monitor.enabled and cfg.monitor.grid_every and (epoch + 1) % cfg.monitor.grid_every == 0:
+        picture = recipe.grid(w, state)
+        if picture is not None:
+            monitor.image(picture[0], state["step"], picture[1], png_name=f"{recipe.name}_epoch{epoch:04d}.png")
+
+
 def run_recipe(loop_config: dict[str, Any]) -> None:
     """The Ray Train worker function: trains `loop_config["recipe"]` epoch by epoch."""
     recipe: Recipe = loop_config["recipe"]
     cfg: LoopConfig = recipe.cfg
-    metric, mode = loop_config["checkpoint_metric"], loop_config["checkpoint_mode"]
+    if not loop_config.get("verbose"):
+        # Ray Train logs each report (its whole metrics dict) at INFO through the root logger, outside the
+        # `ray.train` names its LoggingConfig filters; the epoch line below says what a person needs.
+        logging.getLogger().setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     device = worker_device()
     w = Worker(ctx.get_world_rank(), ctx.get_world_size(), device, MixedPrecision(cfg.precision, device),
@@ -214,19 +282,9 @@ def run_recipe(loop_config: dict[str, Any]) -> None:
 
     seed_everything(cfg.seed)  # the same initial weights on every rank (rank 0's are broadcast anyway)
     modules = recipe.build(w)
-    state: dict[str, Any] = {"stage": recipe.name, "epoch": 0, "step": 0, "best": None, "bad_epochs": 0,
-                             "history": [], "stopped": ""}
-    with resume_folder(loop_config) as folder:
-        if folder is not None:  # resume, or restart after a lost worker: everything from our own checkpoint
-            optimizers = recipe.make_optimizers(w, modules)
-            scaler = {k: v for k, v in w.amp.stateful().items() if os.path.exists(os.path.join(folder, f"{k}.pt"))}
-            state = load_checkpoint(folder, modules, {**optimizers, **scaler}, map_location=device)
-            state.setdefault("bad_epochs", 0)
-            note_restart(state)
-        else:
-            optimizers = recipe.initialise(w, modules)
+    optimizers, state = _start(recipe, w, modules, loop_config)
     # the budgets are this run's settings: a resumed run with a larger one continues
-    state["stopped"] = _budget_spent(cfg, state) or _patience_spent(cfg, state, metric)
+    state["stopped"] = _budget_spent(cfg, state) or _patience_spent(cfg, state, loop_config["checkpoint_metric"])
     recipe.prepare(w, state)
     optimizers = {**optimizers, **w.amp.stateful()}
     loader_workers = loader_workers_for(cfg, w.rank, recipe.name)
@@ -246,24 +304,7 @@ def run_recipe(loop_config: dict[str, Any]) -> None:
         loaded = prefetch(batches, recipe.load, loader_workers, cfg.loader_depth, pin_memory=w.device.type == "cuda")
         looping = time.perf_counter()
         try:
-            while not _budget_spent(cfg, state):
-                item = next(loaded, None)  # the time blocked here is the epoch's data wait
-                if item is None:
-                    break
-                examples, batch = item
-                logs = recipe.step(w, batch, state, guard)
-                if guard.rollback_pending:
-                    break
-                state["step"] += 1
-                if logs is None:  # a non-finite loss: that update was dropped
-                    continue
-                meter.add(logs, examples)
-                interval.add(logs, examples)
-                if cfg.monitor.scalars_every and state["step"] % cfg.monitor.scalars_every == 0:
-                    scalars = interval.take(w.world)
-                    scalars["images_per_s"] *= recipe.images_per_example
-                    monitor.scalars(state["step"], scalars)
-                    record_epoch(recipe.name, {**scalars, "step": state["step"]}, rank=w.rank)  # the dashboard, between epochs
+            _steps(recipe, w, state, guard, loaded, meter, interval, monitor)
         finally:
             loaded.close()
         looped = time.perf_counter() - looping
@@ -280,20 +321,7 @@ def run_recipe(loop_config: dict[str, Any]) -> None:
         if recipe.example_name:
             metrics[f"{recipe.example_name}_per_s"] = rate
         if w.rank == 0:
-            metrics.update(recipe.validate(w, state))
-            score = metrics.get(metric)
-            if improves(score, state["best"], mode):
-                state["best"], state["bad_epochs"] = score, 0
-            else:
-                state["bad_epochs"] += 1
-            state["stopped"] = _patience_spent(cfg, state, metric)
-            state["history"].append(metrics)
-            print(" | ".join([f"[{recipe.name}] epoch {epoch + 1}/{cfg.max_epochs}", *recipe.progress(metrics)]), flush=True)
-            monitor.scalars(state["step"], {k: v for k, v in metrics.items() if k not in ("stage", "step")})
-            if cfg.monitor.enabled and cfg.monitor.grid_every and (epoch + 1) % cfg.monitor.grid_every == 0:
-                picture = recipe.grid(w, state)
-                if picture is not None:
-                    monitor.image(picture[0], state["step"], picture[1], png_name=f"{recipe.name}_epoch{epoch:04d}.png")
+            _validate(recipe, w, state, metrics, loop_config, monitor)
         state["stopped"] = broadcast_object(state["stopped"]) or _budget_spent(cfg, state)
         state["epoch"] = epoch + 1
         recipe.end_epoch(w, state)
@@ -308,7 +336,7 @@ def train(recipe: Recipe, run: RunSettings, callbacks: tuple = ()):
     """Launch `recipe` on Ray Train (resources, storage, checkpoints, failures: step_ray.engine.launch).
     Returns (ray.train.Result, run folder URI); a failed run raises its error."""
     loop_config = {"recipe": recipe, "record": recipe.record(run), "checkpoint_metric": run.checkpoint_metric,
-                   "checkpoint_mode": run.checkpoint_mode}
+                   "checkpoint_mode": run.checkpoint_mode, "verbose": verbose()}
     result, run_uri = fit(run_recipe, loop_config, run, recipe.name, callbacks)
     if result.error:
         raise result.error

@@ -80,8 +80,10 @@ def _fmt(line: dict[str, Any], name: str) -> str:
     of = line.get("seconds_to_lpips_of", 0) if name == "seconds_to_lpips" else n
     if not n:
         return "not reached" if of else "–"
-    digits = 0 if name == "seconds_to_lpips" else 1 if name in ("train_seconds", "images_per_s") else 2 if name == "psnr" else 3
-    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if n > 1 else "") + (f" ({n}/{of} reached)" if n < of else "")
+    digits = (0 if name == "seconds_to_lpips" else 1 if name in ("train_seconds", "images_per_s")
+              else 2 if name == "psnr" else 3)
+    return (f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if n > 1 else "")
+            + (f" ({n}/{of} reached)" if n < of else ""))
 
 
 def shown_metrics(lpips_target: float) -> list[tuple[str, str]]:
@@ -94,7 +96,8 @@ def markdown(lines: list[dict[str, Any]], rows: list[dict[str, Any]], title: str
              lpips_target: float = 0.0) -> str:
     with_params = any(line["params"] not in ("", "{}") for line in lines)
     metrics = shown_metrics(lpips_target)
-    head = ["method", "ver."] + (["settings"] if with_params else []) + [t for _, t in PARTS] + [t for _, t in metrics] + ["trials"]
+    head = (["method", "ver."] + (["settings"] if with_params else []) + [t for _, t in PARTS]
+            + [t for _, t in metrics] + ["trials"])
     out = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     family = None
     for line in lines:
@@ -104,21 +107,25 @@ def markdown(lines: list[dict[str, Any]], rows: list[dict[str, Any]], title: str
         cells += [_mark(line[p]) for p, _ in PARTS] + [_fmt(line, m) for m, _ in metrics]
         cells.append(f"{line['finished']}/{line['trials']}")
         out.append("| " + " | ".join(cells) + " |")
-    out += ["", "Mean ± std over seeds. PSNR and LPIPS: reconstruction G(A, E(B)) against B on the validation split; "
-            "div.: mean pairwise LPIPS of one input's outputs under reference styles / sampled styles (the IMLE mapper's "
-            "samples; MUNIT: N(0, I) style codes, its own sampling); MUNIT's PSNR/LPIPS use the true B's style code; "
-            "train s: wall time of the training stages; img/s: the last epoch's training throughput; "
+    out += ["", "Mean ± std over seeds. PSNR and LPIPS: reconstruction G(A, E(B)) against B on the validation "
+            "split; div.: mean pairwise LPIPS of one input's outputs under reference styles / sampled styles "
+            "(the IMLE mapper's samples; MUNIT: N(0, I) style codes, its own sampling); MUNIT's PSNR/LPIPS use "
+            "the true B's style code; train s: wall time of the training stages; img/s: the last epoch's "
+            "training throughput; "
             + (f"s to val LPIPS ≤ {lpips_target:g}: the trial's wall time at its first epoch whose validation LPIPS "
-               "(G_ema, 64 val pairs) reached it, mean over the seeds that reached it (not reached: none did); " if lpips_target else "")
+               "(G_ema, 64 val pairs) reached it, mean over the seeds that reached it (not reached: none did); "
+               if lpips_target else "")
             + "trials: evaluated / run.", "", "## Trials", "",
-            "| trial | variant | seed | settings | status | epochs | last val PSNR | last val LPIPS | PSNR | LPIPS | error |",
+            "| trial | variant | seed | settings | status | epochs | last val PSNR | last val LPIPS | PSNR | LPIPS "
+            "| error |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         def num(key, digits=3):
             value = row.get(key)
             return f"{value:.{digits}f}" if isinstance(value, (int, float)) and math.isfinite(value) else "–"
-        out.append(f"| {row.get('trial_id', '')} | {row['variant']} | {row['seed']} | {row.get('params', '')} | {row.get('status', '')} "
-                   f"| {row.get('epochs', '–')} | {num('val_psnr', 2)} | {num('val_lpips')} | {num('psnr', 2)} | {num('lpips')} "
+        out.append(f"| {row.get('trial_id', '')} | {row['variant']} | {row['seed']} | {row.get('params', '')} "
+                   f"| {row.get('status', '')} | {row.get('epochs', '–')} | {num('val_psnr', 2)} "
+                   f"| {num('val_lpips')} | {num('psnr', 2)} | {num('lpips')} "
                    f"| {_short_error(row.get('error', ''))} |")
     return "\n".join(out) + "\n"
 
@@ -171,7 +178,8 @@ def plot(lines: list[dict[str, Any]]) -> bytes:
         if line["diversity_refs_n"]:
             ax.errorbar(line["lpips"], line["diversity_refs"], xerr=line["lpips_std"] or None,
                         yerr=line["diversity_refs_std"] or None, fmt="o", color=colour)
-            ax.annotate(label, (line["lpips"], line["diversity_refs"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            ax.annotate(label, (line["lpips"], line["diversity_refs"]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7)
         if line["diversity_mapper_n"]:
             ax.plot(line["lpips"], line["diversity_mapper"], "o", mfc="none", color=colour)
     for family, colour in colours.items():

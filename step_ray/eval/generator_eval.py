@@ -27,14 +27,15 @@ from step_ray.checkpoints import load_checkpoint, local_checkpoint_dir, read_rec
 from step_ray.config import config_from_dict, config_to_dict
 from step_ray.data.pix2pix import DataConfig, load_split, to_tensor
 from step_ray.eval.embedding import plot_embedding, save_png
-from step_ray.eval.metrics import LPIPSConfig, diverse_rows, diversity, load_lpips, lpips_distance, other_style_rows, psnr
+from step_ray.eval.metrics import (LPIPSConfig, diverse_rows, diversity, load_lpips, lpips_distance, other_style_rows,
+                                   psnr)
 from step_ray.eval.pictures import generate, interpolation_grid, sampling_grid, transfer_grid
 from step_ray.models import GeneratorConfig, MapperConfig, StyleMapper, UNetGenerator
 from step_ray.style.encode import load_encoder
 from step_ray.style.vgg import VGGConfig, vgg_weight_source
 
-TABLE_HEADER = ("| method | PSNR ↑ | LPIPS ↓ | PSNR other style | diversity refs ↑ | diversity mapper ↑ | diversity fixed z | "
-                "mapper styles reached | LPIPS trunk |\n|---|---|---|---|---|---|---|---|---|")
+TABLE_HEADER = ("| method | PSNR ↑ | LPIPS ↓ | PSNR other style | diversity refs ↑ | diversity mapper ↑ "
+                "| diversity fixed z | mapper styles reached | LPIPS trunk |\n|---|---|---|---|---|---|---|---|---|")
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,8 @@ def load_mapper(uri: str) -> StyleMapper:
     return mapper.eval()
 
 
-def load_generator(checkpoint: str, use_ema: bool = True, device: str | torch.device = "cpu") -> tuple[UNetGenerator, dict]:
+def load_generator(checkpoint: str, use_ema: bool = True,
+                   device: str | torch.device = "cpu") -> tuple[UNetGenerator, dict]:
     """G (EMA weights when asked and present) of a generator checkpoint, and its recipe settings (a mapping)."""
     folder, tmp = local_checkpoint_dir(checkpoint)
     try:
@@ -99,108 +101,145 @@ def _default_mapper(checkpoint: str) -> str:
     return uri if storage.exists(storage.join(uri, "mapper.pt")) else ""
 
 
-def evaluate(cfg: EvalConfig) -> dict[str, Any]:
-    if not cfg.checkpoint:
-        raise ValueError("eval: set checkpoint (a stage-2/3 checkpoint folder, local or s3://)")
-    started = time.perf_counter()
-    out_dir = cfg.output or storage.join(cfg.checkpoint, "eval")
-    storage.check_writable(out_dir, "eval.output")
+@dataclass
+class _EvalInputs:
+    """What one evaluation works on: the models, the split's images and their codes."""
+
+    g: UNetGenerator
+    tree: dict
+    e: torch.nn.Module
+    mapper: StyleMapper | None
+    mapper_uri: str
+    lp: Any
+    a: torch.Tensor
+    b: torch.Tensor
+    labels: np.ndarray
+    z: torch.Tensor
+
+
+def _eval_inputs(cfg: EvalConfig) -> _EvalInputs:
     g, tree = load_generator(cfg.checkpoint, cfg.use_ema)
     e = load_encoder(cfg.checkpoint)
     mapper_uri = cfg.mapper or _default_mapper(cfg.checkpoint)
-    mapper = None
-    if mapper_uri:
-        mapper = load_mapper(mapper_uri)
+    mapper = load_mapper(mapper_uri) if mapper_uri else None
     lp = load_lpips(cfg.lpips)
     split = load_split(cfg.data, cfg.split)
     n_all = len(split.ids) if not cfg.max_recon_images else min(cfg.max_recon_images, len(split.ids))
     a, b = to_tensor(split.a[:n_all]), to_tensor(split.b[:n_all])
-    labels = split.style_ids[:n_all]
-    labelled = bool((labels >= 0).all())
-    gen = torch.Generator().manual_seed(cfg.seed)
     bs = cfg.batch_size
-
     with torch.no_grad():
         z = torch.cat([e(b[i : i + bs]) for i in range(0, n_all, bs)])
     if not torch.isfinite(z).all():
         raise FloatingPointError(f"{cfg.checkpoint}: the encoder gives non-finite style codes (training diverged); "
                                  "nothing to evaluate")
-    other = torch.from_numpy(other_style_rows(labels, cfg.seed))
-    recon = generate(g, a, z, bs)
-    cross = generate(g, a, z[other], bs)
+    return _EvalInputs(g, tree, e, mapper, mapper_uri, lp, a, b, split.style_ids[:n_all], z)
+
+
+def _reconstruction(x: _EvalInputs, cfg: EvalConfig) -> dict[str, Any]:
+    """PSNR/LPIPS of G(A, E(B)) against B, and with another style's code (the margin shows E's code is used)."""
+    other = torch.from_numpy(other_style_rows(x.labels, cfg.seed))
+    recon = generate(x.g, x.a, x.z, cfg.batch_size)
+    cross = generate(x.g, x.a, x.z[other], cfg.batch_size)
     m: dict[str, Any] = {
-        "psnr": float(psnr(recon, b).mean()),
-        "lpips": float(lpips_distance(lp, recon, b, cfg.lpips.batch_size).mean()),
-        "psnr_other_style": float(psnr(cross, b).mean()),
-        "lpips_other_style": float(lpips_distance(lp, cross, b, cfg.lpips.batch_size).mean()),
-        "recon_images": n_all,
+        "psnr": float(psnr(recon, x.b).mean()),
+        "lpips": float(lpips_distance(x.lp, recon, x.b, cfg.lpips.batch_size).mean()),
+        "psnr_other_style": float(psnr(cross, x.b).mean()),
+        "lpips_other_style": float(lpips_distance(x.lp, cross, x.b, cfg.lpips.batch_size).mean()),
+        "recon_images": len(x.a),
     }
     m["psnr_margin"] = m["psnr"] - m["psnr_other_style"]
+    return m
 
-    # diversity: num_inputs × num_styles outputs
-    n_in = min(cfg.num_inputs, n_all)
+
+def _diversity(x: _EvalInputs, cfg: EvalConfig, gen: torch.Generator) -> tuple[dict[str, Any], torch.Tensor | None]:
+    """num_inputs × num_styles outputs per kind of code (references, their mean, mapper samples): the
+    LPIPS diversity of each, the mapper's coverage on labelled data; and the mapper's outputs (for the grid)."""
+    n_all, n_in, a = len(x.a), min(cfg.num_inputs, len(x.a)), x.a
     refs = torch.stack([torch.randperm(n_all, generator=gen)[: cfg.num_styles] for _ in range(n_in)])  # [n_in, S]
     if refs.shape[1] < cfg.num_styles:
         raise ValueError(f"eval.num_styles={cfg.num_styles} needs that many {cfg.split} images; found {n_all}")
 
     def outputs_for(codes: torch.Tensor) -> torch.Tensor:  # codes [n_in, S, nz] -> images [n_in, S, C, H, W]
         rep = a[:n_in, None].expand(-1, cfg.num_styles, -1, -1, -1).reshape(-1, *a.shape[1:])
-        return generate(g, rep, codes.reshape(-1, codes.shape[-1]), bs).view(n_in, cfg.num_styles, *a.shape[1:])
+        return generate(x.g, rep, codes.reshape(-1, codes.shape[-1]),
+                        cfg.batch_size).view(n_in, cfg.num_styles, *a.shape[1:])
 
-    out_refs = outputs_for(z[refs])
-    m["diversity_refs"] = diversity(lp, out_refs)
-    m["diversity_fixed_code"] = diversity(lp, outputs_for(z.mean(0).expand(n_in, cfg.num_styles, -1)))
-    m["diversity_inputs"] = n_in
-    m["diversity_styles"] = cfg.num_styles
-    if mapper is not None:
+    m: dict[str, Any] = {"diversity_refs": diversity(x.lp, outputs_for(x.z[refs])),
+                         "diversity_fixed_code": diversity(x.lp,
+                                                           outputs_for(x.z.mean(0).expand(n_in, cfg.num_styles, -1))),
+                         "diversity_inputs": n_in, "diversity_styles": cfg.num_styles}
+    out_mapper = None
+    if x.mapper is not None:
         with torch.no_grad():
-            samples = mapper(torch.randn(n_in * cfg.num_styles, mapper.cfg.noise_dim, generator=gen))
+            samples = x.mapper(torch.randn(n_in * cfg.num_styles, x.mapper.cfg.noise_dim, generator=gen))
         out_mapper = outputs_for(samples.view(n_in, cfg.num_styles, -1))
-        m["diversity_mapper"] = diversity(lp, out_mapper)
-        if labelled:
-            m.update(_mapper_coverage(mapper, g, e, a, z, labels, cfg, gen))
+        m["diversity_mapper"] = diversity(x.lp, out_mapper)
+        if (x.labels >= 0).all():
+            m.update(_mapper_coverage(x.mapper, x.g, x.e, x.a, x.z, x.labels, cfg, gen))
+    return m, out_mapper
 
+
+def _pictures(x: _EvalInputs, cfg: EvalConfig, out_dir: str, out_mapper: torch.Tensor | None) -> dict[str, str]:
+    """transfer.png, interpolation.png, sampling.png (with a mapper) and embedding.png in `out_dir`."""
     tag = lambda name: storage.join(out_dir, name)  # noqa: E731
+    a, b, z, bs, n_all = x.a, x.b, x.z, cfg.batch_size, len(x.a)
+    labelled = bool((x.labels >= 0).all())
     pictures = {}
     k, r = min(cfg.grid_inputs, n_all), min(cfg.grid_references, n_all)
-    ref_rows = diverse_rows(labels, r, cfg.seed)
-    grid_out = outputs_for_grid(g, a[:k], z[ref_rows], bs)
-    save_png(tag("transfer.png"), transfer_grid(a[:k], b[ref_rows], grid_out))
+    ref_rows = diverse_rows(x.labels, r, cfg.seed)
+    save_png(tag("transfer.png"), transfer_grid(a[:k], b[ref_rows], outputs_for_grid(x.g, a[:k], z[ref_rows], bs)))
     pictures["transfer"] = tag("transfer.png")
     t = torch.linspace(0, 1, cfg.interpolation_steps)
     z0, z1 = z[ref_rows[0]], z[ref_rows[-1]]
     path = (1 - t)[:, None] * z0 + t[:, None] * z1
-    save_png(tag("interpolation.png"), interpolation_grid(a[:k], outputs_for_grid(g, a[:k], path, bs), b[ref_rows[0]], b[ref_rows[-1]]))
+    save_png(tag("interpolation.png"),
+             interpolation_grid(a[:k], outputs_for_grid(x.g, a[:k], path, bs), b[ref_rows[0]], b[ref_rows[-1]]))
     pictures["interpolation"] = tag("interpolation.png")
-    if mapper is not None:
+    if out_mapper is not None:
         save_png(tag("sampling.png"), sampling_grid(a[:k], out_mapper[:k, : cfg.grid_references]))
         pictures["sampling"] = tag("sampling.png")
     if len(z) >= 3:
-        plot_labels = labels if labelled else np.zeros(len(z), np.int64)
+        plot_labels = x.labels if labelled else np.zeros(len(z), np.int64)
         plot_embedding(z.numpy(), plot_labels, tag("embedding.png"),
                        f"E(B) of {len(z)} {cfg.split} images ({'style id' if labelled else 'unlabelled'})")
         pictures["embedding"] = tag("embedding.png")
+    return pictures
 
-    train_tree = {k: v for k, v in tree.items() if k != "_weights"}
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """The paper's evaluation of `cfg.checkpoint`: metrics.json, table_row.md and the pictures in `cfg.output`
+    (default <checkpoint>/eval); returns the record written to metrics.json, with the row and the folder."""
+    if not cfg.checkpoint:
+        raise ValueError("eval: set checkpoint (a stage-2/3 checkpoint folder, local or s3://)")
+    started = time.perf_counter()
+    out_dir = cfg.output or storage.join(cfg.checkpoint, "eval")
+    storage.check_writable(out_dir, "eval.output")
+    x = _eval_inputs(cfg)
+    m = _reconstruction(x, cfg)
+    spread, out_mapper = _diversity(x, cfg, torch.Generator().manual_seed(cfg.seed))
+    m.update(spread)
+    pictures = _pictures(x, cfg, out_dir, out_mapper)
+
+    train_tree = {k: v for k, v in x.tree.items() if k != "_weights"}
     vgg_cfg = config_from_dict(VGGConfig, train_tree.get("vgg", {}), where="vgg")
     label = cfg.method or train_tree.get("variant") or "generator (no variant preset)"
     record = {
         "method": label,
         "checkpoint": cfg.checkpoint,
-        "generator_weights": tree["_weights"],
-        "mapper": mapper_uri or None,
+        "generator_weights": x.tree["_weights"],
+        "mapper": x.mapper_uri or None,
         "metrics": m,
-        "lpips_weights": lp.weight_source,
-        "lpips_linear_layers": lp.lin_source,
+        "lpips_weights": x.lp.weight_source,
+        "lpips_linear_layers": x.lp.lin_source,
         "vgg_weights": vgg_weight_source(vgg_cfg) if train_tree.get("lambda_vgg", 0) else "no VGG loss",
         "pictures": pictures,
         "seconds": time.perf_counter() - started,
         "eval_config": config_to_dict(cfg),
         "train_config": train_tree,
     }
-    row = table_row(label, m, lp.weight_source)
-    storage.write_bytes(tag("metrics.json"), json.dumps(record, indent=1, default=float).encode())
-    storage.write_bytes(tag("table_row.md"), f"{TABLE_HEADER}\n{row}\n".encode())
+    row = table_row(label, m, x.lp.weight_source)
+    storage.write_bytes(storage.join(out_dir, "metrics.json"), json.dumps(record, indent=1, default=float).encode())
+    storage.write_bytes(storage.join(out_dir, "table_row.md"), f"{TABLE_HEADER}\n{row}\n".encode())
     record["table_row"] = row
     record["output"] = out_dir
     return record
@@ -246,8 +285,8 @@ def table_row(method: str, m: dict[str, Any], lpips_source: str) -> str:
     f = lambda key, fmt="{:.3f}": fmt.format(m[key]) if key in m else "–"  # noqa: E731
     reached = f"{m['mapper_styles_reached']}/{m['num_style_ids']}" if "mapper_styles_reached" in m else "–"
     trunk = "random AlexNet" if lpips_source.startswith("RANDOM") else "AlexNet"
-    return (f"| {method} | {f('psnr', '{:.2f}')} | {f('lpips')} | {f('psnr_other_style', '{:.2f}')} | {f('diversity_refs')} | "
-            f"{f('diversity_mapper')} | {f('diversity_fixed_code')} | {reached} | {trunk} |")
+    return (f"| {method} | {f('psnr', '{:.2f}')} | {f('lpips')} | {f('psnr_other_style', '{:.2f}')} "
+            f"| {f('diversity_refs')} | {f('diversity_mapper')} | {f('diversity_fixed_code')} | {reached} | {trunk} |")
 
 
 __all__ = ["EvalConfig", "evaluate", "load_generator", "table_row"]

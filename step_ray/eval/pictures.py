@@ -28,7 +28,8 @@ def sampling_grid(inputs: torch.Tensor, outputs: torch.Tensor) -> np.ndarray:
     return image_grid([[a] + list(to_uint8(outs)) for a, outs in zip(to_uint8(inputs), outputs)])
 
 
-def interpolation_grid(inputs: torch.Tensor, outputs: torch.Tensor, ref_start: torch.Tensor, ref_end: torch.Tensor) -> np.ndarray:
+def interpolation_grid(inputs: torch.Tensor, outputs: torch.Tensor, ref_start: torch.Tensor,
+                       ref_end: torch.Tensor) -> np.ndarray:
     """Top row: the two references at both ends; row i: input i, then outputs along z(t) = (1−t)z0 + t z1."""
     start, end = to_uint8(ref_start[None])[0], to_uint8(ref_end[None])[0]
     blank = np.full_like(start, 255)

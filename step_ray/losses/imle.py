@@ -14,7 +14,8 @@ import torch
 from step_ray.models import StyleMapper
 
 
-def nearest_noise(mapper: StyleMapper, codes: np.ndarray, pool: int, gen: torch.Generator) -> tuple[torch.Tensor, np.ndarray]:
+def nearest_noise(mapper: StyleMapper, codes: np.ndarray, pool: int,
+                  gen: torch.Generator) -> tuple[torch.Tensor, np.ndarray]:
     """A fresh noise pool, its mapped samples indexed by FAISS; for each code, its nearest sample's noise."""
     r = torch.randn(pool, mapper.cfg.noise_dim, generator=gen)
     with torch.no_grad():

@@ -14,7 +14,8 @@ def kl_to_standard_normal(mean: torch.Tensor, logvar: torch.Tensor) -> tuple[tor
     return kl, {"kl": float(kl.detach())}
 
 
-def latent_reconstruction_loss(z_recovered: torch.Tensor, z_drawn: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+def latent_reconstruction_loss(z_recovered: torch.Tensor,
+                               z_drawn: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
     """mean |E(G(A, z_r)) − z_r|: the code a random-z output was made with must be recoverable (cLR-GAN)."""
     loss = (z_recovered.float() - z_drawn.float()).abs().mean()
     return loss, {"latent": float(loss.detach())}

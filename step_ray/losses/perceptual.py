@@ -27,8 +27,10 @@ def feature_matching_loss(fake_feats: Sequence[torch.Tensor], real_feats: Sequen
                           ) -> tuple[torch.Tensor, dict[str, float]]:
     """Σ_l w_l · mean((scale·φ_l(B̂) − scale·φ_l(B))²) on precomputed feature lists."""
     if len(fake_feats) != len(real_feats) or len(fake_feats) != len(layer_weights):
-        raise ValueError(f"{len(fake_feats)} fake / {len(real_feats)} real feature maps for {len(layer_weights)} layer weights")
-    terms = [w * F.mse_loss(scale * f.float(), scale * r.detach().float()) for w, f, r in zip(layer_weights, fake_feats, real_feats)]
+        raise ValueError(f"{len(fake_feats)} fake / {len(real_feats)} real feature maps for {len(layer_weights)} "
+                         "layer weights")
+    terms = [w * F.mse_loss(scale * f.float(), scale * r.detach().float())
+             for w, f, r in zip(layer_weights, fake_feats, real_feats)]
     loss = torch.stack(terms).sum()
     return loss, {"vgg": float(loss.detach()), **{f"vgg_l{i}": float(t.detach()) for i, t in enumerate(terms)}}
 

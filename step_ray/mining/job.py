@@ -122,7 +122,8 @@ def read_for_mining(descriptors: str, split: str, sketch_width: int, spill_path:
     sketch). Memory: ~4·(d+1) bytes an image (1 KB at PCA-256) plus one row group, however many images;
     the sketches (4·m bytes an image) too while they fit in `sketch_memory_mb`, else they go to a file at
     `spill_path`. Either way they come back as SketchRows in the ids' order."""
-    from step_ray.style.statistics import descriptor_matrix, descriptor_row_count, iter_descriptor_batches  # deferred: torch (mine_triplets)
+    from step_ray.style.statistics import (  # deferred: torch (mine_triplets)
+        descriptor_matrix, descriptor_row_count, iter_descriptor_batches)
 
     total = descriptor_row_count(descriptors)
     in_memory = total * sketch_width * 4 <= sketch_memory_mb * 2**20

@@ -441,7 +441,8 @@ def mine_neighbours(descriptors: np.ndarray, cfg: MiningConfig = MiningConfig(),
         parts = (parts[0], (parts[1] + own).astype(np.float32), parts[2], (parts[3] + own).astype(np.float32))
     if sketch_width:
         # The close set only: the residual-corrected far set is already ≥ 0.997 precise on real VGG
-        # descriptors (BENCHMARKS.md), and its rerank_factor·k_far candidates would cost 2.6× the close ones.
+        # descriptors (experiments/README.md, "Re-ranking with a sketch of the residual"), and its
+        # rerank_factor·k_far candidates would cost 2.6× the close ones.
         started = time.perf_counter()
         close = rerank_with_sketch(x, sketch, parts[0], cfg.k_close, furthest=False)
         parts = (*close, parts[2], parts[3])

@@ -36,7 +36,8 @@ class DiscriminatorConfig:
         if self.scale_widths not in ("same", "halved"):
             raise ValueError(f"discriminator scale_widths must be same or halved, got {self.scale_widths!r}")
         if self.scale_widths == "halved" and self.base_channels < 2 ** (self.num_scales - 1):
-            raise ValueError(f"discriminator base_channels={self.base_channels} cannot be halved over {self.num_scales} scales")
+            raise ValueError(f"discriminator base_channels={self.base_channels} cannot be halved over "
+                             f"{self.num_scales} scales")
 
     def fitted(self, side: int, most: int = 3) -> "DiscriminatorConfig":
         """n_layers=0 resolved for `side`: the most layers (at most `most`) the coarsest scale still fits."""
@@ -59,7 +60,8 @@ class DiscriminatorConfig:
     def min_side(self) -> int:
         """The smallest input side for which the coarsest scale still yields a patch map."""
         if not self.n_layers:
-            raise ValueError("discriminator.n_layers=0 must be resolved for the image size (DiscriminatorConfig.fitted)")
+            raise ValueError("discriminator.n_layers=0 must be resolved for the image size "
+                             "(DiscriminatorConfig.fitted)")
         side = 1  # output size of the last conv (k4 s1 p1: out = in - 1)
         side += 1  # the penultimate stride-1 conv
         side += 1
@@ -109,7 +111,8 @@ class PatchDiscriminator(nn.Module):
     def __init__(self, cfg: DiscriminatorConfig = DiscriminatorConfig()):
         super().__init__()
         if not cfg.n_layers:
-            raise ValueError("discriminator.n_layers=0 must be resolved for the image size (DiscriminatorConfig.fitted)")
+            raise ValueError("discriminator.n_layers=0 must be resolved for the image size "
+                             "(DiscriminatorConfig.fitted)")
         self.cfg = cfg
         self.scales = nn.ModuleList(PatchGAN(cfg.at_scale(s)) for s in range(cfg.num_scales))
         self.down = nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False)

@@ -22,7 +22,7 @@ class EncoderConfig:
     form, and a learned linear head to nz. A departure from the paper for small datasets: on the 400
     facades photos the conv encoder, trained from scratch, orders held-out triplets at 0.65 (0.72 even
     when regressed onto the PCA codes directly), far below the 0.87 a linear code of the Gram descriptor
-    reaches (benchmarks/stage1_hypotheses.py). The VGG is not part of E's state: it is rebuilt from these
+    reaches (experiments/stage1_hypotheses.py). The VGG is not part of E's state: it is rebuilt from these
     fields and step_ray.weights, so checkpoints hold only the sketch and the head."""
 
     nz: int = 8
@@ -52,7 +52,8 @@ class EncoderConfig:
                 raise ValueError("backbone vgg_gram takes RGB images (in_channels=3)")
             bad = [n for n in self.vgg_layers if not (n.startswith(("relu", "conv")) and n[-3] in VGG_BLOCK_CHANNELS)]
             if not self.vgg_layers or bad:
-                raise ValueError(f"vgg_layers must name VGG conv/relu layers (relu1_2 ...), got {list(self.vgg_layers)}")
+                raise ValueError("vgg_layers must name VGG conv/relu layers (relu1_2 ...), "
+                                 f"got {list(self.vgg_layers)}")
             if self.sketch_channels < 0:
                 raise ValueError(f"sketch_channels must be >= 0, got {self.sketch_channels}")
 
@@ -166,7 +167,8 @@ class StyleEncoder(nn.Module):
         self.cfg = cfg
         if cfg.backbone == "vgg_gram":
             if vgg is None:
-                raise ValueError("backbone vgg_gram needs its frozen VGG: build E with step_ray.style.encode.build_encoder")
+                raise ValueError("backbone vgg_gram needs its frozen VGG: build E with "
+                                 "step_ray.style.encode.build_encoder")
             sketch = GramSketch(vgg, cfg.layer_channels(), cfg.sketch_channels, cfg.sketch_seed)
             self.features = nn.Sequential(sketch, FeatureCentre(sketch.out_features))
             cin = sketch.out_features

@@ -1,4 +1,5 @@
-"""The style mapper M: unit-Gaussian noise -> style space (docs/method.md §6), trained by IMLE in step_ray.pipelines.mapper."""
+"""The style mapper M: unit-Gaussian noise -> style space (docs/method.md §6), trained by IMLE in
+step_ray.pipelines.mapper."""
 from __future__ import annotations
 
 from dataclasses import dataclass

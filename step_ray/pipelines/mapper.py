@@ -1,4 +1,5 @@
-"""Fitting the IMLE style mapper, the last step of the generator job (docs/method.md §6): M(r), r ~ N(0, I), learns to cover every style code of the data.
+"""Fitting the IMLE style mapper, the last step of the generator job (docs/method.md §6): M(r), r ~ N(0, I), learns
+to cover every style code of the data.
 
     M = argmin Σ_i ‖z_i − M(e_i)‖²,   e_i = argmin_{r_j} ‖z_i − M(r_j)‖²,   {r_j} ~ N(0, I)
 
@@ -26,7 +27,8 @@ from step_ray.losses.imle import nearest_noise
 
 @dataclass(frozen=True)
 class IMLEConfig:
-    """Official StEP: pool 10x, neighbours every 5 epochs, 500 epochs, batch 64, Adam 1e-2 β (0.5, 0.999), x0.7 / 50 epochs."""
+    """Official StEP: pool 10x, neighbours every 5 epochs, 500 epochs, batch 64, Adam 1e-2 β (0.5, 0.999),
+    x0.7 / 50 epochs."""
 
     mapper: MapperConfig = field(default_factory=MapperConfig)
     epochs: int = 500
@@ -47,7 +49,8 @@ class IMLEConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-def train_mapper(codes: np.ndarray, cfg: IMLEConfig = IMLEConfig(), log_every: int = 50) -> tuple[StyleMapper, dict[str, Any]]:
+def train_mapper(codes: np.ndarray, cfg: IMLEConfig = IMLEConfig(),
+                 log_every: int = 50) -> tuple[StyleMapper, dict[str, Any]]:
     """Fit M to the codes [N, nz]; returns (M in eval mode, {"history": per-epoch losses, ...})."""
     codes = np.asarray(codes, np.float32)
     rng = np.random.default_rng(cfg.seed)
@@ -92,7 +95,8 @@ def _train(codes: np.ndarray, cfg: IMLEConfig, log_every: int) -> tuple[StyleMap
             entry["nn_distance"] = float(nn_dist.mean())  # the IMLE objective at the fresh pool
         history.append(entry)
         if log_every and (epoch % log_every == 0 or epoch == cfg.epochs - 1):
-            print(f"[mapper] epoch {epoch + 1}/{cfg.epochs} | loss {entry['loss']:.4f} | lr {sched.get_last_lr()[0]:.2e}", flush=True)
+            print(f"[mapper] epoch {epoch + 1}/{cfg.epochs} | loss {entry['loss']:.4f} "
+                  f"| lr {sched.get_last_lr()[0]:.2e}", flush=True)
     mapper.eval()
     return mapper, {"history": history, "num_codes": len(codes), "seconds": time.perf_counter() - started}
 

@@ -113,7 +113,8 @@ def read_search_space(path: str) -> dict[str, dict[str, Any]]:
         raise ConfigError(f"search_space {path}: expected a mapping of settings")
     for key, spec in tree.items():
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SEARCH_KINDS:
-            raise ConfigError(f"search_space {path}: {key}: expected one of {{{', '.join(SEARCH_KINDS)}: ...}}, got {spec!r}")
+            raise ConfigError(f"search_space {path}: {key}: expected one of {{{', '.join(SEARCH_KINDS)}: ...}}, "
+                              f"got {spec!r}")
         kind, values = next(iter(spec.items()))
         if not isinstance(values, list) or not values:
             raise ConfigError(f"search_space {path}: {key}.{kind}: expected a non-empty list")
@@ -201,8 +202,8 @@ def run_trial(params: dict[str, Any], sweep: SweepJobConfig, experiment: str) ->
     metrics.setdefault("diversity_mapper", metrics.get(spec.sampled_diversity))  # each samples styles its own way
     final = {"variant": variant, "seed": seed, "params": json.dumps(values, sort_keys=True), "trial_folder": folder,
              "train_seconds": out.train_seconds, "train_images_per_s": out.images_per_s,
-             "val_psnr": out.last.metrics.get("val_psnr"), "summary": out.summary, "evaluated": out.eval_metrics is not None,
-             "epochs": out.epochs}
+             "val_psnr": out.last.metrics.get("val_psnr"), "summary": out.summary,
+             "evaluated": out.eval_metrics is not None, "epochs": out.epochs}
     if out.eval_metrics is not None:
         final.update({f"eval_{k}": v for k, v in metrics.items()})
     ray.tune.report(final)
@@ -284,7 +285,8 @@ def check_sweep(sweep: SweepJobConfig) -> None:
         if isinstance(cfg, MUNITJobConfig):
             if cfg.data.image_size < cfg.train.discriminator.min_side():
                 raise ConfigError(f"munit: data.image_size={cfg.data.image_size} is below its discriminator's minimum "
-                                  f"{cfg.train.discriminator.min_side()}: set munit_trial.train.discriminator.n_layers/num_scales")
+                                  f"{cfg.train.discriminator.min_side()}: set "
+                                  "munit_trial.train.discriminator.n_layers/num_scales")
             continue
         if cfg.train.encoder_init == "checkpoint" and not (cfg.encoder_checkpoint or cfg.stage2_checkpoint):
             raise ConfigError(f"variant {variant} starts from a pre-trained encoder: set trial.encoder_checkpoint")
@@ -348,8 +350,9 @@ def trial_rows(sweep: SweepJobConfig, trials: list[dict[str, Any]]) -> list[dict
                "evaluated": bool(m.get("evaluated", False)), "epochs": m.get("epochs", m.get("training_iteration")),
                "val_psnr": m.get("val_psnr"), "error": t.get("error", "")}
         row.update(components(trial_config(sweep, variant, seed, values).train))
-        row.update({"psnr": m.get("eval_psnr"), "lpips": m.get("eval_lpips"), "diversity_refs": m.get("eval_diversity_refs"),
-                    "diversity_mapper": m.get("eval_diversity_mapper"), "psnr_other_style": m.get("eval_psnr_other_style"),
+        row.update({"psnr": m.get("eval_psnr"), "lpips": m.get("eval_lpips"),
+                    "diversity_refs": m.get("eval_diversity_refs"), "diversity_mapper": m.get("eval_diversity_mapper"),
+                    "psnr_other_style": m.get("eval_psnr_other_style"),
                     "train_seconds": m.get("train_seconds"), "images_per_s": m.get("train_images_per_s"),
                     "val_lpips": history[-1]["val_lpips"] if history else None,
                     "seconds_to_lpips": seconds_to_lpips(history, sweep.lpips_target), "history": history})

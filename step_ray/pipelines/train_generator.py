@@ -102,7 +102,8 @@ class GeneratorJobConfig:
     train_mapper: bool = True
     mapper: IMLEConfig = field(default_factory=IMLEConfig)
     evaluate: bool = True
-    eval: EvalConfig = field(default_factory=EvalConfig)  # how to evaluate; what (checkpoint, mapper, data) is this job's
+    # how to evaluate; what (checkpoint, mapper, data) is this job's
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
         # nothing a user sets is overwritten: the settings this job decides per stage are refused, by name
@@ -148,7 +149,8 @@ def encode_split(encoder_checkpoint: str, data: DataConfig, split: str = "train"
     return np.concatenate(codes)
 
 
-def monitor_mapper(run_folder: str, checkpoint: str, mapper, info: dict, data: DataConfig, split: str, m: MonitorConfig) -> None:
+def monitor_mapper(run_folder: str, checkpoint: str, mapper, info: dict, data: DataConfig, split: str,
+                   m: MonitorConfig) -> None:
     """The mapper's loss curve, and the fixed-seed grid with mapper samples G(A, M(r)) next to the reference
     styles, in the final stage's TensorBoard events and as samples/mapper_samples.png."""
     monitor = RunMonitor(run_folder, "mapper")
@@ -163,8 +165,8 @@ def monitor_mapper(run_folder: str, checkpoint: str, mapper, info: dict, data: D
         samples = mapper(torch.randn(max(1, m.grid_samples), mapper.cfg.noise_dim,
                                      generator=torch.Generator().manual_seed(m.seed)))
     g, _ = load_generator(checkpoint)
-    monitor.image("samples_mapper", len(info["history"]), sample_grid(g, load_encoder(checkpoint), a[inputs], b[refs], samples),
-                  png_name="mapper_samples.png")
+    monitor.image("samples_mapper", len(info["history"]),
+                  sample_grid(g, load_encoder(checkpoint), a[inputs], b[refs], samples), png_name="mapper_samples.png")
     monitor.close()
 
 
@@ -196,21 +198,25 @@ def run_train_generator(cfg: GeneratorJobConfig, callbacks: tuple = ()) -> Train
         return stages[-1].checkpoint
 
     if scratch:  # a baseline: E from random init trains with G in one stage of stage2 + stage3 epochs
-        start = stage("joint", dataclasses.replace(cfg.train, train_encoder=True, max_epochs=cfg.stage2_epochs + cfg.stage3_epochs,
+        start = stage("joint", dataclasses.replace(cfg.train, train_encoder=True,
+                                                   max_epochs=cfg.stage2_epochs + cfg.stage3_epochs,
                                                    decay_epochs=cfg.stage3_decay_epochs))
     elif cfg.stage2_epochs and not cfg.stage2_checkpoint:
         start = stage("stage2", dataclasses.replace(cfg.train, max_epochs=cfg.stage2_epochs, encoder_checkpoint=start))
     if cfg.stage3_epochs and not scratch:
-        start = stage("stage3", dataclasses.replace(cfg.train, max_epochs=cfg.stage3_epochs, decay_epochs=cfg.stage3_decay_epochs,
-                                                    train_encoder=True, init_checkpoint=start))
+        start = stage("stage3", dataclasses.replace(cfg.train, max_epochs=cfg.stage3_epochs,
+                                                    decay_epochs=cfg.stage3_decay_epochs, train_encoder=True,
+                                                    init_checkpoint=start))
     out = TrainResult("train_generator", start, stages, train_seconds=time.perf_counter() - started,
                       details={"reconstruction": resolve_reconstruction(cfg.train)[1],
                                "bad_files": [{"path": p, "reason": r} for p, r in inputs.bad_files]})
     final_run = start.rstrip("/").rsplit("/", 1)[0]
     if cfg.train_mapper:
-        codes = encode_split(start, inputs.data, "train", cfg.mapper.max_codes, cfg.mapper.seed, paths=inputs.train_paths)
+        codes = encode_split(start, inputs.data, "train", cfg.mapper.max_codes, cfg.mapper.seed,
+                             paths=inputs.train_paths)
         mapper, info = train_mapper(codes, cfg.mapper)
-        out.outputs["mapper"] = save_mapper(storage.join(final_run, "mapper"), mapper, cfg.mapper, {**info, "encoder": start})
+        out.outputs["mapper"] = save_mapper(storage.join(final_run, "mapper"), mapper, cfg.mapper,
+                                            {**info, "encoder": start})
         print(f"[train_generator] mapper: {out.outputs['mapper']}", flush=True)
         if cfg.train.monitor.enabled:
             monitor_mapper(final_run, start, mapper, info, inputs.data, cfg.val_split, cfg.train.monitor)

@@ -24,7 +24,8 @@ class MultiDomainRunSettings(RunSettings):
 
 @dataclass(frozen=True)
 class MultiDomainJobConfig:
-    """`jobs/train_multidomain.py`: train on N >= 2 domains, then evaluate (grids, diversity, unification, smoothness)."""
+    """`jobs/train_multidomain.py`: train on N >= 2 domains, then evaluate (grids, diversity, unification,
+    smoothness)."""
 
     data: DomainDataConfig = field(default_factory=DomainDataConfig)
     val_split: str = "val"
@@ -50,11 +51,13 @@ def run_train_multidomain(cfg: MultiDomainJobConfig, callbacks: tuple = ()) -> T
     recipe = MultiDomainRecipe(cfg.train, cfg.data, train_images, val_images, job=cfg)
     result, run_uri = train(recipe, cfg.run, callbacks)
     checkpoint = checkpoint_uri(result.checkpoint, cfg.run)
-    out = TrainResult("train_multidomain", checkpoint, [StageResult("multidomain", checkpoint, run_uri, result.metrics or {})],
+    out = TrainResult("train_multidomain", checkpoint,
+                      [StageResult("multidomain", checkpoint, run_uri, result.metrics or {})],
                       details={"domains": train_images.names}, train_seconds=time.perf_counter() - started)
     if cfg.evaluate:
-        record = evaluate_multidomain(load_multidomain(checkpoint), cfg.data, cfg.val_split, storage.join(checkpoint, "eval"),
-                                      num_inputs=cfg.eval_inputs, num_styles=cfg.eval_styles, seed=cfg.train.seed)
+        record = evaluate_multidomain(load_multidomain(checkpoint), cfg.data, cfg.val_split,
+                                      storage.join(checkpoint, "eval"), num_inputs=cfg.eval_inputs,
+                                      num_styles=cfg.eval_styles, seed=cfg.train.seed)
         out.outputs["eval"], out.eval_metrics = record["output"], record["metrics"]
     out.seconds = time.perf_counter() - started
     out.write(storage.join(run_uri, "train_multidomain.json"), cfg)

@@ -47,8 +47,9 @@ def run_train_munit(cfg: MUNITJobConfig, callbacks: tuple = ()) -> TrainResult:
     print(f"[train_munit] done training: {checkpoint}", flush=True)
     if cfg.evaluate:
         nets = load_munit(checkpoint)
-        record = evaluate_munit(nets["gen_a"], nets["gen_b"], inputs.data, cfg.val_split, storage.join(checkpoint, "eval"),
-                                LPIPSConfig(), num_inputs=cfg.eval_inputs, num_styles=cfg.eval_styles)
+        record = evaluate_munit(nets["gen_a"], nets["gen_b"], inputs.data, cfg.val_split,
+                                storage.join(checkpoint, "eval"), LPIPSConfig(), num_inputs=cfg.eval_inputs,
+                                num_styles=cfg.eval_styles)
         out.outputs["eval"], out.eval_metrics = record["output"], record["metrics"]
     out.seconds = time.perf_counter() - started
     out.write(storage.join(run_uri, "train_munit.json"), cfg)

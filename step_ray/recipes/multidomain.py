@@ -30,8 +30,9 @@ from step_ray.engine.guard import NonFiniteGuard, guarded_update
 from step_ray.engine.loop import Recipe, Worker, epoch_batches
 from step_ray.engine.settings import LoopConfig, OptimConfig
 from step_ray.eval.multidomain_eval import latent_grid
-from step_ray.losses.multidomain import (MultiDomainLossWeights, adversarial_d_loss, adversarial_g_loss, augment_for_smoothness,
-                                         cycle_loss, diversity_sensitive_loss, generator_objective, r1_penalty,
+from step_ray.losses.multidomain import (MultiDomainLossWeights, adversarial_d_loss, adversarial_g_loss,
+                                         augment_for_smoothness, cycle_loss, diversity_sensitive_loss,
+                                         generator_objective, r1_penalty,
                                          smoothness_triplet_loss, style_reconstruction_loss, unification_d_loss,
                                          unification_g_loss)
 from step_ray.models.multidomain import MultiDomainConfig, build_multidomain
@@ -65,8 +66,10 @@ def make_optimizers(cfg: MultiDomainTraining, nets: dict) -> dict[str, torch.opt
     return {
         "optimizer_g": o.build(nets["generator"].parameters()),
         "optimizer_e": o.build(nets["style_encoder"].parameters()),
-        "optimizer_f": torch.optim.Adam(nets["flow"].parameters(), lr=cfg.flow_lr, betas=o.betas, weight_decay=o.weight_decay),
-        "optimizer_d": o.build(itertools.chain(nets["discriminator"].parameters(), nets["style_discriminator"].parameters())),
+        "optimizer_f": torch.optim.Adam(nets["flow"].parameters(), lr=cfg.flow_lr, betas=o.betas,
+                                        weight_decay=o.weight_decay),
+        "optimizer_d": o.build(itertools.chain(nets["discriminator"].parameters(),
+                                               nets["style_discriminator"].parameters())),
     }
 
 
@@ -85,7 +88,8 @@ def _d_step(cfg, nets, x_real, y_org, y_trg, s_trg) -> tuple[torch.Tensor, dict]
     return loss, logs
 
 
-def _g_terms(cfg, nets, step, x_real, y_org, y_trg, s_trg, s_trg2, latent: bool, x_ref=None) -> tuple[torch.Tensor, dict]:
+def _g_terms(cfg, nets, step, x_real, y_org, y_trg, s_trg, s_trg2, latent: bool,
+             x_ref=None) -> tuple[torch.Tensor, dict]:
     """StarGAN v2's compute_g_loss, plus L_uni and L_smooth on the latent-guided pass."""
     w = cfg.weights
     g, e = nets["generator"], nets["style_encoder"]
@@ -106,8 +110,8 @@ def _g_terms(cfg, nets, step, x_real, y_org, y_trg, s_trg, s_trg2, latent: bool,
         terms["uni"] = unification_g_loss(ds_net(s_trg, y_trg), ds_net(e(x_ref, y_trg), y_trg))
     if latent and w.smooth:
         # the negative is the nearest other image of the same domain (seed 004: x_n^u)
-        terms["smooth"] = smoothness_triplet_loss(e(x_real, y_org), e(augment_for_smoothness(x_real), y_org), w.smooth_margin,
-                                                  domains=y_org)
+        terms["smooth"] = smoothness_triplet_loss(e(x_real, y_org), e(augment_for_smoothness(x_real), y_org),
+                                                  w.smooth_margin, domains=y_org)
     return generator_objective(w, step, terms)
 
 
@@ -131,7 +135,8 @@ def multidomain_step(cfg: MultiDomainTraining, nets: dict, opts: dict, x_real: t
     loss_d = loss_lat + loss_ref
     logs.update({f"d_{k}": v for k, v in logs_lat.items()})
     if w.uni:
-        uni_d, part = unification_d_loss(nets["style_discriminator"](s_ref, y_trg), nets["style_discriminator"](s_lat, y_trg))
+        uni_d, part = unification_d_loss(nets["style_discriminator"](s_ref, y_trg),
+                                         nets["style_discriminator"](s_lat, y_trg))
         loss_d, logs = loss_d + uni_d, {**logs, **part}
     ok = guarded_update(guard, state, "loss_d", loss_d, [opts["optimizer_d"]], ds_)
     if not ok and guard.rollback_pending:
@@ -140,7 +145,8 @@ def multidomain_step(cfg: MultiDomainTraining, nets: dict, opts: dict, x_real: t
 
     # G, the flow and E with latent styles
     with no_parameter_grads(*ds_):
-        loss_g, g_logs = _g_terms(cfg, nets, step, x_real, y_org, y_trg, f(z1, y_trg), f(z2, y_trg), latent=True, x_ref=x_ref)
+        loss_g, g_logs = _g_terms(cfg, nets, step, x_real, y_org, y_trg, f(z1, y_trg), f(z2, y_trg), latent=True,
+                                  x_ref=x_ref)
     if guard is not None:
         loss_g = guard.inject(loss_g, state)
     latent_opts = [opts[name] for name in ("optimizer_g", "optimizer_f", "optimizer_e")]
@@ -152,7 +158,8 @@ def multidomain_step(cfg: MultiDomainTraining, nets: dict, opts: dict, x_real: t
 
     # G alone with reference styles
     with no_parameter_grads(*ds_, f, e):
-        loss_r, r_logs = _g_terms(cfg, nets, step, x_real, y_org, y_trg, e(x_ref, y_trg), e(x_ref2, y_trg), latent=False)
+        loss_r, r_logs = _g_terms(cfg, nets, step, x_real, y_org, y_trg, e(x_ref, y_trg), e(x_ref2, y_trg),
+                                  latent=False)
     if not guarded_update(guard, state, "loss_g (reference)", loss_r, [opts["optimizer_g"]], [nets["generator"]]):
         ok = False
     logs.update({f"{k}_ref": v for k, v in r_logs.items() if k != "lambda_ds"})
@@ -162,7 +169,8 @@ def multidomain_step(cfg: MultiDomainTraining, nets: dict, opts: dict, x_real: t
 
 
 @torch.no_grad()
-def validate_multidomain(cfg: MultiDomainTraining, nets: dict, x: torch.Tensor, y: torch.Tensor, seed: int, device) -> dict[str, float]:
+def validate_multidomain(cfg: MultiDomainTraining, nets: dict, x: torch.Tensor, y: torch.Tensor, seed: int,
+                         device) -> dict[str, float]:
     """Cheap per-epoch numbers: how far latent styles are from reference styles of the same domain
     (mean distance of each latent style to its nearest reference style, against reference-to-reference),
     and how much G's output moves with the style (mean |G(x, s1) − G(x, s2)|)."""
@@ -174,10 +182,10 @@ def validate_multidomain(cfg: MultiDomainTraining, nets: dict, x: torch.Tensor, 
     s_lat = nets["flow"](torch.randn(len(x), cfg.model.style_dim, generator=gen).to(device), y)
     d_lat, d_ref = [], []
     for dom in y.unique():
-        r, l = s_ref[y == dom], s_lat[y == dom]
+        r, lat_dom = s_ref[y == dom], s_lat[y == dom]
         if len(r) < 2:
             continue
-        d_lat.append(torch.cdist(l, r).min(1).values.mean())
+        d_lat.append(torch.cdist(lat_dom, r).min(1).values.mean())
         rr = torch.cdist(r, r) + torch.eye(len(r), device=device) * 1e9
         d_ref.append(rr.min(1).values.mean())
     s2 = nets["flow"](torch.randn(len(x), cfg.model.style_dim, generator=gen).to(device), y)
@@ -185,8 +193,10 @@ def validate_multidomain(cfg: MultiDomainTraining, nets: dict, x: torch.Tensor, 
     moved = (g(x, s_lat) - g(x, s2)).abs().mean().item()
     for net in nets.values():
         net.train()
-    lat, ref = (torch.stack(d_lat).mean().item(), torch.stack(d_ref).mean().item()) if d_lat else (float("nan"), float("nan"))
-    return {"val_latent_to_ref": lat, "val_ref_to_ref": ref, "val_style_gap": lat / max(ref, 1e-9), "val_style_effect": moved}
+    lat, ref = ((torch.stack(d_lat).mean().item(), torch.stack(d_ref).mean().item()) if d_lat
+                else (float("nan"), float("nan")))
+    return {"val_latent_to_ref": lat, "val_ref_to_ref": ref, "val_style_gap": lat / max(ref, 1e-9),
+            "val_style_effect": moved}
 
 
 @dataclass
@@ -260,5 +270,6 @@ class MultiDomainRecipe(Recipe):
                                             max(1, m.grid_samples), m.seed)
 
     def progress(self, m: dict[str, Any]) -> list[str]:
-        return [f"loss_g {m.get('train_loss_g_latent', float('nan')):.4f}", f"loss_d {m.get('train_loss_d', float('nan')):.4f}",
+        return [f"loss_g {m.get('train_loss_g_latent', float('nan')):.4f}",
+                f"loss_d {m.get('train_loss_d', float('nan')):.4f}",
                 f"{m['images_per_s']:.1f} img/s", f"style gap {m['val_style_gap']:.2f}"]

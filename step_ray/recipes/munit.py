@@ -238,7 +238,8 @@ class MUNITRecipe(Recipe):
         return "samples", munit_grid(self.cfg, self.nets, self.val_a, self.val_b, w.device)
 
     def progress(self, m: dict[str, Any]) -> list[str]:
-        return [f"loss_g {m.get('train_loss_g', float('nan')):.4f}", f"loss_d {m.get('train_loss_d', float('nan')):.4f}",
+        return [f"loss_g {m.get('train_loss_g', float('nan')):.4f}",
+                f"loss_d {m.get('train_loss_d', float('nan')):.4f}",
                 f"{m['images_per_s']:.1f} img/s", f"val_psnr {m['val_psnr']:.2f}",
                 f"random style {m['val_psnr_random_style']:.2f}"]
 
@@ -252,7 +253,8 @@ def munit_grid(cfg: MUNITTraining, nets: dict, val_a: torch.Tensor, val_b: torch
     refs = val_b[rng.choice(len(val_b), min(m.grid_references, len(val_b)), replace=False)].to(device)
     gen_a, gen_b = nets["gen_a"], nets["gen_b"]
     styles = torch.cat([gen_b.encode(refs)[1],
-                        torch.randn(m.grid_samples, cfg.model.style_dim, generator=torch.Generator().manual_seed(m.seed)).to(device)])
+                        torch.randn(m.grid_samples, cfg.model.style_dim,
+                                    generator=torch.Generator().manual_seed(m.seed)).to(device)])
     content = gen_a.encode(a)[0]
     out = gen_b.decode(content.repeat_interleave(len(styles), 0), styles.repeat(len(a), 1))
     pictures = to_uint8(out).reshape(len(a), len(styles), *to_uint8(out[:1]).shape[1:])

@@ -37,7 +37,7 @@ class Stage1Training(LoopConfig):
 
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     # Official lr 1e-3 with β1 = 0 diverged here (mean z² jumped from 0.25 to 94 in the second epoch on the
-    # synthetic set, k-NN accuracy fell 0.96 -> 0.76); 1e-4 trained smoothly to 0.98 (see the issue note).
+    # synthetic set, k-NN accuracy fell 0.96 -> 0.76); 1e-4 trained smoothly to 0.98.
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4))
     margin: float = 0.1
     l2_weight: float = 0.01
@@ -88,7 +88,8 @@ def held_out_triplets(distances: np.ndarray, count: int, seed: int) -> np.ndarra
 
 
 @torch.no_grad()
-def encode_batches(model: torch.nn.Module, images: torch.Tensor, device, batch: int = 64, from_stem: bool = False) -> np.ndarray:
+def encode_batches(model: torch.nn.Module, images: torch.Tensor, device, batch: int = 64,
+                   from_stem: bool = False) -> np.ndarray:
     """Codes of images (or, from_stem=True, of precomputed frozen-stem outputs) in batches, eval mode."""
     model.eval()
     run = (lambda x: model(x, from_stem=True)) if from_stem else model
@@ -150,7 +151,8 @@ class Stage1Recipe(Recipe):
     def initialise(self, w: Worker, modules) -> dict[str, torch.optim.Optimizer]:
         if self.cfg.encoder.backbone == "vgg_gram":  # centre its Gram features: the same seeded images on every rank
             rows = np.random.default_rng(self.cfg.seed).permutation(len(self.inputs.train_paths))[: self.cfg.fit_images]
-            images = target_store([self.inputs.train_paths[r] for r in rows], self.inputs.data, 0).batch(range(len(rows)))
+            images = target_store([self.inputs.train_paths[r] for r in rows],
+                                  self.inputs.data, 0).batch(range(len(rows)))
             modules["encoder"].fit_input_statistics(images.to(w.device))
         return self.make_optimizers(w, modules)
 
@@ -180,7 +182,8 @@ class Stage1Recipe(Recipe):
         if self.stem_bank is not None:
             with torch.no_grad():
                 stem = unwrap(self.model).frozen_stem
-                self.val_stem = torch.cat([stem(self.val_images[i : i + 64].to(w.device)) for i in range(0, len(self.val_images), 64)])
+                self.val_stem = torch.cat([stem(self.val_images[i : i + 64].to(w.device))
+                                           for i in range(0, len(self.val_images), 64)])
         self.labelled = bool((inputs.train_style_ids >= 0).all())
         self.ref_rows = np.random.default_rng(cfg.seed).permutation(len(inputs.train_paths))[: cfg.knn_reference]
         if "untrained" not in state:
@@ -233,7 +236,8 @@ class Stage1Recipe(Recipe):
         net = unwrap(self.model)
         if self.stem_bank is not None:  # the frozen stem's outputs, computed once: validation costs only the head
             z_val = encode_batches(net, self.val_stem, w.device, from_stem=True)
-            z_ref = encode_batches(net, self.stem_bank.lookup(self.ref_rows), w.device, from_stem=True) if self.labelled else None
+            z_ref = (encode_batches(net, self.stem_bank.lookup(self.ref_rows), w.device, from_stem=True)
+                     if self.labelled else None)
         else:
             z_val = encode_batches(net, self.val_images, w.device)
             z_ref = encode_batches(net, self.store.batch(self.ref_rows), w.device) if self.labelled else None
@@ -252,7 +256,8 @@ class Stage1Recipe(Recipe):
         state["sampler"] = self.sampler.state_dict()
 
     def progress(self, m: dict[str, Any]) -> list[str]:
-        parts = [f"loss {m.get('train_loss', float('nan')):.4f}", f"active {m.get('train_active_fraction', float('nan')):.2f}",
+        parts = [f"loss {m.get('train_loss', float('nan')):.4f}",
+                 f"active {m.get('train_active_fraction', float('nan')):.2f}",
                  f"{m['images_per_s']:.0f} img/s"]
         return parts + [f"{k} {m[k]:.3f}" for k in ("val_knn_acc", "val_triplet_acc", "val_rank_corr") if k in m]
 
@@ -334,4 +339,5 @@ def neighbours_grid(m, val_images: torch.Tensor, z_val: np.ndarray, exact: np.nd
     """Fixed validation anchors; per anchor a row of its nearest images by E's codes and a row by the
     exact style distance: the two rows converge as E learns."""
     anchors = np.random.default_rng(m.seed).choice(len(val_images), min(m.grid_inputs, len(val_images)), replace=False)
-    return neighbour_grid(to_uint8(val_images), np.asarray(z_val), exact, anchors, k=min(m.grid_references, len(val_images) - 1))
+    return neighbour_grid(to_uint8(val_images), np.asarray(z_val), exact, anchors,
+                          k=min(m.grid_references, len(val_images) - 1))

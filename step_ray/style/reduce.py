@@ -10,14 +10,14 @@ Two methods, chosen by `ReductionConfig.method`:
   what the projection dropped. Mining then searches *asymmetrically*: database rows [y, ρ^½], queries
   [y, 0], so it ranks by ‖y_a − y_x‖² + ρ(x) (and reports + ρ(a)): the lower bound plus both residuals,
   exact when the residuals of two images are orthogonal. Measured on real VGG-16 descriptors, 10k
-  synthetic images (BENCHMARKS.md, "Choosing the reduction with the real VGG-16"): PCA-256 fitted on
+  synthetic images (experiments/README.md, "Choosing the reduction"): PCA-256 fitted on
   2,048 images, recall@5 0.738 and far precision 0.955 plain, 0.805 / 0.997 with the residual, for one
   search dimension more. Per-layer block PCA and random projections were worse at every d tried.
   With `sketch` m > 0, m more columns carry a CountSketch s(x) = S(x − μ − Cᵀy) of the residual itself
   (S: every descriptor coordinate added, with a seeded random sign, into one of m seeded buckets), so
   that r_a·r_b ≈ s_a·s_b without bias. Mining then re-ranks the reduced search's candidates by
   ‖y_a − y_b‖² + ρ_a + ρ_b − 2 s_a·s_b, an unbiased estimate of the exact distance whose error falls as
-  1/√m (measured at n = 10k: recall@5 0.805 → 0.96-0.97 for m = 8,192-16,384; BENCHMARKS.md, "Re-ranking
+  1/√m (measured at n = 10k: recall@5 0.805 → 0.96-0.97 for m = 8,192-16,384; experiments/README.md, "Re-ranking
   with a sketch of the residual"). The sketch never enters the FAISS index.
 * ``random``: a Gaussian matrix with N(0, 1/d) entries (Johnson–Lindenstrauss: squared distances are
   preserved in expectation). It is regenerated from the seed in fixed row blocks, so the saved file
@@ -64,8 +64,8 @@ class ReductionConfig:
     image in the descriptor files (32 KB at the default 8,192) and one scatter-add over D per image.
     """
 
-    # Defaults chosen on real VGG-16 descriptors at n = 10k (BENCHMARKS.md, "Choosing the reduction with
-    # the real VGG-16 (issue 22)"): PCA-256 + residual fitted on 2,048 images, recall@5 0.805 and far
+    # Defaults chosen on real VGG-16 descriptors at n = 10k (experiments/README.md, "Choosing the
+    # reduction"): PCA-256 + residual fitted on 2,048 images, recall@5 0.805 and far
     # precision 0.997 (the old PCA-128 on 512-1,024 images: 0.65 / 0.93), ~900× faster than exact search.
     method: Literal["pca", "random", "none"] = "pca"
     dim: int = 256
@@ -254,7 +254,8 @@ class Reduction:
         x = np.atleast_2d(x)
         out = np.empty((len(x), self.output_dim), np.float32)
         for start in range(0, len(x), chunk_rows):
-            out[start : start + chunk_rows] = self.transform_tensor(torch.from_numpy(x[start : start + chunk_rows])).numpy()
+            out[start : start + chunk_rows] = self.transform_tensor(
+                torch.from_numpy(x[start : start + chunk_rows])).numpy()
         return out[0] if squeeze else out
 
     def describe(self) -> dict:

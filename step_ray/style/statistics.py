@@ -95,7 +95,8 @@ class StyleStatsConfig:
     num_actors: int = 2
     use_gpu: Literal["auto", "always", "never"] = "auto"
     # fp32 by default: bf16 autocast moved style distances by ~1 % and changed nearest neighbours.
-    # bf16/fp16 autocast the VGG forward on any device (Gram matrices stay fp32); see BENCHMARKS.md.
+    # bf16/fp16 autocast the VGG forward on any device (Gram matrices stay fp32); see experiments/README.md,
+    # "Style descriptors: bf16 against fp32".
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     cpus_per_actor: float = 0.0
     torch_threads: int = 0
@@ -610,48 +611,9 @@ def _compute(cfg: StyleStatsConfig, root: str, uris: list[str], key: str, weight
     seconds = time.perf_counter() - start
     main_seconds = time.perf_counter() - main_start
 
-    errors = writer.error_frame().reindex(columns=["path", "reason"])
-    decode_errors = len(errors)
-    if not_read:  # entries of the split folders that are not image files of the flat layout
-        import pandas as pd
-
-        errors = pd.concat([errors, pd.DataFrame(list(not_read), columns=["path", "reason"])], ignore_index=True)
-    errors = errors.sort_values("path").reset_index(drop=True)
-    storage.write_bytes(storage.join(output, ERRORS_FILE), errors.to_csv(index=False).encode())
-
-    batches = pa.concat_tables(writer.worker_stats).to_pandas() if writer.worker_stats else None
-    per_worker = batches.groupby("worker").max().sort_index() if batches is not None else None
-    written = writer.good
-    if written + decode_errors != len(uris):
-        raise RuntimeError(f"{len(uris)} files listed but {written} rows and {decode_errors} errors came out")
-    steady = _steady_rate(batches, main_start) if batches is not None else None
-    summary = {
-        "images": int(written),
-        "skipped": int(len(errors)),  # every entry not used: bad images and entries not read (errors.csv)
-        "not_read": int(len(not_read)),
-        # Rows the model actors computed, over both passes: each listed file once (the PCA sample's
-        # descriptors are projected by the driver, not computed again).
-        "vgg_images": int(len(batches)) if batches is not None else 0,
-        # Wall time of the descriptor passes, writing included (the PCA sample pass and fit too;
-        # fit_seconds is that part).
-        "seconds": round(seconds, 3),
-        "images_per_second": round(written / seconds, 2) if seconds > 0 else None,
-        "fit_seconds": round(fit_seconds, 3),
-        # The main pass alone, and its rate once every actor has finished its first batch (start-up
-        # excluded): what the graph sustains.
-        "main_pass_seconds": round(main_seconds, 3),
-        "steady_images_per_second": steady,
-        "actors": plan.num_actors,
-        "device": plan.device,
-        "cpus_per_actor": plan.cpus_per_actor,
-        "torch_threads": plan.torch_threads,
-        "peak_rss_bytes_per_worker": _per_worker(per_worker, "peak_rss_bytes", int),
-        "peak_gpu_bytes_per_worker": _per_worker(per_worker, "gpu_peak_bytes", int),
-        # Seconds each actor spent computing; the rest of `seconds` is start-up, decoding and waiting.
-        "busy_seconds_per_worker": _per_worker(per_worker, "busy_seconds", lambda v: round(float(v), 3)),
-        # Seconds each actor's constructor took (VGG, weights, projection matrix; imports excluded).
-        "startup_seconds_per_worker": _per_worker(per_worker, "startup_seconds", lambda v: round(float(v), 3)),
-    }
+    errors, decode_errors = _write_errors(writer, not_read, output)
+    summary = _summary(writer, plan, len(uris), len(errors), decode_errors, len(not_read),
+                       (seconds, fit_seconds, main_seconds, main_start))
     metadata = {
         "format": OUTPUT_FORMAT,
         "config_hash": key,
@@ -677,6 +639,58 @@ def _compute(cfg: StyleStatsConfig, root: str, uris: list[str], key: str, weight
     storage.write_bytes(storage.join(output, METADATA_FILE), json.dumps(metadata, indent=1).encode())
     log.info("style stats: %s", format_summary(summary))
     return output
+
+
+def _write_errors(writer: _ResultWriter, not_read: list[tuple[str, str]], output: str):
+    """errors.csv: the bad images and the entries not read; returns (that frame, the bad images' count)."""
+    errors = writer.error_frame().reindex(columns=["path", "reason"])
+    decode_errors = len(errors)
+    if not_read:  # entries of the split folders that are not image files of the flat layout
+        import pandas as pd  # deferred: pandas only when there is something to add
+
+        errors = pd.concat([errors, pd.DataFrame(list(not_read), columns=["path", "reason"])], ignore_index=True)
+    errors = errors.sort_values("path").reset_index(drop=True)
+    storage.write_bytes(storage.join(output, ERRORS_FILE), errors.to_csv(index=False).encode())
+    return errors, decode_errors
+
+
+def _summary(writer: _ResultWriter, plan: ResourcePlan, listed: int, skipped: int, decode_errors: int,
+             not_read: int, timing: tuple[float, float, float, float]) -> dict:
+    """The run's counts, times, rates and per-actor figures (metadata.json's `summary`)."""
+    seconds, fit_seconds, main_seconds, main_start = timing
+    batches = pa.concat_tables(writer.worker_stats).to_pandas() if writer.worker_stats else None
+    per_worker = batches.groupby("worker").max().sort_index() if batches is not None else None
+    written = writer.good
+    if written + decode_errors != listed:
+        raise RuntimeError(f"{listed} files listed but {written} rows and {decode_errors} errors came out")
+    steady = _steady_rate(batches, main_start) if batches is not None else None
+    return {
+        "images": int(written),
+        "skipped": int(skipped),  # every entry not used: bad images and entries not read (errors.csv)
+        "not_read": int(not_read),
+        # Rows the model actors computed, over both passes: each listed file once (the PCA sample's
+        # descriptors are projected by the driver, not computed again).
+        "vgg_images": int(len(batches)) if batches is not None else 0,
+        # Wall time of the descriptor passes, writing included (the PCA sample pass and fit too;
+        # fit_seconds is that part).
+        "seconds": round(seconds, 3),
+        "images_per_second": round(written / seconds, 2) if seconds > 0 else None,
+        "fit_seconds": round(fit_seconds, 3),
+        # The main pass alone, and its rate once every actor has finished its first batch (start-up
+        # excluded): what the graph sustains.
+        "main_pass_seconds": round(main_seconds, 3),
+        "steady_images_per_second": steady,
+        "actors": plan.num_actors,
+        "device": plan.device,
+        "cpus_per_actor": plan.cpus_per_actor,
+        "torch_threads": plan.torch_threads,
+        "peak_rss_bytes_per_worker": _per_worker(per_worker, "peak_rss_bytes", int),
+        "peak_gpu_bytes_per_worker": _per_worker(per_worker, "gpu_peak_bytes", int),
+        # Seconds each actor spent computing; the rest of `seconds` is start-up, decoding and waiting.
+        "busy_seconds_per_worker": _per_worker(per_worker, "busy_seconds", lambda v: round(float(v), 3)),
+        # Seconds each actor's constructor took (VGG, weights, projection matrix; imports excluded).
+        "startup_seconds_per_worker": _per_worker(per_worker, "startup_seconds", lambda v: round(float(v), 3)),
+    }
 
 
 def _per_worker(per_worker, column: str, convert) -> dict:

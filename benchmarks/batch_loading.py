@@ -1,15 +1,16 @@
-"""Input pipelines (issue 22): the share of step time spent waiting for the next batch, per stage, with
-the batches loaded in the training process (loader_workers 0, as before) and ahead of the step in loader
-worker processes; and the peak memory of a whole epoch's loading against the image cache budget.
+"""Batch loading: the share of step time spent waiting for the next batch, per stage, with the batches
+loaded in the training process (loader_workers 0) and ahead of the step in loader worker processes; and
+the peak memory of a whole epoch's loading against the image cache budget.
 
-    RAY_TMPDIR=/tmp/ray_input python benchmarks/input_pipeline.py                 # facades, 256 px, 1 worker
-    python benchmarks/input_pipeline.py --stages stage1,generator,munit --workers 1 --steps 6 --threads 2
+    python benchmarks/batch_loading.py                 # facades, 256 px, 0 against 1 loader worker
+    python benchmarks/batch_loading.py --stages stage1,generator,munit --workers 1 --steps 6 --threads 2 --rounds 2
 
 No Ray: each stage's recipe is built and prepared in this process with a Worker (rank 0 of 1, CPU), and
 the steps run through the loop's own code path: `step_ray.data.loader.prefetch(recipe.batches(...),
 recipe.load, workers)` feeding `recipe.step`. The waiting share is the time blocked in the loader's
 `next()` over the wall time of the step loop (what the loop reports as `data_wait_share`), measured over
 every step after the first ("steady") and over all of them ("all": the first step has nothing prefetched).
+The two sides run in alternating rounds (0 workers, N, N, 0, ...), each with a freshly built recipe.
 `train.image_cache_mb=0` for the timing: every image is decoded in every step, as for a set larger than
 the cache (edges2handbags, 137k pairs, ~27 GB decoded at 256 px).
 
@@ -25,9 +26,6 @@ loader workers (shared cache pages counted once), sampled every 0.1 s, and the c
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 import threading
 import time
 from dataclasses import replace
@@ -36,23 +34,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import harness
+from step_ray.config import load_config
+from step_ray.data.loader import prefetch
+from step_ray.data.pix2pix import DataConfig
+from step_ray.data.scan import prepare_paired_splits
+from step_ray.engine.distributed import seed_everything
+from step_ray.engine.guard import NonFiniteGuard
+from step_ray.engine.loop import Worker
+from step_ray.engine.precision import MixedPrecision
 
-from step_ray.config import load_config  # noqa: E402
-from step_ray.data.loader import prefetch  # noqa: E402
-from step_ray.data.pix2pix import DataConfig  # noqa: E402
-from step_ray.data.scan import prepare_paired_splits  # noqa: E402
-from step_ray.engine.distributed import seed_everything  # noqa: E402
-from step_ray.engine.guard import NonFiniteGuard  # noqa: E402
-from step_ray.engine.loop import Worker  # noqa: E402
-from step_ray.engine.precision import MixedPrecision  # noqa: E402
+FACADES = Path(__file__).resolve().parents[2] / "shared" / "data" / "facades"
 
 CPU = torch.device("cpu")
-
-
-def _worker() -> Worker:
-    return Worker(0, 1, CPU, MixedPrecision("fp32", CPU))
 
 
 def build_stage1(data: DataConfig, inputs, args):
@@ -78,12 +72,23 @@ def build_generator(data: DataConfig, inputs, args):
     from step_ray.pipelines.train_generator import GeneratorJobConfig, resolve_stage_config
     from step_ray.recipes.generator import GeneratorRecipe
 
-    cfg = load_config(GeneratorJobConfig, None, [f"data.root={data.root}", f"data.image_size={data.image_size}",
-                                                    "data.direction=BtoA", "train.encoder_init=scratch",
-                                                    "train.train_encoder=true", "train.vgg.weights=random",
-                                                    "train.vgg_fallback=random_vgg",
-                                                    f"train.batch_size={args.generator_batch}", "train.image_cache_mb=0",
-                                                    "train.val_images=4", "train.monitor.enabled=false"])
+    cfg = load_config(
+        GeneratorJobConfig,
+        None,
+        [
+            f"data.root={data.root}",
+            f"data.image_size={data.image_size}",
+            "data.direction=BtoA",
+            "train.encoder_init=scratch",
+            "train.train_encoder=true",
+            "train.vgg.weights=random",
+            "train.vgg_fallback=random_vgg",
+            f"train.batch_size={args.generator_batch}",
+            "train.image_cache_mb=0",
+            "train.val_images=4",
+            "train.monitor.enabled=false",
+        ],
+    )
     tcfg, reconstruction = resolve_stage_config(cfg.train, RunSettings(), inputs, "joint")
     return GeneratorRecipe(tcfg, inputs, name="joint", reconstruction=reconstruction)
 
@@ -180,47 +185,52 @@ def memory_pass(data: DataConfig, inputs, args, budget_mb: int) -> dict:
             "seconds": round(seconds, 2)}
 
 
+def stage_rounds(stage: str, data: DataConfig, inputs, args, w: Worker) -> dict:
+    """0 loader workers against args.workers, in alternating rounds, a fresh recipe each run."""
+    def side(workers: int):
+        def run():
+            recipe = BUILD[stage](data, inputs, args)
+            r = timed_steps(recipe, w, ready(recipe, w), workers, args.steps, args.depth)
+            harness.log(
+                f"[{stage}] workers {r['workers']}: step {r['step_s']:.3f} s, waiting {r['wait_s']:.3f} s, "
+                f"share {r['share_steady']:.3f} (all steps {r['share_all']:.3f}, first wait {r['first_wait_s']:.2f} s)"
+            )
+            return r
+        return run
+
+    runs = harness.alternate({"in_process": side(0), "ahead": side(args.workers)}, args.rounds)
+    return {**runs, "same_losses": runs["in_process"][0]["losses"] == runs["ahead"][0]["losses"]}
+
+
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--root", default=str(REPO.parent / "shared" / "data" / "facades"))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default=str(FACADES), help="a pix2pix-layout set (default ../shared/data/facades)")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--stages", default="stage1,generator,munit")
     p.add_argument("--workers", type=int, default=1, help="loader workers compared with 0")
     p.add_argument("--depth", type=int, default=2, help="loader_depth (prefetch_factor)")
     p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--rounds", type=int, default=1, help="rounds of the two sides, alternating")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads of the step")
     p.add_argument("--stage1-batch", type=int, default=12, help="triplets a step (stage 1's default)")
     p.add_argument("--generator-batch", type=int, default=2)
     p.add_argument("--memory", default="0,64,4096", help="image_cache_mb budgets of the memory pass ('' for none)")
-    p.add_argument("--out", default="")
+    p.add_argument("--json", default="", help="write the record (command, date, machine, figures) here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     data = DataConfig(root=args.root, image_size=args.image_size, direction="BtoA")
     inputs = prepare_paired_splits(data)
     data = inputs.data
-    out = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
-           "loadavg_start": open("/proc/loadavg").read().split()[:3], "args": vars(args), "stages": {}, "memory": []}
-    w = _worker()
+    w = Worker(0, 1, CPU, MixedPrecision("fp32", CPU))
+    figures = {"settings": {k: v for k, v in vars(args).items() if k != "json"}, "stages": {}, "memory": []}
     for stage in [s for s in args.stages.split(",") if s]:
-        rows = []
-        for workers in (0, args.workers):
-            recipe = BUILD[stage](data, inputs, args)
-            state = ready(recipe, w)
-            r = timed_steps(recipe, w, state, workers, args.steps, args.depth)
-            rows.append(r)
-            print(f"[{stage}] workers {r['workers']}: step {r['step_s']:.3f} s, waiting {r['wait_s']:.3f} s, "
-                  f"share {r['share_steady']:.3f} (all steps {r['share_all']:.3f}, first wait {r['first_wait_s']:.2f} s)",
-                  flush=True)
-        rows.append({"same_losses": rows[0]["losses"] == rows[1]["losses"]})
-        out["stages"][stage] = rows
+        figures["stages"][stage] = stage_rounds(stage, data, inputs, args, w)
     for budget in [int(b) for b in args.memory.split(",") if b]:
-        m = memory_pass(data, inputs, args, budget)
-        out["memory"].append(m)
-        print(f"[memory] image_cache_mb {budget}: {m}", flush=True)
-    out["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
-    if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=1))
-    return out
+        figures["memory"].append(memory_pass(data, inputs, args, budget))
+        harness.log(f"[memory] image_cache_mb {budget}: {figures['memory'][-1]}")
+    rec = harness.record(figures)
+    harness.write(args.json, rec)
+    return rec
 
 
 if __name__ == "__main__":

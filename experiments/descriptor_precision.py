@@ -1,7 +1,7 @@
 """Style descriptors in bf16/fp16 autocast against fp32: distance error and neighbour recall (docs/method.md §2-3).
 
-    python benchmarks/descriptor_precision.py --image-size 64 --json runs/bench_descriptor_precision.json
-    python benchmarks/descriptor_precision.py --image-size 32 --images 16 --device cpu     # a quick smoke run
+    python experiments/descriptor_precision.py --image-size 64 --json runs/bench_descriptor_precision.json
+    python experiments/descriptor_precision.py --image-size 32 --images 16 --device cpu     # a quick smoke run
 
 The pipeline's own model (`step_ray.style.statistics.StyleDescriptorModel`, real VGG-16, post-ReLU layers,
 unreduced 305,888-number descriptors) computes every facades photo (train + val, 500 images) once per
@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 FACADES = Path(__file__).resolve().parents[2] / "shared" / "data" / "facades"
 

@@ -1,11 +1,11 @@
 """Mining with the production reduction and its residual sketch re-ranking, against exact search.
 
     export RAY_TMPDIR=/tmp/ray_mining
-    python benchmarks/mining_sketch.py --cache /tmp/mr_cache --json benchmarks/results/mining_sketch_real_vgg.json
+    python experiments/mining_sketch.py --json experiments/results/mining_sketch_real_vgg.json
 
-Uses the real-VGG descriptors benchmarks/mining_recall.py caches (10k synthetic images at 32 px, stored as
+Uses the real-VGG descriptors experiments/mining_recall.py caches (10k synthetic images at 32 px, stored as
 float16, with the exact close/far sets of 500 anchors; all 500 facades at 64 px with every anchor's exact
-sets). For each sketch width m (0 = PCA + residual only, the previous default) it fits the production
+sets). For each sketch width m (0 = PCA + residual only) it fits the production
 `Reduction` (PCA-`--dim` + residual + CountSketch-m, fitted once on `--fit` images and shared by every m:
 the sketch needs no fit), projects every image as the style job's actors do, and runs the production
 `mine_neighbours` (flat FAISS on CPU, 1 shard, in-process) on all n rows: the index on [y, ρ^½], then the
@@ -20,19 +20,16 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mining_recall import _vgg, dataset_arguments, facades_set, loadavg, log, rows_f32, synthetic_set  # noqa: E402
-from step_ray.mining import ExactAccumulator, MiningConfig, close_recall, far_precision, mine_neighbours  # noqa: E402
-from step_ray.style.reduce import Reduction, ReductionConfig  # noqa: E402
+from mining_recall import _vgg, dataset_arguments, facades_set, loadavg, log, rows_f32, synthetic_set
+from step_ray.mining import ExactAccumulator, MiningConfig, close_recall, far_precision, mine_neighbours
+from step_ray.style.reduce import Reduction, ReductionConfig
 
 
 def fit_pca(ds: dict, dim: int, fit: int) -> tuple[Reduction, float]:
@@ -105,9 +102,14 @@ def run_dataset(ds: dict, args) -> dict:
             row["rerank_s_per_round"].append(found.info.get("rerank_seconds", 0.0))
             row["close_recall"] = round(close_recall(found.close_ids[anchors], ds["close_ids"]), 4)
             row["far_precision"] = round(far_precision(found.far_ids[anchors], ds["far_ids"]), 4)
-        log(f"{ds['name']}: round {r}: exact {exact[-1] * n:.0f} s for all anchors; " + ", ".join(
-            f"m={m}: {rows[m]['mine_s_per_round'][-1]:.2f} s recall {rows[m]['close_recall']} far {rows[m]['far_precision']}"
-            for m in args.sketches))
+        log(
+            f"{ds['name']}: round {r}: exact {exact[-1] * n:.0f} s for all anchors; "
+            + ", ".join(
+                f"m={m}: {rows[m]['mine_s_per_round'][-1]:.2f} s recall {rows[m]['close_recall']} "
+                f"far {rows[m]['far_precision']}"
+                for m in args.sketches
+            )
+        )
     for m, row in rows.items():
         ratios = [e * n / t for e, t in zip(exact, row["mine_s_per_round"])]
         row["mine_s"] = round(float(np.median(row["mine_s_per_round"])), 3)
@@ -120,11 +122,15 @@ def run_dataset(ds: dict, args) -> dict:
 
 
 def markdown(name: str, res: dict) -> str:
-    lines = [f"**{name}** (n = {res['n']}, {res['anchors']} anchors, PCA-{res['pca_dim']} + residual fitted on "
-             f"{res['fit_sample']}, candidates ×{res['rerank_factor']}; exact search of all anchors "
-             f"{np.median(res['exact_all_anchors_s_per_round']):.0f} s)", "",
-             "| sketch m | bytes / image | recall@k_c | far precision@k_f | mining s (re-rank s) | speed-up vs exact | projection ms / image |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"**{name}** (n = {res['n']}, {res['anchors']} anchors, PCA-{res['pca_dim']} + residual fitted on "
+        f"{res['fit_sample']}, candidates ×{res['rerank_factor']}; exact search of all anchors "
+        f"{np.median(res['exact_all_anchors_s_per_round']):.0f} s)",
+        "",
+        "| sketch m | bytes / image | recall@k_c | far precision@k_f | mining s (re-rank s) | speed-up vs exact "
+        "| projection ms / image |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in res["rows"]:
         lines.append(f"| {row['sketch'] or 'none'} | {row['bytes_per_image']:,} | {row['close_recall']:.3f} | "
                      f"{row['far_precision']:.3f} | {row['mine_s']} ({np.median(row['rerank_s_per_round']):.2f}) | "
@@ -134,21 +140,27 @@ def markdown(name: str, res: dict) -> str:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    dataset_arguments(parser)  # the cached sets benchmarks/mining_recall.py made
+    dataset_arguments(parser)  # the cached sets experiments/mining_recall.py made
     parser.add_argument("--sketches", type=int, nargs="+", default=[0, 4096, 8192, 16384])
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--fit", type=int, default=2048)
     parser.add_argument("--rerank-factor", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--exact-slice", type=int, default=50)
-    parser.add_argument("--json", default="benchmarks/results/mining_sketch_real_vgg.json")
+    parser.add_argument("--json", default="experiments/results/mining_sketch_real_vgg.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     vgg = _vgg()
-    results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs",
-               "load_start": loadavg(), "vgg_weights": vgg.weight_source, "args": vars(args), "datasets": {}}
+    results = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs",
+        "load_start": loadavg(),
+        "vgg_weights": vgg.weight_source,
+        "args": vars(args),
+        "datasets": {},
+    }
     for name in args.datasets:
         ds = synthetic_set(args, cache, vgg) if name == "synthetic" else facades_set(args, cache, vgg)
         results["datasets"][name] = run_dataset(ds, args)

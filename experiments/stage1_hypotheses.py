@@ -1,11 +1,11 @@
 """What limits stage 1 on facades? Triplet-trained linear codes of frozen-VGG features, beside the PCA ceiling.
 
-    python benchmarks/stage1_hypotheses.py --data ../shared/data/facades --image-size 64 \
-        --out benchmarks/results/stage1_heads_facades64.json
+    python experiments/stage1_hypotheses.py --data ../shared/data/facades --image-size 64 \
+        --out experiments/results/stage1_heads_facades64.json
 
 The conv encoder trained from scratch reaches 0.65 / 0.44 held-out (triplet-order accuracy / rank
 correlation) after 100 epochs on the 400 photos, and 0.72 / 0.63 even when regressed onto the PCA codes
-directly (benchmarks/stage1_fit.py, stage1_distill.py). This script separates the two things a stage-1
+directly (experiments/stage1_fit.py, stage1_distill.py). This script separates the two things a stage-1
 encoder must get right: the *signal* (do triplets mined as docs/method.md §3 says determine the global order?) and
 the *representation* (which image features let a small head reach it?). Every head here is an 8-dim linear
 map (plus bias) trained with the stage-1 loss (margin 0.1, L2 0.01, Adam 1e-3, β (0, 0.99); for the
@@ -39,7 +39,7 @@ from step_ray.style.encode import build_encoder
 from step_ray.style.gram import style_descriptor
 from step_ray.style.vgg import VGGConfig, load_vgg, vgg_weight_source
 
-from stage1_fit import ordering, squared_distances  # benchmarks/ is the script's folder
+from stage1_fit import ordering, squared_distances  # experiments/ is the script's folder
 
 
 def features(vgg, images: torch.Tensor, sketches: dict[int, torch.nn.Module]) -> dict[str, np.ndarray]:
@@ -86,10 +86,14 @@ def main() -> None:
     started = time.perf_counter()
     vgg_cfg = VGGConfig()
     vgg = load_vgg(vgg_cfg)
-    sketches = {k: build_encoder(EncoderConfig(backbone="vgg_gram", sketch_channels=k)).features[0] for k in args.sketch}
+    sketches = {
+        k: build_encoder(EncoderConfig(backbone="vgg_gram", sketch_channels=k)).features[0] for k in args.sketch
+    }
     split = {}
     for name in ("train", "val"):
-        images = to_tensor(np.stack([load_target(f, args.direction, args.image_size) for f in list_split(args.data, name)]))
+        images = to_tensor(
+            np.stack([load_target(f, args.direction, args.image_size) for f in list_split(args.data, name)])
+        )
         split[name] = features(vgg, images, sketches)
         split[name]["exact"] = squared_distances(split[name]["v"])
         split[name]["triplets"] = held_out_triplets(split[name]["exact"], 2000, seed=0)
@@ -100,9 +104,16 @@ def main() -> None:
     comps /= np.linalg.norm(comps, axis=0, keepdims=True)
     for name in split:
         split[name]["pca-32"] = (split[name]["v"] - v_mean) @ comps
-    result = {"data": args.data, "image_size": args.image_size, "vgg": vgg_weight_source(vgg_cfg), "steps": args.steps,
-              "ceiling_pca8": {s: ordering(split[s]["pca-32"][:, :8], split[s]["exact"], split[s]["triplets"]) for s in split},
-              "rows": []}
+    result = {
+        "data": args.data,
+        "image_size": args.image_size,
+        "vgg": vgg_weight_source(vgg_cfg),
+        "steps": args.steps,
+        "ceiling_pca8": {
+            s: ordering(split[s]["pca-32"][:, :8], split[s]["exact"], split[s]["triplets"]) for s in split
+        },
+        "rows": [],
+    }
     print("PCA-8 ceiling", json.dumps(result["ceiling_pca8"]), flush=True)
     order = np.argsort(split["train"]["exact"], 1)
     for feature in ["pca-32", *(f"sketch-{k}" for k in args.sketch), "stats"]:

@@ -1,12 +1,12 @@
 """Can the style encoder E represent the style distance at all? Train it to regress the PCA-k codes of
 the exact style descriptors (fitted on the training images) instead of the triplet loss, for a fixed
-budget, and score its triplet order on train and val images as benchmarks/stage1_fit.py does.
+budget, and score its triplet order on train and val images as experiments/stage1_fit.py does.
 
 If E fits the linear codes (≈ the PCA ceiling on train), the triplet signal is what limits stage 1; if it
 cannot fit even them, E's architecture or optimisation is.
 
-    python benchmarks/stage1_distill.py --data ../shared/data/facades --image-size 64 --epochs 30 \
-        --out benchmarks/results/stage1_distill_facades64.json
+    python experiments/stage1_distill.py --data ../shared/data/facades --image-size 64 --epochs 30 \
+        --out experiments/results/stage1_distill_facades64.json
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from step_ray.models import EncoderConfig, StyleEncoder
 from step_ray.recipes.stage1 import held_out_triplets
 from step_ray.style.vgg import VGGConfig, load_vgg, vgg_weight_source
 
-from stage1_fit import descriptors, ordering, squared_distances  # benchmarks/ is the script's folder
+from stage1_fit import descriptors, ordering, squared_distances  # experiments/ is the script's folder
 
 
 def main() -> None:
@@ -80,7 +80,9 @@ def main() -> None:
             encoder.eval()
             with torch.no_grad():
                 for split, d in splits.items():
-                    z = torch.cat([encoder(to_tensor(d["images"][i : i + 64])) for i in range(0, len(d["images"]), 64)]).numpy()
+                    z = torch.cat(
+                        [encoder(to_tensor(d["images"][i : i + 64])) for i in range(0, len(d["images"]), 64)]
+                    ).numpy()
                     entry[split] = ordering(z, d["exact"], d["triplets"])
         history.append(entry)
         print(json.dumps(entry), flush=True)

@@ -1,6 +1,6 @@
 """The generator's loss terms on real batches: is λ_rec · VGG comparable to the GAN term? (docs/method.md §5)
 
-    python benchmarks/loss_balance.py --steps 40 --image-size 64 --json runs/bench_loss_balance.json
+    python experiments/loss_balance.py --steps 40 --image-size 64 --json runs/bench_loss_balance.json
 
 Stage-2 steps of the one generator trainer (no Ray: one process) on facades (labels → photo, 64 px,
 batch 8, E frozen at its seeded random init: its weights do not change the scale of the terms), with the
@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 FACADES = Path(__file__).resolve().parents[2] / "shared" / "data" / "facades"
 
@@ -44,8 +42,14 @@ def main(argv=None):
     from step_ray.losses.perceptual import vgg_perceptual_loss
     from step_ray.style.vgg import load_vgg
     from step_ray.data.store import pair_store
-    from step_ray.recipes.generator import (GeneratorTraining, build_networks, fit_to_image_size, freeze, make_optimizers,
-                                            train_step)
+    from step_ray.recipes.generator import (
+        GeneratorTraining,
+        build_networks,
+        fit_to_image_size,
+        freeze,
+        make_optimizers,
+        train_step,
+    )
 
     torch.manual_seed(0)
     data = DataConfig(root=args.data, direction="BtoA", image_size=args.image_size)
@@ -68,10 +72,21 @@ def main(argv=None):
             official, _ = vgg_perceptual_loss(vgg, fake, b, weights, cfg.vgg_scale)
             old, _ = vgg_perceptual_loss(vgg, fake, b, weights, 0.1)
             l1, _ = l1_loss(fake, b)
-        rows.append({"step": step, "gan_g": logs["gan_g"], "loss_d": logs["loss_d"], "vgg_train": cfg.lambda_vgg * logs["vgg"],
-                     "vgg_official_scale": cfg.lambda_vgg * float(official), "vgg_scale_0.1": cfg.lambda_vgg * float(old),
-                     "l1_x10": 10 * float(l1)})
-        print(f"[loss_balance] step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in rows[-1].items() if k != "step"), flush=True)
+        rows.append(
+            {
+                "step": step,
+                "gan_g": logs["gan_g"],
+                "loss_d": logs["loss_d"],
+                "vgg_train": cfg.lambda_vgg * logs["vgg"],
+                "vgg_official_scale": cfg.lambda_vgg * float(official),
+                "vgg_scale_0.1": cfg.lambda_vgg * float(old),
+                "l1_x10": 10 * float(l1),
+            }
+        )
+        print(
+            f"[loss_balance] step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in rows[-1].items() if k != "step"),
+            flush=True,
+        )
 
     def window(part):
         return {k: float(np.mean([r[k] for r in part])) for k in rows[0] if k != "step"}
@@ -82,8 +97,10 @@ def main(argv=None):
            "first": window(rows[: args.window]), "last": window(rows[-args.window:]), "rows": rows}
     for name in ("first", "last"):
         w = out[name]
-        print(f"[loss_balance] {name} {args.window} steps: GAN {w['gan_g']:.3f} | λ_rec·VGG at scale {cfg.vgg_scale:.2f} "
-              f"{w['vgg_official_scale']:.3f} | at scale 0.1 {w['vgg_scale_0.1']:.2e} | L1×10 {w['l1_x10']:.3f}")
+        print(
+            f"[loss_balance] {name} {args.window} steps: GAN {w['gan_g']:.3f} | λ_rec·VGG at scale {cfg.vgg_scale:.2f} "
+            f"{w['vgg_official_scale']:.3f} | at scale 0.1 {w['vgg_scale_0.1']:.2e} | L1×10 {w['l1_x10']:.3f}"
+        )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1))

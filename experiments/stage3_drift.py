@@ -1,14 +1,14 @@
 """Why does stage 3 collapse? Stage 2 once, then stage 3 from that same state under each candidate fix,
 in one process (the generator recipe's own `train_step`; no Ray), on facades labels -> photo.
 
-    python benchmarks/stage3_drift.py --encoder runs/stage1-.../checkpoint_epoch0099 --stage2-steps 150 \
-        --stage3-steps 100 --out benchmarks/results/stage3_drift_facades64.json
+    python experiments/stage3_drift.py --encoder runs/stage1-.../checkpoint_epoch0099 --stage2-steps 150 \
+        --stage3-steps 100 --out experiments/results/stage3_drift_facades64.json
 
 Every `--every` stage-3 steps, on 64 val pairs: PSNR of G_ema(A, E(B)) (what validation reports), of
 G_ema(A, E_ema(B)) where an E_ema exists, of the live G(A, E(B)), the margin over another photo's code,
 mean z² of E's val codes and how far they moved from the stage-2 codes (relative L2).
 
-Candidates (docs/method.md §5 leaves them open): `base` (today: E in G's optimiser at G's lr 1e-3, β (0, 0.99));
+Candidates (docs/method.md §5 leaves them open): `base` (E in G's optimiser at G's lr 1e-3, β (0, 0.99));
 `e_lr_0.1` (E's group at a tenth of G's lr); `z_l2` (mean z² penalty 0.01 anchoring the codes' scale);
 `encoder_ema` (an E_ema beside G_ema, the pair evaluated together); `frozen` (stage 2 continued: the
 reference a working stage 3 should at least match).
@@ -92,8 +92,16 @@ def main() -> None:
     after2 = measure(nets, None, val_a, val_b, other, z0)
     print("stage 2", json.dumps(after2), flush=True)
     saved = copy.deepcopy(nets), opt_g.state_dict(), opt_d.state_dict(), rng.bit_generator.state
-    result = {"encoder": args.encoder, "image_size": args.image_size, "batch": args.batch, "stage2_steps": args.stage2_steps,
-              "stage3_steps": args.stage3_steps, "vgg": vgg.weight_source, "after_stage2": after2, "candidates": {}}
+    result = {
+        "encoder": args.encoder,
+        "image_size": args.image_size,
+        "batch": args.batch,
+        "stage2_steps": args.stage2_steps,
+        "stage3_steps": args.stage3_steps,
+        "vgg": vgg.weight_source,
+        "after_stage2": after2,
+        "candidates": {},
+    }
     for name in args.candidates:
         nets = copy.deepcopy(saved[0])
         rng.bit_generator.state = saved[3]

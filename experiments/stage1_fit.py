@@ -2,8 +2,8 @@
 correlation on training images against held-out ones, beside the linear ceiling (PCA-k of the exact
 descriptors, fitted on the training images) on both.
 
-    python benchmarks/stage1_fit.py --checkpoint runs/stage1-.../checkpoint_epoch0099 \
-        --data ../shared/data/facades --direction BtoA --image-size 64 --out benchmarks/results/stage1_fit.json
+    python experiments/stage1_fit.py --checkpoint runs/stage1-.../checkpoint_epoch0099 \
+        --data ../shared/data/facades --direction BtoA --image-size 64 --out experiments/results/stage1_fit.json
 
 Train and val are scored the same way: random triplets (a, b, c) of distinct images of that split whose
 exact order d(a,b) vs d(a,c) is not a tie; accuracy is how often ‖z_a − z_b‖ < ‖z_a − z_c‖ agrees with it,

@@ -1,8 +1,8 @@
 """How hard is a synthetic style set? Untrained-encoder k-NN, exact-VGG k-NN, and a short stage 1.
 
-    OMP_NUM_THREADS=1 python benchmarks/synthetic_difficulty.py                       # the default set
-    OMP_NUM_THREADS=1 python benchmarks/synthetic_difficulty.py design=hue            # the old hue design
-    OMP_NUM_THREADS=1 python benchmarks/synthetic_difficulty.py --train-epochs 12                  # + a stage 1
+    OMP_NUM_THREADS=1 python experiments/synthetic_difficulty.py                       # the default set
+    OMP_NUM_THREADS=1 python experiments/synthetic_difficulty.py design=hue            # the hue design
+    OMP_NUM_THREADS=1 python experiments/synthetic_difficulty.py --train-epochs 12                  # + a stage 1
 
 Arguments are `key=value` overrides of SyntheticConfig (the set is generated to a temporary folder),
 plus the options below. It reports, on the val images against the train images (k-NN, k = 5, by style id):
@@ -51,12 +51,16 @@ def untrained_knn(train_x, train_y, val_x, val_y, seeds, k: int) -> list[float]:
     for seed in seeds:
         torch.manual_seed(seed)
         net = StyleEncoder(Stage1Training().encoder)
-        out.append(knn_accuracy(encode_batches(net, val_x, "cpu"), val_y, encode_batches(net, train_x, "cpu"), train_y, k))
+        out.append(
+            knn_accuracy(encode_batches(net, val_x, "cpu"), val_y, encode_batches(net, train_x, "cpu"), train_y, k)
+        )
     return out
 
 
 def vgg_descriptors(vgg, images: torch.Tensor, batch: int = 32) -> np.ndarray:
-    return np.concatenate([descriptors_from_images(vgg, images[i : i + batch]).numpy() for i in range(0, len(images), batch)])
+    return np.concatenate(
+        [descriptors_from_images(vgg, images[i : i + batch]).numpy() for i in range(0, len(images), batch)]
+    )
 
 
 def sq_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -66,7 +70,9 @@ def sq_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def train_stage1(train_x, train_y, val_x, val_y, d_train: np.ndarray, epochs: int, k_close: int, k_far: int,
                  seed: int, k: int, max_steps: int = 0, lr: float = 0.0) -> list[dict]:
-    cfg = Stage1Training(seed=seed, optim=dataclasses.replace(Stage1Training().optim, lr=lr) if lr else Stage1Training().optim)
+    cfg = Stage1Training(
+        seed=seed, optim=dataclasses.replace(Stage1Training().optim, lr=lr) if lr else Stage1Training().optim
+    )
     d = d_train.copy()
     np.fill_diagonal(d, np.inf)
     close = np.argsort(d, 1)[:, :k_close]
@@ -99,8 +105,16 @@ def train_stage1(train_x, train_y, val_x, val_y, d_train: np.ndarray, epochs: in
             if max_steps and step >= max_steps:
                 break
         acc = knn_accuracy(encode_batches(net, val_x, "cpu"), val_y, encode_batches(net, train_x, "cpu"), train_y, k)
-        history.append({"epoch": epoch + 1, "steps": step, "loss": float(np.mean(losses)), "active": float(np.mean(active)),
-                        "val_knn_acc": acc, "seconds": round(time.perf_counter() - t0, 1)})
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "steps": step,
+                "loss": float(np.mean(losses)),
+                "active": float(np.mean(active)),
+                "val_knn_acc": acc,
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+        )
         print(f"  epoch {epoch + 1}: loss {history[-1]['loss']:.4f} active {history[-1]['active']:.2f} "
               f"k-NN {acc:.3f} ({history[-1]['seconds']}s)", flush=True)
         if max_steps and step >= max_steps:
@@ -114,8 +128,18 @@ def train_stage1(train_x, train_y, val_x, val_y, d_train: np.ndarray, epochs: in
     return history
 
 
-def measure(cfg: SyntheticConfig, seeds=(0, 1, 2), k: int = 5, train_epochs: int = 0, k_close: int = 5,
-            k_far: int = 0, max_steps: int = 0, lr: float = 0.0, train_seed: int = 0, vgg_cfg: VGGConfig = VGGConfig()) -> dict:
+def measure(
+    cfg: SyntheticConfig,
+    seeds=(0, 1, 2),
+    k: int = 5,
+    train_epochs: int = 0,
+    k_close: int = 5,
+    k_far: int = 0,
+    max_steps: int = 0,
+    lr: float = 0.0,
+    train_seed: int = 0,
+    vgg_cfg: VGGConfig = VGGConfig(),
+) -> dict:
     """Generate `cfg` to a temporary folder and measure it (see the module docstring)."""
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,8 +162,9 @@ def measure(cfg: SyntheticConfig, seeds=(0, 1, 2), k: int = 5, train_epochs: int
         del dtr, dva
         default_far = PretrainJobConfig().mining.k_far  # the job's: 700 of 800
         far = k_far or (default_far if default_far < len(train_y) else len(train_y) // 2)
-        out["trained"] = train_stage1(train_x, train_y, val_x, val_y, d_train, train_epochs, k_close, far, train_seed, k,
-                                      max_steps, lr)
+        out["trained"] = train_stage1(
+            train_x, train_y, val_x, val_y, d_train, train_epochs, k_close, far, train_seed, k, max_steps, lr
+        )
         print(f"mined positives of the same style {out['trained'][0]['positives_same_style']:.3f}, negatives of "
               f"another style {out['trained'][0]['negatives_other_style']:.3f}", flush=True)
     out["seconds"] = round(time.perf_counter() - started, 1)
@@ -163,8 +188,17 @@ def main(argv=None) -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = load_config(SyntheticConfig, None, args.overrides)
     print(f"synthetic set: {cfg}", flush=True)
-    out = measure(cfg, tuple(range(args.seeds)), args.k, args.train_epochs, args.k_close, args.k_far, args.max_steps, args.lr,
-                  args.train_seed)
+    out = measure(
+        cfg,
+        tuple(range(args.seeds)),
+        args.k,
+        args.train_epochs,
+        args.k_close,
+        args.k_far,
+        args.max_steps,
+        args.lr,
+        args.train_seed,
+    )
     print(f"done in {out['seconds']}s", flush=True)
     if args.json:
         with open(args.json, "w") as f:

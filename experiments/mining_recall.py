@@ -1,11 +1,11 @@
 """Mining recall on real VGG-16 descriptors: which reduction (and d) keeps the exact close/far sets.
 
     export RAY_TMPDIR=/tmp/ray_mining
-    python benchmarks/mining_recall.py --cache /tmp/mr_cache --json benchmarks/results/mining_recall_real_vgg.json
+    python experiments/mining_recall.py --json experiments/results/mining_recall_real_vgg.json
 
 Two databases, descriptors computed once and cached under --cache (a second run reuses them):
 * synthetic: the first --n target images of the synthetic style set (design `shared_palette`, --styles
-  styles, --image-size px, rendered in memory as in benchmarks/mining.py). The unreduced descriptors
+  styles, --image-size px, rendered in memory). The unreduced descriptors
   (D = 305,888) are kept whole on disk as float16 (scaled by 2^10 so Gram entries stay normal numbers):
   6.1 GB at n = 10k, memory-mapped. The exact reference is computed in float32 *during* the descriptor
   pass (ExactAccumulator, the fp16 copy plays no part in it), for --anchors random anchors.
@@ -38,7 +38,6 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -46,10 +45,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from step_ray.mining import ExactAccumulator, MiningConfig, close_recall, far_precision, mine_neighbours  # noqa: E402
+from step_ray.mining import ExactAccumulator, MiningConfig, close_recall, far_precision, mine_neighbours
 
 SCALE16 = 1024.0  # fp16 storage scale (power of two: exact); Gram entries of ~1e-4 stay normal numbers
 FACADES = "/work/shared/data/facades"
@@ -77,9 +74,25 @@ def _vgg():
         return load_vgg(VGGConfig())
 
 
+class SyntheticImages:
+    """Target halves of the synthetic style set, rendered on demand (no 10k PNGs on disk)."""
+
+    def __init__(self, num_styles: int, size: int, seed: int = 0):
+        from step_ray.data.synthetic import make_styles
+
+        self.styles = make_styles(num_styles, seed)
+        self.size, self.seed = size, seed
+
+    def batch(self, indices) -> torch.Tensor:
+        from step_ray.data.pix2pix import to_tensor
+        from step_ray.data.synthetic import render_pair
+
+        return to_tensor(np.stack([render_pair(int(i), "train", self.styles[int(i) % len(self.styles)], self.size,
+                                               self.seed)[:, self.size:] for i in indices]))
+
+
 def synthetic_set(args, cache: Path, vgg) -> dict:
     """fp16 store [n, D] (memmap) + exact reference of the anchors (float32), cached."""
-    from mining import SyntheticImages
     from step_ray.style.gram import descriptors_from_images
 
     tag = f"synth_{args.design}_s{args.styles}_{args.image_size}px_n{args.n}_a{args.anchors}"
@@ -523,7 +536,11 @@ def timing_rounds(ds: dict, args, timed: list[tuple[str, np.ndarray, np.ndarray 
         acc = ExactAccumulator(queries.numpy(), args.k_close, args.k_far, query_ids=q_ids)
         spent = 0.0
         for s in range(0, n, args.chunk):
-            c = chunks[s // args.chunk] if chunks is not None else torch.from_numpy(rows_f32(store, slice(s, min(n, s + args.chunk))))
+            c = (
+                chunks[s // args.chunk]
+                if chunks is not None
+                else torch.from_numpy(rows_f32(store, slice(s, min(n, s + args.chunk))))
+            )
             t0 = time.perf_counter()
             acc.add(c)
             spent += time.perf_counter() - t0
@@ -582,7 +599,11 @@ def run_dataset(ds: dict, args, vgg) -> dict:
     seen = set()
     for e in rows:
         key = (e["method"], e["d"])
-        if e["d"] in args.time_dims and key not in seen and e["fit"] == max([x["fit"] for x in rows if x["method"] == e["method"]] or [0]):
+        if (
+            e["d"] in args.time_dims
+            and key not in seen
+            and e["fit"] == max([x["fit"] for x in rows if x["method"] == e["method"]] or [0])
+        ):
             seen.add(key)
     want = {e["name"] for e in rows if (e["method"], e["d"]) in seen and e["fit"] == max(
         [x["fit"] for x in rows if x["method"] == e["method"]] or [0])}
@@ -590,7 +611,9 @@ def run_dataset(ds: dict, args, vgg) -> dict:
     by_shape = {}
     for info, y, res in variants(projectors, reduced, args.dims, n):
         if info["name"] in want:
-            by_shape.setdefault((y.shape[1], res is not None), (f"d={y.shape[1]}" + ("+res" if res is not None else ""), y, res))
+            by_shape.setdefault(
+                (y.shape[1], res is not None), (f"d={y.shape[1]}" + ("+res" if res is not None else ""), y, res)
+            )
     timing = timing_rounds(ds, args, list(by_shape.values()))
     for e in rows:
         key = f"d={e['d']}" + ("+res" if "+res" in e["method"] else "")
@@ -615,31 +638,44 @@ def run_dataset(ds: dict, args, vgg) -> dict:
 
 def markdown(name: str, res: dict, args) -> str:
     r = args.rerank_factors[-1]
-    lines = [f"**{name}** (n = {res['n']}, {res['anchors']} anchors; exact all anchors {res['timing']['exact_all_anchors_s']} s)", "",
-             f"| reduction | d | fit sample | explained var. | recall@{args.k_close} | far precision@{args.k_far} "
-             f"| cand. recall ×{r} (close / far) | FAISS s | speed-up vs exact | fit s | matrix MB | projection ms/image |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"**{name}** (n = {res['n']}, {res['anchors']} anchors; "
+        f"exact all anchors {res['timing']['exact_all_anchors_s']} s)",
+        "",
+        f"| reduction | d | fit sample | explained var. | recall@{args.k_close} | far precision@{args.k_far} "
+        f"| cand. recall ×{r} (close / far) | FAISS s | speed-up vs exact | fit s | matrix MB | projection ms/image |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for e in res["rows"]:
         ev = f"{e['explained']:.3f}" if "explained" in e else "-"
         lines.append(
-            f"| {e['name'].split(' (')[0]} | {e['d']} | {e['fit'] or '-'} | {ev} | {e['close_recall']:.3f} | {e['far_precision']:.3f} | "
+            f"| {e['name'].split(' (')[0]} | {e['d']} | {e['fit'] or '-'} | {ev} | {e['close_recall']:.3f} | "
+            f"{e['far_precision']:.3f} | "
             f"{e[f'cand_recall_x{r}']:.3f} / {e[f'cand_far_recall_x{r}']:.3f} | {e.get('faiss_s', '-')} | "
             f"{str(e['speedup_vs_exact']) + '×' if 'speedup_vs_exact' in e else '-'} | {e['fit_s']:.1f} | "
-            f"{e['bytes'] / 2**20:.1f} | {e['proj_s_per_image'] * 1e3:.3f} |")
+            f"{e['bytes'] / 2**20:.1f} | {e['proj_s_per_image'] * 1e3:.3f} |"
+        )
     if res["rerank"]:
-        lines += ["", "| first stage (then exact re-rank from fp16 full descriptors) | candidates | anchors | recall | far precision "
-                  "| re-rank s, all anchors (+ gathering rows) | FAISS + re-rank s | speed-up vs exact |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| first stage (then exact re-rank from fp16 full descriptors) | candidates | anchors | recall "
+            "| far precision "
+            "| re-rank s, all anchors (+ gathering rows) | FAISS + re-rank s | speed-up vs exact |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for it in res["rerank"]:
-            lines.append(f"| {it['first_stage']} | ×{it['factor']} | {it['anchors']} | {it['close_recall']:.3f} | {it['far_precision']:.3f} | "
-                         f"{it['rerank_all_anchors_s']} (+ {it['gather_all_anchors_s']}) | {it.get('total_s', '-')} | "
-                         f"{str(it.get('speedup_vs_exact', '-')) + '×'} |")
+            lines.append(
+                f"| {it['first_stage']} | ×{it['factor']} | {it['anchors']} | {it['close_recall']:.3f} | "
+                f"{it['far_precision']:.3f} | "
+                f"{it['rerank_all_anchors_s']} (+ {it['gather_all_anchors_s']}) | {it.get('total_s', '-')} | "
+                f"{str(it.get('speedup_vs_exact', '-')) + '×'} |"
+            )
     return "\n".join(lines)
 
 
 def dataset_arguments(parser: argparse.ArgumentParser) -> None:
     """The options that name the cached descriptor sets (synthetic_set / facades_set), shared with
-    benchmarks/mining_sketch.py, which reads the same cache."""
+    experiments/mining_sketch.py, which reads the same cache."""
     parser.add_argument("--cache", default="/tmp/mining_recall_cache")
     parser.add_argument("--datasets", nargs="+", default=["synthetic", "facades"])
     parser.add_argument("--n", type=int, default=10000)
@@ -658,13 +694,15 @@ def main(argv=None) -> dict:
     dataset_arguments(parser)
     parser.add_argument("--dims", type=int, nargs="+", default=[128, 256, 512])
     parser.add_argument("--fit-sizes", type=int, nargs="+", default=[1024, 2048])
-    parser.add_argument("--blocks-all-fits", action="store_true", help="blocks-PCA for every fit size, not only the largest")
+    parser.add_argument(
+        "--blocks-all-fits", action="store_true", help="blocks-PCA for every fit size, not only the largest"
+    )
     parser.add_argument("--rerank-factors", type=int, nargs="+", default=[4, 10])
     parser.add_argument("--rerank-anchors", type=int, default=50, help="anchors whose candidates are re-ranked exactly")
     parser.add_argument("--time-dims", type=int, nargs="+", default=[128, 256, 512])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--exact-slice", type=int, default=100, help="anchors per exact timing round")
-    parser.add_argument("--json", default="benchmarks/results/mining_recall_real_vgg.json")
+    parser.add_argument("--json", default="experiments/results/mining_recall_real_vgg.json")
     parser.add_argument("--cache-only", action="store_true", help="compute and cache the descriptors, then stop")
     args = parser.parse_args(argv)
     args.dims = sorted(args.dims)
@@ -674,8 +712,14 @@ def main(argv=None) -> dict:
     cache.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     vgg = _vgg()
-    results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs",
-               "load_start": loadavg(), "vgg_weights": vgg.weight_source, "args": vars(args), "datasets": {}}
+    results = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs",
+        "load_start": loadavg(),
+        "vgg_weights": vgg.weight_source,
+        "args": vars(args),
+        "datasets": {},
+    }
     for name in args.datasets:
         ds = synthetic_set(args, cache, vgg) if name == "synthetic" else facades_set(args, cache, vgg)
         if args.cache_only:
