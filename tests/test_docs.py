@@ -21,6 +21,7 @@ from step_ray.pipelines.sweep import SweepJobConfig
 from step_ray.pipelines.train_generator import GeneratorJobConfig
 from step_ray.pipelines.train_multidomain import MultiDomainJobConfig
 from step_ray.pipelines.train_munit import MUNITJobConfig
+from step_ray.pipelines.translate import TranslateJobConfig
 from step_ray.recipes.variants import VARIANTS, variant_base
 from step_ray.style.statistics import StyleStatsConfig
 
@@ -28,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 JOB_CONFIGS = {
     "pretrain": PretrainJobConfig, "style_stats": StyleStatsConfig, "mine_triplets": MineTripletsJobConfig,
     "train_generator": GeneratorJobConfig, "train_munit": MUNITJobConfig, "train_multidomain": MultiDomainJobConfig,
-    "evaluate": EvalConfig, "sweep": SweepJobConfig,
+    "evaluate": EvalConfig, "sweep": SweepJobConfig, "translate": TranslateJobConfig,
 }
 # top-level folders whose files the docs name by repository-relative path
 TOP = ("configs", "benchmarks", "experiments", "tools", "docs", "jobs", "step_ray", "tests", "infra")
@@ -96,26 +97,32 @@ def _split_job_argv(argv: list[str]) -> tuple[str | None, str, list[str]]:
     return config, variant, overrides
 
 
-def _key_exists(cls: type, dotted: str) -> bool:
+def _key_type(cls: type, dotted: str):
+    """The annotation of a dotted key (Any inside a free mapping), or None when no such key exists."""
     for part in dotted.split("."):
         if not dataclasses.is_dataclass(cls):
-            return True  # a free mapping (a sweep's trial settings): checked when the trial's job loads it
+            return typing.Any  # a free mapping (a sweep's trial settings): checked when the trial's job loads it
         if part not in {f.name for f in dataclasses.fields(cls)}:
-            return False
+            return None
         cls = typing.get_type_hints(cls).get(part)
-    return True
+    return cls
 
 
 def _split_placeholders(cls: type, overrides: list[str]) -> tuple[list[str], list[str]]:
-    """The overrides with real values (loaded as written), and the keys given a placeholder value
-    (`<the checkpoint>`, `$margin`, `runs/stage1-.../x`) that do not exist in `cls`."""
+    """The overrides to load (a placeholder value such as `<the checkpoint>`, `$margin` or
+    `runs/stage1-.../x` stands for a string; for a key of another type only the key is checked), and the
+    keys given a placeholder that do not exist in `cls`."""
     real, unknown = [], []
     for o in overrides:
         key, _, value = o.partition("=")
-        if PLACEHOLDER.search(value):
-            unknown += [] if _key_exists(cls, key) else [key]
-        else:
+        if not PLACEHOLDER.search(value):
             real.append(o)
+            continue
+        kind = _key_type(cls, key)
+        if kind is None:
+            unknown.append(key)
+        elif kind is str:
+            real.append(f"{key}=placeholder")
     return real, unknown
 
 

@@ -139,6 +139,11 @@ def test_job_outputs(job_run):
     for key in ("psnr", "lpips", "psnr_other_style", "diversity_refs", "diversity_mapper", "diversity_fixed_code"):
         assert np.isfinite(m[key]), key
     assert m["diversity_fixed_code"] < 1e-6  # one code for all: a deterministic G gives identical outputs
+    # realism with the real FID Inception: every kind of output, beside the real-vs-real floor
+    assert m["fid_inception"].startswith("inception-v3-tf:") and m["fid_real_images"] == 32
+    for kind, images in (("recon", 32), ("refs", 16), ("mapper", 16), ("real_floor", 96)):
+        assert np.isfinite(m[f"fid_{kind}"]) and np.isfinite(m[f"kid_{kind}"]) and m[f"fid_{kind}_images"] == images
+    assert m["fid_refs"] > m["fid_real_floor"]  # a 2-epoch G on 32 px is further from the photos than they are
     assert m["num_style_ids"] == 8 and 1 <= m["mapper_styles_reached"] <= 8
     assert record["lpips_weights"].startswith("alexnet pretrained:") and record["vgg_weights"].startswith("pretrained:")
     for name in ("transfer", "interpolation", "sampling", "embedding"):

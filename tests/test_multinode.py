@@ -372,6 +372,28 @@ def _complete_checkpoints(storage_path: Path) -> list[Path]:
     return found
 
 
+def test_translation_runs_an_actor_on_each_node(two_nodes, declared_shared, tmp_path):
+    """jobs/translate.py on the cluster: one actor per 1-CPU node, and both nodes translate their share."""
+    import pyarrow.parquet as pq
+
+    from step_ray.config import load_config
+    from step_ray.pipelines.translate import TranslateJobConfig, run_translate
+    from test_translate import make_generator_checkpoint, make_png
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "run").mkdir()
+    for i in range(12):
+        make_png(tmp_path / "in" / f"x{i:02d}.png", (32, 32), i, colours=4)
+    checkpoint = make_generator_checkpoint(tmp_path / "run")
+    summary = run_translate(load_config(TranslateJobConfig, None, [
+        f"checkpoint={checkpoint}", f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}", "style.samples=2",
+        "num_actors=2", "batch_size=2", "contact_sheet=0"]))
+    table = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pandas()
+    assert summary["outputs_written"] == 24 and (table["error"] == "").all()
+    per_node = table.groupby("node")["input"].nunique()
+    assert len(per_node) == 2 and per_node.min() >= 1, per_node.to_dict()
+
+
 def test_node_lost_mid_run_stops_with_the_resume_command_then_resumes(two_nodes, declared_shared, synthetic_root,
                                                                       stage1_cache, tmp_path):
     """The reported hang: a node removed mid-run (stage 1, a worker on each node, run.max_failures=1). Ray

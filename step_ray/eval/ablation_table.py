@@ -27,6 +27,10 @@ METRICS = (  # (row key, column title)
     ("lpips", "LPIPS ↓"),
     ("diversity_refs", "div. refs ↑"),
     ("diversity_mapper", "div. samples ↑"),
+    ("fid_refs", "FID refs ↓"),  # FID/KID: absent (–) where no FID Inception was found
+    ("kid_refs", "KID refs ↓"),
+    ("fid_mapper", "FID samples ↓"),
+    ("fid_real_floor", "FID real floor"),
     ("train_seconds", "train s"),
     ("images_per_s", "img/s"),
     ("seconds_to_lpips", "s to val LPIPS"),  # the sweep's lpips_target; a column only when it is set
@@ -80,8 +84,9 @@ def _fmt(line: dict[str, Any], name: str) -> str:
     of = line.get("seconds_to_lpips_of", 0) if name == "seconds_to_lpips" else n
     if not n:
         return "not reached" if of else "–"
-    digits = (0 if name == "seconds_to_lpips" else 1 if name in ("train_seconds", "images_per_s")
-              else 2 if name == "psnr" else 3)
+    one_decimal = name in ("train_seconds", "images_per_s") or name.startswith("fid")
+    digits = (0 if name == "seconds_to_lpips" else 1 if one_decimal
+              else 2 if name == "psnr" else 4 if name.startswith("kid") else 3)
     return (f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if n > 1 else "")
             + (f" ({n}/{of} reached)" if n < of else ""))
 

@@ -27,6 +27,7 @@ from step_ray.checkpoints import load_checkpoint, local_checkpoint_dir, read_rec
 from step_ray.config import config_from_dict, config_to_dict
 from step_ray.data.pix2pix import DataConfig, load_split, to_tensor
 from step_ray.eval.embedding import plot_embedding, save_png
+from step_ray.eval.fid import FIDConfig, inception_or_none, real_features_cached, realism
 from step_ray.eval.metrics import (LPIPSConfig, diverse_rows, diversity, load_lpips, lpips_distance, other_style_rows,
                                    psnr)
 from step_ray.eval.pictures import generate, interpolation_grid, sampling_grid, transfer_grid
@@ -35,7 +36,8 @@ from step_ray.style.encode import load_encoder
 from step_ray.style.vgg import VGGConfig, vgg_weight_source
 
 TABLE_HEADER = ("| method | PSNR ↑ | LPIPS ↓ | PSNR other style | diversity refs ↑ | diversity mapper ↑ "
-                "| diversity fixed z | mapper styles reached | LPIPS trunk |\n|---|---|---|---|---|---|---|---|---|")
+                "| diversity fixed z | mapper styles reached | FID refs ↓ | FID mapper ↓ | KID×10³ refs ↓ "
+                "| FID real floor | LPIPS trunk |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class EvalConfig:
     max_recon_images: int = 0  # 0: the whole split
     use_ema: bool = True  # G_ema's weights (the official choice) when the checkpoint has them
     lpips: LPIPSConfig = field(default_factory=LPIPSConfig)
+    fid: FIDConfig = field(default_factory=FIDConfig)  # FID/KID against the split's real photos (when found)
     output: str = ""  # empty: <checkpoint>/eval
     method: str = ""  # the table row's label; empty: the variant preset the checkpoint was trained from
     grid_inputs: int = 6
@@ -135,8 +138,9 @@ def _eval_inputs(cfg: EvalConfig) -> _EvalInputs:
     return _EvalInputs(g, tree, e, mapper, mapper_uri, lp, a, b, split.style_ids[:n_all], z)
 
 
-def _reconstruction(x: _EvalInputs, cfg: EvalConfig) -> dict[str, Any]:
-    """PSNR/LPIPS of G(A, E(B)) against B, and with another style's code (the margin shows E's code is used)."""
+def _reconstruction(x: _EvalInputs, cfg: EvalConfig) -> tuple[dict[str, Any], torch.Tensor]:
+    """PSNR/LPIPS of G(A, E(B)) against B, and with another style's code (the margin shows E's code is
+    used); and the reconstructions."""
     other = torch.from_numpy(other_style_rows(x.labels, cfg.seed))
     recon = generate(x.g, x.a, x.z, cfg.batch_size)
     cross = generate(x.g, x.a, x.z[other], cfg.batch_size)
@@ -148,12 +152,13 @@ def _reconstruction(x: _EvalInputs, cfg: EvalConfig) -> dict[str, Any]:
         "recon_images": len(x.a),
     }
     m["psnr_margin"] = m["psnr"] - m["psnr_other_style"]
-    return m
+    return m, recon
 
 
-def _diversity(x: _EvalInputs, cfg: EvalConfig, gen: torch.Generator) -> tuple[dict[str, Any], torch.Tensor | None]:
+def _diversity(x: _EvalInputs, cfg: EvalConfig, gen: torch.Generator):
     """num_inputs × num_styles outputs per kind of code (references, their mean, mapper samples): the
-    LPIPS diversity of each, the mapper's coverage on labelled data; and the mapper's outputs (for the grid)."""
+    LPIPS diversity of each, the mapper's coverage on labelled data; and the reference-guided and the
+    mapper's outputs [n_in, S, C, H, W] (None without a mapper)."""
     n_all, n_in, a = len(x.a), min(cfg.num_inputs, len(x.a)), x.a
     refs = torch.stack([torch.randperm(n_all, generator=gen)[: cfg.num_styles] for _ in range(n_in)])  # [n_in, S]
     if refs.shape[1] < cfg.num_styles:
@@ -164,7 +169,8 @@ def _diversity(x: _EvalInputs, cfg: EvalConfig, gen: torch.Generator) -> tuple[d
         return generate(x.g, rep, codes.reshape(-1, codes.shape[-1]),
                         cfg.batch_size).view(n_in, cfg.num_styles, *a.shape[1:])
 
-    m: dict[str, Any] = {"diversity_refs": diversity(x.lp, outputs_for(x.z[refs])),
+    out_refs = outputs_for(x.z[refs])
+    m: dict[str, Any] = {"diversity_refs": diversity(x.lp, out_refs),
                          "diversity_fixed_code": diversity(x.lp,
                                                            outputs_for(x.z.mean(0).expand(n_in, cfg.num_styles, -1))),
                          "diversity_inputs": n_in, "diversity_styles": cfg.num_styles}
@@ -176,7 +182,31 @@ def _diversity(x: _EvalInputs, cfg: EvalConfig, gen: torch.Generator) -> tuple[d
         m["diversity_mapper"] = diversity(x.lp, out_mapper)
         if (x.labels >= 0).all():
             m.update(_mapper_coverage(x.mapper, x.g, x.e, x.a, x.z, x.labels, cfg, gen))
-    return m, out_mapper
+    return m, out_refs, out_mapper
+
+
+def _realism(x: _EvalInputs, cfg: EvalConfig, outputs: dict[str, torch.Tensor | None]) -> dict[str, Any]:
+    """FID and KID of each kind of output (`outputs`: name -> images) against the split's real photos,
+    beside the real-vs-real floor (the training photos against them); {} without an FID Inception."""
+    inception = inception_or_none(cfg.fid)
+    if inception is None:
+        return {"fid_inception": "none: FID/KID not computed"}
+    root = cfg.data.prepare()
+    key = {"root": root, "direction": cfg.data.direction, "image_size": cfg.data.image_size,
+           "min_side": cfg.data.min_side}
+    real = real_features_cached(inception, cfg.fid, {**key, "split": cfg.split, "images": len(x.b)}, lambda: x.b)
+    train = real_features_cached(inception, cfg.fid, {**key, "split": "train"},
+                                 lambda: to_tensor(load_split(cfg.data, "train", root=root).b))
+    m: dict[str, Any] = {"fid_inception": inception.source.label()}
+    for name, images in {"real_floor": None, **outputs}.items():
+        if name != "real_floor" and images is None:
+            continue
+        feats = train if name == "real_floor" else inception(images.reshape(-1, *images.shape[-3:]))
+        scores = realism(real, feats, cfg.fid, cfg.seed)
+        m.update({f"fid_{name}": scores["fid"], f"kid_{name}": scores["kid"], f"kid_{name}_std": scores["kid_std"],
+                  f"fid_{name}_images": scores["images"]})
+    m["fid_real_images"] = int(len(real))
+    return m
 
 
 def _pictures(x: _EvalInputs, cfg: EvalConfig, out_dir: str, out_mapper: torch.Tensor | None) -> dict[str, str]:
@@ -215,9 +245,10 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     out_dir = cfg.output or storage.join(cfg.checkpoint, "eval")
     storage.check_writable(out_dir, "eval.output")
     x = _eval_inputs(cfg)
-    m = _reconstruction(x, cfg)
-    spread, out_mapper = _diversity(x, cfg, torch.Generator().manual_seed(cfg.seed))
+    m, recon = _reconstruction(x, cfg)
+    spread, out_refs, out_mapper = _diversity(x, cfg, torch.Generator().manual_seed(cfg.seed))
     m.update(spread)
+    m.update(_realism(x, cfg, {"recon": recon, "refs": out_refs, "mapper": out_mapper}))
     pictures = _pictures(x, cfg, out_dir, out_mapper)
 
     train_tree = {k: v for k, v in x.tree.items() if k != "_weights"}
@@ -285,8 +316,11 @@ def table_row(method: str, m: dict[str, Any], lpips_source: str) -> str:
     f = lambda key, fmt="{:.3f}": fmt.format(m[key]) if key in m else "–"  # noqa: E731
     reached = f"{m['mapper_styles_reached']}/{m['num_style_ids']}" if "mapper_styles_reached" in m else "–"
     trunk = "random AlexNet" if lpips_source.startswith("RANDOM") else "AlexNet"
+    kid = (f"{1e3 * m['kid_refs']:.1f} ± {1e3 * m['kid_refs_std']:.1f}" if "kid_refs" in m else "–")
     return (f"| {method} | {f('psnr', '{:.2f}')} | {f('lpips')} | {f('psnr_other_style', '{:.2f}')} "
-            f"| {f('diversity_refs')} | {f('diversity_mapper')} | {f('diversity_fixed_code')} | {reached} | {trunk} |")
+            f"| {f('diversity_refs')} | {f('diversity_mapper')} | {f('diversity_fixed_code')} | {reached} "
+            f"| {f('fid_refs', '{:.1f}')} | {f('fid_mapper', '{:.1f}')} | {kid} | {f('fid_real_floor', '{:.1f}')} "
+            f"| {trunk} |")
 
 
 __all__ = ["EvalConfig", "evaluate", "load_generator", "table_row"]

@@ -353,6 +353,8 @@ def trial_rows(sweep: SweepJobConfig, trials: list[dict[str, Any]]) -> list[dict
         row.update({"psnr": m.get("eval_psnr"), "lpips": m.get("eval_lpips"),
                     "diversity_refs": m.get("eval_diversity_refs"), "diversity_mapper": m.get("eval_diversity_mapper"),
                     "psnr_other_style": m.get("eval_psnr_other_style"),
+                    "fid_refs": m.get("eval_fid_refs"), "kid_refs": m.get("eval_kid_refs"),
+                    "fid_mapper": m.get("eval_fid_mapper"), "fid_real_floor": m.get("eval_fid_real_floor"),
                     "train_seconds": m.get("train_seconds"), "images_per_s": m.get("train_images_per_s"),
                     "val_lpips": history[-1]["val_lpips"] if history else None,
                     "seconds_to_lpips": seconds_to_lpips(history, sweep.lpips_target), "history": history})
