@@ -287,10 +287,11 @@ def _stream(cfg: TranslateJobConfig, todo: list[str], size: int, styles: dict[st
     fs, _ = storage.resolve(todo[0])
     # a block per batch while that keeps every actor busy, then blocks of up to 256 files
     blocks = min(math.ceil(len(todo) / cfg.batch_size), max(4 * actors, math.ceil(len(todo) / 256)))
+    # reads and decoding are light: a quarter of a CPU a task leaves each node room beside its actor (at a
+    # whole CPU, the reads of a cluster of 1-CPU nodes never started beside the actors)
     files = ray.data.read_binary_files([storage.resolve(u)[1] for u in todo], include_paths=True, filesystem=fs,
-                                       override_num_blocks=max(1, blocks))
+                                       override_num_blocks=max(1, blocks), num_cpus=DECODE_CPUS)
     prefix = "s3://" if storage.is_s3(todo[0]) else ""
-    # decoding is light: a quarter of a CPU a task, which leaves each node room beside its actor
     decoded = files.map_batches(decode_batch, batch_size=cfg.batch_size, num_cpus=DECODE_CPUS, fn_kwargs=dict(
         half=cfg.input_half, size=size, a_resample=cfg.a_resample, uri_prefix=prefix))
     print(f"[translate] {len(todo)} inputs, {actors} actor(s) ({'1 GPU' if use_gpu else f'{threads} CPU thread(s)'}"
