@@ -236,11 +236,26 @@ def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _default_tree(cls: type) -> dict[str, Any]:
+    """The field defaults of a config class as a mapping, without building (and so validating) the class
+    itself: a job whose paths are required has no default instance, but each field has a default."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            continue
+        out[f.name] = config_to_dict(value)  # plain: nested configs as mappings, tuples as lists
+    return out
+
+
 def changed_from_defaults(cfg: Any) -> list[str] | None:
-    """`key=value` for every leaf of `cfg` that differs from its class's defaults (None when the class has
-    no default instance)."""
+    """`key=value` for every leaf of `cfg` that differs from its class's defaults (None when they cannot be
+    read)."""
     try:
-        defaults = _flat(config_to_dict(type(cfg)()))
+        defaults = _flat(_default_tree(type(cfg)))
     except (TypeError, ValueError, ConfigError):
         return None
     return [f"{k}={v}" for k, v in _flat(config_to_dict(cfg)).items() if defaults.get(k, object()) != v]

@@ -98,3 +98,14 @@ def test_job_start_prints_what_differs_from_the_defaults_and_verbose_prints_all(
     job_config(Example, ["--verbose"])
     out = capsys.readouterr().out
     assert verbose() and out.startswith("# Example") and "image_size:" in out
+
+
+def test_a_job_with_required_paths_still_prints_one_line_of_changes(capsys, monkeypatch):
+    """A job config that has no default instance (its paths are required) is compared field by field."""
+    from step_ray.config import VERBOSE_ENV
+    from step_ray.pipelines.translate import TranslateJobConfig
+
+    monkeypatch.setenv(VERBOSE_ENV, "0")
+    job_config(TranslateJobConfig, ["checkpoint=c", "input=i", "output=o", "style.samples=2"])
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "checkpoint=c, input=i, output=o, style.samples=2 (" in out, out
