@@ -80,3 +80,20 @@ def test_without_an_inception_no_number_is_computed(tmp_path, monkeypatch, capsy
     assert inception_or_none(FIDConfig()) is None
     assert "not computed" in capsys.readouterr().out
     assert weights.InceptionSource("none").label().startswith("none")
+
+
+def test_generator_validation_reports_kid_each_epoch_when_asked(inception):
+    """GeneratorTraining.val_kid: the validation adds the KID of G_ema(A, E(B)) against the val photos."""
+    from step_ray.models import EncoderConfig, GeneratorConfig, StyleEncoder, UNetGenerator
+    from step_ray.recipes.generator import GeneratorTraining, validate
+
+    torch.manual_seed(0)
+    g = UNetGenerator(GeneratorConfig(base_channels=8, num_downs=5)).eval()
+    e = StyleEncoder(EncoderConfig(base_channels=8, block_channels=(8, 16)))
+    a, b = torch.rand(12, 3, 32, 32) * 2 - 1, torch.rand(12, 3, 32, 32) * 2 - 1
+    other = np.roll(np.arange(12), 1)
+    with torch.no_grad():
+        plain = validate(GeneratorTraining(), g, e, a, b, other, "cpu")
+        with_kid = validate(GeneratorTraining(val_kid=True), g, e, a, b, other, "cpu", kid=(inception, inception(b)))
+    assert "val_kid" not in plain and np.isfinite(with_kid["val_kid"]) and with_kid["val_kid_std"] >= 0
+    assert with_kid["val_psnr"] == pytest.approx(plain["val_psnr"])

