@@ -8,8 +8,10 @@ r"""Translate new inputs with a trained generator: one PNG per (input, style), a
         input=s3://bucket/facades/val input_half=B style.reference=s3://bucket/facades/val style.reference_half=A \
         style.pairing=in_order output=s3://bucket/translated
 
-Inputs: single images of any size (centre square, resized as the model was trained), or pix2pix pair
-files (input_half=A or B). A rerun skips every input whose outputs exist (overwrite=true redoes them).
+The checkpoint: a generator stage's (StEP or a baseline; samples from the run's IMLE mapper) or MUNIT's
+(A -> B; reference styles from B's style encoder, samples from its N(0, I) prior). Inputs: single images
+of any size (centre square, resized as the model was trained), or pix2pix pair files (input_half=A or B).
+A rerun skips every input whose outputs exist (overwrite=true redoes them).
 Bad inputs are listed in errors.csv with their reason; the rest are translated.
 """
 import sys

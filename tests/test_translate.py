@@ -148,3 +148,37 @@ def test_one_style_source_and_the_paths_are_required():
                                                "style.reference=r"])
     with pytest.raises(ConfigError, match="checkpoint="):
         TranslateJobConfig(input="i", output="o")
+
+
+def test_munit_translates_a_to_b_with_reference_styles_and_prior_samples(ray_session, folders, tmp_path):
+    """A MUNIT checkpoint: A's content decoded by B's generator, with the references' B style codes or
+    with samples of its N(0, I) style prior."""
+    from step_ray.eval.munit_eval import load_munit
+    from step_ray.models import DiscriminatorConfig, PatchDiscriminator
+    from step_ray.models.munit import MUNITConfig, MUNITGenerator
+    from step_ray.pipelines.translate import decode_content
+
+    torch.manual_seed(0)
+    model = MUNITConfig(dim=8, mlp_dim=16, n_res=1, style_n_downsample=2)
+    disc = DiscriminatorConfig(base_channels=8, n_layers=1, num_scales=1)
+    folder = tmp_path / "munit" / "checkpoint_epoch0000"
+    save_checkpoint(folder, {"gen_a": MUNITGenerator(model), "gen_b": MUNITGenerator(model),
+                             "dis_a": PatchDiscriminator(disc), "dis_b": PatchDiscriminator(disc)}, {}, {"epoch": 0},
+                    {"method": "munit", "run": {}, "job": {"data": {"image_size": SIZE}},
+                     "recipe": {"model": config_to_dict(model), "discriminator": config_to_dict(disc)}})
+    out = tmp_path / "out"
+    run_translate(_cfg(folder, folders / "in", out, f"style.reference={folders / 'refs'}", "contact_sheet=0"))
+    table = pq.read_table(out / "manifest.parquet").to_pandas()
+    good = table[table["error"] == ""]
+    assert len(good) == 12
+    row = good[(good["style"] == "ref_r2") & good["input"].str.endswith("b.png")].iloc[0]
+    nets = load_munit(str(folder))
+    a = decode_content((folders / "in" / "b.png").read_bytes(), "b.png", "whole", SIZE)
+    with torch.no_grad():
+        z = torch.from_numpy(np.stack(row["code"])).float()[None]
+        direct = nets["gen_b"].decode(nets["gen_a"].encode(torch.from_numpy(a[None]).permute(0, 3, 1, 2).float()
+                                                           / 127.5 - 1)[0], z)
+    expected = ((direct[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    assert np.abs(np.asarray(Image.open(row["output"])).astype(int) - expected).max() <= 1
+    samples = run_translate(_cfg(folder, folders / "in", tmp_path / "prior", "style.samples=3", "contact_sheet=0"))
+    assert samples["outputs_written"] == 12

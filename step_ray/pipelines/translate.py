@@ -1,9 +1,11 @@
-"""Translate new inputs with a trained generator, at any scale: `jobs/translate.py`.
+"""Translate new inputs with a trained generator (a StEP or baseline stage, or MUNIT A -> B), at any
+scale: `jobs/translate.py`.
 
 Inputs are a folder or s3:// prefix of content images (single images of any size, or pix2pix pair files
 whose A half is used); each is resized as the model was trained. Styles come from reference photos (their
-codes E(B): each input with each reference, or input i with reference i), from the run's IMLE mapper
-(`samples` codes per input, seeded per input so a rerun draws the same), or from a .npy file of codes.
+codes E(B), or MUNIT's B style codes: each input with each reference, or input i with reference i), from
+the run's IMLE mapper (MUNIT: its N(0, I) style prior; `samples` codes per input, seeded per input so a
+rerun draws the same), or from a .npy file of codes.
 
 A Ray Data stream: read -> decode (bad files become rows with their reason) -> an actor pool that holds G
 (and the mapper) once per actor, one GPU per actor where the cluster has GPUs, CPU actors otherwise ->
@@ -26,7 +28,7 @@ import pyarrow as pa
 from step_ray import storage
 from step_ray.checkpoints import local_checkpoint_dir, read_record
 from step_ray.config import ConfigError
-from step_ray.data.pix2pix import IMAGE_SUFFIXES, BadImageError, decode_pair, input_resample, resize, to_rgb
+from step_ray.data.pix2pix import IMAGE_SUFFIXES, BadImageError, decode_pair, input_resample, resize, to_rgb, to_tensor
 
 DECODE_CPUS = 0.25
 OUTPUT_SEPARATOR = "__"  # <input id>__<style id>.png
@@ -53,7 +55,7 @@ class StyleSourceConfig:
 class TranslateJobConfig:
     """`jobs/translate.py`: a generator checkpoint's outputs for every input × style."""
 
-    checkpoint: str = ""  # a stage-2/3 (or baseline) generator checkpoint folder, local or s3://
+    checkpoint: str = ""  # a stage-2/3 (or baseline) generator or a MUNIT checkpoint folder, local or s3://
     input: str = ""  # a folder or s3:// prefix of content images
     output: str = ""  # a folder or s3:// prefix: one PNG per (input, style), manifest.parquet, errors.csv
     input_half: Literal["whole", "A", "B"] = "whole"  # single images, or the A (left) / B (right) half of pair files
@@ -78,14 +80,28 @@ class TranslateJobConfig:
             raise ValueError("batch_size must be >= 1; style.samples and num_actors >= 0")
 
 
-def trained_size(checkpoint: str) -> int:
-    """The image side a generator checkpoint was trained at (its job's data.image_size)."""
+def _record(checkpoint: str) -> dict[str, Any]:
     folder, tmp = local_checkpoint_dir(checkpoint)
     try:
-        record = read_record(folder)
+        return read_record(folder)
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def model_kind(checkpoint: str) -> Literal["generator", "munit"]:
+    """What a checkpoint holds: a generator stage (StEP or a baseline: G(A, z), E) or MUNIT (A -> B)."""
+    method = _record(checkpoint).get("method")
+    if method in ("stage2", "stage3", "joint"):
+        return "generator"
+    if method == "munit":
+        return "munit"
+    raise ValueError(f"{checkpoint}: a {method!r} checkpoint; translate takes a generator stage's or MUNIT's")
+
+
+def trained_size(checkpoint: str) -> int:
+    """The image side a generator checkpoint was trained at (its job's data.image_size)."""
+    record = _record(checkpoint)
     size = (record.get("job") or {}).get("data", {}).get("image_size") or record["recipe"].get("image_size")
     if not size:
         raise ValueError(f"{checkpoint}: its config.yaml does not say the image size; set image_size=")
@@ -159,24 +175,33 @@ class Translator:
         import torch
 
         from step_ray.eval.generator_eval import load_generator, load_mapper  # deferred: torch in the actor only
+        from step_ray.eval.munit_eval import load_munit  # deferred: torch in the actor only
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.torch = torch
         self.device = torch.device(device)
-        self.g, _ = load_generator(checkpoint, use_ema, self.device)
         self.output, self.styles = output, styles
-        self.mapper = load_mapper(styles["mapper"]) if styles.get("samples") else None
+        self.mapper = None
+        if styles["kind"] == "munit":  # A -> B: A's content, decoded by B's generator with a B style
+            nets = load_munit(checkpoint, self.device)
+            self.g = MUNITAtoB(nets["gen_a"], nets["gen_b"])
+        else:
+            self.g, _ = load_generator(checkpoint, use_ema, self.device)
+            self.mapper = load_mapper(styles["mapper"]) if styles.get("samples") else None
         self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
     def _codes_for(self, input_uri: str) -> tuple[list[str], list[str], np.ndarray]:
         """(style ids, their sources, codes [k, nz]) for one input."""
         s = self.styles
-        if self.mapper is not None:
+        if s.get("samples"):
             gen = self.torch.Generator().manual_seed(sample_seed(s["seed"], _input_id(input_uri)))
+            ids = [f"sample{j:03d}" for j in range(s["samples"])]
+            if self.mapper is None:  # MUNIT: its style prior, N(0, I)
+                z = self.torch.randn(s["samples"], s["style_dim"], generator=gen).numpy()
+                return ids, [f"N(0, I) sample {j} (seed {s['seed']})" for j in range(s["samples"])], z
             with self.torch.no_grad():
                 z = self.mapper(self.torch.randn(s["samples"], self.mapper.cfg.noise_dim, generator=gen)).numpy()
-            ids = [f"sample{j:03d}" for j in range(s["samples"])]
             return ids, [f"mapper sample {j} (seed {s['seed']})" for j in range(s["samples"])], z
         rows = [s["order"][input_uri]] if s["pairing"] == "in_order" else list(range(len(s["ids"])))
         return [s["ids"][r] for r in rows], [s["sources"][r] for r in rows], s["codes"][rows]
@@ -210,6 +235,19 @@ class Translator:
         return {k: np.array(v, dtype=object) for k, v in rows.items()}
 
 
+class MUNITAtoB:
+    """MUNIT's A -> B translation as a G(A, z): A's content code decoded by B's generator with style z."""
+
+    def __init__(self, gen_a, gen_b):
+        self.gen_a, self.gen_b = gen_a, gen_b
+
+    def parameters(self):
+        return self.gen_b.parameters()
+
+    def __call__(self, a, z):
+        return self.gen_b.decode(self.gen_a.encode(a)[0], z)
+
+
 def _input_id(uri: str) -> str:
     """An input's name without its folder and suffix: what its outputs are named after."""
     return str(uri).rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
@@ -228,7 +266,16 @@ def list_images(uri: str) -> list[str]:
 def style_table(cfg: TranslateJobConfig, size: int, inputs: list[str]) -> dict[str, Any]:
     """What the actors need to know of the styles: ids, sources and codes of references or of a codes file,
     or the mapper and the number of samples."""
+    kind = model_kind(cfg.checkpoint)
+    return {"kind": kind, **_style_sources(cfg, size, inputs, kind)}
+
+
+def _style_sources(cfg: TranslateJobConfig, size: int, inputs: list[str], kind: str) -> dict[str, Any]:
     s = cfg.style
+    if s.samples and kind == "munit":
+        from step_ray.eval.munit_eval import load_munit  # deferred: torch only where codes are made
+
+        return {"samples": s.samples, "seed": s.seed, "style_dim": load_munit(cfg.checkpoint)["gen_b"].cfg.style_dim}
     if s.samples:
         mapper = s.mapper or storage.join(cfg.checkpoint.rstrip("/").rsplit("/", 1)[0], "mapper")
         if not storage.exists(storage.join(mapper, "mapper.pt")):
@@ -245,17 +292,24 @@ def style_table(cfg: TranslateJobConfig, size: int, inputs: list[str]) -> dict[s
     if s.pairing == "in_order" and len(refs) != len(inputs):
         raise ValueError(f"style.pairing=in_order pairs input i with reference i: {len(inputs)} inputs, "
                          f"{len(refs)} references")
-    codes = encode_references(cfg.checkpoint, refs, s.reference_half, size)
+    codes = encode_references(cfg.checkpoint, refs, s.reference_half, size, kind)
     return {"pairing": s.pairing, "ids": [f"ref_{_input_id(r)}" for r in refs], "sources": refs, "codes": codes,
             "order": {u: i for i, u in enumerate(inputs)} if s.pairing == "in_order" else {}}
 
 
-def encode_references(checkpoint: str, refs: list[str], half: str, size: int) -> np.ndarray:
-    """E(reference) for each reference photo, at the size the model was trained at."""
+def encode_references(checkpoint: str, refs: list[str], half: str, size: int, kind: str = "generator") -> np.ndarray:
+    """The style code of each reference photo, at the size the model was trained at: E(photo), or MUNIT's
+    domain-B style encoder."""
+    import torch
+
+    from step_ray.eval.munit_eval import load_munit  # deferred: torch only where codes are made
     from step_ray.style.encode import encode, load_encoder  # deferred: torch only where codes are made
 
-    images = [decode_content(storage.read_bytes(r), r, half, size, "bicubic") for r in refs]
-    return encode(np.stack(images), load_encoder(checkpoint)).astype(np.float32)
+    images = np.stack([decode_content(storage.read_bytes(r), r, half, size, "bicubic") for r in refs])
+    if kind == "munit":
+        with torch.no_grad():
+            return load_munit(checkpoint)["gen_b"].encode(to_tensor(images))[1].numpy().astype(np.float32)
+    return encode(images, load_encoder(checkpoint)).astype(np.float32)
 
 
 def _plan(cfg: TranslateJobConfig) -> tuple[int, bool, int]:
