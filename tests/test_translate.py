@@ -182,3 +182,26 @@ def test_munit_translates_a_to_b_with_reference_styles_and_prior_samples(ray_ses
     assert np.abs(np.asarray(Image.open(row["output"])).astype(int) - expected).max() <= 1
     samples = run_translate(_cfg(folder, folders / "in", tmp_path / "prior", "style.samples=3", "contact_sheet=0"))
     assert samples["outputs_written"] == 12
+
+
+def test_the_multidomain_model_translates_with_flow_samples_and_references(ray_session, folders, tmp_path):
+    """The multi-domain model: G(x, s) with s from its flow at style.domain (samples) or from its style
+    encoder at the references' domain; the domain is required."""
+    from step_ray.models.multidomain import MultiDomainConfig, build_multidomain
+
+    torch.manual_seed(0)
+    cfg = MultiDomainConfig(num_domains=3, style_dim=8, dim=8, max_dim=32, n_bottleneck=1, encoder_down=3,
+                            flow_hidden=(16, 16), style_disc_hidden=(16,))
+    folder = tmp_path / "md" / "checkpoint_epoch0000"
+    save_checkpoint(folder, build_multidomain(cfg), {}, {"epoch": 0},
+                    {"method": "multidomain", "run": {}, "job": {"data": {"image_size": SIZE}},
+                     "recipe": {"model": config_to_dict(cfg)}})
+    with pytest.raises(ConfigError, match="style.domain"):
+        run_translate(_cfg(folder, folders / "in", tmp_path / "x", "style.samples=2"))
+    flow = run_translate(_cfg(folder, folders / "in", tmp_path / "flow", "style.samples=2", "style.domain=1",
+                              "contact_sheet=0"))
+    refs = run_translate(_cfg(folder, folders / "in", tmp_path / "refs", f"style.reference={folders / 'refs'}",
+                              "style.domain=2", "contact_sheet=0"))
+    assert (flow["outputs_written"], refs["outputs_written"]) == (8, 12)
+    table = pq.read_table(tmp_path / "flow" / "manifest.parquet").to_pandas()
+    assert table[table["error"] == ""]["style_source"].str.contains("of domain 1").all()

@@ -46,6 +46,7 @@ class StyleSourceConfig:
     mapper: str = ""  # a mapper folder; empty: the checkpoint's run folder's `mapper`
     codes: str = ""  # a .npy file of codes [K, nz]: each input × each code
     seed: int = 0
+    domain: int = -1  # the multi-domain model: the target domain of `samples`, or the references' domain
 
     def kinds(self) -> list[str]:
         return [k for k, on in (("reference", self.reference), ("samples", self.samples), ("codes", self.codes)) if on]
@@ -89,14 +90,16 @@ def _record(checkpoint: str) -> dict[str, Any]:
             tmp.cleanup()
 
 
-def model_kind(checkpoint: str) -> Literal["generator", "munit"]:
-    """What a checkpoint holds: a generator stage (StEP or a baseline: G(A, z), E) or MUNIT (A -> B)."""
+def model_kind(checkpoint: str) -> Literal["generator", "munit", "multidomain"]:
+    """What a checkpoint holds: a generator stage (StEP or a baseline: G(A, z), E), MUNIT (A -> B) or the
+    multi-domain model (G(x, s) with s from its flow or its style encoder)."""
     method = _record(checkpoint).get("method")
     if method in ("stage2", "stage3", "joint"):
         return "generator"
-    if method == "munit":
-        return "munit"
-    raise ValueError(f"{checkpoint}: a {method!r} checkpoint; translate takes a generator stage's or MUNIT's")
+    if method in ("munit", "multidomain"):
+        return method
+    raise ValueError(f"{checkpoint}: a {method!r} checkpoint; translate takes a generator stage's, MUNIT's or "
+                     "the multi-domain model's")
 
 
 def trained_size(checkpoint: str) -> int:
@@ -175,6 +178,7 @@ class Translator:
         import torch
 
         from step_ray.eval.generator_eval import load_generator, load_mapper  # deferred: torch in the actor only
+        from step_ray.eval.multidomain_eval import load_multidomain  # deferred: torch in the actor only
         from step_ray.eval.munit_eval import load_munit  # deferred: torch in the actor only
 
         if torch_threads:
@@ -182,10 +186,13 @@ class Translator:
         self.torch = torch
         self.device = torch.device(device)
         self.output, self.styles = output, styles
-        self.mapper = None
+        self.mapper = self.flow = None
         if styles["kind"] == "munit":  # A -> B: A's content, decoded by B's generator with a B style
             nets = load_munit(checkpoint, self.device)
             self.g = MUNITAtoB(nets["gen_a"], nets["gen_b"])
+        elif styles["kind"] == "multidomain":  # G(x, s): s from the flow (samples) or given (references)
+            nets = load_multidomain(checkpoint, self.device)
+            self.g, self.flow = nets["generator"], nets["flow"]
         else:
             self.g, _ = load_generator(checkpoint, use_ema, self.device)
             self.mapper = load_mapper(styles["mapper"]) if styles.get("samples") else None
@@ -197,6 +204,13 @@ class Translator:
         if s.get("samples"):
             gen = self.torch.Generator().manual_seed(sample_seed(s["seed"], _input_id(input_uri)))
             ids = [f"sample{j:03d}" for j in range(s["samples"])]
+            if self.flow is not None:  # the multi-domain model: its flow, at the target domain
+                noise = self.torch.randn(s["samples"], s["style_dim"], generator=gen)
+                domains = self.torch.full((s["samples"],), s["domain"], dtype=self.torch.long)
+                with self.torch.no_grad():
+                    z = self.flow(noise.to(self.device), domains.to(self.device)).float().cpu().numpy()
+                return ids, [f"flow sample {j} of domain {s['domain']} (seed {s['seed']})"
+                             for j in range(s["samples"])], z
             if self.mapper is None:  # MUNIT: its style prior, N(0, I)
                 z = self.torch.randn(s["samples"], s["style_dim"], generator=gen).numpy()
                 return ids, [f"N(0, I) sample {j} (seed {s['seed']})" for j in range(s["samples"])], z
@@ -272,10 +286,18 @@ def style_table(cfg: TranslateJobConfig, size: int, inputs: list[str]) -> dict[s
 
 def _style_sources(cfg: TranslateJobConfig, size: int, inputs: list[str], kind: str) -> dict[str, Any]:
     s = cfg.style
+    if kind == "multidomain" and not s.codes and s.domain < 0:
+        raise ConfigError("the multi-domain model needs style.domain: the target domain of style.samples, or "
+                          "the domain of the style.reference photos")
     if s.samples and kind == "munit":
         from step_ray.eval.munit_eval import load_munit  # deferred: torch only where codes are made
 
         return {"samples": s.samples, "seed": s.seed, "style_dim": load_munit(cfg.checkpoint)["gen_b"].cfg.style_dim}
+    if s.samples and kind == "multidomain":
+        from step_ray.eval.multidomain_eval import load_multidomain  # deferred: torch only where codes are made
+
+        style_dim = load_multidomain(cfg.checkpoint)["flow"].cfg.style_dim
+        return {"samples": s.samples, "seed": s.seed, "style_dim": style_dim, "domain": s.domain}
     if s.samples:
         mapper = s.mapper or storage.join(cfg.checkpoint.rstrip("/").rsplit("/", 1)[0], "mapper")
         if not storage.exists(storage.join(mapper, "mapper.pt")):
@@ -292,16 +314,18 @@ def _style_sources(cfg: TranslateJobConfig, size: int, inputs: list[str], kind: 
     if s.pairing == "in_order" and len(refs) != len(inputs):
         raise ValueError(f"style.pairing=in_order pairs input i with reference i: {len(inputs)} inputs, "
                          f"{len(refs)} references")
-    codes = encode_references(cfg.checkpoint, refs, s.reference_half, size, kind)
+    codes = encode_references(cfg.checkpoint, refs, s.reference_half, size, kind, s.domain)
     return {"pairing": s.pairing, "ids": [f"ref_{_input_id(r)}" for r in refs], "sources": refs, "codes": codes,
             "order": {u: i for i, u in enumerate(inputs)} if s.pairing == "in_order" else {}}
 
 
-def encode_references(checkpoint: str, refs: list[str], half: str, size: int, kind: str = "generator") -> np.ndarray:
-    """The style code of each reference photo, at the size the model was trained at: E(photo), or MUNIT's
-    domain-B style encoder."""
+def encode_references(checkpoint: str, refs: list[str], half: str, size: int, kind: str = "generator",
+                      domain: int = -1) -> np.ndarray:
+    """The style code of each reference photo, at the size the model was trained at: E(photo), MUNIT's
+    domain-B style encoder, or the multi-domain style encoder at the references' `domain`."""
     import torch
 
+    from step_ray.eval.multidomain_eval import load_multidomain  # deferred: torch only where codes are made
     from step_ray.eval.munit_eval import load_munit  # deferred: torch only where codes are made
     from step_ray.style.encode import encode, load_encoder  # deferred: torch only where codes are made
 
@@ -309,6 +333,10 @@ def encode_references(checkpoint: str, refs: list[str], half: str, size: int, ki
     if kind == "munit":
         with torch.no_grad():
             return load_munit(checkpoint)["gen_b"].encode(to_tensor(images))[1].numpy().astype(np.float32)
+    if kind == "multidomain":
+        with torch.no_grad():
+            domains = torch.full((len(images),), domain, dtype=torch.long)
+            return load_multidomain(checkpoint)["style_encoder"](to_tensor(images), domains).numpy().astype(np.float32)
     return encode(images, load_encoder(checkpoint)).astype(np.float32)
 
 
