@@ -184,21 +184,26 @@ def to_rgb(im: Image.Image, path: str) -> np.ndarray:
     return np.asarray(im.convert("RGB"))
 
 
-def decode_pair(data: bytes, path: str, direction: str = "AtoB", min_side: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """Split one A|B file into (A, B) RGB uint8 arrays, or raise BadImageError saying why not."""
+def decode_image(data: bytes, path: str) -> np.ndarray:
+    """One image file as an RGB uint8 array (see the module's rules), or BadImageError saying why not."""
     if not data:
         raise BadImageError(path, "empty file (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()  # decodes fully: truncated files fail here, not later
             im = ImageOps.exif_transpose(im)  # a camera's orientation tag: the picture as it is meant to be seen
-            arr = to_rgb(im, path)
+            return to_rgb(im, path)
     except UnidentifiedImageError:
         raise BadImageError(path, "not an image file") from None
     except BadImageError:
         raise
     except (OSError, SyntaxError, ValueError) as exc:
         raise BadImageError(path, f"corrupt or truncated image ({exc})") from None
+
+
+def decode_pair(data: bytes, path: str, direction: str = "AtoB", min_side: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Split one A|B file into (A, B) RGB uint8 arrays, or raise BadImageError saying why not."""
+    arr = decode_image(data, path)
     h, w = arr.shape[:2]
     if w != 2 * h:
         raise BadImageError(path, f"wrong layout: {w}x{h} is not two square halves side by side (width = 2 x height)")

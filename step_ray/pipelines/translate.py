@@ -26,9 +26,10 @@ import numpy as np
 import pyarrow as pa
 
 from step_ray import storage
-from step_ray.checkpoints import local_checkpoint_dir, read_record
+from step_ray.checkpoints import read_record, recipe_section
 from step_ray.config import ConfigError
-from step_ray.data.pix2pix import IMAGE_SUFFIXES, BadImageError, decode_pair, input_resample, resize, to_rgb, to_tensor
+from step_ray.data.pix2pix import (IMAGE_SUFFIXES, BadImageError, decode_image, decode_pair, input_resample, resize,
+                                   to_tensor)
 
 DECODE_CPUS = 0.25
 OUTPUT_SEPARATOR = "__"  # <input id>__<style id>.png
@@ -81,19 +82,10 @@ class TranslateJobConfig:
             raise ValueError("batch_size must be >= 1; style.samples and num_actors >= 0")
 
 
-def _record(checkpoint: str) -> dict[str, Any]:
-    folder, tmp = local_checkpoint_dir(checkpoint)
-    try:
-        return read_record(folder)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
-
-
-def model_kind(checkpoint: str) -> Literal["generator", "munit", "multidomain"]:
-    """What a checkpoint holds: a generator stage (StEP or a baseline: G(A, z), E), MUNIT (A -> B) or the
-    multi-domain model (G(x, s) with s from its flow or its style encoder)."""
-    method = _record(checkpoint).get("method")
+def model_kind(record: dict[str, Any], checkpoint: str) -> Literal["generator", "munit", "multidomain"]:
+    """What a checkpoint (its config.yaml `record`) holds: a generator stage (StEP or a baseline: G(A, z), E),
+    MUNIT (A -> B) or the multi-domain model (G(x, s) with s from its flow or its style encoder)."""
+    method = record.get("method")
     if method in ("stage2", "stage3", "joint"):
         return "generator"
     if method in ("munit", "multidomain"):
@@ -102,9 +94,8 @@ def model_kind(checkpoint: str) -> Literal["generator", "munit", "multidomain"]:
                      "the multi-domain model's")
 
 
-def trained_size(checkpoint: str) -> int:
-    """The image side a generator checkpoint was trained at (its job's data.image_size)."""
-    record = _record(checkpoint)
+def trained_size(record: dict[str, Any], checkpoint: str) -> int:
+    """The image side a checkpoint (its config.yaml `record`) was trained at (its job's data.image_size)."""
     size = (record.get("job") or {}).get("data", {}).get("image_size") or record["recipe"].get("image_size")
     if not size:
         raise ValueError(f"{checkpoint}: its config.yaml does not say the image size; set image_size=")
@@ -117,18 +108,7 @@ def decode_content(data: bytes, path: str, half: str, size: int, a_resample: str
         left, right = decode_pair(data, path, "AtoB")
         image = left if half == "A" else right
     else:
-        from PIL import Image, ImageOps, UnidentifiedImageError
-
-        if not data:
-            raise BadImageError(path, "empty file (0 bytes)")
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                im.load()
-                image = to_rgb(ImageOps.exif_transpose(im), path)
-        except UnidentifiedImageError:
-            raise BadImageError(path, "not an image file") from None
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise BadImageError(path, f"corrupt or truncated image ({exc})") from None
+        image = decode_image(data, path)
     if image.shape[0] != image.shape[1]:  # centre square crop: the model was trained on squares
         h, w = image.shape[:2]
         side = min(h, w)
@@ -158,14 +138,6 @@ def sample_seed(seed: int, input_id: str) -> int:
 
 def output_name(input_id: str, style_id: str) -> str:
     return f"{input_id.replace('/', '_')}{OUTPUT_SEPARATOR}{style_id}.png"
-
-
-def _encode_png(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 class Translator:
@@ -221,6 +193,7 @@ class Translator:
         return [s["ids"][r] for r in rows], [s["sources"][r] for r in rows], s["codes"][rows]
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from step_ray.eval.embedding import save_png  # deferred: matplotlib only where PNGs are written
         from step_ray.eval.pictures import generate, to_uint8  # deferred: torch in the actor only
 
         rows: dict[str, list] = {k: [] for k in MANIFEST_COLUMNS}
@@ -242,10 +215,9 @@ class Translator:
                 rows["code"].append(np.asarray(code, np.float32).tolist())
         rows["node"] = [self.node] * len(rows["input"])
         if a_list:
-            a = self.torch.from_numpy(np.stack(a_list)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
             z = self.torch.from_numpy(np.stack(z_list).astype(np.float32))
-            for name, out in zip(names, to_uint8(generate(self.g, a, z))):
-                storage.write_bytes(name, _encode_png(out))
+            for name, out in zip(names, to_uint8(generate(self.g, to_tensor(np.stack(a_list)), z))):
+                save_png(name, out)
         return {k: np.array(v, dtype=object) for k, v in rows.items()}
 
 
@@ -277,27 +249,25 @@ def list_images(uri: str) -> list[str]:
     return files
 
 
-def style_table(cfg: TranslateJobConfig, size: int, inputs: list[str]) -> dict[str, Any]:
+def style_table(cfg: TranslateJobConfig, size: int, inputs: list[str], record: dict[str, Any]) -> dict[str, Any]:
     """What the actors need to know of the styles: ids, sources and codes of references or of a codes file,
     or the mapper and the number of samples."""
-    kind = model_kind(cfg.checkpoint)
-    return {"kind": kind, **_style_sources(cfg, size, inputs, kind)}
+    kind = model_kind(record, cfg.checkpoint)
+    return {"kind": kind, **_style_sources(cfg, size, inputs, kind, record)}
 
 
-def _style_sources(cfg: TranslateJobConfig, size: int, inputs: list[str], kind: str) -> dict[str, Any]:
+def _style_sources(cfg: TranslateJobConfig, size: int, inputs: list[str], kind: str,
+                   record: dict[str, Any]) -> dict[str, Any]:
     s = cfg.style
     if kind == "multidomain" and not s.codes and s.domain < 0:
         raise ConfigError("the multi-domain model needs style.domain: the target domain of style.samples, or "
                           "the domain of the style.reference photos")
-    if s.samples and kind == "munit":
-        from step_ray.eval.munit_eval import load_munit  # deferred: torch only where codes are made
+    if s.samples and kind in ("munit", "multidomain"):  # MUNIT's prior or the flow's noise: the style's size
+        from step_ray.models.multidomain import MultiDomainConfig  # deferred: torch only where codes are made
+        from step_ray.models.munit import MUNITConfig  # deferred: torch only where codes are made
 
-        return {"samples": s.samples, "seed": s.seed, "style_dim": load_munit(cfg.checkpoint)["gen_b"].cfg.style_dim}
-    if s.samples and kind == "multidomain":
-        from step_ray.eval.multidomain_eval import load_multidomain  # deferred: torch only where codes are made
-
-        style_dim = load_multidomain(cfg.checkpoint)["flow"].cfg.style_dim
-        return {"samples": s.samples, "seed": s.seed, "style_dim": style_dim, "domain": s.domain}
+        model = recipe_section(record, "model", MUNITConfig if kind == "munit" else MultiDomainConfig)
+        return {"samples": s.samples, "seed": s.seed, "style_dim": model.style_dim, "domain": s.domain}
     if s.samples:
         mapper = s.mapper or storage.join(cfg.checkpoint.rstrip("/").rsplit("/", 1)[0], "mapper")
         if not storage.exists(storage.join(mapper, "mapper.pt")):
@@ -434,7 +404,8 @@ def run_translate(cfg: TranslateJobConfig) -> dict[str, Any]:
     from step_ray.cluster import init_ray  # deferred: Ray only when there is work
 
     started = time.perf_counter()
-    size = cfg.image_size or trained_size(cfg.checkpoint)
+    record = read_record(cfg.checkpoint)  # what the checkpoint is and the size it was trained at
+    size = cfg.image_size or trained_size(record, cfg.checkpoint)
     inputs = list_images(cfg.input)
     seen: dict[str, str] = {}
     for u in inputs:
@@ -442,7 +413,7 @@ def run_translate(cfg: TranslateJobConfig) -> dict[str, Any]:
             raise ValueError(f"two inputs share the name {_input_id(u)!r} ({seen[_input_id(u)]}, {u}): outputs are "
                              "named after it")
     storage.check_writable(cfg.output, "output")
-    styles = style_table(cfg, size, inputs)
+    styles = style_table(cfg, size, inputs, record)
     expected = _expected_outputs(cfg, inputs, styles)
     written = storage.list_files(cfg.output, (".png",)) if storage.exists(cfg.output) else []
     existing = {f.rsplit("/", 1)[-1] for f in written}
