@@ -244,3 +244,41 @@ def test_real_facades(facades_root):
     s = load_split(DataConfig(root=str(facades_root), image_size=64, direction="BtoA"), "val", limit=8)
     assert s.a.shape == (8, 64, 64, 3) and not s.errors
     assert (s.style_ids == -1).all()
+
+
+# pixel digests of SyntheticConfig(num_styles=8, num_train=16, num_val=8, image_size=32, seed=0) as generated
+# before the manifest recorded the generating factors: recording them must not change a pixel
+_PIXELS_BEFORE_FACTORS = {"shared_palette": "b392f6b62816932acd8cd7111b6cd7d38734341473ce0cc7be2954f0abe56302",
+                          "hue": "bbb9611aa976594399c01a41d5316b94bef294acf84d31ada0074f2b1cb54b5e"}
+
+
+@pytest.mark.parametrize("design", ["shared_palette", "hue"])
+def test_synthetic_manifest_records_the_generating_factors(tmp_path, design):
+    from step_ray.data.synthetic import FACTORS, FREQUENCY_BANDS
+
+    root = generate_synthetic(tmp_path, SyntheticConfig(num_styles=8, num_train=16, num_val=8, image_size=32,
+                                                        seed=0, design=design))
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.png")):
+        h.update(np.asarray(Image.open(p)).tobytes())
+    assert h.hexdigest() == _PIXELS_BEFORE_FACTORS[design]
+    m = pq.read_table(root / "manifest.parquet").to_pandas()
+    assert set(FACTORS) <= set(m.columns)
+    styles = make_styles(8, 0, design)
+    for row in m.itertuples():
+        style = styles[row.style_id]
+        assert row.angle == style.angle and row.light_angle == style.light_angle
+        assert 0.9 <= row.frequency_jitter <= 1.1
+        assert row.frequency == pytest.approx(style.frequency * row.frequency_jitter)
+        assert 0.8 <= row.light_jitter <= 1.2
+        assert row.light_strength == pytest.approx(style.light_strength * row.light_jitter)
+        assert abs(row.hue_jitter) <= 0.02 and abs(row.gain - 1) <= style.gain_jitter
+        assert row.band == int(style.frequency > FREQUENCY_BANDS[0][1])
+    if design == "shared_palette":  # the band is the style id's second bit: k div 4
+        assert (m["band"] == (m["style_id"] // 4) % 2).all() and m["gain"].std() > 0.02
+    # a set written before the factors were recorded is written again, with the same pixels
+    manifest = pq.read_table(root / "manifest.parquet").drop_columns(list(FACTORS))
+    pq.write_table(manifest, root / "manifest.parquet")
+    generate_synthetic(root, SyntheticConfig(num_styles=8, num_train=16, num_val=8, image_size=32, seed=0,
+                                             design=design))
+    assert set(FACTORS) <= set(pq.read_schema(root / "manifest.parquet").names)

@@ -4,6 +4,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -82,6 +83,16 @@ def test_a_nan_loss_skips_the_update_or_flags_a_rollback():
         assert guard.rollback_pending == (action == "rollback")
 
 
+def test_protocol_inputs_come_evenly_from_the_other_domains():
+    from step_ray.eval.multidomain_eval import _inputs_from_other_domains
+
+    domains = np.array([0] * 10 + [1] * 3 + [2] * 10)
+    rows = _inputs_from_other_domains(domains, 0, 8, np.random.default_rng(0))
+    assert len(rows) == 8 and len(set(rows.tolist())) == 8 and (domains[rows] != 0).all()
+    assert np.bincount(domains[rows], minlength=3).tolist() == [0, 3, 5]  # domain 1 gives all it has
+    assert len(_inputs_from_other_domains(domains, 0, 100, np.random.default_rng(0))) == 13
+
+
 def test_unification_accuracy_reads_chance_and_separation():
     from step_ray.eval.multidomain_eval import unification_accuracy
 
@@ -102,7 +113,7 @@ def test_multidomain_job_trains_resumes_and_evaluates(ray_session, synthetic_roo
                  "train.model.dim=8", "train.model.max_dim=32", "train.model.n_bottleneck=1",
                  "train.model.encoder_down=3",
                  "train.model.flow_hidden=[16, 16]", "train.model.style_disc_hidden=[16]", "train.batch_size=8",
-                 "train.val_images=16", "eval_inputs=4", "eval_styles=3"]
+                 "train.val_images=16", "eval_inputs=2", "eval_styles=2"]
     first = run_train_multidomain(load_config(MultiDomainJobConfig, None, [*overrides, "train.max_epochs=1",
                                                                              "train.max_steps=2", "evaluate=false",
                                                                              "train.nonfinite.inject_at_steps=[0]"]))
@@ -117,8 +128,19 @@ def test_multidomain_job_trains_resumes_and_evaluates(ray_session, synthetic_roo
     assert [h["nonfinite_steps"] for h in state["history"]] == [1, 0]
     m = out.eval_metrics
     assert set(m["diversity_per_domain"]) == set(out.details["domains"]) and 0 <= m["unification_accuracy"] <= 1
-    for key in ("diversity_latent", "interp_lpips_mean", "interp_lpips_var"):
+    for key in ("diversity_latent", "diversity_reference", "interp_lpips_mean", "interp_lpips_var"):
         assert m[key] == m[key], key
+    # StarGAN v2's protocol: every target domain, latent- and reference-guided, inputs from the other domains
+    assert sorted((r["domain"], r["mode"]) for r in m["protocol"]) == sorted(
+        (d, mode) for d in out.details["domains"] for mode in ("latent", "reference"))
+    assert all(r["inputs"] == 2 and r["styles"] == 2 and r["diversity"] >= 0 for r in m["protocol"])
+    if m["fid_weights"].startswith("inception-v3-tf"):  # the real FID Inception is installed (CI installs it)
+        assert all(r["fid"] >= 0 and r["kid"] == r["kid"] and r["fid_floor"] >= 0 for r in m["protocol"])
+        assert {"fid_latent", "fid_reference", "kid_latent", "kid_reference", "fid_floor"} <= set(m)
+    else:
+        assert "fid_latent" not in m and "fid" not in m["protocol"][0]
+    # 32 held-out images over 4 domains: too few for DCI's held-out half, and it says so
+    assert m["dci"].startswith("not computed")
     for name in ("latent_guided", "reference_guided"):
         assert Path(out.outputs["eval"], f"{name}.png").stat().st_size > 300
     nets = load_multidomain(out.checkpoint)

@@ -19,7 +19,7 @@ from PIL import Image
 
 from step_ray import storage
 from step_ray.data.pix2pix import BadImageError, DataConfig, DatasetError, image_id, list_split, load_pair, resize
-from step_ray.data.synthetic import MANIFEST, TEXTURES, SyntheticConfig
+from step_ray.data.synthetic import FACTORS, MANIFEST, TEXTURES, SyntheticConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -45,6 +45,8 @@ class DomainImages:
     domains: np.ndarray
     names: list[str]
     kind: Literal["pix2pix_b", "plain"]
+    # each image's generating factors (a synthetic set's manifest records them): name -> [N] values
+    factors: dict[str, np.ndarray] = field(default_factory=dict)
 
     def rows_of(self, domain: int) -> np.ndarray:
         return np.flatnonzero(self.domains == domain)
@@ -55,13 +57,18 @@ def _synthetic(cfg: DomainDataConfig, split: str) -> DomainImages:
     root = cfg.root or DataConfig(root="", synthetic_dir=cfg.synthetic_dir, synthetic=cfg.synthetic,
                                   image_size=cfg.image_size).prepare()
     fs, path = storage.resolve(storage.join(root, MANIFEST))
-    table = pq.read_table(path, filesystem=fs, columns=["image_id", "family"]).to_pydict()
-    family = dict(zip(table["image_id"], table["family"]))
+    schema = pq.read_schema(path, filesystem=fs).names
+    table = pq.read_table(path, filesystem=fs, columns=["image_id", "family", *(f for f in FACTORS if f in schema)])
+    table = table.to_pydict()
+    row_of = {key: i for i, key in enumerate(table["image_id"])}
     paths = list_split(root, split)
-    present = sorted({family[image_id(p)] for p in paths})
+    rows = [row_of[image_id(p)] for p in paths]
+    family = np.asarray(table["family"])[rows]
+    present = sorted(set(family.tolist()))
     index = {f: i for i, f in enumerate(present)}  # only the families this set has, numbered densely
-    return DomainImages(paths, np.array([index[family[image_id(p)]] for p in paths], np.int64),
-                        [TEXTURES[f] for f in present], "pix2pix_b")
+    factors = {f: np.asarray(table[f], np.float64)[rows] for f in FACTORS if f in table}
+    return DomainImages(paths, np.array([index[f] for f in family], np.int64), [TEXTURES[f] for f in present],
+                        "pix2pix_b", factors)
 
 
 def _folders(cfg: DomainDataConfig, split: str) -> DomainImages:

@@ -171,7 +171,8 @@ def content_map(labels: np.ndarray) -> np.ndarray:
     return np.repeat(img[:, :, None], 3, axis=2)
 
 
-def _texture(style: Style, size: int, rng: np.random.Generator) -> np.ndarray:
+def _texture(style: Style, size: int, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, float]]:
+    """The texture field in [-1, 1] (or normalised) and the per-image draws it used (phase, frequency)."""
     yy, xx = np.mgrid[0:size, 0:size] / size
     phase = rng.uniform(0, 2 * np.pi)
     f = style.frequency * rng.uniform(0.9, 1.1)
@@ -196,11 +197,24 @@ def _texture(style: Style, size: int, rng: np.random.Generator) -> np.ndarray:
     if style.normalise_texture:
         t = t - t.mean()
         t = t / max(float(np.sqrt((t * t).mean())), 1e-6)
-    return t
+    return t, {"phase": float(phase), "frequency": float(f)}
 
 
 def render(labels: np.ndarray, style: Style, rng: np.random.Generator) -> np.ndarray:
     """B: the regions of `labels` painted in `style`, RGB uint8."""
+    return render_with_factors(labels, style, rng)[0]
+
+
+FACTORS = ("band", "frequency", "frequency_jitter", "angle", "light_angle", "light_strength", "light_jitter",
+           "hue_jitter", "gain", "phase")
+
+
+def render_with_factors(labels: np.ndarray, style: Style, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+    """`render`, and the values of the image's generating factors (`FACTORS`): the style's frequency band
+    (1: above the coarse band), angle and light direction, and the per-image draws (frequency and light
+    strength with their jitter factors, hue jitter, brightness gain, texture phase). Within one family of
+    the shared_palette design, band fixes angle and light direction (two styles a family), while the
+    jitters, gain and phase are independent draws: the ground truth of disentanglement scores."""
     size = labels.shape[0]
     hue_jitter = rng.uniform(-0.02, 0.02)
     palette = np.array(
@@ -208,28 +222,41 @@ def render(labels: np.ndarray, style: Style, rng: np.random.Generator) -> np.nda
          for i, h in enumerate(style.hues)]
     )
     img = palette[labels % len(palette)]
-    img = img * (1.0 + style.contrast * _texture(style, size, rng))[:, :, None]
+    texture, drawn = _texture(style, size, rng)
+    img = img * (1.0 + style.contrast * texture)[:, :, None]
     yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
-    light = 1.0 + style.light_strength * rng.uniform(0.8, 1.2) * (
-        np.cos(style.light_angle) * xx + np.sin(style.light_angle) * yy
-    ) * 2
+    light_jitter = rng.uniform(0.8, 1.2)
+    light_strength = style.light_strength * light_jitter
+    light = 1.0 + light_strength * (np.cos(style.light_angle) * xx + np.sin(style.light_angle) * yy) * 2
     img = img * light[:, :, None]
     if style.noise > 0:
         img = img + rng.normal(0, style.noise, img.shape)
-    if style.gain_jitter > 0:
-        img = img * rng.uniform(1 - style.gain_jitter, 1 + style.gain_jitter)
-    return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+    gain = rng.uniform(1 - style.gain_jitter, 1 + style.gain_jitter) if style.gain_jitter > 0 else 1.0
+    img = img * gain
+    factors = {"band": int(style.frequency > FREQUENCY_BANDS[0][1]), "frequency": drawn["frequency"],
+               "frequency_jitter": drawn["frequency"] / style.frequency, "angle": style.angle,
+               "light_angle": style.light_angle, "light_strength": float(light_strength),
+               "light_jitter": float(light_jitter), "hue_jitter": float(hue_jitter), "gain": float(gain),
+               "phase": drawn["phase"]}
+    return (np.clip(img, 0, 1) * 255).round().astype(np.uint8), factors
 
 
 def render_pair(index: int, split: str, style: Style, size: int, seed: int) -> np.ndarray:
     """One A|B file as an (size, 2·size, 3) uint8 array, fully determined by its arguments."""
+    return render_pair_with_factors(index, split, style, size, seed)[0]
+
+
+def render_pair_with_factors(index: int, split: str, style: Style, size: int, seed: int) -> tuple[np.ndarray, dict]:
+    """`render_pair` and the B side's generating factors (`render_with_factors`)."""
     rng = np.random.default_rng([seed, 104729, 0 if split == "train" else 1, index])
     labels = _layout(rng, size)
-    return np.concatenate([content_map(labels), render(labels, style, rng)], axis=1)
+    b, factors = render_with_factors(labels, style, rng)
+    return np.concatenate([content_map(labels), b], axis=1), factors
 
 
 def generate_synthetic(out_dir: str | Path, cfg: SyntheticConfig = SyntheticConfig()) -> Path:
-    """Write `train/` and `val/` A|B PNGs plus `manifest.parquet` and `styles.json`; returns out_dir.
+    """Write `train/` and `val/` A|B PNGs plus `manifest.parquet` (each image's style id, family and
+    generating factors, `FACTORS`) and `styles.json`; returns out_dir.
 
     Deterministic: the same config gives byte-identical files. Style ids are balanced round-robin.
     An existing dataset written with the same config is kept as it is.
@@ -239,21 +266,27 @@ def generate_synthetic(out_dir: str | Path, cfg: SyntheticConfig = SyntheticConf
     styles = make_styles(cfg.num_styles, cfg.seed, cfg.design)
     meta = {"config": cfg.__dict__, "styles": [s.__dict__ for s in styles]}
     if meta_path.exists() and (out / MANIFEST).exists():
-        if json.loads(meta_path.read_text()).get("config") == cfg.__dict__:
+        # a set written before the factors were recorded is written again (the same bytes, a fuller manifest)
+        if (json.loads(meta_path.read_text()).get("config") == cfg.__dict__
+                and set(FACTORS) <= set(pq.read_schema(out / MANIFEST).names)):
             return out
-    rows = {"image_id": [], "split": [], "file": [], "style_id": [], "family": []}
+    rows: dict[str, list] = {"image_id": [], "split": [], "file": [], "style_id": [], "family": [],
+                             **{name: [] for name in FACTORS}}
     for split, n in (("train", cfg.num_train), ("val", cfg.num_val)):
         (out / split).mkdir(parents=True, exist_ok=True)
         order = np.random.default_rng([cfg.seed, 31, len(split)]).permutation(n)
         for i in range(n):
             style = styles[int(order[i]) % cfg.num_styles]
             name = f"{i:05d}.png"
-            Image.fromarray(render_pair(i, split, style, cfg.image_size, cfg.seed)).save(out / split / name)
+            pair, factors = render_pair_with_factors(i, split, style, cfg.image_size, cfg.seed)
+            Image.fromarray(pair).save(out / split / name)
             rows["image_id"].append(f"{split}/{i:05d}")
             rows["split"].append(split)
             rows["file"].append(f"{split}/{name}")
             rows["style_id"].append(style.style_id)
             rows["family"].append(style.family)
+            for key, value in factors.items():
+                rows[key].append(value)
     pq.write_table(pa.table(rows), out / MANIFEST)
     meta_path.write_text(json.dumps(meta, indent=1, default=list))
     return out

@@ -10,6 +10,7 @@ from step_ray import storage
 from step_ray.data.domains import DomainDataConfig, list_domain_split
 from step_ray.engine.launch import checkpoint_uri
 from step_ray.engine.loop import train
+from step_ray.eval.fid import FIDConfig
 from step_ray.engine.settings import RunSettings
 from step_ray.pipelines.results import StageResult, TrainResult
 from step_ray.eval.multidomain_eval import evaluate_multidomain, load_multidomain
@@ -32,8 +33,9 @@ class MultiDomainJobConfig:
     train: MultiDomainTraining = field(default_factory=MultiDomainTraining)
     run: MultiDomainRunSettings = field(default_factory=MultiDomainRunSettings)
     evaluate: bool = True
-    eval_inputs: int = 32
-    eval_styles: int = 8
+    eval_inputs: int = 32  # held-out inputs per target domain (from the other domains)
+    eval_styles: int = 8  # styles per input: flow samples, or references of the target domain
+    fid: FIDConfig = field(default_factory=FIDConfig)
 
     def __post_init__(self):
         self.train.model.check_image_size(self.data.image_size)
@@ -57,7 +59,7 @@ def run_train_multidomain(cfg: MultiDomainJobConfig, callbacks: tuple = ()) -> T
     if cfg.evaluate:
         record = evaluate_multidomain(load_multidomain(checkpoint), cfg.data, cfg.val_split,
                                       storage.join(checkpoint, "eval"), num_inputs=cfg.eval_inputs,
-                                      num_styles=cfg.eval_styles, seed=cfg.train.seed)
+                                      num_styles=cfg.eval_styles, seed=cfg.train.seed, fid_cfg=cfg.fid)
         out.outputs["eval"], out.eval_metrics = record["output"], record["metrics"]
     out.seconds = time.perf_counter() - started
     out.write(storage.join(run_uri, "train_multidomain.json"), cfg)

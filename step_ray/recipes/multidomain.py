@@ -16,9 +16,8 @@ restarted the decay). No EMA copies (StarGAN v2 evaluates EMA weights; a short C
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -29,7 +28,7 @@ from step_ray.engine.distributed import broadcast_parameters, no_parameter_grads
 from step_ray.engine.guard import NonFiniteGuard, guarded_update
 from step_ray.engine.loop import Recipe, Worker, epoch_batches
 from step_ray.engine.settings import LoopConfig, OptimConfig
-from step_ray.eval.multidomain_eval import latent_grid
+from step_ray.eval.multidomain_eval import latent_grid, unification_accuracy
 from step_ray.losses.multidomain import (MultiDomainLossWeights, adversarial_d_loss, adversarial_g_loss,
                                          augment_for_smoothness, cycle_loss, diversity_sensitive_loss,
                                          generator_objective, r1_penalty,
@@ -47,6 +46,11 @@ class MultiDomainTraining(LoopConfig):
     weights: MultiDomainLossWeights = field(default_factory=MultiDomainLossWeights)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, betas=(0.0, 0.99), weight_decay=1e-4))
     flow_lr: float = 1e-6
+    # D_s's learning rate (None: optim.lr, as D's); it plays against E and the flow, which move at their own rates
+    style_disc_lr: float | None = None
+    # which styles L_uni moves towards the other side: "both" (the flow's and E's), "reference" (E's only,
+    # the seed's "CNN codes close to the MLP's"), "latent" (the flow's only)
+    uni_moves: Literal["both", "reference", "latent"] = "both"
     val_images: int = 64
     # StarGAN v2 flips its inputs; off by default here so earlier runs' numbers stand (true: x_real flipped)
     flip: bool = False
@@ -59,6 +63,10 @@ class MultiDomainTraining(LoopConfig):
             raise ValueError(f"the multi-domain model trains in fp32 only; got precision={self.precision!r}")
         if self.flow_lr <= 0:
             raise ValueError("flow_lr must be > 0")
+        if self.style_disc_lr is not None and self.style_disc_lr <= 0:
+            raise ValueError("style_disc_lr must be > 0 (or null: optim.lr)")
+        if self.uni_moves not in ("both", "reference", "latent"):
+            raise ValueError(f"uni_moves must be both, reference or latent, got {self.uni_moves!r}")
 
 
 def make_optimizers(cfg: MultiDomainTraining, nets: dict) -> dict[str, torch.optim.Optimizer]:
@@ -68,8 +76,9 @@ def make_optimizers(cfg: MultiDomainTraining, nets: dict) -> dict[str, torch.opt
         "optimizer_e": o.build(nets["style_encoder"].parameters()),
         "optimizer_f": torch.optim.Adam(nets["flow"].parameters(), lr=cfg.flow_lr, betas=o.betas,
                                         weight_decay=o.weight_decay),
-        "optimizer_d": o.build(itertools.chain(nets["discriminator"].parameters(),
-                                               nets["style_discriminator"].parameters())),
+        "optimizer_d": o.build(nets["discriminator"].parameters()),
+        "optimizer_ds": torch.optim.Adam(nets["style_discriminator"].parameters(), lr=cfg.style_disc_lr or o.lr,
+                                         betas=o.betas, weight_decay=o.weight_decay),
     }
 
 
@@ -107,7 +116,9 @@ def _g_terms(cfg, nets, step, x_real, y_org, y_trg, s_trg, s_trg2, latent: bool,
         # both sides move: the flow's styles towards "reference", E's reference styles towards "latent"
         # (the seed pulls E's codes to the flow's; docs/method.md asks only that the two be indistinguishable)
         ds_net = nets["style_discriminator"]
-        terms["uni"] = unification_g_loss(ds_net(s_trg, y_trg), ds_net(e(x_ref, y_trg), y_trg))
+        moves = cfg.uni_moves
+        terms["uni"] = unification_g_loss(ds_net(s_trg, y_trg) if moves in ("both", "latent") else None,
+                                          ds_net(e(x_ref, y_trg), y_trg) if moves in ("both", "reference") else None)
     if latent and w.smooth:
         # the negative is the nearest other image of the same domain (seed 004: x_n^u)
         terms["smooth"] = smoothness_triplet_loss(e(x_real, y_org), e(augment_for_smoothness(x_real), y_org),
@@ -138,7 +149,7 @@ def multidomain_step(cfg: MultiDomainTraining, nets: dict, opts: dict, x_real: t
         uni_d, part = unification_d_loss(nets["style_discriminator"](s_ref, y_trg),
                                          nets["style_discriminator"](s_lat, y_trg))
         loss_d, logs = loss_d + uni_d, {**logs, **part}
-    ok = guarded_update(guard, state, "loss_d", loss_d, [opts["optimizer_d"]], ds_)
+    ok = guarded_update(guard, state, "loss_d", loss_d, [opts["optimizer_d"], opts["optimizer_ds"]], ds_)
     if not ok and guard.rollback_pending:
         return None
     logs["loss_d"] = float(loss_d.detach())
@@ -173,7 +184,9 @@ def validate_multidomain(cfg: MultiDomainTraining, nets: dict, x: torch.Tensor, 
                          device) -> dict[str, float]:
     """Cheap per-epoch numbers: how far latent styles are from reference styles of the same domain
     (mean distance of each latent style to its nearest reference style, against reference-to-reference),
-    and how much G's output moves with the style (mean |G(x, s1) − G(x, s2)|)."""
+    how much G's output moves with the style (mean |G(x, s1) − G(x, s2)|), and the two views of
+    unification: D_s's own accuracy on these codes (it trains against them: ≈ 0.5 when it cannot tell)
+    and a fresh classifier's held-out accuracy (`unification_accuracy`, the evaluation's figure)."""
     for net in nets.values():
         net.eval()
     x, y = x.to(device), y.to(device)
@@ -191,12 +204,15 @@ def validate_multidomain(cfg: MultiDomainTraining, nets: dict, x: torch.Tensor, 
     s2 = nets["flow"](torch.randn(len(x), cfg.model.style_dim, generator=gen).to(device), y)
     g = nets["generator"]
     moved = (g(x, s_lat) - g(x, s2)).abs().mean().item()
+    d_s = nets["style_discriminator"]
+    ds_acc = 0.5 * ((d_s(s_ref, y) > 0).float().mean() + (d_s(s_lat, y) <= 0).float().mean()).item()
     for net in nets.values():
         net.train()
     lat, ref = ((torch.stack(d_lat).mean().item(), torch.stack(d_ref).mean().item()) if d_lat
                 else (float("nan"), float("nan")))
     return {"val_latent_to_ref": lat, "val_ref_to_ref": ref, "val_style_gap": lat / max(ref, 1e-9),
-            "val_style_effect": moved}
+            "val_style_effect": moved, "val_ds_accuracy": ds_acc,
+            "val_unification_accuracy": unification_accuracy(s_lat.cpu(), s_ref.cpu(), y.cpu(), seed)}
 
 
 @dataclass
@@ -272,4 +288,5 @@ class MultiDomainRecipe(Recipe):
     def progress(self, m: dict[str, Any]) -> list[str]:
         return [f"loss_g {m.get('train_loss_g_latent', float('nan')):.4f}",
                 f"loss_d {m.get('train_loss_d', float('nan')):.4f}",
-                f"{m['images_per_s']:.1f} img/s", f"style gap {m['val_style_gap']:.2f}"]
+                f"{m['images_per_s']:.1f} img/s", f"style gap {m['val_style_gap']:.2f}",
+                f"unification acc {m['val_unification_accuracy']:.2f}"]

@@ -15,6 +15,9 @@ Parts, in this order, each the project's own job or benchmark in a process sessi
 3. style_stats, mining, generator_step, memory: `benchmarks/<part>.py` on the GPU (the pipeline with one GPU
    actor at 256 px; the default reduction and mining with FAISS's GPU index against the exact sets; one
    generator step per variant in fp32 and bf16 at 256 px; peak memory of a stage-3 step at 256 and 512 px).
+4. multidomain (only with --parts multidomain): `jobs/train_multidomain.py` on the synthetic style families at
+   --multidomain-size for --multidomain-epochs epochs, and its evaluation (unification, smoothness, DCI,
+   StarGAN v2's protocol with FID / KID): the longer run the CPU cannot afford.
 A part past its cap is ended with every process of its session (Ray's too) and recorded `timeout`, and the
 next starts; no part gets more than what is left of --budget-s, so one hung part cannot take the rest. The
 stage parts share one Ray instance (RAY_ADDRESS's, else one started here); each speed part starts its own.
@@ -50,6 +53,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 STAGE_PARTS = ("stage1", "ours_v4", "bicycle_v0")
 SPEED_PARTS = ("style_stats", "mining", "generator_step", "memory")
+EXTRA_PARTS = ("multidomain",)  # on request only (--parts multidomain): the default parts fill the 15 minutes
+MULTIDOMAIN_CONFIG = "configs/multidomain_synthetic.yaml"
 STAGE1_CONFIG = "configs/facades.yaml"
 STAGE1_RUN = "stage1-gpu-check"
 KILL_GRACE_S = 10.0  # of a part's cap, kept for ending it
@@ -58,9 +63,10 @@ LEFTOVER_WAIT_S = 10.0  # after a part's main process ends: how long the rest of
 # (GPU, dry run) of every setting; the command line overrides them
 DEFAULTS = {"image_size": (128, 32), "stage1_epochs": (20, 1), "stage2_epochs": (2, 1), "stage3_epochs": (2, 1),
             "train_images": (0, 16), "val_images": (0, 8), "mapper_epochs": (100, 5), "eval_inputs": (50, 4),
-            "eval_styles": (8, 3), "budget_s": (480.0, 900.0), "reserve_s": (10.0, 10.0)}
+            "eval_styles": (8, 3), "budget_s": (480.0, 900.0), "reserve_s": (10.0, 10.0),
+            "multidomain_size": (64, 32), "multidomain_epochs": (20, 1), "multidomain_steps": (0, 4)}
 CAPS = {"stage1": (90, 180), "ours_v4": (85, 150), "bicycle_v0": (85, 150), "style_stats": (50, 120),
-        "mining": (60, 180), "generator_step": (55, 150), "memory": (45, 120)}
+        "mining": (60, 180), "generator_step": (55, 150), "memory": (45, 120), "multidomain": (420, 300)}
 # dry run only: narrow networks and small sets, so the CPU path takes minutes
 DRY_STAGE1 = ("style.num_actors=1", "style.reduction.dim=8", "train.batch_size=4", "train.val_triplets=200",
               "train.knn_reference=16")
@@ -86,7 +92,8 @@ SPEED_ARGS = {  # (GPU, dry run)
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="the CPU, tiny sizes, a temporary folder")
-    p.add_argument("--parts", nargs="+", default=[*STAGE_PARTS, *SPEED_PARTS], choices=[*STAGE_PARTS, *SPEED_PARTS])
+    p.add_argument("--parts", nargs="+", default=[*STAGE_PARTS, *SPEED_PARTS],
+                   choices=[*STAGE_PARTS, *SPEED_PARTS, *EXTRA_PARTS])
     p.add_argument("--data-root", default="", help="facades (pix2pix layout); default .gpu_data/facades if present, "
                                                    "else ../shared/data/facades")
     p.add_argument("--work-dir", default="", help="runs, logs, caches (default: a new temporary folder)")
@@ -106,7 +113,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if name not in args.caps:
             p.error(f"--cap {item}: no part {name!r}")
         args.caps[name] = float(value)
-    args.parts = [part for part in (*STAGE_PARTS, *SPEED_PARTS) if part in args.parts]  # always in this order
+    args.parts = [part for part in (*STAGE_PARTS, *SPEED_PARTS, *EXTRA_PARTS) if part in args.parts]  # this order
     args.use_gpu = "never" if args.dry_run else "always"
     return args
 
@@ -431,6 +438,11 @@ def markdown(report: dict[str, Any], ablation_md: str) -> str:
                          f"{_num(v.get('lpips'))} | {_num(v.get('diversity_refs'))} | "
                          f"{_num(v.get('diversity_mapper'))} |")
         lines += ["", ablation_md.split("\n", 2)[-1].strip() if ablation_md else "(no ablation table)"]
+    md = report.get("multidomain")
+    if md:
+        lines += ["", "## Multi-domain model", "", "| " + " | ".join(md) + " |", "|---" * len(md) + "|",
+                  "| " + " | ".join(_num(v) if not isinstance(v, (str, dict)) else str(v)[:60] for v in md.values())
+                  + " |"]
     if report.get("speed"):
         lines += ["", "## Speed", "", "| benchmark | figures |", "|---|---|"]
         lines += [f"| {part} | {r.get('headline', '–')} |" for part, r in report["speed"].items()]
@@ -534,6 +546,50 @@ def stage_check(args, report: dict[str, Any], env: dict[str, str], data: tuple[s
         ray.shutdown()
 
 
+def multidomain_command(args, work: Path) -> list[str]:
+    """The multi-domain model on the synthetic style families (rendered at --multidomain-size), the config's
+    networks, for --multidomain-epochs epochs (of 100 steps; --multidomain-steps caps them), then its
+    evaluation (StarGAN v2's protocol with FID/KID, unification, smoothness, DCI)."""
+    size = args.multidomain_size
+    cmd = [sys.executable, "jobs/train_multidomain.py", "--config", MULTIDOMAIN_CONFIG,
+           f"data.synthetic_dir={work / 'synthetic'}", f"data.synthetic.image_size={size}", f"data.image_size={size}",
+           "data.synthetic.num_val=640", f"train.max_epochs={args.multidomain_epochs}",
+           f"run.storage_path={work / 'runs'}", "run.name=multidomain", f"run.use_gpu={args.use_gpu}",
+           f"fid.cache_dir={work / 'cache' / 'fid'}"]
+    if args.multidomain_steps:
+        cmd.append(f"train.max_steps={args.multidomain_steps}")
+    return cmd + (["eval_inputs=2", "eval_styles=2"] if args.dry_run else [])
+
+
+def multidomain_results(log: Path) -> dict[str, Any]:
+    """The job summary's evaluation and the last epoch's unification figures."""
+    summary = printed(log, "train_multidomain", "summary")
+    if not summary or not Path(summary).is_file():
+        return {}
+    record = json.loads(Path(summary).read_text())
+    m = record.get("eval_metrics") or {}
+    stage = (record.get("stages") or [{}])[-1].get("metrics") or {}
+    out = {key: finite(m.get(key)) for key in ("unification_accuracy", "diversity_latent", "diversity_reference",
+                                               "fid_latent", "fid_reference", "kid_latent", "kid_reference",
+                                               "fid_floor", "interp_lpips_max_over_mean")}
+    out["dci"] = m.get("dci")
+    out.update({key: finite(stage.get(key)) for key in ("epoch", "images_per_s", "val_unification_accuracy",
+                                                         "val_ds_accuracy")})
+    out["train_s"] = finite(record.get("train_seconds"))
+    return out
+
+
+def multidomain_check(args, report: dict[str, Any], env: dict[str, str], work: Path, deadline: float) -> None:
+    if "multidomain" not in args.parts:
+        return
+    env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+    cap = min(args.caps["multidomain"], deadline - time.perf_counter() - args.reserve_s)
+    log = work / "logs" / "multidomain.log"
+    part = run_part("multidomain", multidomain_command(args, work), log, cap, env)
+    report["parts"].append(part)
+    report["multidomain"] = {"status": part["status"], **multidomain_results(log)}
+
+
 def speed_check(args, report: dict[str, Any], env: dict[str, str], data_root: str, work: Path, deadline: float) -> None:
     env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}  # each benchmark starts its own Ray where it needs one
     report["speed"] = {}
@@ -575,6 +631,7 @@ def main(argv=None) -> dict[str, Any]:
     deadline = t0 + args.budget_s
     stage_check(args, report, env, data, work, deadline)
     speed_check(args, report, env, str(data_root), work, deadline)
+    multidomain_check(args, report, env, work, deadline)
     report["total_wall_s"] = round(time.perf_counter() - t0, 1)
     write_report(report, markdown(report, report.pop("ablation_md", "")), out_dir, tag)
     return report
