@@ -30,7 +30,8 @@ def main(argv=None):
     p.add_argument("--style-disc-lr", type=float, default=1e-4)
     p.add_argument("--moves", choices=["both", "reference", "latent"], default="both")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--synthetic-dir", default="data/synthetic-md800")
+    p.add_argument("--synthetic-dir", default="data/synthetic-val640")
+    p.add_argument("--num-val", type=int, default=640, help="held-out images of the synthetic set (160 a domain)")
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
 
@@ -47,7 +48,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     cfg = MultiDomainConfig(num_domains=4, style_dim=16, dim=16, max_dim=64, n_down=2, n_bottleneck=1,
                             encoder_down=3, flow_hidden=(32, 32), style_disc_hidden=(64,))  # the CPU config's
-    data = DomainDataConfig(synthetic_dir=args.synthetic_dir, synthetic=SyntheticConfig(num_val=800), image_size=32)
+    data = DomainDataConfig(synthetic_dir=args.synthetic_dir, synthetic=SyntheticConfig(num_val=args.num_val),
+                            image_size=32)
     train, val = list_domain_split(data, "train"), list_domain_split(data, "val")
     nets = build_multidomain(cfg)
     e, flow, d_s = nets["style_encoder"], nets["flow"], nets["style_discriminator"]
@@ -63,7 +65,7 @@ def main(argv=None):
     opt_e = torch.optim.Adam(e.heads.parameters(), lr=args.encoder_lr, betas=betas, weight_decay=1e-4)
     opt_f = torch.optim.Adam(flow.parameters(), lr=args.flow_lr, betas=betas, weight_decay=1e-4)
     opt_ds = torch.optim.Adam(d_s.parameters(), lr=args.style_disc_lr, betas=betas, weight_decay=1e-4)
-    rng, probe_noise = np.random.default_rng(args.seed), torch.Generator().manual_seed(1)
+    rng, probe_noise = np.random.default_rng(args.seed), torch.Generator().manual_seed(99)
     history, started = [], time.perf_counter()
     for step in range(args.steps + 1):
         if step % args.every == 0:
