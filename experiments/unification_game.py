@@ -29,6 +29,7 @@ def main(argv=None):
     p.add_argument("--flow-lr", type=float, default=1e-6, help="the model's default (StarGAN v2's mapping lr)")
     p.add_argument("--style-disc-lr", type=float, default=1e-4)
     p.add_argument("--moves", choices=["both", "reference", "latent"], default="both")
+    p.add_argument("--config", default="configs/multidomain_synthetic.yaml", help="its train.model is used")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--synthetic-dir", default="data/synthetic-val640")
     p.add_argument("--num-val", type=int, default=640, help="held-out images of the synthetic set (160 a domain)")
@@ -43,11 +44,12 @@ def main(argv=None):
     from step_ray.data.synthetic import SyntheticConfig
     from step_ray.eval.multidomain_eval import unification_accuracy
     from step_ray.losses.multidomain import unification_d_loss, unification_g_loss
-    from step_ray.models.multidomain import MultiDomainConfig, build_multidomain
+    from step_ray.config import load_config
+    from step_ray.models.multidomain import build_multidomain
+    from step_ray.pipelines.train_multidomain import MultiDomainJobConfig
 
     torch.manual_seed(args.seed)
-    cfg = MultiDomainConfig(num_domains=4, style_dim=16, dim=16, max_dim=64, n_down=2, n_bottleneck=1,
-                            encoder_down=3, flow_hidden=(32, 32), style_disc_hidden=(64,))  # the CPU config's
+    cfg = load_config(MultiDomainJobConfig, args.config, []).train.model
     data = DomainDataConfig(synthetic_dir=args.synthetic_dir, synthetic=SyntheticConfig(num_val=args.num_val),
                             image_size=32)
     train, val = list_domain_split(data, "train"), list_domain_split(data, "val")

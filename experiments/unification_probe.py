@@ -4,13 +4,14 @@ probed every --every steps on held-out images.
     python experiments/unification_probe.py --steps 500 --every 100 [train key=value ...] \
         --json experiments/results/unification_probe.json
 
-The CPU config of `configs/multidomain_synthetic.yaml` (4 style families of the synthetic set at 32 px,
-style_dim 16, batch 8), the model's own step (`multidomain_step`: StarGAN v2's four updates with L_uni and
-L_smooth), batches drawn as the recipe draws them (random target domains, two references of each). At each
+The train section of --config, by default the CPU config `configs/multidomain_synthetic.yaml` (4 style
+families of the synthetic set at 32 px, style_dim 16, batch 8), the model's own step (`multidomain_step`:
+StarGAN v2's four updates with L_uni and L_smooth), each step on random training images with random target
+domains and two references of each (drawn per step, not per epoch as the recipe does). At each
 probe, on the 640 held-out images: the held-out classifier's accuracy (`unification_accuracy`, 0.5 is one
 space), D_s's own accuracy on the current codes (below 0.5: it calls reference styles latent and latent
 ones reference, i.e. it lags behind what it plays against), the mean norm and per-dimension spread of each
-kind of style, and the distance between their means. Overrides are `MultiDomainTraining` keys
+kind of style, and the distance between their means. Overrides are keys of that train section
 (`flow_lr=1e-4`, `style_disc_lr=1e-3`, `weights.uni=0`, `uni_moves=reference`, ...).
 """
 from __future__ import annotations
@@ -20,15 +21,11 @@ import json
 import time
 from pathlib import Path
 
-CPU_MODEL = ["model.num_domains=4", "model.style_dim=16", "model.dim=16", "model.max_dim=64", "model.n_down=2",
-             "model.n_bottleneck=1", "model.encoder_down=3", "model.flow_hidden=[32,32]",
-             "model.style_disc_hidden=[64]", "batch_size=8"]  # configs/multidomain_synthetic.yaml's train section
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--every", type=int, default=100)
+    p.add_argument("--config", default="configs/multidomain_synthetic.yaml", help="its train section is used")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--synthetic-dir", default="data/synthetic-val640")
     p.add_argument("--json", default="")
@@ -43,10 +40,12 @@ def main(argv=None):
     from step_ray.data.synthetic import SyntheticConfig
     from step_ray.eval.multidomain_eval import unification_accuracy
     from step_ray.models.multidomain import build_multidomain
-    from step_ray.recipes.multidomain import MultiDomainTraining, make_optimizers, multidomain_step
+    from step_ray.pipelines.train_multidomain import MultiDomainJobConfig
+    from step_ray.recipes.multidomain import make_optimizers, multidomain_step
 
     torch.set_num_threads(1)
-    cfg = load_config(MultiDomainTraining, None, [*CPU_MODEL, f"seed={args.seed}", *overrides])
+    overrides = [f"train.{o}" for o in [f"seed={args.seed}", *overrides]]
+    cfg = load_config(MultiDomainJobConfig, args.config, overrides).train
     torch.manual_seed(args.seed)
     data = DomainDataConfig(synthetic_dir=args.synthetic_dir, synthetic=SyntheticConfig(num_val=640), image_size=32)
     train, val = list_domain_split(data, "train"), list_domain_split(data, "val")

@@ -167,7 +167,9 @@ def protocol_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
         for key in ("fid", "kid"):
             if all(key in r for r in mine):
                 out[f"{key}_{mode}"] = float(np.mean([r[key] for r in mine]))
-                out[f"{key}_floor"] = float(np.mean([r[f"{key}_floor"] for r in mine]))
+    for key in ("fid", "kid"):  # one floor a domain: the latent rows carry it as the reference rows do
+        if rows and all(f"{key}_floor" in r for r in rows):
+            out[f"{key}_floor"] = float(np.mean([r[f"{key}_floor"] for r in rows if r["mode"] == "latent"]))
     return out
 
 
