@@ -21,6 +21,7 @@ from step_ray.losses.multidomain import (
     style_reconstruction_loss,
     unification_d_loss,
     unification_g_loss,
+    unification_likelihood_loss,
 )
 
 
@@ -71,6 +72,13 @@ def test_unification_losses():
     assert both.item() == pytest.approx(2 * LOG2) and both_logs["uni_ref"] == pytest.approx(LOG2)
     with pytest.raises(ValueError):
         unification_g_loss(None)
+
+    # the likelihood form: nats per dimension of the codes under the flow; N(0, I) at s = 0 gives ½ log 2π
+    dim = 8
+    nll, nll_logs = unification_likelihood_loss(torch.full((5,), -dim / 2 * math.log(2 * math.pi)), dim)
+    assert nll.item() == pytest.approx(0.5 * math.log(2 * math.pi)) and set(nll_logs) == {"uni"}
+    with pytest.raises(ValueError):
+        unification_likelihood_loss(torch.zeros(5, dim), dim)
 
 
 # ----------------------------------------------------------------------------------------------- R1

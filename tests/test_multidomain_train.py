@@ -34,9 +34,11 @@ def _batch(seed=0):
             torch.rand(4, 3, 32, 32, generator=g) * 2 - 1, torch.tensor([1, 2, 0, 0]))
 
 
-@pytest.mark.parametrize("uni, smooth", [(1.0, 1.0), (0.0, 0.0)])
-def test_step_computes_the_switched_terms(uni, smooth):
-    cfg = dataclasses.replace(TINY, weights=MultiDomainLossWeights(uni=uni, smooth=smooth))
+@pytest.mark.parametrize("uni, smooth, form", [(1.0, 1.0, "adversarial"), (0.0, 0.0, "adversarial"),
+                                               (1.0, 0.0, "likelihood")])
+def test_step_computes_the_switched_terms(uni, smooth, form):
+    cfg = dataclasses.replace(TINY, weights=MultiDomainLossWeights(uni=uni, smooth=smooth), uni_form=form)
+    adversarial = bool(uni) and form == "adversarial"
     torch.manual_seed(0)
     nets = build_multidomain(cfg.model)
     before = {k: [p.detach().clone() for p in m.parameters()] for k, m in nets.items()}
@@ -44,11 +46,11 @@ def test_step_computes_the_switched_terms(uni, smooth):
     latent = {k[: -len("_latent")] for k in logs if k.endswith("_latent")}
     assert {"adv", "sty", "ds", "cyc"} <= latent
     assert ("uni" in latent) == bool(uni) and ("smooth" in latent) == bool(smooth)
-    assert ("uni_d" in logs) == bool(uni) and "r1" in {k[2:] for k in logs if k.startswith("d_")}
+    assert ("uni_d" in logs) == adversarial and "r1" in {k[2:] for k in logs if k.startswith("d_")}
     assert not any(k.startswith(("uni", "smooth")) for k in logs if k.endswith("_ref"))  # latent pass only
     changed = {k: any(not torch.equal(p, q) for p, q in zip(m.parameters(), before[k])) for k, m in nets.items()}
     assert changed["generator"] and changed["style_encoder"] and changed["discriminator"] and changed["flow"]
-    assert changed["style_discriminator"] == bool(uni)  # D_s is trained only when L_uni is on
+    assert changed["style_discriminator"] == adversarial  # D_s is trained only by the adversarial L_uni
     assert all(v == v for v in logs.values())
 
 
@@ -64,6 +66,25 @@ def test_a_few_steps_lower_the_reconstruction_terms():
         last = multidomain_step(cfg, nets, opts, *batch, step=step)
     assert last["cyc_latent"] < 0.8 * first["cyc_latent"]
     assert last["sty_latent"] < first["sty_latent"]
+
+
+def test_the_likelihood_form_fits_the_flow_to_the_reference_styles():
+    """uni_form=likelihood with every other term off: the flow's density of E's (fixed) reference styles
+    rises, and E does not move towards the flow (its codes are detached). A faint λ_ds keeps a term in the
+    reference pass; it reaches G and the flow only."""
+    weights = MultiDomainLossWeights(adv=0.0, sty=0.0, cyc=0.0, ds=1e-3, smooth=0.0, r1=0.0, uni=1.0)
+    cfg = dataclasses.replace(TINY, weights=weights, uni_form="likelihood", flow_lr=1e-2,
+                              optim=dataclasses.replace(TINY.optim, weight_decay=0.0))
+    torch.manual_seed(0)
+    nets = build_multidomain(cfg.model)
+    opts = make_optimizers(cfg, nets)
+    encoder = [p.detach().clone() for p in nets["style_encoder"].parameters()]
+    batch = _batch()
+    first = multidomain_step(cfg, nets, opts, *batch, step=0)["uni_latent"]
+    for step in range(1, 40):
+        last = multidomain_step(cfg, nets, opts, *batch, step=step)["uni_latent"]
+    assert last < first - 0.5, (first, last)  # nats per style dimension
+    assert all(torch.equal(p, q) for p, q in zip(nets["style_encoder"].parameters(), encoder))
 
 
 def test_a_nan_loss_skips_the_update_or_flags_a_rollback():

@@ -9,6 +9,7 @@ not know the network classes. Notation, per target domain u (the caller selects 
   cycle                mean |G(x_fake, E^{y}(x)) − x|                             (λ_cyc = 1)
   diversity-sensitive  mean |G(x, s1) − G(x, s2)|, subtracted                    (λ_ds = 1 → 0 linearly)
   unification          style discriminator D_s^u on reference vs latent styles   (λ_uni = 1)
+                       or, in its likelihood form, −log p_flow(E^u(x_ref) | u) / style_dim
   smoothness           max(α + ‖E(x) − E(aug(x))‖ − ‖E(x) − E(x_n)‖, 0),
                        x_n the in-batch nearest other image in style space        (λ_smooth = 1)
 Full generator objective: L_adv + λ_sty L_sty + λ_cyc L_cyc − λ_ds L_ds + λ_uni L_uni + λ_smooth L_smooth
@@ -124,6 +125,17 @@ def unification_g_loss(latent_logits: torch.Tensor | None, ref_logits: torch.Ten
     if len(parts) > 1:
         logs.update({k: float(v.detach()) for k, v in parts.items()})
     return loss, logs
+
+
+def unification_likelihood_loss(log_prob: torch.Tensor, style_dim: int) -> Term:
+    """The non-adversarial form of L_uni: the flow fitted to the reference styles by maximum likelihood,
+    −mean log p_flow(s_reference | u) / style_dim (nats per dimension). A flow is a density model, so its
+    samples follow what it is fitted to; the caller detaches the reference styles (only the flow moves: E
+    maximising its codes' density under the flow would shrink them). Logs "uni"."""
+    if log_prob.ndim != 1:
+        raise ValueError(f"unification_likelihood_loss expects per-code log-densities [N], got {tuple(log_prob.shape)}")
+    loss = -log_prob.float().mean() / style_dim
+    return loss, {"uni": float(loss.detach())}
 
 
 # --------------------------------------------------------------------------------------------- smoothness

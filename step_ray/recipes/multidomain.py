@@ -5,9 +5,10 @@ A conditional neural spline flow f(z; θ_u) (zuko; θ_u = MLP(u)) maps Gaussian 
 space, a style encoder with per-domain heads gives reference styles, G(x, s) injects a style by AdaIN.
 
     L_D   = L_adv(D) + λ_r1 R1
-    L_Ds  = BCE(D_s(E(x_ref)) → real, D_s(f(z)) → fake)                                (when λ_uni > 0)
+    L_Ds  = BCE(D_s(E(x_ref)) → real, D_s(f(z)) → fake)                   (λ_uni > 0, uni_form adversarial)
     L_G   = L_adv + λ_sty |s − E(G(x, s))| + λ_cyc |x − G(G(x, s), E(x))| − λ_ds(t) |G(x, s1) − G(x, s2)|
-            + λ_uni BCE(D_s(f(z)) → real) + λ_smooth max(α + ‖E(x) − E(aug x)‖ − ‖E(x) − E(x_n)‖, 0)
+            + λ_uni BCE(D_s(f(z)) → real)   [uni_form likelihood: λ_uni · −log p_f(E(x_ref)) / style_dim]
+            + λ_smooth max(α + ‖E(x) − E(aug x)‖ − ‖E(x) − E(x_n)‖, 0)
 
 Each step does StarGAN v2's four updates: D with latent and with reference styles, then G (+ flow + E)
 with latent styles, then G alone with reference styles; D_s is updated with the D steps. λ_ds decays
@@ -33,7 +34,7 @@ from step_ray.losses.multidomain import (MultiDomainLossWeights, adversarial_d_l
                                          augment_for_smoothness, cycle_loss, diversity_sensitive_loss,
                                          generator_objective, r1_penalty,
                                          smoothness_triplet_loss, style_reconstruction_loss, unification_d_loss,
-                                         unification_g_loss)
+                                         unification_g_loss, unification_likelihood_loss)
 from step_ray.models.multidomain import MultiDomainConfig, build_multidomain
 
 
@@ -51,6 +52,10 @@ class MultiDomainTraining(LoopConfig):
     # which styles L_uni moves towards the other side: "both" (the flow's and E's), "reference" (E's only,
     # the seed's "CNN codes close to the MLP's"), "latent" (the flow's only)
     uni_moves: Literal["both", "reference", "latent"] = "both"
+    # how L_uni matches the two kinds of style: "adversarial" (the seed's: D_s against the flow and E) or
+    # "likelihood" (the flow fitted to E's detached reference styles by maximum likelihood; no D_s). The
+    # seed's game barely moves the held-out classifier at CPU budgets (experiments/README.md)
+    uni_form: Literal["adversarial", "likelihood"] = "adversarial"
     val_images: int = 64
     # StarGAN v2 flips its inputs; off by default here so earlier runs' numbers stand (true: x_real flipped)
     flip: bool = False
@@ -67,6 +72,8 @@ class MultiDomainTraining(LoopConfig):
             raise ValueError("style_disc_lr must be > 0 (or null: optim.lr)")
         if self.uni_moves not in ("both", "reference", "latent"):
             raise ValueError(f"uni_moves must be both, reference or latent, got {self.uni_moves!r}")
+        if self.uni_form not in ("adversarial", "likelihood"):
+            raise ValueError(f"uni_form must be adversarial or likelihood, got {self.uni_form!r}")
 
 
 def make_optimizers(cfg: MultiDomainTraining, nets: dict) -> dict[str, torch.optim.Optimizer]:
@@ -112,7 +119,10 @@ def _g_terms(cfg, nets, step, x_real, y_org, y_trg, s_trg, s_trg2, latent: bool,
         terms["ds"] = diversity_sensitive_loss(x_fake, g(x_real, s_trg2).detach())
     if w.cyc:
         terms["cyc"] = cycle_loss(g(x_fake, e(x_real, y_org)), x_real)
-    if latent and w.uni and x_ref is not None:
+    if latent and w.uni and x_ref is not None and cfg.uni_form == "likelihood":
+        terms["uni"] = unification_likelihood_loss(nets["flow"].log_prob(e(x_ref, y_trg).detach(), y_trg),
+                                                   cfg.model.style_dim)
+    elif latent and w.uni and x_ref is not None:
         # both sides move: the flow's styles towards "reference", E's reference styles towards "latent"
         # (the seed pulls E's codes to the flow's; docs/method.md asks only that the two be indistinguishable)
         ds_net = nets["style_discriminator"]
@@ -145,7 +155,7 @@ def multidomain_step(cfg: MultiDomainTraining, nets: dict, opts: dict, x_real: t
     loss_ref, _ = _d_step(cfg, nets, x_real, y_org, y_trg, s_ref)
     loss_d = loss_lat + loss_ref
     logs.update({f"d_{k}": v for k, v in logs_lat.items()})
-    if w.uni:
+    if w.uni and cfg.uni_form == "adversarial":
         uni_d, part = unification_d_loss(nets["style_discriminator"](s_ref, y_trg),
                                          nets["style_discriminator"](s_lat, y_trg))
         loss_d, logs = loss_d + uni_d, {**logs, **part}
