@@ -29,7 +29,7 @@ def spectrum(codes):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/multidomain_synthetic.yaml", help="its train.model, without --checkpoint")
+    p.add_argument("--config", default="configs/multidomain_synthetic.yaml", help="its model (without --checkpoint)")
     p.add_argument("--checkpoint", default="", help="a trained multi-domain checkpoint (default: the seeded init)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--synthetic-dir", default="data/synthetic-val640")

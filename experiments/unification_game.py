@@ -2,6 +2,7 @@
 
     python experiments/unification_game.py --steps 1500 --style-disc-lr 1e-3 --flow-lr 1e-4 \
         --json experiments/results/unification_game.json
+    python experiments/unification_game.py --form likelihood --flow-lr 1e-3 --steps 3000 --batch 64
 
 The multi-domain model's L_uni (docs/method.md §7) with everything else taken away: E's per-domain heads on
 the trunk features of the synthetic set's images (the trunk frozen at its seeded init, computed once), the
@@ -10,7 +11,11 @@ decay 1e-4), batches of --batch codes with their domains. Each step: D_s on deta
 fooling loss for the sides that move (--moves). Every --every steps, on held-out images: the held-out
 classifier's accuracy (the evaluation's `unification_accuracy`: 0.5 is one space), D_s's own accuracy,
 and the per-dimension spread of each kind of style. What this isolates: whether the game converges at
-the model's learning rates and batch, with no other loss pulling E or the flow.
+the model's learning rates and batch, with no other loss pulling E or the flow. `--form likelihood` is the
+non-adversarial form (the model's `train.uni_form=likelihood`): each step moves the flow's affine layer to
+the running mean and covariance of the reference styles and its splines by gradient on their likelihood;
+E and D_s do not move. Trailing key=value arguments override the
+config (e.g. train.model.flow_hidden=[128,128]).
 """
 from __future__ import annotations
 
@@ -33,7 +38,10 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--synthetic-dir", default="data/synthetic-val640")
     p.add_argument("--num-val", type=int, default=640, help="held-out images of the synthetic set (160 a domain)")
+    p.add_argument("--form", choices=["adversarial", "likelihood"], default="adversarial")
+    p.add_argument("--momentum", type=float, default=0.01, help="the likelihood form's style_moments_momentum")
     p.add_argument("--json", default="")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the config")
     args = p.parse_args(argv)
 
     import numpy as np
@@ -43,13 +51,15 @@ def main(argv=None):
     from step_ray.data.store import domain_store
     from step_ray.data.synthetic import SyntheticConfig
     from step_ray.eval.multidomain_eval import unification_accuracy
-    from step_ray.losses.multidomain import unification_d_loss, unification_g_loss
+    from step_ray.losses.multidomain import (unification_d_loss, unification_g_loss,
+                                             unification_likelihood_loss)
     from step_ray.config import load_config
     from step_ray.models.multidomain import build_multidomain
     from step_ray.pipelines.train_multidomain import MultiDomainJobConfig
+    from step_ray.recipes.multidomain import fit_style_moments
 
     torch.manual_seed(args.seed)
-    cfg = load_config(MultiDomainJobConfig, args.config, []).train.model
+    cfg = load_config(MultiDomainJobConfig, args.config, args.overrides).train.model
     data = DomainDataConfig(synthetic_dir=args.synthetic_dir, synthetic=SyntheticConfig(num_val=args.num_val),
                             image_size=32)
     train, val = list_domain_split(data, "train"), list_domain_split(data, "val")
@@ -84,6 +94,13 @@ def main(argv=None):
         y, z = y_train[rows], torch.randn(args.batch, cfg.style_dim)
         with torch.no_grad():
             s_ref, s_lat = reference(h_train[rows], y), flow(z, y)
+        if args.form == "likelihood":
+            fit_style_moments(flow, s_ref, y, cfg.num_domains, args.momentum)
+            loss, _ = unification_likelihood_loss(flow.log_prob(s_ref, y), cfg.style_dim)
+            opt_f.zero_grad()
+            loss.backward()
+            opt_f.step()
+            continue
         loss_d, _ = unification_d_loss(d_s(s_ref, y), d_s(s_lat, y))
         opt_ds.zero_grad()
         loss_d.backward()

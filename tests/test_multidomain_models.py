@@ -63,6 +63,43 @@ def test_flow_is_invertible_domain_conditioned_and_trainable(passes):
     assert torch.allclose(s1, flow(torch.randn(4, TINY.style_dim, generator=torch.Generator().manual_seed(3)), Y))
 
 
+def test_flow_affine_layer_takes_the_moments_it_is_fitted_to():
+    """fit_moments: a domain's running mean and covariance become the flow's affine layer, so its samples
+    have them; invertibility and the change of variables hold through the layer; unseen domains keep the
+    identity; non-finite sums are ignored."""
+    torch.manual_seed(0)
+    flow = StyleFlow(TINY)
+    d = TINY.style_dim
+    g = torch.Generator().manual_seed(5)
+    factor = torch.randn(d, 2, generator=g)
+    cov = factor @ factor.T + 0.01 * torch.eye(d)  # variance in two directions, as E's codes have it
+    mean = torch.randn(d, generator=g)
+    codes = mean + torch.randn(4000, d, generator=g) @ torch.linalg.cholesky(cov).T
+    for chunk in codes.split(500):  # domain 1 only, in batches
+        count, total = torch.tensor([0.0, len(chunk), 0.0]), torch.zeros(3, d)
+        outer = torch.zeros(3, d, d)
+        total[1], outer[1] = chunk.sum(0), chunk.T @ chunk
+        flow.fit_moments(count, total, outer, momentum=0.01)
+    assert torch.allclose(flow.style_mean[1], codes.mean(0), atol=1e-4)
+    assert torch.allclose(flow.style_scale[1] @ flow.style_scale[1].T, torch.cov(codes.T, correction=0), atol=1e-3)
+    assert torch.equal(flow.style_scale[0], torch.eye(d)) and torch.equal(flow.style_mean[2], torch.zeros(d))
+    with torch.no_grad():  # samples carry the covariance's shape (the splines at init only bend it)
+        s = flow.sample(torch.ones(4000, dtype=torch.long), generator=torch.Generator().manual_seed(6))
+    top = torch.linalg.eigvalsh(torch.cov(s.T)).flip(0)
+    assert top[:2].sum() / top.sum() > 0.9
+    z = _noise(6)
+    y = torch.tensor([0, 1, 2, 1, 1, 0])
+    assert torch.allclose(flow.inverse(flow(z, y), y), z, atol=1e-4)
+    # log p(s) = log N(z) + log|det dz/ds|, the Jacobian taken numerically through the whole flow
+    s0, y0 = flow(z[1:2], y[1:2]).squeeze(0), y[1:2]
+    jac = torch.autograd.functional.jacobian(lambda v: flow.inverse(v.unsqueeze(0), y0).squeeze(0), s0)
+    expected = torch.distributions.Normal(0.0, 1.0).log_prob(z[1]).sum() + torch.linalg.slogdet(jac)[1]
+    assert flow.log_prob(s0.unsqueeze(0), y0).item() == pytest.approx(expected.item(), abs=1e-3)
+    before = flow.style_scale.clone()
+    flow.fit_moments(torch.tensor([1.0, 0.0, 0.0]), torch.full((3, d), float("nan")), torch.zeros(3, d, d), 0.01)
+    assert torch.equal(flow.style_scale, before)
+
+
 def test_shapes_per_domain_and_head_selection():
     torch.manual_seed(0)
     nets = build_multidomain(TINY)

@@ -56,6 +56,14 @@ def average_gradients(*modules: torch.nn.Module) -> None:
         p.grad = g.view_as(p).clone() if p.grad is None else p.grad.copy_(g.view_as(p))
 
 
+def sum_over_ranks(*tensors: torch.Tensor) -> None:
+    """Each tensor summed over ranks, in place (running statistics every rank must keep equal)."""
+    if _world() == 1:
+        return
+    for tensor in tensors:
+        dist.all_reduce(tensor)
+
+
 def broadcast_object(value: Any) -> Any:
     """Rank 0's value on every rank (e.g. a stop decision: all ranks must leave the loop together)."""
     if _world() == 1:

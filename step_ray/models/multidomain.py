@@ -337,6 +337,15 @@ class StyleFlow(nn.Module):
     zuko's splines act on [-5, 5] (identity outside): fine for z ~ N(0, I) in the sampling direction; style
     codes from the encoder that leave that box pass through `inverse` / `log_prob` partly untransformed.
     Under DDP only `forward` goes through the wrapper's hooks; `sample`, `inverse` and `log_prob` bypass them.
+
+    On the style side the splines' output h is mapped by a per-domain affine layer, s = mean_u + scale_u h
+    (scale_u lower-triangular). Its values are not trained by gradient: `fit_moments` sets them to the
+    maximum-likelihood estimate for the styles the flow is fitted to (their running mean and the Cholesky
+    factor of their covariance), so the splines model only what is left after whitening. They start at the
+    identity (mean 0, scale I), where the flow is the plain NSF, and stay there unless `fit_moments` is
+    called (the likelihood form of L_uni calls it). Why: E's reference styles put their variance in one or
+    two of the style dimensions, and neither an adversarial game nor an Adam-trained affine layer reached that
+    covariance in thousands of steps (experiments/README.md, "Why L_uni does not merge...").
     """
 
     def __init__(self, cfg: MultiDomainConfig = MultiDomainConfig()):
@@ -344,6 +353,11 @@ class StyleFlow(nn.Module):
         self.cfg = cfg
         self.flow = zuko.flows.NSF(features=cfg.style_dim, context=cfg.num_domains, transforms=cfg.flow_transforms,
                                    bins=cfg.flow_bins, hidden_features=cfg.flow_hidden, passes=cfg.flow_passes)
+        eye = torch.eye(cfg.style_dim).expand(cfg.num_domains, -1, -1)
+        self.register_buffer("style_mean", torch.zeros(cfg.num_domains, cfg.style_dim))
+        self.register_buffer("style_second_moment", eye.clone())  # running E[s sᵀ] per domain
+        self.register_buffer("style_scale", eye.clone())  # Cholesky factor of the running covariance
+        self.register_buffer("style_count", torch.zeros(cfg.num_domains))  # styles seen per domain
 
     def _context(self, y: torch.Tensor, n: int, like: torch.Tensor) -> torch.Tensor:
         _check_domains(y, n, self.cfg.num_domains)
@@ -352,7 +366,14 @@ class StyleFlow(nn.Module):
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """z [N, style_dim] (Gaussian noise), y [N] domain ids -> latent style codes s [N, style_dim]."""
         _check_style(z, z.shape[0], self.cfg.style_dim, "StyleFlow")
-        return self.flow(self._context(y, z.shape[0], z)).transform.inv(z)
+        h = self.flow(self._context(y, z.shape[0], z)).transform.inv(z)
+        y = y.long().to(h.device)
+        return self.style_mean[y] + (self.style_scale[y] @ h.unsqueeze(-1)).squeeze(-1)
+
+    def _whiten(self, s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        y = y.long().to(s.device)
+        return torch.linalg.solve_triangular(self.style_scale[y], (s - self.style_mean[y]).unsqueeze(-1),
+                                             upper=False).squeeze(-1)
 
     def sample(self, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draws z ~ N(0, I) (from `generator` if given: it must live on the flow's device) and returns
@@ -364,12 +385,38 @@ class StyleFlow(nn.Module):
     def inverse(self, s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Style codes s [N, style_dim] of domains y -> the noise z that forward(z, y) maps to s."""
         _check_style(s, s.shape[0], self.cfg.style_dim, "StyleFlow.inverse")
-        return self.flow(self._context(y, s.shape[0], s)).transform(s)
+        return self.flow(self._context(y, s.shape[0], s)).transform(self._whiten(s, y))
 
     def log_prob(self, s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """log p(s | u = y) [N] under the flow."""
         _check_style(s, s.shape[0], self.cfg.style_dim, "StyleFlow.log_prob")
-        return self.flow(self._context(y, s.shape[0], s)).log_prob(s)
+        log_det = torch.diagonal(self.style_scale[y.long().to(s.device)], dim1=-2, dim2=-1).log().sum(-1)
+        return self.flow(self._context(y, s.shape[0], s)).log_prob(self._whiten(s, y)) - log_det
+
+    @torch.no_grad()
+    def fit_moments(self, count: torch.Tensor, total: torch.Tensor, outer: torch.Tensor, momentum: float) -> None:
+        """Moves the affine layer towards styles of which `count` [U] per domain were seen, with sums `total`
+        [U, D] and sums of outer products `outer` [U, D, D] (summed over ranks by the caller, so every rank
+        stays equal). A domain's running moments are the exact mean of everything seen until 1/momentum
+        styles, then an exponential average with weight `momentum`; scale is the Cholesky factor of the
+        covariance plus 1e-4 of its mean variance (a few styles give a singular one)."""
+        seen = count > 0
+        if not bool(seen.any()) or not (torch.isfinite(total).all() and torch.isfinite(outer).all()):
+            return
+        weight = torch.maximum(torch.full_like(count, momentum), count / (self.style_count + count).clamp_min(1))
+        weight = torch.where(seen, weight, torch.zeros_like(weight))
+        n = count.clamp_min(1)
+        self.style_mean.lerp_(total / n[:, None], weight[:, None])
+        self.style_second_moment.lerp_(outer / n[:, None, None], weight[:, None, None])
+        self.style_count += count
+        mean = self.style_mean
+        cov = self.style_second_moment - mean[:, :, None] * mean[:, None, :]
+        cov = 0.5 * (cov + cov.transpose(1, 2))
+        eye = torch.eye(cov.shape[-1], device=cov.device, dtype=cov.dtype)
+        ridge = 1e-4 * torch.diagonal(cov, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-8)
+        scale, info = torch.linalg.cholesky_ex(cov + ridge[:, None, None] * eye)
+        update = seen & (info == 0)
+        self.style_scale[update] = scale[update]
 
 
 def build_multidomain(cfg: MultiDomainConfig = MultiDomainConfig()) -> dict[str, nn.Module]:

@@ -7,7 +7,8 @@ space, a style encoder with per-domain heads gives reference styles, G(x, s) inj
     L_D   = L_adv(D) + λ_r1 R1
     L_Ds  = BCE(D_s(E(x_ref)) → real, D_s(f(z)) → fake)                   (λ_uni > 0, uni_form adversarial)
     L_G   = L_adv + λ_sty |s − E(G(x, s))| + λ_cyc |x − G(G(x, s), E(x))| − λ_ds(t) |G(x, s1) − G(x, s2)|
-            + λ_uni BCE(D_s(f(z)) → real)   [uni_form likelihood: λ_uni · −log p_f(E(x_ref)) / style_dim]
+            + λ_uni BCE(D_s(f(z)) → real)   [uni_form likelihood: λ_uni · −log p_f(E(x_ref)) / style_dim, and
+                                             f's affine layer set to E(x_ref)'s running mean and covariance]
             + λ_smooth max(α + ‖E(x) − E(aug x)‖ − ‖E(x) − E(x_n)‖, 0)
 
 Each step does StarGAN v2's four updates: D with latent and with reference styles, then G (+ flow + E)
@@ -25,7 +26,7 @@ import torch
 
 from step_ray.data.domains import DomainDataConfig, DomainImages
 from step_ray.data.store import domain_store
-from step_ray.engine.distributed import broadcast_parameters, no_parameter_grads, random_flip
+from step_ray.engine.distributed import broadcast_parameters, no_parameter_grads, random_flip, sum_over_ranks
 from step_ray.engine.guard import NonFiniteGuard, guarded_update
 from step_ray.engine.loop import Recipe, Worker, epoch_batches
 from step_ray.engine.settings import LoopConfig, OptimConfig
@@ -56,6 +57,9 @@ class MultiDomainTraining(LoopConfig):
     # "likelihood" (the flow fitted to E's detached reference styles by maximum likelihood; no D_s). The
     # seed's game barely moves the held-out classifier at CPU budgets (experiments/README.md)
     uni_form: Literal["adversarial", "likelihood"] = "adversarial"
+    # the likelihood form: weight of a batch in the flow's running style moments once 1/momentum styles of a
+    # domain were seen (before that, their exact mean)
+    style_moments_momentum: float = 0.01
     val_images: int = 64
     # StarGAN v2 flips its inputs; off by default here so earlier runs' numbers stand (true: x_real flipped)
     flip: bool = False
@@ -74,6 +78,8 @@ class MultiDomainTraining(LoopConfig):
             raise ValueError(f"uni_moves must be both, reference or latent, got {self.uni_moves!r}")
         if self.uni_form not in ("adversarial", "likelihood"):
             raise ValueError(f"uni_form must be adversarial or likelihood, got {self.uni_form!r}")
+        if not 0 < self.style_moments_momentum <= 1:
+            raise ValueError(f"style_moments_momentum must be in (0, 1], got {self.style_moments_momentum}")
 
 
 def make_optimizers(cfg: MultiDomainTraining, nets: dict) -> dict[str, torch.optim.Optimizer]:
@@ -136,6 +142,17 @@ def _g_terms(cfg, nets, step, x_real, y_org, y_trg, s_trg, s_trg2, latent: bool,
     return generator_objective(w, step, terms)
 
 
+@torch.no_grad()
+def fit_style_moments(flow, styles: torch.Tensor, domains: torch.Tensor, num_domains: int, momentum: float) -> None:
+    """The likelihood form of L_uni, closed-form part: the flow's affine layer moves to the running mean and
+    covariance of the reference styles of every rank's batch (`StyleFlow.fit_moments`)."""
+    one_hot = torch.nn.functional.one_hot(domains.long(), num_domains).to(styles.dtype)
+    count, total = one_hot.sum(0), one_hot.T @ styles
+    outer = torch.einsum("nu,nd,ne->ude", one_hot, styles, styles)
+    sum_over_ranks(count, total, outer)
+    flow.fit_moments(count, total, outer, momentum)
+
+
 def multidomain_step(cfg: MultiDomainTraining, nets: dict, opts: dict, x_real: torch.Tensor, y_org: torch.Tensor,
                      x_ref: torch.Tensor, x_ref2: torch.Tensor, y_trg: torch.Tensor, step: int,
                      guard: NonFiniteGuard | None = None, state: dict | None = None) -> dict[str, float] | None:
@@ -155,6 +172,8 @@ def multidomain_step(cfg: MultiDomainTraining, nets: dict, opts: dict, x_real: t
     loss_ref, _ = _d_step(cfg, nets, x_real, y_org, y_trg, s_ref)
     loss_d = loss_lat + loss_ref
     logs.update({f"d_{k}": v for k, v in logs_lat.items()})
+    if w.uni and cfg.uni_form == "likelihood":
+        fit_style_moments(f, s_ref, y_trg, cfg.model.num_domains, cfg.style_moments_momentum)
     if w.uni and cfg.uni_form == "adversarial":
         uni_d, part = unification_d_loss(nets["style_discriminator"](s_ref, y_trg),
                                          nets["style_discriminator"](s_lat, y_trg))
