@@ -39,7 +39,8 @@ def main(argv=None):
     p.add_argument("--synthetic-dir", default="data/synthetic-val640")
     p.add_argument("--num-val", type=int, default=640, help="held-out images of the synthetic set (160 a domain)")
     p.add_argument("--form", choices=["adversarial", "likelihood"], default="adversarial")
-    p.add_argument("--momentum", type=float, default=0.01, help="the likelihood form's style_moments_momentum")
+    p.add_argument("--momentum", type=float, default=0.01,
+                   help="the likelihood form's style_moments_momentum; 0: the splines alone, no affine layer")
     p.add_argument("--json", default="")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the config")
     args = p.parse_args(argv)
@@ -95,7 +96,8 @@ def main(argv=None):
         with torch.no_grad():
             s_ref, s_lat = reference(h_train[rows], y), flow(z, y)
         if args.form == "likelihood":
-            fit_style_moments(flow, s_ref, y, cfg.num_domains, args.momentum)
+            if args.momentum > 0:
+                fit_style_moments(flow, s_ref, y, cfg.num_domains, args.momentum)
             loss, _ = unification_likelihood_loss(flow.log_prob(s_ref, y), cfg.style_dim)
             opt_f.zero_grad()
             loss.backward()

@@ -45,7 +45,8 @@ def test_step_computes_the_switched_terms(uni, smooth, form):
     logs = multidomain_step(cfg, nets, make_optimizers(cfg, nets), *_batch(), step=0)
     latent = {k[: -len("_latent")] for k in logs if k.endswith("_latent")}
     assert {"adv", "sty", "ds", "cyc"} <= latent
-    assert ("uni" in latent) == bool(uni) and ("smooth" in latent) == bool(smooth)
+    assert ("uni" in latent) == adversarial and ("uni_nll" in logs) == (bool(uni) and form == "likelihood")
+    assert ("smooth" in latent) == bool(smooth)
     assert ("uni_d" in logs) == adversarial and "r1" in {k[2:] for k in logs if k.startswith("d_")}
     assert not any(k.startswith(("uni", "smooth")) for k in logs if k.endswith("_ref"))  # latent pass only
     changed = {k: any(not torch.equal(p, q) for p, q in zip(m.parameters(), before[k])) for k, m in nets.items()}
@@ -73,25 +74,28 @@ def test_the_likelihood_form_fits_the_flow_to_the_reference_styles():
     rises, and E does not move towards the flow (its codes are detached). A faint λ_ds keeps a term in the
     reference pass; it reaches G and the flow only."""
     weights = MultiDomainLossWeights(adv=0.0, sty=0.0, cyc=0.0, ds=1e-3, smooth=0.0, r1=0.0, uni=1.0)
-    cfg = dataclasses.replace(TINY, weights=weights, uni_form="likelihood", flow_lr=1e-2,
+    cfg = dataclasses.replace(TINY, weights=weights, uni_form="likelihood", uni_flow_lr=1e-2,
                               optim=dataclasses.replace(TINY.optim, weight_decay=0.0))
     torch.manual_seed(0)
     nets = build_multidomain(cfg.model)
     opts = make_optimizers(cfg, nets)
     encoder = [p.detach().clone() for p in nets["style_encoder"].parameters()]
     batch = _batch()
-    first = multidomain_step(cfg, nets, opts, *batch, step=0)["uni_latent"]
+    first = multidomain_step(cfg, nets, opts, *batch, step=0)["uni_nll"]
     for step in range(1, 40):
-        last = multidomain_step(cfg, nets, opts, *batch, step=step)["uni_latent"]
+        last = multidomain_step(cfg, nets, opts, *batch, step=step)["uni_nll"]
     assert last < first - 0.2, (first, last)  # nats per style dimension
     assert all(torch.equal(p, q) for p, q in zip(nets["style_encoder"].parameters(), encoder))
-    # the affine layer holds the reference styles' moments: 40 steps of the same 4 references
+    # the affine layer holds the moments of the step's styles (the real images' and both references'),
+    # 40 steps of the same batch: 6, 3 and 3 styles of domains 0, 1, 2 a step
+    x_real, y_org, x_ref, x_ref2, y_trg = batch
     with torch.no_grad():
-        codes = nets["style_encoder"](batch[2], batch[4])
+        codes = torch.cat([nets["style_encoder"](x, y) for x, y in ((x_ref, y_trg), (x_ref2, y_trg), (x_real, y_org))])
+    domains = torch.cat([y_trg, y_trg, y_org])
     flow = nets["flow"]
-    assert flow.style_count.tolist() == [80.0, 40.0, 40.0]
+    assert flow.style_count.tolist() == [240.0, 120.0, 120.0]
     for dom in range(3):
-        assert torch.allclose(flow.style_mean[dom], codes[batch[4] == dom].mean(0), atol=1e-5)
+        assert torch.allclose(flow.style_mean[dom], codes[domains == dom].mean(0), atol=1e-5)
 
 
 def test_a_nan_loss_skips_the_update_or_flags_a_rollback():
@@ -141,7 +145,7 @@ def test_multidomain_job_trains_resumes_and_evaluates(ray_session, synthetic_roo
                  "train.model.dim=8", "train.model.max_dim=32", "train.model.n_bottleneck=1",
                  "train.model.encoder_down=3",
                  "train.model.flow_hidden=[16, 16]", "train.model.style_disc_hidden=[16]", "train.batch_size=8",
-                 "train.val_images=16", "eval_inputs=2", "eval_styles=2"]
+                 "train.val_images=16", "eval_inputs=2", "eval_styles=2", "train.uni_form=likelihood"]
     first = run_train_multidomain(load_config(MultiDomainJobConfig, None, [*overrides, "train.max_epochs=1",
                                                                              "train.max_steps=2", "evaluate=false",
                                                                              "train.nonfinite.inject_at_steps=[0]"]))
@@ -173,6 +177,19 @@ def test_multidomain_job_trains_resumes_and_evaluates(ray_session, synthetic_roo
         assert Path(out.outputs["eval"], f"{name}.png").stat().st_size > 300
     nets = load_multidomain(out.checkpoint)
     assert nets["flow"](torch.zeros(2, 8), torch.tensor([0, 3])).shape == (2, 8)
+    # the likelihood form's end-of-epoch refit: the saved flow holds the moments of E's training styles
+    from step_ray.data.domains import DomainDataConfig, list_domain_split
+    from step_ray.data.store import domain_store
+
+    data = DomainDataConfig(root=str(synthetic_root), image_size=32)
+    train = list_domain_split(data, "train")
+    rows = np.arange(min(len(train.paths), 4096))
+    y = torch.as_tensor(train.domains[rows])
+    with torch.no_grad():
+        styles = nets["style_encoder"](domain_store(train, data, 0).batch(rows), y)
+    assert float(nets["flow"].style_count.sum()) == len(rows)
+    for d in range(4):
+        assert torch.allclose(nets["flow"].style_mean[d], styles[y == d].mean(0), atol=1e-4)
     samples = Path(out.checkpoint).parent / "samples"
     assert (samples / "multidomain_epoch0001.png").is_file(), (
         out.checkpoint, sorted(p.name for p in Path(out.checkpoint).parent.rglob("*")))

@@ -7,17 +7,19 @@ space, a style encoder with per-domain heads gives reference styles, G(x, s) inj
     L_D   = L_adv(D) + λ_r1 R1
     L_Ds  = BCE(D_s(E(x_ref)) → real, D_s(f(z)) → fake)                   (λ_uni > 0, uni_form adversarial)
     L_G   = L_adv + λ_sty |s − E(G(x, s))| + λ_cyc |x − G(G(x, s), E(x))| − λ_ds(t) |G(x, s1) − G(x, s2)|
-            + λ_uni BCE(D_s(f(z)) → real)   [uni_form likelihood: λ_uni · −log p_f(E(x_ref)) / style_dim, and
-                                             f's affine layer set to E(x_ref)'s running mean and covariance]
+            + λ_uni BCE(D_s(f(z)) → real)                                    (uni_form adversarial)
             + λ_smooth max(α + ‖E(x) − E(aug x)‖ − ‖E(x) − E(x_n)‖, 0)
+    L_f   = λ_uni · −log p_f(E(x)) / style_dim, f's affine layer at E(x)'s running moments (uni_form likelihood)
 
 Each step does StarGAN v2's four updates: D with latent and with reference styles, then G (+ flow + E)
-with latent styles, then G alone with reference styles; D_s is updated with the D steps. λ_ds decays
-linearly with the optimiser step, which is checkpointed (StarGAN v2 mutated its config, so a resumed run
-restarted the decay). No EMA copies (StarGAN v2 evaluates EMA weights; a short CPU run does not need them).
+with latent styles, then G alone with reference styles; D_s is updated with the D steps, the likelihood
+form's L_f right after them. λ_ds decays linearly with the optimiser step, which is checkpointed (StarGAN v2
+mutated its config, so a resumed run restarted the decay). No EMA copies (StarGAN v2 evaluates EMA
+weights; a short CPU run does not need them).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -57,9 +59,14 @@ class MultiDomainTraining(LoopConfig):
     # "likelihood" (the flow fitted to E's detached reference styles by maximum likelihood; no D_s). The
     # seed's game barely moves the held-out classifier at CPU budgets (experiments/README.md)
     uni_form: Literal["adversarial", "likelihood"] = "adversarial"
-    # the likelihood form: weight of a batch in the flow's running style moments once 1/momentum styles of a
-    # domain were seen (before that, their exact mean)
-    style_moments_momentum: float = 0.01
+    # the likelihood form: weight of a step's styles in the flow's running style moments once a domain has
+    # been seen in 1/momentum steps' worth (before that, their exact mean)
+    style_moments_momentum: float = 0.05
+    # the likelihood form: the splines' learning rate on it (flow_lr stays the image losses' rate)
+    uni_flow_lr: float = 1e-3
+    # the likelihood form: at the end of every epoch the affine layer takes the exact moments of E's styles of
+    # up to this many training images (the running ones trail E while it trains); 0: running moments only
+    style_moments_refit_images: int = 4096
     val_images: int = 64
     # StarGAN v2 flips its inputs; off by default here so earlier runs' numbers stand (true: x_real flipped)
     flip: bool = False
@@ -78,6 +85,10 @@ class MultiDomainTraining(LoopConfig):
             raise ValueError(f"uni_moves must be both, reference or latent, got {self.uni_moves!r}")
         if self.uni_form not in ("adversarial", "likelihood"):
             raise ValueError(f"uni_form must be adversarial or likelihood, got {self.uni_form!r}")
+        if self.uni_flow_lr <= 0:
+            raise ValueError("uni_flow_lr must be > 0")
+        if self.style_moments_refit_images < 0:
+            raise ValueError("style_moments_refit_images must be >= 0")
         if not 0 < self.style_moments_momentum <= 1:
             raise ValueError(f"style_moments_momentum must be in (0, 1], got {self.style_moments_momentum}")
 
@@ -90,6 +101,8 @@ def make_optimizers(cfg: MultiDomainTraining, nets: dict) -> dict[str, torch.opt
         "optimizer_f": torch.optim.Adam(nets["flow"].parameters(), lr=cfg.flow_lr, betas=o.betas,
                                         weight_decay=o.weight_decay),
         "optimizer_d": o.build(nets["discriminator"].parameters()),
+        "optimizer_uni": torch.optim.Adam(nets["flow"].parameters(), lr=cfg.uni_flow_lr, betas=o.betas,
+                                          weight_decay=o.weight_decay),
         "optimizer_ds": torch.optim.Adam(nets["style_discriminator"].parameters(), lr=cfg.style_disc_lr or o.lr,
                                          betas=o.betas, weight_decay=o.weight_decay),
     }
@@ -125,10 +138,7 @@ def _g_terms(cfg, nets, step, x_real, y_org, y_trg, s_trg, s_trg2, latent: bool,
         terms["ds"] = diversity_sensitive_loss(x_fake, g(x_real, s_trg2).detach())
     if w.cyc:
         terms["cyc"] = cycle_loss(g(x_fake, e(x_real, y_org)), x_real)
-    if latent and w.uni and x_ref is not None and cfg.uni_form == "likelihood":
-        terms["uni"] = unification_likelihood_loss(nets["flow"].log_prob(e(x_ref, y_trg).detach(), y_trg),
-                                                   cfg.model.style_dim)
-    elif latent and w.uni and x_ref is not None:
+    if latent and w.uni and x_ref is not None and cfg.uni_form == "adversarial":
         # both sides move: the flow's styles towards "reference", E's reference styles towards "latent"
         # (the seed pulls E's codes to the flow's; docs/method.md asks only that the two be indistinguishable)
         ds_net = nets["style_discriminator"]
@@ -173,7 +183,17 @@ def multidomain_step(cfg: MultiDomainTraining, nets: dict, opts: dict, x_real: t
     loss_d = loss_lat + loss_ref
     logs.update({f"d_{k}": v for k, v in logs_lat.items()})
     if w.uni and cfg.uni_form == "likelihood":
-        fit_style_moments(f, s_ref, y_trg, cfg.model.num_domains, cfg.style_moments_momentum)
+        # L_uni as a density fit, its own update: the affine layer to the moments of every style E gives this
+        # step (two codes a domain a step lagged far behind E's shrinking codes), then the splines by
+        # gradient at uni_flow_lr, apart from the image losses' pull on the flow (at flow_lr)
+        with torch.no_grad():
+            styles, domains = torch.cat([s_ref, e(x_ref2, y_trg), e(x_real, y_org)]), torch.cat([y_trg, y_trg, y_org])
+        fit_style_moments(f, styles, domains, cfg.model.num_domains, cfg.style_moments_momentum)
+        loss_u, u_logs = unification_likelihood_loss(f.log_prob(styles, domains), style_dim)
+        if not guarded_update(guard, state, "loss_uni", w.uni * loss_u, [opts["optimizer_uni"]], [f]):
+            if guard.rollback_pending:
+                return None
+        logs["uni_nll"] = u_logs["uni"]
     if w.uni and cfg.uni_form == "adversarial":
         uni_d, part = unification_d_loss(nets["style_discriminator"](s_ref, y_trg),
                                          nets["style_discriminator"](s_lat, y_trg))
@@ -305,6 +325,31 @@ class MultiDomainRecipe(Recipe):
             (x_real,) = random_flip(x_real)
         return multidomain_step(self.cfg, self.nets, self.opts, x_real, y_org, x_ref, x_ref2, y_trg,
                                 state["step"], guard, state)
+
+    def end_epoch(self, w: Worker, state):
+        """The likelihood form: the flow's affine layer to the exact moments of E's current styles of (up to
+        style_moments_refit_images) training images, each rank encoding its share; every rank ends equal."""
+        cfg = self.cfg
+        if not (cfg.weights.uni and cfg.uni_form == "likelihood" and cfg.style_moments_refit_images):
+            return
+        images = self.train_images
+        rows = np.random.default_rng([cfg.seed, state["epoch"]]).permutation(len(images.paths))
+        rows = rows[: cfg.style_moments_refit_images][w.rank:: w.world]
+        encoder, flow = self.nets["style_encoder"], self.nets["flow"]
+        styles, domains = [], []
+        encoder.eval()
+        with torch.no_grad():
+            for chunk in np.array_split(rows, max(1, math.ceil(len(rows) / 256))):
+                if len(chunk):
+                    y = torch.as_tensor(images.domains[chunk]).to(w.device)
+                    styles.append(encoder(self.store.batch(chunk).to(w.device), y))
+                    domains.append(y)
+        encoder.train()
+        empty = torch.zeros(0, cfg.model.style_dim, device=w.device)
+        flow.style_count.zero_()  # momentum 1: the refit replaces the running moments
+        fit_style_moments(flow, torch.cat(styles) if styles else empty,
+                          torch.cat(domains) if domains else torch.zeros(0, dtype=torch.long, device=w.device),
+                          cfg.model.num_domains, 1.0)
 
     def validate(self, w: Worker, state):
         return validate_multidomain(self.cfg, self.nets, self.val_x, self.val_y, self.cfg.seed, w.device)
