@@ -24,6 +24,7 @@ ARMS = {
     "no L_smooth": ["train.weights.smooth=0"],
     "neither (StarGAN v2 + flow)": ["train.weights.uni=0", "train.weights.smooth=0"],
 }
+RUN_NAMES = {"full": "full", "no L_uni": "no-uni", "no L_smooth": "no-smooth", "neither (StarGAN v2 + flow)": "neither"}
 COLUMNS = [  # (metrics key, header); the protocol's means over target domains
     ("unification_accuracy", "unification acc ↓"),
     ("interp_lpips_mean", "interp. step"), ("interp_lpips_var", "interp. var ↓"),
@@ -79,7 +80,7 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         for arm in args.arms:
-            name = f"{arm.split(' ')[0].replace('L_', '')}-seed{seed}"
+            name = f"{RUN_NAMES[arm]}-seed{seed}"  # distinct per arm: a run of the same name is resumed
             cfg = load_config(MultiDomainJobConfig, args.config,
                               [*overrides, *ARMS[arm], f"train.seed={seed}", f"run.storage_path={args.storage}",
                                f"run.name={name}"])

@@ -551,7 +551,8 @@ def multidomain_command(args, work: Path) -> list[str]:
     networks, for --multidomain-epochs epochs (of 100 steps; --multidomain-steps caps them), then its
     evaluation (StarGAN v2's protocol with FID/KID, unification, smoothness, DCI)."""
     size = args.multidomain_size
-    cmd = [sys.executable, "jobs/train_multidomain.py", "--config", MULTIDOMAIN_CONFIG,
+    # data.root empty: the config names a folder of its own, which the device machine does not have
+    cmd = [sys.executable, "jobs/train_multidomain.py", "--config", MULTIDOMAIN_CONFIG, "data.root=",
            f"data.synthetic_dir={work / 'synthetic'}", f"data.synthetic.image_size={size}", f"data.image_size={size}",
            "data.synthetic.num_val=640", f"train.max_epochs={args.multidomain_epochs}",
            f"run.storage_path={work / 'runs'}", "run.name=multidomain", f"run.use_gpu={args.use_gpu}",
