@@ -19,7 +19,6 @@ weights; a short CPU run does not need them).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -339,14 +338,16 @@ class MultiDomainRecipe(Recipe):
         styles, domains = [], []
         encoder.eval()
         with torch.no_grad():
-            for chunk in np.array_split(rows, max(1, math.ceil(len(rows) / 256))):
-                if len(chunk):
-                    y = torch.as_tensor(images.domains[chunk]).to(w.device)
-                    styles.append(encoder(self.store.batch(chunk).to(w.device), y))
-                    domains.append(y)
+            for start in range(0, len(rows), 256):
+                chunk = rows[start: start + 256]
+                y = torch.as_tensor(images.domains[chunk]).to(w.device)
+                styles.append(encoder(self.store.batch(chunk).to(w.device), y))
+                domains.append(y)
         encoder.train()
+        # a rank without rows still joins the sum over ranks
         empty = torch.zeros(0, cfg.model.style_dim, device=w.device)
-        flow.style_count.zero_()  # momentum 1: the refit replaces the running moments
+        # momentum 1 replaces the running moments; the count restarts so that it says what they come from
+        flow.style_count.zero_()
         fit_style_moments(flow, torch.cat(styles) if styles else empty,
                           torch.cat(domains) if domains else torch.zeros(0, dtype=torch.long, device=w.device),
                           cfg.model.num_domains, 1.0)
