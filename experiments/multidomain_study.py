@@ -6,8 +6,9 @@ L_smooth and without both (StarGAN v2's objective with the flow mapper), over se
 
 Every run is `jobs/train_multidomain.py`'s pipeline with the given config and overrides, plus each arm's
 switches; the evaluation is the job's (StarGAN v2's protocol per target domain, unification, smoothness,
-DCI disentanglement). Prints one table: each figure's mean ± std over the seeds, and writes every run's
-metrics and per-epoch history to --json.
+DCI disentanglement). Prints two tables, each figure's mean ± std (or mean) over the seeds: the arms, and
+per target domain and mode; writes every run's metrics and per-epoch history to --json (`--table-only`
+prints the tables of an existing one).
 """
 from __future__ import annotations
 
@@ -61,6 +62,22 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def domain_table(runs: list[dict]) -> str:
+    """StarGAN v2's per-domain view: for each arm, target domain and mode, FID, KID and LPIPS diversity
+    (means over the seeds), beside the domain's real-vs-real floor."""
+    import numpy as np
+
+    lines = ["| arm | target domain | mode | FID ↓ | KID ↓ | LPIPS div. ↑ | FID floor |", "|---" * 7 + "|"]
+    for arm in dict.fromkeys(r["arm"] for r in runs):
+        rows = [p for r in runs if r["arm"] == arm for p in r["metrics"].get("protocol", [])]
+        for domain, mode in dict.fromkeys((p["domain"], p["mode"]) for p in rows):
+            mine = [p for p in rows if (p["domain"], p["mode"]) == (domain, mode)]
+            cells = [f"{np.mean([p[k] for p in mine]):.{digits}f}" if all(k in p for p in mine) else "—"
+                     for k, digits in (("fid", 1), ("kid", 3), ("diversity", 3), ("fid_floor", 1))]
+            lines.append(f"| {arm} | {domain} | {mode} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/multidomain_synthetic.yaml")
@@ -68,7 +85,12 @@ def main(argv=None):
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--storage", default="runs/multidomain_study")
     p.add_argument("--json", default="experiments/results/multidomain_study.json")
+    p.add_argument("--table-only", action="store_true", help="print the tables of an existing --json; train nothing")
     args, overrides = p.parse_known_args(argv)
+    if args.table_only:
+        runs = json.loads(Path(args.json).read_text())["runs"]
+        print(table(runs) + "\n\n" + domain_table(runs))
+        return
 
     from step_ray.cluster import init_ray
     from step_ray.config import load_config
@@ -96,7 +118,7 @@ def main(argv=None):
                                                                    *(sys.argv[1:] if argv is None else argv)]),
                                        "overrides": overrides, "machine": platform.platform(),
                                        "date": time.strftime("%Y-%m-%d"), "runs": runs}, indent=1, default=float))
-    print(table(runs))
+    print(table(runs) + "\n\n" + domain_table(runs))
     print(f"[study] {len(runs)} runs in {time.time() - started:.0f} s -> {out}")
 
 

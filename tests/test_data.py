@@ -282,3 +282,28 @@ def test_synthetic_manifest_records_the_generating_factors(tmp_path, design):
     generate_synthetic(root, SyntheticConfig(num_styles=8, num_train=16, num_val=8, image_size=32, seed=0,
                                              design=design))
     assert set(FACTORS) <= set(pq.read_schema(root / "manifest.parquet").names)
+
+
+def test_facade_domains_split_real_photos_by_the_training_median_warmth(facades_root, tmp_path):
+    """The real two-domain set: the photo side of every facades pair lands in cool/ or warm/ by mean(R − B)
+    against the training photos' median, so the training domains are balanced; the multi-domain loader
+    reads it as two domains."""
+    import json
+
+    from step_ray.data.domains import DomainDataConfig, list_domain_split
+    from step_ray.data.facade_domains import build_facade_domains, photo_of_pair, warmth
+
+    record = build_facade_domains(facades_root, tmp_path)
+    train = {k: v for k, v in record["images"].items() if k.startswith("train/")}
+    assert len(train) == 400 and len(record["images"]) == 500
+    assert sum(v["domain"] == "warm" for v in train.values()) == 200
+    assert all((v["warmth"] > record["threshold"]) == (v["domain"] == "warm") for v in record["images"].values())
+    assert json.loads((tmp_path / "rule.json").read_text())["threshold"] == record["threshold"]
+    # a photo is the pair's left half, and its warmth is what the record says
+    first = sorted((facades_root / "val").iterdir())[0]
+    photo = photo_of_pair(first)
+    entry = record["images"][f"val/{first.stem}"]
+    saved = Image.open(tmp_path / "val" / entry["domain"] / f"{first.stem}.png")
+    assert saved.size == photo.size and warmth(saved) == pytest.approx(entry["warmth"], abs=1e-3)
+    images = list_domain_split(DomainDataConfig(root=str(tmp_path), image_size=32), "val")
+    assert images.names == ["cool", "warm"] and len(images.paths) == 100

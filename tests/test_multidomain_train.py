@@ -45,7 +45,9 @@ def test_step_computes_the_switched_terms(uni, smooth, form):
     logs = multidomain_step(cfg, nets, make_optimizers(cfg, nets), *_batch(), step=0)
     latent = {k[: -len("_latent")] for k in logs if k.endswith("_latent")}
     assert {"adv", "sty", "ds", "cyc"} <= latent
-    assert ("uni" in latent) == adversarial and ("uni_nll" in logs) == (bool(uni) and form == "likelihood")
+    likelihood = bool(uni) and form == "likelihood"
+    assert ("uni" in latent) == adversarial and ("uni_nll" in logs) == likelihood
+    assert ("uni_prior_kl" in latent) == likelihood  # E's pull towards the flow's base (uni_moves both)
     assert ("smooth" in latent) == bool(smooth)
     assert ("uni_d" in logs) == adversarial and "r1" in {k[2:] for k in logs if k.startswith("d_")}
     assert not any(k.startswith(("uni", "smooth")) for k in logs if k.endswith("_ref"))  # latent pass only
@@ -70,11 +72,11 @@ def test_a_few_steps_lower_the_reconstruction_terms():
 
 
 def test_the_likelihood_form_fits_the_flow_to_the_reference_styles():
-    """uni_form=likelihood with every other term off: the flow's density of E's (fixed) reference styles
-    rises, and E does not move towards the flow (its codes are detached). A faint λ_ds keeps a term in the
-    reference pass; it reaches G and the flow only."""
+    """uni_form=likelihood, uni_moves=latent, every other term off: the flow's density of E's (fixed)
+    reference styles rises, and E does not move towards the flow (its codes are detached). A faint λ_ds keeps
+    a term in the reference pass; it reaches G and the flow only."""
     weights = MultiDomainLossWeights(adv=0.0, sty=0.0, cyc=0.0, ds=1e-3, smooth=0.0, r1=0.0, uni=1.0)
-    cfg = dataclasses.replace(TINY, weights=weights, uni_form="likelihood", uni_flow_lr=1e-2,
+    cfg = dataclasses.replace(TINY, weights=weights, uni_form="likelihood", uni_moves="latent", uni_flow_lr=1e-2,
                               optim=dataclasses.replace(TINY.optim, weight_decay=0.0))
     torch.manual_seed(0)
     nets = build_multidomain(cfg.model)
@@ -96,6 +98,24 @@ def test_the_likelihood_form_fits_the_flow_to_the_reference_styles():
     assert flow.style_count.tolist() == [240.0, 120.0, 120.0]
     for dom in range(3):
         assert torch.allclose(flow.style_mean[dom], codes[domains == dom].mean(0), atol=1e-5)
+
+
+def test_the_likelihood_form_with_both_sides_moves_the_encoder_towards_the_flows_base():
+    """uni_moves=both (the default) adds E's side: with every other term off, E moves, and the running KL of
+    its styles' Gaussian to the flow's base falls from the collapsed start (a fresh E puts its variance in
+    few directions); uni_moves=reference has no likelihood form."""
+    weights = MultiDomainLossWeights(adv=0.0, sty=0.0, cyc=0.0, ds=1e-3, smooth=0.0, r1=0.0, uni=1.0)
+    cfg = dataclasses.replace(TINY, weights=weights, uni_form="likelihood", uni_flow_lr=1e-2,
+                              optim=dataclasses.replace(TINY.optim, lr=1e-3, weight_decay=0.0))
+    torch.manual_seed(0)
+    nets = build_multidomain(cfg.model)
+    opts = make_optimizers(cfg, nets)
+    encoder = [p.detach().clone() for p in nets["style_encoder"].parameters()]
+    kls = [multidomain_step(cfg, nets, opts, *_batch(step % 4), step=step)["uni_prior_kl_latent"] for step in range(60)]
+    assert not all(torch.equal(p, q) for p, q in zip(nets["style_encoder"].parameters(), encoder))
+    assert np.mean(kls[-10:]) < 0.5 * np.mean(kls[2:12]), kls
+    with pytest.raises(ValueError, match="adversarial form"):
+        dataclasses.replace(cfg, uni_moves="reference")
 
 
 def test_a_nan_loss_skips_the_update_or_flags_a_rollback():

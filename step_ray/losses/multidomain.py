@@ -9,7 +9,8 @@ not know the network classes. Notation, per target domain u (the caller selects 
   cycle                mean |G(x_fake, E^{y}(x)) − x|                             (λ_cyc = 1)
   diversity-sensitive  mean |G(x, s1) − G(x, s2)|, subtracted                    (λ_ds = 1 → 0 linearly)
   unification          style discriminator D_s^u on reference vs latent styles   (λ_uni = 1)
-                       or, in its likelihood form, −log p_flow(E^u(x_ref) | u) / style_dim
+                       or, in its likelihood form, −log p_flow(E^u(x_ref) | u) / style_dim (the flow)
+                       and KL(N(μ_u, Σ_u) ‖ N(0, I)) / style_dim of E's styles' moments (E)
   smoothness           max(α + ‖E(x) − E(aug(x))‖ − ‖E(x) − E(x_n)‖, 0),
                        x_n the in-batch nearest other image in style space        (λ_smooth = 1)
 Full generator objective: L_adv + λ_sty L_sty + λ_cyc L_cyc − λ_ds L_ds + λ_uni L_uni + λ_smooth L_smooth
@@ -136,6 +137,39 @@ def unification_likelihood_loss(log_prob: torch.Tensor, style_dim: int) -> Term:
         raise ValueError(f"unification_likelihood_loss expects per-code log-densities [N], got {tuple(log_prob.shape)}")
     loss = -log_prob.float().mean() / style_dim
     return loss, {"uni": float(loss.detach())}
+
+
+def unification_prior_loss(s: torch.Tensor, domains: torch.Tensor, mean: torch.Tensor, covariance: torch.Tensor,
+                           ridge: float = 1e-3) -> Term:
+    """E's side of L_uni's likelihood form: each domain's reference styles, as a Gaussian N(μ_u, Σ_u), pulled
+    towards the flow's base N(0, I), by KL(N(μ_u, Σ_u) ‖ N(0, I)) = ½ (tr Σ_u + ‖μ_u‖² − d − log det Σ_u) / d.
+
+    μ_u and Σ_u are running estimates over many steps (the flow's `style_mean` and covariance, detached: a
+    batch holds a few styles of a domain, fewer than d), so the loss is the per-code surrogate whose gradient
+    with respect to μ_u and Σ_u is the KL's, μ_u / d and ½ (I − Σ_u⁻¹) / d:
+
+        mean_i [ ½ (s_i − μ_{u_i})ᵀ (I − (Σ_{u_i} + ridge·I)⁻¹) (s_i − μ_{u_i}) + s_iᵀ μ_{u_i} ] / d
+
+    It spreads directions with less than unit variance, shrinks those with more, and draws the domains'
+    means in. Why it exists: with only the flow moving, the flow copies whatever E does, nothing anchors E,
+    and E's styles grew to norms in the hundreds along one direction, where G ignores them
+    (experiments/README.md). `ridge` bounds the pull on a direction E does not use yet. Logs
+    "uni_prior_kl" (the KL of the running moments, mean over the batch's domains)."""
+    if s.ndim != 2 or domains.shape != s.shape[:1]:
+        raise ValueError(f"unification_prior_loss expects codes [N, d] and domains [N], got {tuple(s.shape)}, "
+                         f"{tuple(domains.shape)}")
+    d = s.shape[1]
+    eye = torch.eye(d, device=s.device, dtype=torch.float32)
+    mean, cov = mean.detach().float(), covariance.detach().float()
+    pull = eye - torch.linalg.inv(cov + ridge * eye)  # [U, d, d]
+    y = domains.long()
+    dev = s.float() - mean[y]
+    spread = 0.5 * torch.einsum("nd,nde,ne->n", dev, pull[y], dev)
+    loss = (spread + (s.float() * mean[y]).sum(1)).mean() / d
+    present = y.unique()
+    kl = 0.5 * (torch.diagonal(cov[present], dim1=-2, dim2=-1).sum(-1) + mean[present].pow(2).sum(-1) - d
+                - torch.linalg.slogdet(cov[present] + 1e-12 * eye).logabsdet) / d
+    return loss, {"uni_prior_kl": float(kl.mean())}
 
 
 # --------------------------------------------------------------------------------------------- smoothness

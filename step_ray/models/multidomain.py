@@ -393,6 +393,12 @@ class StyleFlow(nn.Module):
         log_det = torch.diagonal(self.style_scale[y.long().to(s.device)], dim1=-2, dim2=-1).log().sum(-1)
         return self.flow(self._context(y, s.shape[0], s)).log_prob(self._whiten(s, y)) - log_det
 
+    def style_covariance(self) -> torch.Tensor:
+        """The running covariance [U, D, D] of the styles the affine layer was fitted to (identity before any)."""
+        mean = self.style_mean
+        cov = self.style_second_moment - mean[:, :, None] * mean[:, None, :]
+        return 0.5 * (cov + cov.transpose(1, 2))
+
     @torch.no_grad()
     def fit_moments(self, count: torch.Tensor, total: torch.Tensor, outer: torch.Tensor, momentum: float) -> None:
         """Moves the affine layer towards styles of which `count` [U] per domain were seen, with sums `total`
@@ -409,9 +415,7 @@ class StyleFlow(nn.Module):
         self.style_mean.lerp_(total / n[:, None], weight[:, None])
         self.style_second_moment.lerp_(outer / n[:, None, None], weight[:, None, None])
         self.style_count += count
-        mean = self.style_mean
-        cov = self.style_second_moment - mean[:, :, None] * mean[:, None, :]
-        cov = 0.5 * (cov + cov.transpose(1, 2))
+        cov = self.style_covariance()
         eye = torch.eye(cov.shape[-1], device=cov.device, dtype=cov.dtype)
         ridge = 1e-4 * torch.diagonal(cov, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-8)
         scale, info = torch.linalg.cholesky_ex(cov + ridge[:, None, None] * eye)

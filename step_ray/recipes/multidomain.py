@@ -10,6 +10,7 @@ space, a style encoder with per-domain heads gives reference styles, G(x, s) inj
             + λ_uni BCE(D_s(f(z)) → real)                                    (uni_form adversarial)
             + λ_smooth max(α + ‖E(x) − E(aug x)‖ − ‖E(x) − E(x_n)‖, 0)
     L_f   = λ_uni · −log p_f(E(x)) / style_dim, f's affine layer at E(x)'s running moments (uni_form likelihood)
+            and in L_G  + λ_uni KL(N(μ_u, Σ_u) ‖ N(μ_u, I)) of E's styles          (uni_form likelihood, uni_moves both)
 
 Each step does StarGAN v2's four updates: D with latent and with reference styles, then G (+ flow + E)
 with latent styles, then G alone with reference styles; D_s is updated with the D steps, the likelihood
@@ -36,7 +37,8 @@ from step_ray.losses.multidomain import (MultiDomainLossWeights, adversarial_d_l
                                          augment_for_smoothness, cycle_loss, diversity_sensitive_loss,
                                          generator_objective, r1_penalty,
                                          smoothness_triplet_loss, style_reconstruction_loss, unification_d_loss,
-                                         unification_g_loss, unification_likelihood_loss)
+                                         unification_g_loss, unification_likelihood_loss,
+                                         unification_prior_loss)
 from step_ray.models.multidomain import MultiDomainConfig, build_multidomain
 
 
@@ -52,7 +54,8 @@ class MultiDomainTraining(LoopConfig):
     # D_s's learning rate (None: optim.lr, as D's); it plays against E and the flow, which move at their own rates
     style_disc_lr: float | None = None
     # which styles L_uni moves towards the other side: "both" (the flow's and E's), "reference" (E's only,
-    # the seed's "CNN codes close to the MLP's"), "latent" (the flow's only)
+    # the seed's "CNN codes close to the MLP's"), "latent" (the flow's only). In the likelihood form the flow
+    # always moves, and "both" adds E's pull towards the flow's base covariance (`unification_prior_loss`)
     uni_moves: Literal["both", "reference", "latent"] = "both"
     # how L_uni matches the two kinds of style: "adversarial" (the seed's: D_s against the flow and E) or
     # "likelihood" (the flow fitted to E's detached reference styles by maximum likelihood; no D_s). The
@@ -66,6 +69,10 @@ class MultiDomainTraining(LoopConfig):
     # the likelihood form: at the end of every epoch the affine layer takes the exact moments of E's styles of
     # up to this many training images (the running ones trail E while it trains); 0: running moments only
     style_moments_refit_images: int = 4096
+    # the likelihood form: after that refit, the splines take this many steps (batches of 256, at uni_flow_lr)
+    # on those styles, so that the flow ends each epoch fitted to E as it is (E moves faster than the flow's
+    # one update a step follows); 0: none
+    style_flow_refit_steps: int = 500
     val_images: int = 64
     # StarGAN v2 flips its inputs; off by default here so earlier runs' numbers stand (true: x_real flipped)
     flip: bool = False
@@ -84,10 +91,15 @@ class MultiDomainTraining(LoopConfig):
             raise ValueError(f"uni_moves must be both, reference or latent, got {self.uni_moves!r}")
         if self.uni_form not in ("adversarial", "likelihood"):
             raise ValueError(f"uni_form must be adversarial or likelihood, got {self.uni_form!r}")
+        if self.uni_form == "likelihood" and self.uni_moves == "reference":
+            raise ValueError("uni_moves=reference applies to the adversarial form; the likelihood form always fits "
+                             "the flow (uni_moves=latent: the flow only, both: the flow and E)")
         if self.uni_flow_lr <= 0:
             raise ValueError("uni_flow_lr must be > 0")
         if self.style_moments_refit_images < 0:
             raise ValueError("style_moments_refit_images must be >= 0")
+        if self.style_flow_refit_steps < 0:
+            raise ValueError("style_flow_refit_steps must be >= 0")
         if not 0 < self.style_moments_momentum <= 1:
             raise ValueError(f"style_moments_momentum must be in (0, 1], got {self.style_moments_momentum}")
 
@@ -144,6 +156,9 @@ def _g_terms(cfg, nets, step, x_real, y_org, y_trg, s_trg, s_trg2, latent: bool,
         moves = cfg.uni_moves
         terms["uni"] = unification_g_loss(ds_net(s_trg, y_trg) if moves in ("both", "latent") else None,
                                           ds_net(e(x_ref, y_trg), y_trg) if moves in ("both", "reference") else None)
+    if latent and w.uni and x_ref is not None and cfg.uni_form == "likelihood" and cfg.uni_moves == "both":
+        flow = nets["flow"]
+        terms["uni"] = unification_prior_loss(e(x_ref, y_trg), y_trg, flow.style_mean, flow.style_covariance())
     if latent and w.smooth:
         # the negative is the nearest other image of the same domain (seed 004: x_n^u)
         terms["smooth"] = smoothness_triplet_loss(e(x_real, y_org), e(augment_for_smoothness(x_real), y_org),
@@ -327,7 +342,8 @@ class MultiDomainRecipe(Recipe):
 
     def end_epoch(self, w: Worker, state):
         """The likelihood form: the flow's affine layer to the exact moments of E's current styles of (up to
-        style_moments_refit_images) training images, each rank encoding its share; every rank ends equal."""
+        style_moments_refit_images) training images, each rank encoding its share, then style_flow_refit_steps
+        updates of the splines on those styles (gradients averaged over ranks); every rank ends equal."""
         cfg = self.cfg
         if not (cfg.weights.uni and cfg.uni_form == "likelihood" and cfg.style_moments_refit_images):
             return
@@ -344,13 +360,21 @@ class MultiDomainRecipe(Recipe):
                 styles.append(encoder(self.store.batch(chunk).to(w.device), y))
                 domains.append(y)
         encoder.train()
-        # a rank without rows still joins the sum over ranks
-        empty = torch.zeros(0, cfg.model.style_dim, device=w.device)
+        # a rank without rows still joins the sums and the gradient averages over ranks
+        styles = torch.cat(styles) if styles else torch.zeros(0, cfg.model.style_dim, device=w.device)
+        domains = torch.cat(domains) if domains else torch.zeros(0, dtype=torch.long, device=w.device)
         # momentum 1 replaces the running moments; the count restarts so that it says what they come from
         flow.style_count.zero_()
-        fit_style_moments(flow, torch.cat(styles) if styles else empty,
-                          torch.cat(domains) if domains else torch.zeros(0, dtype=torch.long, device=w.device),
-                          cfg.model.num_domains, 1.0)
+        fit_style_moments(flow, styles, domains, cfg.model.num_domains, 1.0)
+        seed = np.random.default_rng([cfg.seed, state["epoch"], w.rank]).integers(2**31)
+        rng = torch.Generator().manual_seed(int(seed))
+        for _ in range(cfg.style_flow_refit_steps):
+            if len(styles):
+                pick = torch.randint(0, len(styles), (min(256, len(styles)),), generator=rng).to(w.device)
+                loss, _ = unification_likelihood_loss(flow.log_prob(styles[pick], domains[pick]), cfg.model.style_dim)
+            else:
+                loss = sum(p.sum() for p in flow.parameters()) * 0.0
+            guarded_update(None, None, "flow refit", cfg.weights.uni * loss, [self.opts["optimizer_uni"]], [flow])
 
     def validate(self, w: Worker, state):
         return validate_multidomain(self.cfg, self.nets, self.val_x, self.val_y, self.cfg.seed, w.device)
