@@ -10,7 +10,7 @@ space, a style encoder with per-domain heads gives reference styles, G(x, s) inj
             + λ_uni BCE(D_s(f(z)) → real)                                    (uni_form adversarial)
             + λ_smooth max(α + ‖E(x) − E(aug x)‖ − ‖E(x) − E(x_n)‖, 0)
     L_f   = λ_uni · −log p_f(E(x)) / style_dim, f's affine layer at E(x)'s running moments (uni_form likelihood)
-            and in L_G  + λ_uni KL(N(μ_u, Σ_u) ‖ N(μ_u, I)) of E's styles          (uni_form likelihood, uni_moves both)
+            and in L_G  + λ_uni KL(N(μ_u, Σ_u) ‖ N(0, I)) / style_dim of E's styles (likelihood, uni_moves both)
 
 Each step does StarGAN v2's four updates: D with latent and with reference styles, then G (+ flow + E)
 with latent styles, then G alone with reference styles; D_s is updated with the D steps, the likelihood
@@ -55,7 +55,7 @@ class MultiDomainTraining(LoopConfig):
     style_disc_lr: float | None = None
     # which styles L_uni moves towards the other side: "both" (the flow's and E's), "reference" (E's only,
     # the seed's "CNN codes close to the MLP's"), "latent" (the flow's only). In the likelihood form the flow
-    # always moves, and "both" adds E's pull towards the flow's base covariance (`unification_prior_loss`)
+    # always moves, and "both" adds E's pull towards the flow's base N(0, I) (`unification_prior_loss`)
     uni_moves: Literal["both", "reference", "latent"] = "both"
     # how L_uni matches the two kinds of style: "adversarial" (the seed's: D_s against the flow and E) or
     # "likelihood" (the flow fitted to E's detached reference styles by maximum likelihood; no D_s). The
@@ -71,7 +71,7 @@ class MultiDomainTraining(LoopConfig):
     style_moments_refit_images: int = 4096
     # the likelihood form: after that refit, the splines take this many steps (batches of 256, at uni_flow_lr)
     # on those styles, so that the flow ends each epoch fitted to E as it is (E moves faster than the flow's
-    # one update a step follows); 0: none
+    # one update a step follows); 0: none. Needs style_moments_refit_images > 0
     style_flow_refit_steps: int = 500
     val_images: int = 64
     # StarGAN v2 flips its inputs; off by default here so earlier runs' numbers stand (true: x_real flipped)
