@@ -165,7 +165,8 @@ def test_multidomain_job_trains_resumes_and_evaluates(ray_session, synthetic_roo
                  "train.model.dim=8", "train.model.max_dim=32", "train.model.n_bottleneck=1",
                  "train.model.encoder_down=3",
                  "train.model.flow_hidden=[16, 16]", "train.model.style_disc_hidden=[16]", "train.batch_size=8",
-                 "train.val_images=16", "eval_inputs=2", "eval_styles=2", "train.uni_form=likelihood"]
+                 "train.val_images=16", "eval_inputs=2", "eval_styles=2", "train.uni_form=likelihood",
+                 "train.style_flow_refit_steps=20"]  # the refit's path; the study runs 500
     first = run_train_multidomain(load_config(MultiDomainJobConfig, None, [*overrides, "train.max_epochs=1",
                                                                              "train.max_steps=2", "evaluate=false",
                                                                              "train.nonfinite.inject_at_steps=[0]"]))
